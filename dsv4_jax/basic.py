@@ -1,0 +1,56 @@
+"""Basic building blocks: linear layers, RMS norms, and the non-trained ``Buffer`` variable.
+
+Weights keep the Hugging Face layout ``[out, in]`` so checkpoint import is a name lookup,
+and ``x @ W^T`` is one ``dot_general`` (XLA contracts the stored layout without a copy).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Buffer(nnx.Variable):
+    """Checkpointed state that gradients do not train (hash table, routing bias)."""
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Weighted RMSNorm over the last axis: fp32 compute, fp32 weight, one cast back at the end."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def unweighted_rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm without a weight (per-head query norm, mHC input norm); the scale is taken in fp32."""
+    xf = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps).astype(x.dtype)
+
+
+def linear(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Array:
+    """``x [..., in] @ weight[out, in]^T -> [..., out]``."""
+    return jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), dtype))
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        return linear(x, self.weight[...], out_dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Weighted RMSNorm; the weight is held in fp32 whatever the model dtype (checkpoints store bf16)."""
+
+    def __init__(self, size: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((size,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)

@@ -1,0 +1,87 @@
+"""Manifold-constrained hyper-connections (mHC): n residual streams per token.
+
+Each sub-block reads ``u = sum_i pre_i X_i`` and writes back ``X'_j = post_j f + sum_i C[i,j] X_i``,
+where C is pushed towards a doubly stochastic matrix by Sinkhorn iterations. All weights are fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .basic import unweighted_rms_norm
+from .config import DeepseekV4Config
+
+
+def _mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
+    """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32."""
+    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
+    return jnp.einsum("...i,oi->...o", unweighted_rms_norm(flat, eps), fn.astype(jnp.float32))
+
+
+def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:
+    """[..., n, n] logits -> row softmax (+eps), then alternate column/row normalisation, column last."""
+    comb = jax.nn.softmax(comb_logits, axis=-1) + eps
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    return comb
+
+
+def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: float, sinkhorn_iters: int):
+    """streams [..., n, d] -> (pre [..., n], post [..., n], comb [..., n, n]), all fp32."""
+    mix = _mix_logits(streams, fn, rms_eps)
+    pre_w, post_w, comb_w = mix[..., :n], mix[..., n : 2 * n], mix[..., 2 * n :]
+    base = base.astype(jnp.float32)
+    scale = scale.astype(jnp.float32)
+    pre = jax.nn.sigmoid(pre_w * scale[0] + base[:n]) + hc_eps
+    post = 2.0 * jax.nn.sigmoid(post_w * scale[1] + base[n : 2 * n])
+    comb_logits = comb_w.reshape(*comb_w.shape[:-1], n, n) * scale[2] + base[2 * n :].reshape(n, n)
+    return pre, post, sinkhorn(comb_logits, sinkhorn_iters, hc_eps)
+
+
+def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:
+    """[..., n, d] x [..., n] -> [..., d]: the sub-block input (fp32 product, cast back)."""
+    return jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
+
+
+def expand(streams: jax.Array, block_out: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
+    """X'_j = post_j * f + sum_i C[i, j] X_i: contracts C's *first* index (C is not symmetric)."""
+    mixed = jnp.einsum("...ij,...id->...jd", comb, streams.astype(jnp.float32))
+    return (post[..., None] * block_out.astype(jnp.float32)[..., None, :] + mixed).astype(streams.dtype)
+
+
+class HyperConnection(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, *, rngs: nnx.Rngs):
+        n = cfg.hc_mult
+        self.cfg = cfg
+        self.fn = nnx.Param(0.02 * jax.random.normal(rngs.params(), ((2 + n) * n, n * cfg.hidden_size), jnp.float32))
+        self.base = nnx.Param(jnp.zeros(((2 + n) * n,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((3,), jnp.float32))
+
+    def weights(self, streams):
+        c = self.cfg
+        return hc_weights(streams, self.fn[...], self.base[...], self.scale[...], n=c.hc_mult,
+                          rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, sinkhorn_iters=c.hc_sinkhorn_iters)
+
+
+def hyper_head(streams, fn, base, scale, *, rms_eps: float, hc_eps: float) -> jax.Array:
+    """Final stream collapse [..., n, d] -> [..., d]: sigmoid weights, no Sinkhorn, no post."""
+    mix = _mix_logits(streams, fn, rms_eps)
+    pre = jax.nn.sigmoid(mix * scale.astype(jnp.float32) + base.astype(jnp.float32)) + hc_eps
+    return collapse(streams, pre)
+
+
+class HyperHead(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, *, rngs: nnx.Rngs):
+        n = cfg.hc_mult
+        self.cfg = cfg
+        self.hc_fn = nnx.Param(0.02 * jax.random.normal(rngs.params(), (n, n * cfg.hidden_size), jnp.float32))
+        self.hc_base = nnx.Param(jnp.zeros((n,), jnp.float32))
+        self.hc_scale = nnx.Param(jnp.ones((1,), jnp.float32))
+
+    def __call__(self, streams):
+        return hyper_head(streams, self.hc_fn[...], self.hc_base[...], self.hc_scale[...],
+                          rms_eps=self.cfg.rms_norm_eps, hc_eps=self.cfg.hc_eps)

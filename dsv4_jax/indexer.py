@@ -1,0 +1,66 @@
+"""Lightning indexer (CSA layers): scores every visible compressed entry and keeps the top-k.
+
+I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s]) over the indexer's own compressed keys, with
+w = weights_proj(x) * D_I^-1/2 * H_I^-1/2. Entries s >= (t + 1) // m are not yet complete and are
+never picked; picks beyond the visible count come back as -1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .basic import Linear
+from .cache import CompressorState
+from .compressor import Compressor
+from .config import DeepseekV4Config
+from .metadata import CompressionMeta
+from .rope import apply_rope
+
+
+def index_scores(q: jax.Array, keys: jax.Array, head_weights: jax.Array) -> jax.Array:
+    """q [B, C, H_I, D_I], keys [B, N, D_I], head_weights [B, C, H_I] (scales folded in) -> [B, C, N] fp32."""
+    dots = jnp.einsum("bchd,bnd->bchn", q, keys, preferred_element_type=jnp.float32)
+    return jnp.einsum("bchn,bch->bcn", jax.nn.relu(dots), head_weights.astype(jnp.float32))
+
+
+def select_topk(scores: jax.Array, n_visible: jax.Array, k: int) -> jax.Array:
+    """scores [B, C, N], n_visible [B, C] -> entry ids [B, C, k] int32, -1 where fewer than k are visible.
+
+    Invisible and non-finite scores are masked before the selection, so a NaN can never be picked.
+    """
+    entry = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    visible = entry < n_visible[..., None]
+    masked = jnp.where(visible & jnp.isfinite(scores), scores, -jnp.inf)
+    _, idx = jax.lax.top_k(masked, k)
+    picked = jnp.take_along_axis(masked, idx, axis=-1)
+    ok = (idx < n_visible[..., None]) & (picked > -jnp.inf)
+    return jnp.where(ok, idx, -1).astype(jnp.int32)
+
+
+class Scorer(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
+        self.weights_proj = Linear(cfg.hidden_size, cfg.index_n_heads, dtype=dtype, rngs=rngs)
+
+
+class Indexer(Compressor):
+    """The indexer's own overlapping compressor (width D_I) plus its query projection and scorer."""
+
+    def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
+        super().__init__(cfg, cfg.csa_compress_rate, cfg.index_head_dim, True, dtype=dtype, rngs=rngs)
+        self.cfg = cfg
+        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, dtype=dtype, rngs=rngs)
+        self.scorer = Scorer(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta):
+        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state)."""
+        c = self.cfg
+        keys, state = self.compress(x, state, keys, meta)
+        B, C, _ = x.shape
+        q = self.q_b_proj(q_latent).reshape(B, C, c.index_n_heads, c.index_head_dim)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        w = self.scorer.weights_proj(x, out_dtype=jnp.float32) * (c.index_head_dim**-0.5 * c.index_n_heads**-0.5)
+        scores = index_scores(q, keys, w)
+        k = min(c.index_topk, keys.shape[1])
+        return select_topk(scores, meta.n_visible, k), keys, state

@@ -1,0 +1,121 @@
+"""The DeepSeek-V4 causal LM as Flax NNX modules.
+
+Parameter paths mirror the Hugging Face checkpoint names (``model.layers.3.self_attn.q_a_proj.weight``),
+so weight import is a lookup. ``forward`` is the one forward: a chunk of tokens, its metadata (built
+once by ``build_metadata`` before the layer loop) and the caches in; logits and new caches out. The
+stateless ``model(input_ids)`` is that forward over a fresh cache sized to the prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .attention import Attention
+from .basic import Linear, RMSNorm
+from .cache import LayerCache, init_cache
+from .config import DeepseekV4Config
+from .hyper_connection import HyperConnection, HyperHead, collapse, expand
+from .metadata import ForwardMetadata, build_metadata, padded_chunk_len
+from .moe import MoE
+
+
+class InputError(ValueError):
+    """Bad user input (token ids, lengths); the message names the value and what was expected."""
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, layer: int, *, dtype, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.mlp = MoE(cfg, layer, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_hc = HyperConnection(cfg, rngs=rngs)
+        self.ffn_hc = HyperConnection(cfg, rngs=rngs)
+
+    def __call__(self, streams, token_ids, meta: ForwardMetadata, cache: LayerCache):
+        """streams [B, C, n, d] -> (streams, layer cache)."""
+        pre, post, comb = self.attn_hc.weights(streams)
+        attn_out, cache = self.self_attn(self.input_layernorm(collapse(streams, pre)), meta, cache)
+        streams = expand(streams, attn_out, post, comb)
+        pre, post, comb = self.ffn_hc.weights(streams)
+        ffn_out = self.mlp(self.post_attention_layernorm(collapse(streams, pre)), token_ids)
+        return expand(streams, ffn_out, post, comb), cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param((0.02 * jax.random.normal(rngs.params(), (vocab, dim))).astype(dtype))
+
+    def __call__(self, ids):
+        return self.weight[...][ids]
+
+
+class DeepseekV4Model(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hc_head = HyperHead(cfg, rngs=rngs)
+
+
+class DeepseekV4ForCausalLM(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.model = DeepseekV4Model(cfg, dtype=self.dtype, rngs=rngs)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=self.dtype, rngs=rngs)
+
+    def forward(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...]):
+        """token_ids [B, C] (C padded as the metadata says) -> (logits [B, C, V] fp32, new caches)."""
+        cfg = self.config
+        x = self.model.embed_tokens(token_ids)
+        streams = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.hc_mult, x.shape[-1]))
+        new_cache = []
+        for layer, layer_cache in zip(self.model.layers, cache):
+            streams, layer_cache = layer(streams, token_ids, meta, layer_cache)
+            new_cache.append(layer_cache)
+        h = self.model.norm(self.model.hc_head(streams))
+        logits = self.lm_head(h, jnp.float32)
+        return logits, tuple(new_cache)
+
+    def __call__(self, input_ids) -> jax.Array:
+        """Stateless forward: input_ids int [B, S] -> logits [B, S, V] (fp32)."""
+        ids = check_token_ids(input_ids, self.config.vocab_size)
+        graphdef, state = nnx.split(self)
+        return _stateless_logits(graphdef, state, ids)
+
+
+def stateless_forward(model: DeepseekV4ForCausalLM, ids: jax.Array) -> jax.Array:
+    """One-shot prefill of ids [B, S] from empty caches sized to S; returns logits [B, S, V]."""
+    B, S = ids.shape
+    C = padded_chunk_len(model.config, S)
+    padded = jnp.pad(ids, ((0, 0), (0, C - S)))
+    meta = build_metadata(model.config, jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32), C, S)
+    logits, _ = model.forward(padded, meta, init_cache(model.config, B, S, model.dtype))
+    return logits[:, :S]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stateless_logits(graphdef, state, ids):
+    return stateless_forward(nnx.merge(graphdef, state), ids)
+
+
+def check_token_ids(input_ids, vocab_size: int) -> jax.Array:
+    """Validate a concrete [B, S] batch of token ids; raises InputError naming the bad value."""
+    arr = np.asarray(input_ids)
+    if arr.ndim != 2:
+        raise InputError(f"input_ids must have shape [batch, seq], got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        raise InputError(f"input_ids is empty (shape {tuple(arr.shape)}); expected at least one token")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"input_ids must be integers, got dtype {arr.dtype}")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        raise InputError(f"token id {int(arr[bad].flat[0])} is outside the vocabulary [0, {vocab_size})")
+    return jnp.asarray(arr, jnp.int32)

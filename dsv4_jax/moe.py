@@ -1,0 +1,125 @@
+"""Mixture of experts: sqrt-softplus router (learned top-k with a selection-only bias, or a frozen
+token-id hash), clamped SwiGLU routed experts as grouped matmuls, and one always-on shared expert.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .basic import Buffer, Linear, linear
+from .config import HASH_MOE, DeepseekV4Config
+
+_RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
+    """x [T, d] -> sqrt(softplus(W_g x)) [T, E] in fp32 (softplus is the overflow-safe logaddexp form)."""
+    logits = linear(x.astype(jnp.float32), gate_weight.astype(jnp.float32))
+    return jnp.sqrt(jax.nn.softplus(logits))
+
+
+def normalise_weights(scores: jax.Array, idx: jax.Array, route_scale: float) -> jax.Array:
+    """Gather the picked experts' scores [T, k], renormalise to sum 1, scale by route_scale."""
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    return w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20) * route_scale
+
+
+def route_learned(scores: jax.Array, bias: jax.Array, k: int, route_scale: float):
+    """Top-k over scores + bias; the bias (aux-loss-free balancing) only affects selection."""
+    _, idx = jax.lax.top_k(scores + bias.astype(jnp.float32), k)
+    return normalise_weights(scores, idx, route_scale), idx
+
+
+def route_hash(scores: jax.Array, tid2eid: jax.Array, token_ids: jax.Array, route_scale: float):
+    """Experts fixed per token id (tid2eid [V, k]); the learned scores still weight them."""
+    idx = tid2eid[token_ids].astype(jnp.int32)
+    return normalise_weights(scores, idx, route_scale), idx
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
+    """silu(min(gate, L)) * clip(up, -L, L): the gate is clamped from above only."""
+    return jax.nn.silu(jnp.minimum(gate, limit)) * jnp.clip(up, -limit, limit)
+
+
+def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
+                   limit: float) -> jax.Array:
+    """x [T, d]; idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F] -> [T, d] fp32.
+
+    Assignments are sorted by expert and run as two ragged (grouped) matmuls, so only the
+    picked experts' weights are read.
+    """
+    T, k = idx.shape
+    E, two_f, _ = gate_up.shape
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = x[token].astype(gate_up.dtype)
+    h = jax.lax.ragged_dot_general(xs, gate_up, group_sizes, _RAGGED_DN, preferred_element_type=jnp.float32)
+    h = clamped_swiglu(h[:, : two_f // 2], h[:, two_f // 2:], limit).astype(down.dtype)
+    y = jax.lax.ragged_dot_general(h, down, group_sizes, _RAGGED_DN, preferred_element_type=jnp.float32)
+    y = y * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((T, x.shape[-1]), jnp.float32).at[token].add(y)
+
+
+class Router(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, is_hash: bool, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.is_hash = is_hash
+        self.weight = nnx.Param((0.02 * jax.random.normal(rngs.params(), (cfg.n_routed_experts, cfg.hidden_size)))
+                                .astype(dtype))
+        if is_hash:
+            perm = jax.vmap(lambda k: jax.random.permutation(k, cfg.n_routed_experts)[: cfg.num_experts_per_tok])
+            self.tid2eid = Buffer(perm(jax.random.split(rngs.params(), cfg.vocab_size)).astype(jnp.int32))
+        else:
+            self.e_score_correction_bias = Buffer(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array):
+        """x [T, d], token_ids [T] -> (weights [T, k] fp32, expert ids [T, k])."""
+        scores = router_scores(x, self.weight[...])
+        if self.is_hash:
+            return route_hash(scores, self.tid2eid[...], token_ids, self.cfg.routed_scaling_factor)
+        return route_learned(scores, self.e_score_correction_bias[...], self.cfg.num_experts_per_tok,
+                             self.cfg.routed_scaling_factor)
+
+
+class Experts(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
+        E, F, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.limit = cfg.swiglu_limit
+        self.gate_up_proj = nnx.Param((0.02 * jax.random.normal(rngs.params(), (E, 2 * F, d))).astype(dtype))
+        self.down_proj = nnx.Param((0.02 * jax.random.normal(rngs.params(), (E, d, F))).astype(dtype))
+
+    def __call__(self, x, idx, weights):
+        return routed_experts(x, idx, weights, self.gate_up_proj[...], self.down_proj[...], self.limit)
+
+
+class SharedExpert(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
+        d, F = cfg.hidden_size, cfg.moe_intermediate_size
+        self.limit = cfg.swiglu_limit
+        self.gate_proj = Linear(d, F, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, F, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(F, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = clamped_swiglu(self.gate_proj(x, jnp.float32), self.up_proj(x, jnp.float32), self.limit)
+        return self.down_proj(h.astype(x.dtype), jnp.float32)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: DeepseekV4Config, layer: int, *, dtype, rngs: nnx.Rngs):
+        self.gate = Router(cfg, cfg.mlp_layer_types[layer] == HASH_MOE, dtype=dtype, rngs=rngs)
+        self.experts = Experts(cfg, dtype=dtype, rngs=rngs)
+        self.shared_experts = SharedExpert(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """x [B, C, d], token_ids [B, C] -> [B, C, d]."""
+        B, C, d = x.shape
+        flat = x.reshape(B * C, d)
+        weights, idx = self.gate(flat, token_ids.reshape(-1))
+        out = self.experts(flat, idx, weights) + self.shared_experts(flat)
+        return out.astype(x.dtype).reshape(B, C, d)
