@@ -55,3 +55,27 @@ def build_reference(cfg: DeepseekV4Config, seed: int) -> transformers.DeepseekV4
 @torch.no_grad()
 def reference_logits(model, ids) -> "torch.Tensor":
     return model(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits.float().numpy()
+
+
+@torch.no_grad()
+def topk_boundary_gap(model, ids, cfg) -> float:
+    """Smallest gap between the k-th and (k+1)-th visible indexer score over all CSA layers and queries.
+
+    A zero gap is a tie at the selection boundary (typically several scores of exactly 0 after the
+    ReLU): the picked set is then implementation-defined, so parity inputs avoid it.
+    """
+    scores = []
+    hooks = [layer.self_attn.compressor.indexer.scorer.register_forward_hook(lambda m, i, o: scores.append(o))
+             for layer in model.model.layers
+             if layer.self_attn.compressor is not None and hasattr(layer.self_attn.compressor, "indexer")]
+    model(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False)
+    for h in hooks:
+        h.remove()
+    gap, k, m = float("inf"), cfg.index_topk, cfg.csa_compress_rate
+    for s in scores:
+        for t in range(s.shape[1]):
+            visible = (t + 1) // m
+            if visible > k:
+                top = torch.sort(s[:, t, :visible], dim=-1, descending=True).values
+                gap = min(gap, float((top[:, k - 1] - top[:, k]).min()))
+    return gap
