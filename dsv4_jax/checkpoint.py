@@ -201,8 +201,8 @@ def load_weights(model: nnx.Module, files: list[Path]) -> None:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}{more}")
 
 
-def from_pretrained(path, dtype: str = "bfloat16") -> DeepseekV4ForCausalLM:
-    """Load a Hugging Face format DeepSeek-V4 directory and return the model (call it on input_ids)."""
+def checkpoint_config(path) -> DeepseekV4Config:
+    """The config of a checkpoint directory (cheap: reads config.json only)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -210,9 +210,13 @@ def from_pretrained(path, dtype: str = "bfloat16") -> DeepseekV4ForCausalLM:
     if not config_file.exists():
         raise CheckpointError(f"checkpoint directory {path} has no config.json")
     try:
-        cfg = DeepseekV4Config.from_json(config_file)
+        return DeepseekV4Config.from_json(config_file)
     except ConfigError as e:
         raise CheckpointError(f"{config_file}: {e}") from None
-    model = abstract_model(cfg, _dtype(dtype))
-    load_weights(model, checkpoint_files(path))
+
+
+def from_pretrained(path, dtype: str = "bfloat16") -> DeepseekV4ForCausalLM:
+    """Load a Hugging Face format DeepSeek-V4 directory and return the model (call it on input_ids)."""
+    model = abstract_model(checkpoint_config(path), _dtype(dtype))
+    load_weights(model, checkpoint_files(Path(path)))
     return model

@@ -71,18 +71,25 @@ class DeepseekV4ForCausalLM(nnx.Module):
         self.model = DeepseekV4Model(cfg, dtype=self.dtype, rngs=rngs)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=self.dtype, rngs=rngs)
 
-    def forward(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...]):
-        """token_ids [B, C] (C padded as the metadata says) -> (logits [B, C, V] fp32, new caches)."""
+    def forward(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...],
+                logits_at: jax.Array | None = None):
+        """token_ids [B, C] (C padded as the metadata says) -> (logits, new caches).
+
+        Logits are fp32 [B, C, V], or [B, V] at chunk offsets ``logits_at`` [B] (the engine only needs
+        each row's last real token, and the vocabulary projection is the largest matmul of a step).
+        """
         cfg = self.config
         x = self.model.embed_tokens(token_ids)
         streams = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.hc_mult, x.shape[-1]))
         new_cache = []
-        for layer, layer_cache in zip(self.model.layers, cache):
-            streams, layer_cache = layer(streams, token_ids, meta, layer_cache)
+        for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache)):
+            with jax.named_scope(f"layer_{i}"):
+                streams, layer_cache = layer(streams, token_ids, meta, layer_cache)
             new_cache.append(layer_cache)
+        if logits_at is not None:
+            streams = jnp.take_along_axis(streams, logits_at[:, None, None, None], axis=1)[:, 0]
         h = self.model.norm(self.model.hc_head(streams))
-        logits = self.lm_head(h, jnp.float32)
-        return logits, tuple(new_cache)
+        return self.lm_head(h, jnp.float32), tuple(new_cache)
 
     def __call__(self, input_ids) -> jax.Array:
         """Stateless forward: input_ids int [B, S] -> logits [B, S, V] (fp32)."""
@@ -91,14 +98,33 @@ class DeepseekV4ForCausalLM(nnx.Module):
         return _stateless_logits(graphdef, state, ids)
 
 
+METADATA_SCOPE = "forward_metadata"
+
+
+def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: jax.Array, n_new: jax.Array,
+              capacity: int, last_only: bool = False):
+    """One forward over a chunk: the metadata step once, then every layer.
+
+    token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
+    already cached. Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
+    """
+    cfg = model.config
+    B, S = token_ids.shape
+    C = padded_chunk_len(cfg, S)
+    token_ids = jnp.pad(token_ids, ((0, 0), (0, C - S)))
+    with jax.named_scope(METADATA_SCOPE):
+        meta = build_metadata(cfg, start, n_new, C, capacity)
+    logits_at = jnp.maximum(n_new - 1, 0).astype(jnp.int32) if last_only else None
+    logits, cache = model.forward(token_ids, meta, cache, logits_at)
+    return (logits if last_only else logits[:, :S]), cache
+
+
 def stateless_forward(model: DeepseekV4ForCausalLM, ids: jax.Array) -> jax.Array:
     """One-shot prefill of ids [B, S] from empty caches sized to S; returns logits [B, S, V]."""
     B, S = ids.shape
-    C = padded_chunk_len(model.config, S)
-    padded = jnp.pad(ids, ((0, 0), (0, C - S)))
-    meta = build_metadata(model.config, jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32), C, S)
-    logits, _ = model.forward(padded, meta, init_cache(model.config, B, S, model.dtype))
-    return logits[:, :S]
+    cache = init_cache(model.config, B, S, model.dtype)
+    logits, _ = run_chunk(model, cache, ids, jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32), S)
+    return logits
 
 
 @functools.partial(jax.jit, static_argnums=0)

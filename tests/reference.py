@@ -12,6 +12,9 @@ import transformers
 
 from dsv4_jax.config import DeepseekV4Config
 
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()  # our tiny YaRN configs trip a factor-mismatch warning
+
 
 def hf_config(cfg: DeepseekV4Config) -> transformers.DeepseekV4Config:
     hf = transformers.DeepseekV4Config(**cfg.to_hf_dict(), initializer_range=0.1)

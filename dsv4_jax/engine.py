@@ -1,0 +1,180 @@
+"""Inference engine: fixed-capacity caches, chunked ragged prefill, token-by-token decode, sampling.
+
+One jitted step serves prefill and decode: the metadata step, every layer, and (for decode) the
+sampler, with the caches donated so XLA updates them in place. Rows of a batch are independent:
+each has its own length, and padding never writes a cache slot (the metadata routes its writes
+out of bounds, where they are dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .cache import init_cache
+from .model import DeepseekV4ForCausalLM, InputError, run_chunk
+from .sampling import SamplingParams, sample
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "last_only"), donate_argnames=("cache",))
+def _chunk_step(graphdef, state, cache, token_ids, start, n_new, *, capacity: int, last_only: bool):
+    return run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, n_new, capacity, last_only)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity"), donate_argnames=("cache",))
+def _decode_step(graphdef, state, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
+                 capacity: int):
+    """token_ids [B, 1]; active [B] bool -> (next tokens [B], caches). Inactive rows write nothing."""
+    logits, cache = run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, active.astype(jnp.int32),
+                              capacity, last_only=True)
+    return sample(logits, key, temperature, top_k, top_p), cache
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[int]  # the new tokens (EOS included when it stopped the sequence)
+    text: str | None = None
+    finish_reason: str = "length"  # "eos" or "length"
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Engine:
+    """Load once, generate many times.
+
+    >>> engine = Engine(dsv4_jax.from_pretrained(path), capacity=4096, tokenizer=tok)
+    >>> engine.generate(["Once upon a time"], max_new_tokens=32)
+    """
+
+    def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int = 256,
+                 tokenizer=None):
+        if capacity <= 0 or prefill_chunk <= 0:
+            raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
+        self.model = model
+        self.config = model.config
+        self.capacity = capacity
+        self.prefill_chunk = prefill_chunk
+        self.tokenizer = tokenizer
+        self.graphdef, self.state = nnx.split(model)
+        self.stats = GenerationStats()
+
+    # ----- input checks --------------------------------------------------------------------
+    def _token_lists(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise InputError("no prompts given; expected at least one")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise InputError("a text prompt needs a tokenizer; pass token ids or a tokenizer")
+                p = self.tokenizer.encode(p)
+            ids = [int(t) for t in p]
+            if not ids:
+                raise InputError("empty prompt; expected at least one token")
+            for t in ids:
+                if t < 0 or t >= self.config.vocab_size:
+                    raise InputError(f"token id {t} is outside the vocabulary [0, {self.config.vocab_size})")
+            out.append(ids)
+        return out
+
+    def _check_capacity(self, prompts: list[list[int]], max_new_tokens: int):
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens {max_new_tokens} must be >= 0")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.capacity:
+            raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the cache "
+                             f"capacity of {self.capacity} tokens")
+
+    # ----- the two phases ------------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]], chunk: int | None = None):
+        """Run all prompts through the caches in chunks; returns (last-token logits [B, V], caches, lengths)."""
+        chunk = chunk or self.prefill_chunk
+        B = len(prompts)
+        lens = np.array([len(p) for p in prompts], np.int32)
+        cache = init_cache(self.config, B, self.capacity, self.model.dtype)
+        done = np.zeros(B, np.int32)
+        last_logits = [None] * B
+        while (done < lens).any():
+            n_new = np.minimum(lens - done, chunk).astype(np.int32)
+            ids = np.zeros((B, chunk), np.int32)
+            for b in range(B):
+                ids[b, : n_new[b]] = prompts[b][done[b] : done[b] + n_new[b]]
+            logits, cache = _chunk_step(self.graphdef, self.state, cache, jnp.asarray(ids), jnp.asarray(done),
+                                        jnp.asarray(n_new), capacity=self.capacity, last_only=True)
+            done = done + n_new
+            for b in np.flatnonzero((n_new > 0) & (done == lens)):
+                last_logits[b] = logits[b]
+        return jnp.stack(last_logits), cache, lens
+
+    def stream(self, prompts, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
+               seed: int = 0, eos_token_ids: Sequence[int] | None = None) -> Iterator[tuple[int, int]]:
+        """Yield (sequence index, new token id) as tokens are produced; stops per sequence on EOS."""
+        prompts = self._token_lists(prompts)
+        self._check_capacity(prompts, max_new_tokens)
+        eos = set(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.stats = stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+        self.finish_reasons = ["length"] * len(prompts)
+        if max_new_tokens == 0:
+            return
+        t0 = time.perf_counter()
+        logits, cache, lens = self.prefill(prompts)
+        key = jax.random.PRNGKey(seed)
+        key, sub = jax.random.split(key)
+        params = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+        tokens = np.asarray(sample(logits, sub, *params))
+        stats.prefill_seconds = time.perf_counter() - t0
+        active = np.ones(len(prompts), bool)
+        pos = lens.copy()
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            for b in np.flatnonzero(active):
+                stats.generated_tokens += 1
+                yield int(b), int(tokens[b])
+                if int(tokens[b]) in eos:
+                    active[b] = False
+                    self.finish_reasons[b] = "eos"
+            if step == max_new_tokens - 1 or not active.any():
+                break
+            key, sub = jax.random.split(key)
+            next_tokens, cache = _decode_step(self.graphdef, self.state, cache, jnp.asarray(tokens[:, None]),
+                                              jnp.asarray(pos), jnp.asarray(active), sub, *params,
+                                              capacity=self.capacity)
+            pos = pos + active
+            tokens = np.asarray(next_tokens)
+        stats.decode_seconds = time.perf_counter() - t0
+
+    def generate(self, prompts, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
+                 seed: int = 0, eos_token_ids: Sequence[int] | None = None) -> list[GenerationResult]:
+        """Generate for a batch of prompts (text or token-id lists); returns one result per prompt."""
+        token_lists = self._token_lists(prompts)
+        new = [[] for _ in token_lists]
+        for b, tok in self.stream(token_lists, max_new_tokens, sampling, seed, eos_token_ids):
+            new[b].append(tok)
+        results = []
+        for b, toks in enumerate(new):
+            text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
+            results.append(GenerationResult(tokens=toks, text=text, finish_reason=self.finish_reasons[b]))
+        return results

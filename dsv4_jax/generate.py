@@ -1,0 +1,130 @@
+"""Command line generation: ``python -m dsv4_jax.generate [--checkpoint DIR] --prompt TEXT``.
+
+Streams the new text to stdout as it is generated, reports prefill and decode tokens/s on stderr.
+Bad input is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .model import InputError
+
+EXIT_USAGE = 2
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dsv4_jax.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("prompt_text", nargs="?", help="prompt text (same as --prompt)")
+    p.add_argument("--checkpoint", help="Hugging Face format directory; default: the built-in demo model")
+    p.add_argument("--prompt", help="prompt text, tokenised with the checkpoint's tokenizer.json")
+    p.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 0,17,42")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default without --temperature)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="parameter dtype (default bfloat16 for checkpoints, float32 for the demo)")
+    p.add_argument("--capacity", type=int, default=None, help="cache capacity in tokens (default: prompt + new)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    return p.parse_args(argv)
+
+
+def _prompt_ids(args, tokenizer) -> list[int]:
+    texts = [t for t in (args.prompt, args.prompt_text) if t is not None]
+    if args.prompt_ids is not None and texts:
+        raise InputError("give either --prompt-ids or a text prompt, not both")
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise InputError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers") from None
+        if not ids:
+            raise InputError("--prompt-ids is empty; expected at least one token id")
+        return ids
+    if not texts:
+        raise InputError("no prompt: pass --prompt TEXT or --prompt-ids 1,2,3")
+    if len(texts) > 1:
+        raise InputError("give the prompt once, either positionally or with --prompt")
+    if not texts[0]:
+        raise InputError("empty prompt; expected some text")
+    if tokenizer is None:
+        raise InputError("this checkpoint has no tokenizer.json; pass --prompt-ids instead of text")
+    return tokenizer.encode(texts[0])
+
+
+def run(argv=None) -> int:
+    args = _parse_args(argv)
+    from . import demo
+    from .checkpoint import checkpoint_config, from_pretrained
+    from .engine import Engine
+    from .sampling import SamplingParams
+    from .tokenizer import load_tokenizer
+
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    # Everything about the request is checked against the config before any weights are loaded.
+    if args.checkpoint is None:
+        cfg, tokenizer = demo.demo_config(), demo.ByteTokenizer()
+    else:
+        cfg, tokenizer = checkpoint_config(args.checkpoint), load_tokenizer(args.checkpoint)
+    ids = _prompt_ids(args, tokenizer)
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    capacity = args.capacity or len(ids) + max(args.max_new_tokens, 1)
+    if len(ids) + args.max_new_tokens > capacity:
+        raise InputError(f"prompt of {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
+                         f"cache capacity of {capacity} tokens")
+    sampling = SamplingParams(temperature=0.0 if args.greedy or args.temperature is None else args.temperature,
+                              top_k=args.top_k, top_p=args.top_p)
+
+    if args.checkpoint is None:
+        print("dsv4_jax: no --checkpoint given; running the built-in demo model with fixed-seed RANDOM "
+              "weights (no trained demo checkpoint exists yet), so its text is noise", file=sys.stderr)
+        model, _ = demo.demo_model(args.dtype or "float32")
+    else:
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "bfloat16")
+    engine = Engine(model, capacity=capacity, tokenizer=tokenizer)
+
+    new: list[int] = []
+    printed = ""
+    for _, tok in engine.stream([ids], args.max_new_tokens, sampling, seed=args.seed):
+        new.append(tok)
+        if tokenizer is not None:
+            text = tokenizer.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+    text = tokenizer.decode(new) if tokenizer is not None else None
+    if text is not None and text != printed:
+        sys.stdout.write(text[len(printed):])
+    sys.stdout.write("\n")
+    s = engine.stats
+    print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | "
+          f"decode: {s.generated_tokens} tokens, {s.decode_tokens_per_s:.1f} tok/s (first calls include compilation)", file=sys.stderr)
+    if args.json:
+        out = {"tokens": new, "finish_reason": engine.finish_reasons[0]}
+        if text is not None:
+            out["text"] = text
+        print(json.dumps(out))
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except (InputError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

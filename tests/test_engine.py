@@ -1,0 +1,170 @@
+"""Engine: chunked prefill + decode against the stateless forward, ragged batches, metadata once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny
+from dsv4_jax.cache import init_cache
+from dsv4_jax.config import CSA, HCA, SLIDING
+from dsv4_jax.engine import Engine, _chunk_step
+from dsv4_jax.model import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError, run_chunk
+
+CFG = tiny()  # window 8, CSA m=4 (top-k 4), HCA m=8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DeepseekV4ForCausalLM(CFG, rngs=nnx.Rngs(7))
+
+
+def rel_err(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def chunked_logits(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
+    """Logits at every position of ids [B, S] fed to the caches ``chunk`` tokens at a time."""
+    B, S = ids.shape
+    cache = init_cache(engine.config, B, engine.capacity, engine.model.dtype)
+    out = []
+    for pos in range(0, S, chunk):
+        n = min(chunk, S - pos)
+        logits, cache = _chunk_step(engine.graphdef, engine.state, cache, jnp.asarray(ids[:, pos:pos + n]),
+                                    jnp.full((B,), pos, jnp.int32), jnp.full((B,), n, jnp.int32),
+                                    capacity=engine.capacity, last_only=False)
+        out.append(np.asarray(logits))
+    return np.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 70])
+def test_chunked_prefill_and_decode_equal_stateless(model, chunk):
+    """70 tokens: longer than the window (8), several HCA windows (8) and CSA entries above top-k (4).
+    chunk 1 is token-by-token decode; 3 and 5 do not align with 4 or 8."""
+    ids = np.random.RandomState(chunk).randint(0, CFG.vocab_size, (2, 70))
+    full = np.asarray(model(ids))
+    got = chunked_logits(Engine(model, capacity=80), ids, chunk)
+    assert rel_err(got, full) < 1e-5
+    np.testing.assert_array_equal(got.argmax(-1), full.argmax(-1))
+
+
+def test_ragged_batch_equals_each_sequence_alone(model):
+    rng = np.random.RandomState(0)
+    prompts = [list(rng.randint(2, CFG.vocab_size, n)) for n in (37, 5, 20)]
+    engine = Engine(model, capacity=64, prefill_chunk=16)
+    batch = engine.generate(prompts, max_new_tokens=12)
+    for prompt, res in zip(prompts, batch):
+        alone = engine.generate([prompt], max_new_tokens=12)[0]
+        assert res.tokens == alone.tokens
+
+    # Caches after a ragged prefill: every entry a real token can read equals the single-sequence cache.
+    _, ragged, lens = engine.prefill(prompts)
+    for b, prompt in enumerate(prompts):
+        _, single, _ = engine.prefill([prompt])
+        n = len(prompt)
+        for layer, (rc, sc) in enumerate(zip(ragged, single)):
+            ring_slots = [p % CFG.sliding_window for p in range(max(0, n - CFG.sliding_window), n)]
+            np.testing.assert_allclose(rc.window_kv[b, ring_slots], sc.window_kv[0, ring_slots], rtol=1e-5, atol=1e-6)
+            if rc.compressed_kv is not None:
+                m = CFG.layer_compress_rate(layer)
+                np.testing.assert_allclose(rc.compressed_kv[b, : n // m], sc.compressed_kv[0, : n // m],
+                                           rtol=1e-5, atol=1e-6)
+                assert not np.asarray(rc.compressed_kv[b, n // m:]).any(), "padding wrote a compressed entry"
+            if rc.index_keys is not None:
+                np.testing.assert_allclose(rc.index_keys[b, : n // 4], sc.index_keys[0, : n // 4], rtol=1e-5, atol=1e-6)
+                assert not np.asarray(rc.index_keys[b, n // 4:]).any(), "padding wrote an indexer key"
+
+
+def test_padding_never_writes_cache(model):
+    """A row with no new tokens (n_new = 0) leaves every cache array of that row untouched."""
+    B = 2
+    engine = Engine(model, capacity=32)
+    cache = init_cache(CFG, B, 32, jnp.float32)
+    ids = jnp.asarray(np.random.RandomState(3).randint(0, CFG.vocab_size, (B, 16)))
+    _, cache = _chunk_step(engine.graphdef, engine.state, cache, ids, jnp.zeros(B, jnp.int32),
+                           jnp.array([16, 0], jnp.int32), capacity=32, last_only=True)
+    for leaf in jax.tree.leaves(cache):
+        assert not np.asarray(leaf[1]).any()
+        assert np.asarray(leaf[0]).any()
+
+
+def _metadata_eqns(jaxpr, inherited=""):
+    """Yield (name_stack, eqn) over a jaxpr and its sub-jaxprs, in program order."""
+    for eqn in jaxpr.eqns:
+        stack = inherited + "/" + str(eqn.source_info.name_stack)
+        yield stack, eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _metadata_eqns(sub, stack)
+
+
+@pytest.mark.parametrize("n_layers", [3, 7])
+def test_metadata_is_built_once_before_the_first_layer(n_layers):
+    types = (SLIDING, CSA, HCA, CSA, HCA, CSA, HCA)[:n_layers]
+    cfg = dataclasses.replace(CFG, num_hidden_layers=n_layers, layer_types=types,
+                              mlp_layer_types=(CFG.mlp_layer_types * 2)[:n_layers])
+    m = DeepseekV4ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(m)
+    B, C, cap = 2, 12, 32
+
+    def step(state, cache, ids, start, n_new):
+        return run_chunk(nnx.merge(graphdef, state), cache, ids, start, n_new, cap)
+
+    jaxpr = jax.make_jaxpr(step)(state, init_cache(cfg, B, cap, jnp.float32), jnp.zeros((B, C), jnp.int32),
+                                 jnp.zeros(B, jnp.int32), jnp.full(B, C, jnp.int32)).jaxpr
+    order = [("meta" if METADATA_SCOPE in s else "layer" if "layer_" in s else "other")
+             for s, _ in _metadata_eqns(jaxpr)]
+    meta_idx = [i for i, o in enumerate(order) if o == "meta"]
+    layer_idx = [i for i, o in enumerate(order) if o == "layer"]
+    assert meta_idx and layer_idx
+    assert max(meta_idx) < min(layer_idx), "metadata must be complete before the first layer runs"
+    # No layer scope contains metadata work, and the metadata work does not grow with the layer count.
+    assert not any(METADATA_SCOPE in s and "layer_" in s for s, _ in _metadata_eqns(jaxpr))
+    test_metadata_is_built_once_before_the_first_layer.counts[n_layers] = len(meta_idx)
+    counts = test_metadata_is_built_once_before_the_first_layer.counts
+    if len(counts) == 2:
+        assert len(set(counts.values())) == 1, counts
+
+
+test_metadata_is_built_once_before_the_first_layer.counts = {}
+
+
+def test_same_inputs_bitwise_identical(model):
+    ids = np.random.RandomState(1).randint(0, CFG.vocab_size, (2, 40))
+    engine = Engine(model, capacity=48)
+    a = chunked_logits(engine, ids, 7)
+    b = chunked_logits(engine, ids, 7)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+
+
+def test_per_sequence_stop_on_eos(model):
+    """Greedy: pick the token the first sequence produces at step 3 as EOS; that row stops there."""
+    engine = Engine(model, capacity=64)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    free = engine.generate(prompts, max_new_tokens=10)
+    eos = free[0].tokens[3]
+    stopped = engine.generate(prompts, max_new_tokens=10, eos_token_ids=[eos])
+    first = free[0].tokens.index(eos)
+    assert stopped[0].tokens == free[0].tokens[: first + 1] and stopped[0].finish_reason == "eos"
+    if eos not in free[1].tokens:
+        assert stopped[1].tokens == free[1].tokens and stopped[1].finish_reason == "length"
+
+
+def test_engine_rejects_bad_input(model):
+    engine = Engine(model, capacity=16)
+    with pytest.raises(InputError, match=r"token id 300 is outside the vocabulary \[0, 256\)"):
+        engine.generate([[1, 300]])
+    with pytest.raises(InputError, match="token id -1"):
+        engine.generate([[1, -1]])
+    with pytest.raises(InputError, match="empty prompt"):
+        engine.generate([[]])
+    with pytest.raises(InputError, match="max_new_tokens -1"):
+        engine.generate([[1]], max_new_tokens=-1)
+    with pytest.raises(InputError, match="prompt of 10 tokens \\+ max_new_tokens 7 exceeds the cache capacity of 16"):
+        engine.generate([[1] * 10], max_new_tokens=7)
