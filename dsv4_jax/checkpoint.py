@@ -64,8 +64,14 @@ def iter_tensors(files: list[Path]):
         try:
             with safe_open(str(f), framework="numpy") as handle:
                 for name in handle.keys():
+                    dtype = handle.get_slice(name).get_dtype()
+                    if dtype.startswith(("F8", "F4", "E8", "F6")):
+                        raise CheckpointError(f"tensor {name} in {f.name} has dtype {dtype}: FP8/FP4 quantised "
+                                              "checkpoints are not supported yet; dequantise to bf16 or fp32 first")
                     yield name, handle.get_tensor(name), f
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, AttributeError, TypeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"checkpoint file {f} is corrupt or unreadable: {e}") from None
 
 
@@ -187,6 +193,8 @@ def load_weights(model: nnx.Module, files: list[Path]) -> None:
         rows = (F, 2 * F) if part == 3 else (0, F if part == 1 else want.shape[1])
         stacked[key] = _set_expert_slice(stacked[key], jnp.asarray(array), rows, expert)
     for key, parts in expert_parts.items():
+        if key in loaded:
+            raise CheckpointError(f"{key} is given both stacked and as per-expert matrices")
         need = {(e, p) for e in range(cfg.n_routed_experts) for p in ((2,) if key.endswith("down_proj") else (1, 3))}
         if parts != need:
             e, p = min(need - parts)

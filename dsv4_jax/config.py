@@ -212,7 +212,7 @@ def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
         "moe_inter_dim": "moe_intermediate_size", "n_activated_experts": "num_experts_per_tok",
         "route_scale": "routed_scaling_factor", "norm_eps": "rms_norm_eps", "window_size": "sliding_window",
         "rope_head_dim": "qk_rope_head_dim", "n_hash_layers": "num_hash_layers",
-        "n_mtp_layers": "num_nextn_predict_layers",
+        "n_mtp_layers": "num_nextn_predict_layers", "score_func": "scoring_func",
     }
     d = {aliases.get(k, k): v for k, v in d.items()}
 
@@ -247,6 +247,9 @@ def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"compress_ratios entries must be one of {sorted(ratio_map)}; got {bad}"
             )
+        if len(d["compress_ratios"]) < n:
+            raise ConfigError(f"compress_ratios has {len(d['compress_ratios'])} entries but num_hidden_layers "
+                              f"is {n}")
         # Real checkpoints list one extra ratio for the MTP block; the main model keeps the first n.
         layer_types = tuple(ratio_map[r] for r in d["compress_ratios"][:n])
     else:
