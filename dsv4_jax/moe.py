@@ -48,11 +48,14 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
                    limit: float) -> jax.Array:
     """x [T, d]; idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F] -> [T, d] fp32.
 
-    Assignments are sorted by expert and run as two ragged (grouped) matmuls, so only the
-    picked experts' weights are read.
+    Only the picked experts' weights are read: with fewer assignments than experts (decode) their
+    matrices are gathered per assignment; otherwise assignments are sorted by expert and run as two
+    ragged (grouped) matmuls.
     """
     T, k = idx.shape
     E, two_f, _ = gate_up.shape
+    if T * k < E:
+        return _gathered_experts(x, idx, weights, gate_up, down, limit)
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
@@ -63,6 +66,14 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
     y = jax.lax.ragged_dot_general(h, down, group_sizes, _RAGGED_DN, preferred_element_type=jnp.float32)
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros((T, x.shape[-1]), jnp.float32).at[token].add(y)
+
+
+def _gathered_experts(x, idx, weights, gate_up, down, limit):
+    two_f = gate_up.shape[1]
+    h = jnp.einsum("td,tkfd->tkf", x.astype(gate_up.dtype), gate_up[idx], preferred_element_type=jnp.float32)
+    h = clamped_swiglu(h[..., : two_f // 2], h[..., two_f // 2:], limit).astype(down.dtype)
+    y = jnp.einsum("tkf,tkdf->tkd", h, down[idx], preferred_element_type=jnp.float32)
+    return jnp.einsum("tkd,tk->td", y, weights)
 
 
 class Router(nnx.Module):

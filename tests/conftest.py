@@ -6,8 +6,12 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import numpy as np
 import pytest
+
+# True fp32 matmuls on every backend (on GPU JAX's default precision uses TF32-class products).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config, YarnScaling
 
