@@ -71,6 +71,19 @@ def gather_entries(compressed: jax.Array, picks: jax.Array) -> tuple[jax.Array, 
     return rows.reshape(B, C, k, -1), picks >= 0
 
 
+def _pallas_decode_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
+    """Decode step (C = 1) through the Pallas kernel: window rows + entries picked by id (-1 = none)."""
+    from kernels_pallas.sparse_attention import sparse_attention_decode
+
+    B, _, H, D = q.shape
+    if entries is None:  # sliding-window-only layer: no compressed entries
+        entries = jnp.zeros((B, 1, D), q.dtype)
+        entry_ids = jnp.full((B, 1, 1), -1, jnp.int32)
+    out = sparse_attention_decode(q[:, 0], win_keys[:, 0], win_mask[:, 0], entries, entry_ids[:, 0], sinks, scale,
+                                  interpret=jax.default_backend() != "gpu")
+    return out[:, None]
+
+
 class GroupedLinear(nnx.Module):
     """Block-diagonal projection: group g of heads -> its own r_o outputs; weight [G * r_o, (H/G) * D]."""
 
@@ -106,7 +119,8 @@ class Attention(nnx.Module):
                                     indexer=Indexer(cfg, dtype=dtype, rngs=rngs) if is_csa else None)
         self.compressor = nnx.data(compressor)
 
-    def __call__(self, x: jax.Array, meta: ForwardMetadata, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+    def __call__(self, x: jax.Array, meta: ForwardMetadata, cache: LayerCache,
+                 kernels: str = "xla") -> tuple[jax.Array, LayerCache]:
         """x [B, C, d] (normed) -> (out [B, C, d], updated layer cache)."""
         c = self.cfg
         B, C, _ = x.shape
@@ -125,7 +139,9 @@ class Attention(nnx.Module):
         cache = dataclasses.replace(
             cache, window_kv=cache.window_kv.at[rows, meta.window.ring_write_slot].set(kv, mode="drop"))
 
-        comp_keys = comp_mask = None
+        # Compressed rows this layer may attend to, and each query's entry ids into them (-1 = none):
+        # the indexer's top-k on CSA layers, every visible entry on HCA layers.
+        entries = entry_ids = None
         if self.compressor is not None:
             cm = meta.compression[self.compressor.ratio]
             compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm)
@@ -133,15 +149,24 @@ class Attention(nnx.Module):
             if compressed.shape[1] == 0:
                 pass  # capacity below one window: no entry can ever exist
             elif self.compressor.indexer is not None:
-                picks, keys, istate = self.compressor.indexer(x, q_latent, cos, sin, cache.indexer,
-                                                              cache.index_keys, cm)
+                entry_ids, keys, istate = self.compressor.indexer(x, q_latent, cos, sin, cache.indexer,
+                                                                  cache.index_keys, cm, kernels)
                 cache = dataclasses.replace(cache, index_keys=keys, indexer=istate)
-                comp_keys, comp_mask = gather_entries(compressed, picks)
+                entries = compressed
             else:
-                comp_keys = compressed
-                comp_mask = jnp.arange(compressed.shape[1])[None, None, :] < cm.n_visible[..., None]
+                entry = jnp.arange(compressed.shape[1], dtype=jnp.int32)
+                entries, entry_ids = compressed, jnp.where(entry < cm.n_visible[..., None], entry, -1)
 
-        o = sink_attention(q, win_keys, meta.window.key_mask, comp_keys, comp_mask, self.sinks[...], D**-0.5)
+        scale = D**-0.5
+        if kernels == "pallas" and C == 1:
+            o = _pallas_decode_attention(q, win_keys, meta.window.key_mask, entries, entry_ids, self.sinks[...], scale)
+        elif entries is None:
+            o = sink_attention(q, win_keys, meta.window.key_mask, None, None, self.sinks[...], scale)
+        elif self.compressor.indexer is not None:  # CSA: gather each query's picks
+            picked, valid = gather_entries(entries, entry_ids)
+            o = sink_attention(q, win_keys, meta.window.key_mask, picked, valid, self.sinks[...], scale)
+        else:  # HCA: all rows, masked to the visible prefix
+            o = sink_attention(q, win_keys, meta.window.key_mask, entries, entry_ids >= 0, self.sinks[...], scale)
         o = apply_rope(o, cos_h, sin_h, inverse=True)
         grouped = self.o_a_proj(o.reshape(B, C, c.o_groups, -1)).reshape(B, C, -1)
         return self.o_b_proj(grouped), cache

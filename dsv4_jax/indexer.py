@@ -53,14 +53,25 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, dtype=dtype, rngs=rngs)
         self.scorer = Scorer(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta):
-        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state)."""
+    def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta,
+                 kernels: str = "xla"):
+        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state).
+
+        With ``kernels="pallas"`` a decode step (C = 1) scores with the Pallas kernel and selects with the
+        chunked top-k; both are tested against this module's functions.
+        """
         c = self.cfg
         keys, state = self.compress(x, state, keys, meta)
         B, C, _ = x.shape
         q = self.q_b_proj(q_latent).reshape(B, C, c.index_n_heads, c.index_head_dim)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         w = self.scorer.weights_proj(x, out_dtype=jnp.float32) * (c.index_head_dim**-0.5 * c.index_n_heads**-0.5)
-        scores = index_scores(q, keys, w)
         k = min(c.index_topk, keys.shape[1])
-        return select_topk(scores, meta.n_visible, k), keys, state
+        if kernels == "pallas" and C == 1:
+            from kernels_pallas import indexer as pallas_indexer
+
+            n_valid = meta.n_visible[:, 0]
+            scores = pallas_indexer.index_scores_decode(q[:, 0], keys, w[:, 0], n_valid,
+                                                        interpret=jax.default_backend() != "gpu")
+            return pallas_indexer.topk_indices(scores, n_valid, k)[:, None], keys, state
+        return select_topk(index_scores(q, keys, w), meta.n_visible, k), keys, state

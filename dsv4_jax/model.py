@@ -37,10 +37,10 @@ class DecoderLayer(nnx.Module):
         self.attn_hc = HyperConnection(cfg, rngs=rngs)
         self.ffn_hc = HyperConnection(cfg, rngs=rngs)
 
-    def __call__(self, streams, token_ids, meta: ForwardMetadata, cache: LayerCache):
+    def __call__(self, streams, token_ids, meta: ForwardMetadata, cache: LayerCache, kernels: str = "xla"):
         """streams [B, C, n, d] -> (streams, layer cache)."""
         pre, post, comb = self.attn_hc.weights(streams)
-        attn_out, cache = self.self_attn(self.input_layernorm(collapse(streams, pre)), meta, cache)
+        attn_out, cache = self.self_attn(self.input_layernorm(collapse(streams, pre)), meta, cache, kernels)
         streams = expand(streams, attn_out, post, comb)
         pre, post, comb = self.ffn_hc.weights(streams)
         ffn_out = self.mlp(self.post_attention_layernorm(collapse(streams, pre)), token_ids)
@@ -72,7 +72,7 @@ class DeepseekV4ForCausalLM(nnx.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=self.dtype, rngs=rngs)
 
     def forward(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...],
-                logits_at: jax.Array | None = None):
+                logits_at: jax.Array | None = None, kernels: str = "xla"):
         """token_ids [B, C] (C padded as the metadata says) -> (logits, new caches).
 
         Logits are fp32 [B, C, V], or [B, V] at chunk offsets ``logits_at`` [B] (the engine only needs
@@ -84,7 +84,7 @@ class DeepseekV4ForCausalLM(nnx.Module):
         new_cache = []
         for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache)):
             with jax.named_scope(f"layer_{i}"):
-                streams, layer_cache = layer(streams, token_ids, meta, layer_cache)
+                streams, layer_cache = layer(streams, token_ids, meta, layer_cache, kernels)
             new_cache.append(layer_cache)
         if logits_at is not None:
             streams = jnp.take_along_axis(streams, logits_at[:, None, None, None], axis=1)[:, 0]
@@ -102,11 +102,13 @@ METADATA_SCOPE = "forward_metadata"
 
 
 def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: jax.Array, n_new: jax.Array,
-              capacity: int, last_only: bool = False):
+              capacity: int, last_only: bool = False, kernels: str = "xla"):
     """One forward over a chunk: the metadata step once, then every layer.
 
     token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
-    already cached. Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
+    already cached. ``kernels`` picks the attention/indexer implementation: "xla" (the plain-JAX
+    reference, any backend) or "pallas" (the GPU kernels in kernels_pallas/).
+    Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
     """
     cfg = model.config
     B, S = token_ids.shape
@@ -115,7 +117,7 @@ def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: 
     with jax.named_scope(METADATA_SCOPE):
         meta = build_metadata(cfg, start, n_new, C, capacity)
     logits_at = jnp.maximum(n_new - 1, 0).astype(jnp.int32) if last_only else None
-    logits, cache = model.forward(token_ids, meta, cache, logits_at)
+    logits, cache = model.forward(token_ids, meta, cache, logits_at, kernels)
     return (logits if last_only else logits[:, :S]), cache
 
 

@@ -23,10 +23,10 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax.cache import init_cache
-from dsv4_jax.checkpoint import abstract_model, param_table
 from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.demo import demo_config
 from dsv4_jax.engine import _chunk_step, _decode_step
+from dsv4_jax.random_weights import random_model
 
 LAYER_NAMES = {"SWA": SLIDING, "CSA": CSA, "HCA": HCA}
 
@@ -45,28 +45,7 @@ def make_config(name: str, layers: str, experts: int | None) -> DeepseekV4Config
     return cfg
 
 
-def random_model(cfg: DeepseekV4Config, dtype, seed: int = 0):
-    """Random weights without ever materialising an fp32 copy of a large tensor."""
-    model = abstract_model(cfg, dtype)
-    key = jax.random.PRNGKey(seed)
-    for i, (name, var) in enumerate(sorted(param_table(model).items())):
-        want = var.get_value()
-        shape, dt = tuple(want.shape), want.dtype
-        k = jax.random.fold_in(key, i)
-        if name.endswith("tid2eid"):
-            value = jax.jit(lambda k: jax.random.randint(k, shape, 0, cfg.n_routed_experts, jnp.int32))(k)
-        elif "norm" in name or name.endswith(("hc.scale", "hc_scale")):
-            value = jnp.ones(shape, dt)
-        else:
-            fan_in = shape[-1] if len(shape) > 1 else 1
-            std = 1.0 / np.sqrt(fan_in) if len(shape) > 1 else 0.1
-            value = jax.jit(lambda k: (std * jax.random.normal(k, shape, jnp.float32 if dt == jnp.float32 else dt))
-                            .astype(dt))(k)
-        var.set_value(value)
-    return model
-
-
-def bench(model, batch: int, context: int, chunk: int, decode_steps: int) -> dict:
+def bench(model, batch: int, context: int, chunk: int, decode_steps: int, kernels: str = "xla") -> dict:
     cfg, dtype = model.config, model.dtype
     graphdef, state = nnx.split(model)
     capacity = context + decode_steps + 1
@@ -80,7 +59,8 @@ def bench(model, batch: int, context: int, chunk: int, decode_steps: int) -> dic
             ids = np.zeros((batch, chunk), np.int32)
             ids[:, :n] = prompt[:, pos:pos + n]
             logits, cache = _chunk_step(graphdef, state, cache, jnp.asarray(ids), jnp.full((batch,), pos, jnp.int32),
-                                        jnp.full((batch,), n, jnp.int32), capacity=capacity, last_only=True)
+                                        jnp.full((batch,), n, jnp.int32), capacity=capacity, last_only=True,
+                                        kernels=kernels)
         return jax.block_until_ready((logits, cache))
 
     prefill()  # compile
@@ -97,7 +77,7 @@ def bench(model, batch: int, context: int, chunk: int, decode_steps: int) -> dic
         nonlocal tokens
         for i in range(n):
             nxt, cache = _decode_step(graphdef, state, cache, tokens, jnp.full((batch,), start + i, jnp.int32),
-                                      active, key, *params, capacity=capacity)
+                                      active, key, *params, capacity=capacity, kernels=kernels)
             tokens = nxt[:, None]
         return jax.block_until_ready(cache)
 
@@ -109,7 +89,7 @@ def bench(model, batch: int, context: int, chunk: int, decode_steps: int) -> dic
     stats = dev.memory_stats() or {}
     return {
         "device": dev.device_kind, "layers": ",".join(cfg.layer_types), "experts": cfg.n_routed_experts,
-        "hidden": cfg.hidden_size, "dtype": str(jnp.dtype(dtype)), "batch": batch, "context": context,
+        "hidden": cfg.hidden_size, "dtype": str(jnp.dtype(dtype)), "kernels": kernels, "batch": batch, "context": context,
         "prefill_chunk": chunk, "prefill_tokens_per_s": batch * context / prefill_s,
         "decode_ms_per_step": step_s * 1e3, "decode_tokens_per_s": batch / step_s,
         "peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
@@ -126,17 +106,20 @@ def main(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--kernels", nargs="+", default=["xla"], choices=("xla", "pallas"))
     args = p.parse_args(argv)
     cfg = make_config(args.model, args.layers, args.experts)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = random_model(cfg, dtype)
     for b in args.batch:
         for ctx in args.context:
-            try:
-                row = bench(model, b, ctx, min(args.prefill_chunk, ctx), args.decode_steps)
-            except Exception as e:  # out of memory at large shapes: record it and go on
-                row = {"batch": b, "context": ctx, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            print(json.dumps(row), flush=True)
+            for kernels in args.kernels:
+                try:
+                    row = bench(model, b, ctx, min(args.prefill_chunk, ctx), args.decode_steps, kernels)
+                except Exception as e:  # out of memory at large shapes: record it and go on
+                    row = {"batch": b, "context": ctx, "kernels": kernels,
+                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                print(json.dumps(row), flush=True)
     return 0
 
 

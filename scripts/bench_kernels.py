@@ -1,0 +1,78 @@
+"""Benchmark the Pallas kernels against their plain-JAX references (a benchmark, not a test).
+
+    python scripts/bench_kernels.py [--only sparse_attention indexer compressor] [--reps 50]
+
+Each kernel module's ``bench_cases()`` gives inputs, the minimal HBM bytes and the FLOPs. Both
+implementations are jitted; each is timed as the median of ``--reps`` runs of a jitted loop of
+``--inner`` back-to-back calls (so host dispatch is amortised), after a warm-up. The roofline uses
+the copy bandwidth and bf16 matmul rate measured in the same run (scripts/roofline.py). Prints one
+JSON object per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+
+import jax
+
+MODULES = ("sparse_attention", "indexer", "compressor")
+
+
+def time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
+    """Median seconds per call over ``reps`` timed groups of ``inner`` calls (outputs kept alive)."""
+    f = jax.jit(lambda *a: fn(*a, **kwargs))
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        outs = [f(*args) for _ in range(inner)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="*", default=list(MODULES))
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--inner", type=int, default=10)
+    args = p.parse_args(argv)
+    sys.path.insert(0, ".")
+    from scripts.roofline import torch_ceilings
+
+    ceil = torch_ceilings()
+    bw, mm = ceil["copy_2GB_TBps"] * 1e12, ceil["bf16_matmul_8192_TFLOPs"] * 1e12
+    print(json.dumps({"roofline": ceil}), flush=True)
+    for name in args.only:
+        mod = importlib.import_module(f"kernels_pallas.{name}")
+        for case in mod.bench_cases():
+            inputs = case["args"](jax.random.PRNGKey(0))
+            row = {"kernel": name, "case": case["name"], "shapes": case["shapes"], "device": ceil["device"]}
+            try:
+                t_ref = time_fn(case["reference"], inputs, case.get("kwargs", {}), args.reps, args.inner)
+                row["reference_us"] = t_ref * 1e6
+            except Exception as e:  # the reference may not fit (e.g. materialised per-head scores)
+                t_ref = None
+                row["reference_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            t = time_fn(case["pallas"], inputs, case.get("kwargs", {}), args.reps, args.inner)
+            floor_bw = case["bytes"] / bw
+            floor_mm = case.get("flops", 0) / mm
+            row.update({
+                "pallas_us": t * 1e6,
+                "achieved_TBps": case["bytes"] / t / 1e12,
+                "achieved_TFLOPs": case.get("flops", 0) / t / 1e12,
+                "roofline_bound": "memory" if floor_bw >= floor_mm else "matmul",
+                "pct_of_roofline": 100 * max(floor_bw, floor_mm) / t,
+                "speedup_vs_reference": (t_ref / t) if t_ref else None,
+            })
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
