@@ -1,0 +1,644 @@
+"""KV compressor kernels (DeepSeek-V4 §6): softmax-pool windows of m tokens, then RMSNorm and RoPE.
+
+    compress_prefill(kv [B,S,coff*D], gate [B,S,coff*D], ape [m,coff*D], norm_weight [D],
+                     cos [B,S//m,R/2], sin [B,S//m,R/2], *, ratio, overlap, eps) -> entries [B,S//m,D]
+    compress_decode_step(kv_new [B,coff*D], gate_new [B,coff*D], state_kv [B,span,coff*D],
+                         state_gate [B,span,coff*D], pos [B], ape, norm_weight, cos [B,R/2], sin [B,R/2],
+                         *, ratio, overlap, eps) -> (entry [B,D], closes [B], new_state_kv, new_state_gate)
+
+Meaning (``reference_prefill`` / ``reference_decode_step`` below are the plain-jnp definitions, and the tests
+check them against the model's ``dsv4_jax.compressor.compress_chunk``): entry w pools, per channel, the
+slots of its window with a softmax over ``gate + ape`` in fp32 and a weighted sum of ``kv``. Without overlap
+(HCA, m = 128, coff = 1) the slots are tokens [w*m, (w+1)*m) with ``ape[j]``. With overlap (CSA m = 4 and the
+indexer's compressor, coff = 2) there are 2m slots: the a-halves (channels [:D]) of window w-1 with
+``ape[:, :D]`` and the b-halves (channels [D:]) of window w with ``ape[:, D:]``; for w = 0 the a-half slots do
+not exist (weight 0). Then ``RMSNorm(eps) * norm_weight`` over the D channels and interleaved RoPE on the
+trailing R channels (pairs (2i, 2i+1): even' = e*cos - o*sin, odd' = o*cos + e*sin). Prefill starts at
+position 0 (no state): a prefix of S tokens gives S//m entries, trailing tokens are ignored. Decode keeps
+the raw projections of the last ``span`` tokens (2m with overlap, else m) in a ring at slot ``pos % span``
+(``dsv4_jax/cache.py``); the step writes the new token there and, when ``(pos+1) % m == 0``, emits the entry
+of the window that closes (RoPE angle of position pos+1-m, passed in as cos/sin). ``entry`` is 0 for rows
+that do not close.
+
+Backend: the Pallas **Triton** backend (``jax.experimental.pallas.triton``). It is deprecated upstream but
+present and working in the pinned jax 0.11.2, and it lowers everything this kernel is made of: masked
+loads with ``other=`` (window validity, the missing w = 0 a-half, the partial last window block, ring rows
+of decode rows that do not close), masked stores, pointer tiles built from index arrays (the a-half tile is
+the b-half tile shifted by m rows and D channels, which no BlockSpec expresses), reductions over a middle
+axis, and ``split``/``join`` of interleaved pairs (``jnp.unstack``/``jnp.stack`` on a trailing axis of 2)
+for the RoPE. Mosaic GPU has no masked loads, needs hand-placed layouts for every reduction and has no
+gather by index array: a port would be TMA copies of [rows, channels] boxes with explicit layouts, worth
+doing when Triton is removed.
+
+Design (memory bound: every kv/gate element is read from HBM once):
+
+* Prefill grid ``(B, cdiv(S//m, Wb))``: one program owns ``Wb`` consecutive windows and the **full row of D
+  channels**, so RMSNorm and RoPE run in the same program (the [Wb, D] fp32 rows live in registers; no
+  second pass, no fp32 round trip through HBM). Per slot step it loads the b-half slots of its windows (the
+  window's own tokens; channels [D:2D] with overlap, else all) and, with overlap, the a-half slots (the
+  previous window's tokens, channels [:D], masked for w = 0), adds ``ape`` and folds them into an online
+  softmax state (running max, sum, weighted sum; [Wb, D] fp32 each). The a-half rows of a program are its
+  own tokens shifted by one window, so apart from one window per program boundary (read again by the
+  neighbour, usually from L2) every element is read once.
+  - CSA (m = 4, D = 512): one step of Ts = 4 slots, Wb = 2 windows, 4 warps. Each slot is its own [Wb, D]
+    tile ("slot rows", used for Ts <= 8), so the softmax over slots is elementwise in registers. 1024 / 4096
+    programs at S = 8K / 32K. The indexer's D = 128: Wb = 8, 8 warps.
+  - HCA (m = 128): Wb = 1 window per program, 4 steps (``fori_loop``) of a [1, 32, 512] tile reduced over its
+    slot axis, 16 warps. At S = 8K and B = 1 that is only 64 programs for 132 SMs, the weak spot: 16 warps
+    with 64 KB of loads per step keep bytes in flight on the SMs that have work. (Splitting channels over
+    programs would fill the machine but needs the norm in a second launch over an fp32 intermediate.)
+  Offline compile of the lowered Triton IR for sm_90 (pip triton 3.8 + its ptxas, not jaxlib's bundled
+  Triton): CSA 128 registers/thread, HCA 123, indexer 62, decode 32-128; no spills, 16-byte kv/gate loads.
+  Triton does not software-pipeline these loops (no ``cp.async``: its pipeliner targets loads feeding dots),
+  so latency hiding comes from several resident programs (CSA) or the 64 KB step tiles (HCA).
+* RoPE on the full [Wb, D] row: the pair-swapped row (reshape [Wb, D/2, 2], unstack, stack swapped) times a
+  signed sin, plus the row times cos, where the cos/sin values are gathered per channel (cos = 1, sin = 0 on
+  the nope channels). One [Wb, D] store per program, masked only for windows >= S//m.
+* Decode grid ``(B,)``: the same pooling code on one window per row, with token rows taken from the ring:
+  the closing window's b-half sits at ring slots ``(pos+1-m) % span ..`` (contiguous), the a-half at
+  ``(pos+1) % span ..``. The new token (slot ``pos % span``, the window's last slot) comes from ``kv_new``/
+  ``gate_new`` inside the kernel, so the kernel reads the *old* state and the ring write is an independent
+  ``.at[row, slot].set`` in the wrapper (in place when the state is donated). Rows that do not close load
+  nothing (all loads masked) and produce exactly 0, so whatever their ring holds cannot leak.
+
+Numerics: everything in fp32 (bf16 projections are upcast on load); output in ``out_dtype`` (fp32 default).
+Constraints: D and R powers of two with R <= D (Triton tiles are powers of two); the slot step is the
+largest power of two dividing m within the tile cap.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+NEG = -1e30  # finite "minus infinity" for the running max (exp(NEG - NEG) = 1 must never be used unmasked)
+TILE_ELEMS = 4096  # target elements of one [Wb, Ts, D] kv (or gate) tile when a window fits in one step
+MAX_STEP_ELEMS = 16384  # cap of a slot-step tile (HCA: 32 tokens x 512 channels)
+SLOT_ROWS_MAX = 8  # slot steps up to this many tokens load one [Wb, D] tile per slot
+ELEMS_PER_THREAD = 32  # default warps: a tile spread as 32 elements per thread per array (D >= 512)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference (the definition)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rms_norm_rope(pooled, norm_weight, cos, sin, eps):
+    """pooled [..., D] fp32 -> RoPE(RMSNorm(pooled) * w) with interleaved pairs on the trailing R channels."""
+    x = pooled * lax.rsqrt(jnp.mean(pooled * pooled, axis=-1, keepdims=True) + eps)
+    x = x * norm_weight.astype(jnp.float32)
+    r = 2 * cos.shape[-1]
+    nope, rope = x[..., : x.shape[-1] - r], x[..., x.shape[-1] - r:]
+    pairs = rope.reshape(*rope.shape[:-1], r // 2, 2)
+    e, o = pairs[..., 0], pairs[..., 1]
+    rot = jnp.stack([e * cos - o * sin, o * cos + e * sin], axis=-1).reshape(rope.shape)
+    return jnp.concatenate([nope, rot], axis=-1)
+
+
+def _softmax_pool(values, logits):
+    """values, logits [..., slots, D] fp32 (logits -inf where a slot does not exist) -> [..., D]."""
+    return jnp.sum(jax.nn.softmax(logits, axis=-2) * values, axis=-2)
+
+
+def reference_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overlap: bool, eps: float,
+                      out_dtype=jnp.float32):
+    """Plain-jnp compressed entries of a prefix that starts at position 0.
+
+    kv, gate [B,S,coff*D] (fp32 or bf16); ape [m,coff*D]; norm_weight [D]; cos, sin [B,S//m,R/2] (angle of
+    position w*m for entry w). Returns [B, S//m, D] in ``out_dtype``.
+    """
+    m = ratio
+    B, S, C = kv.shape
+    D = C // 2 if overlap else C
+    nW = S // m
+    kv = kv[:, : nW * m].astype(jnp.float32).reshape(B, nW, m, C)
+    lg = gate[:, : nW * m].astype(jnp.float32).reshape(B, nW, m, C) + ape.astype(jnp.float32)
+    if overlap:
+        # slots 0..m-1: a-halves of window w-1 (absent for w = 0); slots m..2m-1: b-halves of window w
+        a_kv = jnp.pad(kv[..., :D], ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :nW]
+        a_lg = jnp.pad(lg[..., :D], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)[:, :nW]
+        values = jnp.concatenate([a_kv, kv[..., D:]], axis=2)
+        logits = jnp.concatenate([a_lg, lg[..., D:]], axis=2)
+    else:
+        values, logits = kv, lg
+    pooled = _softmax_pool(values, logits)
+    return _rms_norm_rope(pooled, norm_weight, cos, sin, eps).astype(out_dtype)
+
+
+def _span(ratio: int, overlap: bool) -> int:
+    return 2 * ratio if overlap else ratio
+
+
+def _write_state(state, new, slot):
+    rows = jnp.arange(state.shape[0])
+    return state.at[rows, slot].set(new.astype(state.dtype))
+
+
+def reference_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_weight, cos, sin, *,
+                          ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32):
+    """Plain-jnp decode step: write the new token into the ring, emit the entry of a window that closes.
+
+    kv_new, gate_new [B,coff*D]; state_kv, state_gate [B,span,coff*D] (ring, slot = position % span);
+    pos [B] int32 (position of the new token); cos, sin [B,R/2] (angle of position pos+1-m).
+    Returns (entry [B,D] (0 where the row does not close), closes [B] bool, new_state_kv, new_state_gate).
+    """
+    m = ratio
+    span = _span(m, overlap)
+    B, C = kv_new.shape
+    D = C // 2 if overlap else C
+    pos = pos.astype(jnp.int32)
+    closes = (pos + 1) % m == 0
+    new_kv = _write_state(state_kv, kv_new, pos % span)
+    new_gate = _write_state(state_gate, gate_new, pos % span)
+    # the last span tokens, oldest first: positions pos+1-span .. pos
+    tok = pos[:, None] + 1 - span + jnp.arange(span, dtype=jnp.int32)[None, :]
+    slot = jnp.mod(tok, span)
+    kv = jnp.take_along_axis(new_kv, slot[:, :, None], axis=1).astype(jnp.float32)
+    lg = jnp.take_along_axis(new_gate, slot[:, :, None], axis=1).astype(jnp.float32)
+    exists = (tok >= 0)[:, :, None]
+    if overlap:
+        values = jnp.concatenate([kv[:, :m, :D], kv[:, m:, D:]], axis=1)
+        logits = jnp.concatenate([lg[:, :m, :D] + ape[:, :D], lg[:, m:, D:] + ape[:, D:]], axis=1)
+    else:
+        values, logits = kv, lg + ape
+    values = jnp.where(exists, values, 0.0)
+    logits = jnp.where(exists, logits, -jnp.inf)
+    entry = _rms_norm_rope(_softmax_pool(values, logits), norm_weight, cos, sin, eps)
+    entry = jnp.where(closes[:, None], entry, 0.0).astype(out_dtype)
+    return entry, closes, new_kv, new_gate
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Group:
+    """One half of a slot step: ``ts`` consecutive token rows per window, channels [c0, c0 + d).
+
+    row0 [Wb] int32: first token row of the step per window (clamped in range where invalid); valid [Wb]
+    bool: the window's slots exist; new: optional (kv [d], gate [d], slot) for decode: step slot ``slot``
+    (an int, possibly traced; outside 0..ts-1 when the new token is not in this step) is the new token,
+    taken from registers instead of the ring.
+    """
+
+    def __init__(self, row0, valid, c0: int, new=None):
+        self.row0, self.valid, self.c0, self.new = row0, valid, c0, new
+
+
+def _fold(carry, kvs, logits, masks, axis=None):
+    """Online-softmax update of carry (max, sum, acc) [Wb, d] with slot tiles.
+
+    Slot-rows layout (axis None): lists of [Wb, d] tiles, reduced elementwise (no cross-thread traffic).
+    Tile layout (axis=1): one [Wb, Ts, d] tile per list entry, reduced over the slot axis.
+    """
+    mx, l, acc = carry
+    red_max = (lambda x: x) if axis is None else (lambda x: jnp.max(x, axis=axis))
+    red_sum = (lambda x: x) if axis is None else (lambda x: jnp.sum(x, axis=axis))
+    expand = (lambda x: x) if axis is None else (lambda x: x[:, None, :])
+    mx_new = mx
+    for lg in logits:
+        mx_new = jnp.maximum(mx_new, red_max(lg))
+    alpha = jnp.exp(mx - mx_new)
+    l = l * alpha
+    acc = acc * alpha
+    for kv, lg, mk in zip(kvs, logits, masks):
+        p = jnp.where(mk, jnp.exp(lg - expand(mx_new)), 0.0)
+        l = l + red_sum(p)
+        acc = acc + red_sum(p * kv)
+    return mx_new, l, acc
+
+
+def _pool_step(kv_ref, g_ref, ape_ref, groups, ape_r0, *, ts: int, d: int, slot_rows: bool, carry):
+    """Load the groups' slot tiles (token rows row0 + 0..ts-1, ape rows ape_r0 + 0..ts-1) and fold them in.
+
+    slot_rows: one [Wb, d] tile per slot (small ts: CSA's 4 slots; reductions stay in registers), else one
+    [Wb, ts, d] tile per group reduced over its slot axis (large ts: HCA's 32-token steps).
+    """
+    wb = groups[0].row0.shape[0]
+    kvs, logits, masks = [], [], []
+    cols = jnp.arange(d, dtype=jnp.int32)
+    for grp in groups:
+        if slot_rows:
+            shape = (wb, d)
+            c2 = jnp.broadcast_to((grp.c0 + cols)[None, :], shape)
+            v2 = jnp.broadcast_to(grp.valid[:, None], shape)
+            for s in range(ts):
+                r2 = jnp.broadcast_to((grp.row0 + s)[:, None], shape)
+                load = v2
+                if grp.new is not None:
+                    is_new = v2 & (grp.new[2] == s)
+                    load = v2 & ~is_new
+                kv = plt.load(kv_ref.at[r2, c2], mask=load, other=0).astype(jnp.float32)
+                g = plt.load(g_ref.at[r2, c2], mask=load, other=0).astype(jnp.float32)
+                if grp.new is not None:
+                    kv = jnp.where(is_new, jnp.broadcast_to(grp.new[0][None, :], shape), kv)
+                    g = jnp.where(is_new, jnp.broadcast_to(grp.new[1][None, :], shape), g)
+                ape = ape_ref[pl.ds(ape_r0 + s, 1), pl.ds(grp.c0, d)].astype(jnp.float32)  # [1, d]
+                kvs.append(kv)
+                logits.append(jnp.where(v2, g + ape, NEG))
+                masks.append(v2)
+        else:
+            shape = (wb, ts, d)
+            k = jnp.arange(ts, dtype=jnp.int32)
+            r3 = jnp.broadcast_to(grp.row0[:, None, None] + k[None, :, None], shape)
+            c3 = jnp.broadcast_to((grp.c0 + cols)[None, None, :], shape)
+            v3 = jnp.broadcast_to(grp.valid[:, None, None], shape)
+            load = v3
+            if grp.new is not None:
+                is_new = v3 & jnp.broadcast_to((k == grp.new[2])[None, :, None], shape)
+                load = v3 & ~is_new
+            kv = plt.load(kv_ref.at[r3, c3], mask=load, other=0).astype(jnp.float32)
+            g = plt.load(g_ref.at[r3, c3], mask=load, other=0).astype(jnp.float32)
+            if grp.new is not None:
+                kv = jnp.where(is_new, jnp.broadcast_to(grp.new[0][None, None, :], shape), kv)
+                g = jnp.where(is_new, jnp.broadcast_to(grp.new[1][None, None, :], shape), g)
+            ape = ape_ref[pl.ds(ape_r0, ts), pl.ds(grp.c0, d)].astype(jnp.float32)  # [ts, d]
+            kvs.append(kv)
+            logits.append(jnp.where(v3, g + ape[None, :, :], NEG))
+            masks.append(v3)
+    return _fold(carry, kvs, logits, masks, axis=None if slot_rows else 1)
+
+
+def _init_carry(wb: int, d: int):
+    return (jnp.full((wb, d), NEG, jnp.float32), jnp.zeros((wb, d), jnp.float32),
+            jnp.zeros((wb, d), jnp.float32))
+
+
+def _norm_rope(carry, w_ref, cos_ref, sin_ref, cs_rows, cs_valid, *, d: int, rope_dim: int, eps: float):
+    """Finish: pooled = acc / sum, RMSNorm * weight, interleaved RoPE on the trailing rope_dim channels.
+
+    cos_ref/sin_ref [rows, rope_dim/2]; cs_rows [Wb] row of each window's angle (clamped), cs_valid [Wb].
+    Returns [Wb, d] fp32.
+    """
+    _, l, acc = carry
+    wb = acc.shape[0]
+    pooled = acc / jnp.where(l > 0, l, 1.0)
+    ms = jnp.sum(pooled * pooled, axis=1) * (1.0 / d)
+    y = pooled * lax.rsqrt(ms + eps)[:, None] * w_ref[...].astype(jnp.float32)[None, :]
+    # RoPE: out = y * cos_c + swap_pairs(y) * sin_c with cos_c = 1, sin_c = 0 on the nope channels and
+    # sin_c = -sin on even, +sin on odd rope channels.
+    c = jnp.arange(d, dtype=jnp.int32)
+    in_rope = c >= d - rope_dim
+    ci = jnp.where(in_rope, lax.div(c - (d - rope_dim), 2), 0)
+    shape = (wb, d)
+    r2 = jnp.broadcast_to(cs_rows[:, None], shape)
+    c2 = jnp.broadcast_to(ci[None, :], shape)
+    m2 = jnp.broadcast_to(in_rope[None, :], shape) & jnp.broadcast_to(cs_valid[:, None], shape)
+    cos = plt.load(cos_ref.at[r2, c2], mask=m2, other=1.0).astype(jnp.float32)
+    sin = plt.load(sin_ref.at[r2, c2], mask=m2, other=0.0).astype(jnp.float32)
+    odd = jnp.broadcast_to((lax.rem(c, 2) == 1)[None, :], shape)
+    sin = jnp.where(odd, sin, -sin)
+    e, o = jnp.unstack(y.reshape(wb, d // 2, 2), axis=-1)
+    swapped = jnp.stack([o, e], axis=-1).reshape(wb, d)
+    return y * cos + swapped * sin
+
+
+def _prefill_kernel(kv_ref, g_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, *, m: int, d: int, wb: int,
+                    ts: int, n_win: int, overlap: bool, eps: float, rope_dim: int, slot_rows: bool):
+    """One program: windows [j*wb, (j+1)*wb) of batch row b, all d channels.
+
+    kv_ref/g_ref [S, coff*d]; ape_ref [m, coff*d]; w_ref [d]; cos_ref/sin_ref [nW, R/2]; o_ref [nW, d].
+    """
+    j = pl.program_id(1)
+    win = j * wb + jnp.arange(wb, dtype=jnp.int32)
+    wvalid = win < n_win
+    win_c = jnp.where(wvalid, win, 0)
+    valid_a = wvalid & (win >= 1)
+    win_a = jnp.where(valid_a, win - 1, 0)
+
+    def step(t, carry):
+        # b-halves (channels [d:2d] with overlap, else all) of the window's own tokens
+        groups = [_Group(win_c * m + t * ts, wvalid, d if overlap else 0)]
+        if overlap:  # a-halves (channels [:d]) of the previous window's tokens; absent for w = 0
+            groups.append(_Group(win_a * m + t * ts, valid_a, 0))
+        return _pool_step(kv_ref, g_ref, ape_ref, groups, t * ts, ts=ts, d=d, slot_rows=slot_rows, carry=carry)
+
+    n_steps = m // ts
+    carry = _init_carry(wb, d)
+    carry = step(0, carry) if n_steps == 1 else lax.fori_loop(0, n_steps, step, carry)
+    out = _norm_rope(carry, w_ref, cos_ref, sin_ref, win_c, wvalid, d=d, rope_dim=rope_dim, eps=eps)
+    # A slice store (not an index-array scatter): rows past nW are masked on the GPU and dropped by interpret
+    # mode's padding, instead of aliasing a valid row.
+    plt.store(o_ref.at[pl.ds(j * wb, wb), pl.ds(0, d)], out.astype(o_ref.dtype),
+              mask=jnp.broadcast_to(wvalid[:, None], (wb, d)))
+
+
+def _decode_kernel(pos_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, *,
+                   m: int, span: int, d: int, ts: int, overlap: bool, eps: float, rope_dim: int, slot_rows: bool):
+    """One program: batch row b. pos_ref [1]; nkv_ref/ng_ref [1, coff*d]; skv_ref/sg_ref [span, coff*d];
+    cos_ref/sin_ref [1, R/2]; o_ref [1, d]."""
+    pos = pos_ref[0]
+    closes = lax.rem(pos + 1, m) == 0
+    w = lax.div(pos + 1, m) - 1
+    b_base = jnp.where(closes, lax.rem(pos + 1 + span - m, span), 0)  # ring slot of the window's first token
+    a_base = jnp.where(closes, lax.rem(pos + 1, span), 0)  # (overlap) slot of the previous window's first token
+    cb = d if overlap else 0
+    valid_b = jnp.broadcast_to(closes, (1,))
+    valid_a = jnp.broadcast_to(closes & (w >= 1), (1,))
+    new_kv = nkv_ref[0, pl.ds(cb, d)]
+    new_g = ng_ref[0, pl.ds(cb, d)]
+
+    def step(t, carry):
+        # the new token (position pos, ring slot pos % span) is the window's last slot m-1
+        new = (new_kv, new_g, m - 1 - t * ts)
+        groups = [_Group(b_base + t * ts + jnp.zeros((1,), jnp.int32), valid_b, cb, new)]
+        if overlap:
+            groups.append(_Group(a_base + t * ts + jnp.zeros((1,), jnp.int32), valid_a, 0))
+        return _pool_step(skv_ref, sg_ref, ape_ref, groups, t * ts, ts=ts, d=d, slot_rows=slot_rows, carry=carry)
+
+    n_steps = m // ts
+    carry = _init_carry(1, d)
+    carry = step(0, carry) if n_steps == 1 else lax.fori_loop(0, n_steps, step, carry)
+    zero1 = jnp.zeros((1,), jnp.int32)
+    out = _norm_rope(carry, w_ref, cos_ref, sin_ref, zero1, jnp.ones((1,), jnp.bool_), d=d, rope_dim=rope_dim,
+                     eps=eps)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wrappers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _check_dims(C: int, overlap: bool, half_rope: int):
+    D = C // 2 if overlap else C
+    R = 2 * half_rope
+    if overlap and C % 2:
+        raise ValueError(f"overlap needs an even projection width, got {C}")
+    if not (_pow2(D) and _pow2(R) and R <= D):
+        raise ValueError(f"D={D} and R={R} must be powers of two with R <= D")
+    return D, R
+
+
+def _slot_step(m: int, d: int, wb: int, slots_per_step: int | None) -> int:
+    """Largest power of two dividing m that keeps a [wb, Ts, d] tile within MAX_STEP_ELEMS (or the request)."""
+    if slots_per_step is not None:
+        if m % slots_per_step or not _pow2(slots_per_step):
+            raise ValueError(f"slots_per_step {slots_per_step} must be a power of two dividing m={m}")
+        return slots_per_step
+    ts = m & -m  # largest power-of-two divisor
+    while ts > 1 and wb * ts * d > MAX_STEP_ELEMS:
+        ts //= 2
+    return ts
+
+
+def _default_warps(tile_elems: int, d: int) -> int:
+    """32 tile elements per thread per array (16 for narrow rows, whose layouts replicate more), 4..16 warps."""
+    per_thread = ELEMS_PER_THREAD if d >= 512 else ELEMS_PER_THREAD // 2
+    return max(4, min(16, tile_elems // (32 * per_thread)))
+
+
+def _with_poison(kernel, n_in, args, in_specs, out_shape, out_specs, poison: bool):
+    """Testing aid: write into NaN-filled aliased buffers so elements the kernel skips stay NaN."""
+    if not poison:
+        return kernel, args, in_specs, {}
+    aliases = {len(args) + i: i for i in range(len(out_shape))}
+    args = list(args) + [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+    in_specs = list(in_specs) + list(out_specs)
+
+    def wrapped(*refs):
+        return kernel(*refs[:n_in], *refs[n_in + len(out_shape):])
+
+    return wrapped, args, in_specs, aliases
+
+
+@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "windows_per_block",
+                                             "slots_per_step", "slot_rows", "num_warps", "num_stages",
+                                             "interpret", "poison_outputs"))
+def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overlap: bool, eps: float,
+                     out_dtype=jnp.float32, windows_per_block: int | None = None,
+                     slots_per_step: int | None = None, slot_rows: bool | None = None,
+                     num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                     poison_outputs: bool = False):
+    """Pallas (Triton) prefill compression; same arguments and result as ``reference_prefill``.
+
+    windows_per_block (Wb, power of two): windows per program; default: Wb*m*D near TILE_ELEMS = 4K elements
+    when a window fits in one step (2 for CSA D=512, 8 for D=128), else 1 (HCA). slots_per_step (Ts): tokens
+    of a window per step (a power of two dividing m; default the largest with Ts*D <= 16K: 4 for CSA, 32
+    for HCA D=512). num_warps: default tile / (32 x 32 elements), 16 elements for D < 512, clipped to
+    [4, 16] (4 for CSA D=512, 8 for D=128, 16 for HCA).
+    slot_rows: one [Wb, D] tile per slot (default for Ts <= 8) or one [Wb, Ts, D] tile per step.
+    num_stages is passed to Triton (its pipeliner does not pipeline these loads).
+    poison_outputs: testing aid (see ``_with_poison``).
+    """
+    m = ratio
+    B, S, C = kv.shape
+    D, R = _check_dims(C, overlap, cos.shape[-1])
+    nW = S // m
+    assert gate.shape == kv.shape and ape.shape == (m, C) and norm_weight.shape == (D,)
+    assert cos.shape == (B, nW, R // 2) and sin.shape == cos.shape, (cos.shape, (B, nW, R // 2))
+    if nW == 0:
+        return jnp.zeros((B, 0, D), out_dtype)
+    if windows_per_block is None:
+        ts0 = _slot_step(m, D, 1, slots_per_step)
+        wb = 1 if ts0 < m else max(1, min(TILE_ELEMS // (m * D), pl.next_power_of_2(nW)))
+        wb = 1 << (wb.bit_length() - 1)
+    else:
+        wb = windows_per_block
+        if not _pow2(wb):
+            raise ValueError(f"windows_per_block {wb} must be a power of two")
+    ts = _slot_step(m, D, wb, slots_per_step)
+    if num_warps is None:
+        num_warps = _default_warps(wb * ts * D, D)
+    slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
+    kernel = functools.partial(_prefill_kernel, m=m, d=D, wb=wb, ts=ts, n_win=nW, overlap=overlap, eps=eps,
+                               rope_dim=R, slot_rows=slot_rows)
+    in_specs = [
+        pl.BlockSpec((None, S, C), lambda b, j: (b, 0, 0)),  # kv (whole row; tiles indexed in the kernel)
+        pl.BlockSpec((None, S, C), lambda b, j: (b, 0, 0)),  # gate
+        pl.BlockSpec((m, C), lambda b, j: (0, 0)),  # ape
+        pl.BlockSpec((D,), lambda b, j: (0,)),  # norm weight
+        pl.BlockSpec((None, nW, R // 2), lambda b, j: (b, 0, 0)),  # cos
+        pl.BlockSpec((None, nW, R // 2), lambda b, j: (b, 0, 0)),  # sin
+    ]
+    out_shape = [jax.ShapeDtypeStruct((B, nW, D), out_dtype)]
+    out_specs = [pl.BlockSpec((None, nW, D), lambda b, j: (b, 0, 0))]
+    args = [kv, gate, ape.astype(jnp.float32), norm_weight.astype(jnp.float32), cos.astype(jnp.float32),
+            sin.astype(jnp.float32)]
+    kernel, args, in_specs, aliases = _with_poison(kernel, 6, args, in_specs, out_shape, out_specs,
+                                                   poison_outputs)
+    (out,) = pl.pallas_call(
+        kernel,
+        grid=(B, pl.cdiv(nW, wb)),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"dsv4_compress_prefill_m{m}_d{D}_w{wb}_t{ts}",
+    )(*args)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "slots_per_step",
+                                             "slot_rows", "num_warps", "num_stages", "interpret",
+                                             "poison_outputs"))
+def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_weight, cos, sin, *,
+                         ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32,
+                         slots_per_step: int | None = None, slot_rows: bool | None = None,
+                         num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                         poison_outputs: bool = False):
+    """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``.
+
+    The kernel pools the closing window from the old ring plus the new token; the ring write is a
+    per-row ``.at[row, pos % span].set`` here (in place when the state is donated).
+    """
+    m = ratio
+    span = _span(m, overlap)
+    B, C = kv_new.shape
+    D, R = _check_dims(C, overlap, cos.shape[-1])
+    assert gate_new.shape == (B, C) and state_kv.shape == (B, span, C) and state_gate.shape == (B, span, C)
+    assert ape.shape == (m, C) and norm_weight.shape == (D,) and cos.shape == (B, R // 2) == sin.shape
+    pos = pos.astype(jnp.int32)
+    ts = _slot_step(m, D, 1, slots_per_step)
+    if num_warps is None:
+        num_warps = _default_warps(ts * D, D)
+    slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
+    kernel = functools.partial(_decode_kernel, m=m, span=span, d=D, ts=ts, overlap=overlap, eps=eps,
+                               rope_dim=R, slot_rows=slot_rows)
+    in_specs = [
+        pl.BlockSpec((1,), lambda b: (b,)),  # pos
+        pl.BlockSpec((1, C), lambda b: (b, 0)),  # kv_new
+        pl.BlockSpec((1, C), lambda b: (b, 0)),  # gate_new
+        pl.BlockSpec((None, span, C), lambda b: (b, 0, 0)),  # state_kv
+        pl.BlockSpec((None, span, C), lambda b: (b, 0, 0)),  # state_gate
+        pl.BlockSpec((m, C), lambda b: (0, 0)),  # ape
+        pl.BlockSpec((D,), lambda b: (0,)),  # norm weight
+        pl.BlockSpec((1, R // 2), lambda b: (b, 0)),  # cos
+        pl.BlockSpec((1, R // 2), lambda b: (b, 0)),  # sin
+    ]
+    out_shape = [jax.ShapeDtypeStruct((B, D), out_dtype)]
+    out_specs = [pl.BlockSpec((1, D), lambda b: (b, 0))]
+    args = [pos, kv_new, gate_new, state_kv, state_gate, ape.astype(jnp.float32),
+            norm_weight.astype(jnp.float32), cos.astype(jnp.float32), sin.astype(jnp.float32)]
+    kernel, args, in_specs, aliases = _with_poison(kernel, 9, args, in_specs, out_shape, out_specs,
+                                                   poison_outputs)
+    (entry,) = pl.pallas_call(
+        kernel,
+        grid=(B,),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
+    )(*args)
+    closes = (pos + 1) % m == 0
+    slot = pos % span
+    return entry, closes, _write_state(state_kv, kv_new, slot), _write_state(state_gate, gate_new, slot)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks (scripts/bench_kernels.py)
+# ----------------------------------------------------------------------------------------------------------
+
+FLASH_EPS = 1e-6
+
+
+def _rng(key) -> np.random.Generator:
+    """Host RNG seeded from a JAX PRNG key (fresh inputs per key without compiling jax.random programs)."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def _normal(rng, shape, scale=1.0, dtype=jnp.float32):
+    return jnp.asarray((scale * rng.standard_normal(shape, np.float32)).astype(np.float32)).astype(dtype)
+
+
+def _angles(rng, shape):
+    t = rng.uniform(0.0, 6.28, shape).astype(np.float32)
+    return jnp.asarray(np.cos(t)), jnp.asarray(np.sin(t))
+
+
+def prefill_inputs(key, B, S, m, D, R, overlap, dtype=jnp.bfloat16):
+    """Random prefill inputs: kv, gate [B,S,coff*D] in dtype; ape, norm weight, cos/sin fp32."""
+    C = 2 * D if overlap else D
+    rng = _rng(key)
+    kv = _normal(rng, (B, S, C), 1.0, dtype)
+    gate = _normal(rng, (B, S, C), 2.0, dtype)
+    ape = _normal(rng, (m, C), 0.5)
+    w = 1.0 + _normal(rng, (D,), 0.1)
+    cos, sin = _angles(rng, (B, S // m, R // 2))
+    return kv, gate, ape, w, cos, sin
+
+
+def decode_inputs(key, B, m, D, R, overlap, *, all_close=True, dtype=jnp.float32):
+    """Random decode inputs; all_close: every row's position closes a window (pos = k*m - 1, k >= 1)."""
+    C = 2 * D if overlap else D
+    span = _span(m, overlap)
+    rng = _rng(key)
+    kv_new = _normal(rng, (B, C), 1.0, dtype)
+    gate_new = _normal(rng, (B, C), 2.0, dtype)
+    state_kv = _normal(rng, (B, span, C))
+    state_gate = _normal(rng, (B, span, C), 2.0)
+    if all_close:
+        pos = rng.integers(1, 4096 // m, B) * m - 1
+    else:
+        pos = rng.integers(0, 4096, B)
+    ape = _normal(rng, (m, C), 0.5)
+    w = 1.0 + _normal(rng, (D,), 0.1)
+    cos, sin = _angles(rng, (B, R // 2))
+    return kv_new, gate_new, state_kv, state_gate, jnp.asarray(pos, jnp.int32), ape, w, cos, sin
+
+
+def _decode_entry_pallas(*args, **kwargs):
+    """Bench view of the decode step: entry and closes only (the ring write is an in-place scatter under
+    donation; without donation jit would time a copy of the whole state instead)."""
+    return compress_decode_step(*args, **kwargs)[:2]
+
+
+def _decode_entry_reference(*args, **kwargs):
+    return reference_decode_step(*args, **kwargs)[:2]
+
+
+def bench_cases():
+    """Prefill at Flash sizes (CSA m=4 / HCA m=128, D=512, R=64, S=8K/32K, B=1, bf16; plus the indexer's
+    D=128 compressor) and the decode step at B=32 with every row closing a window (fp32 ring)."""
+    R = 64
+    cases = []
+    for kind, m, D, overlap in (("csa", 4, 512, True), ("hca", 128, 512, False), ("indexer", 4, 128, True)):
+        for S in (8192, 32768):
+            B, nW = 1, S // m
+            it = 2
+            # every kv/gate element a pooled slot needs, once: b-halves of nW windows (+ a-halves of nW-1)
+            slots = nW * m + ((nW - 1) * m if overlap else 0)
+            nbytes = 2 * B * slots * D * it + B * nW * (D * 4 + R * 4) + m * D * (2 if overlap else 1) * 4
+            cases.append({
+                "name": f"prefill_{kind}_m{m}_d{D}_S{S}",
+                "shapes": {"B": B, "S": S, "m": m, "D": D, "R": R, "overlap": overlap, "dtype": "bfloat16"},
+                "args": functools.partial(prefill_inputs, B=B, S=S, m=m, D=D, R=R, overlap=overlap),
+                "kwargs": {"ratio": m, "overlap": overlap, "eps": FLASH_EPS},
+                "bytes": nbytes,
+                "flops": 6 * B * slots * D + 8 * B * nW * D,
+                "pallas": compress_prefill,
+                "reference": reference_prefill,
+            })
+    for kind, m, D, overlap in (("csa", 4, 512, True), ("hca", 128, 512, False), ("indexer", 4, 128, True)):
+        B = 32
+        span = _span(m, overlap)
+        C = 2 * D if overlap else D
+        # closing rows read span slots x D channels of kv and gate (fp32 ring; the new token from kv_new)
+        nbytes = B * (2 * (span - 1) * D * 4 + 2 * C * 4 + D * 4 + R * 4 + 4)
+        cases.append({
+            "name": f"decode_{kind}_m{m}_d{D}_B{B}",
+            "shapes": {"B": B, "m": m, "D": D, "R": R, "overlap": overlap, "state_dtype": "float32"},
+            "args": functools.partial(decode_inputs, B=B, m=m, D=D, R=R, overlap=overlap),
+            "kwargs": {"ratio": m, "overlap": overlap, "eps": FLASH_EPS},
+            "bytes": nbytes,
+            "flops": 6 * B * span * D + 8 * B * D,
+            "pallas": _decode_entry_pallas,
+            "reference": _decode_entry_reference,
+        })
+    return cases
