@@ -23,18 +23,29 @@ from .model import DeepseekV4ForCausalLM, InputError, run_chunk
 from .sampling import SamplingParams, sample
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "last_only"), donate_argnames=("cache",))
-def _chunk_step(graphdef, state, cache, token_ids, start, n_new, *, capacity: int, last_only: bool):
-    return run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, n_new, capacity, last_only)
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "last_only", "kernels"),
+                   donate_argnames=("cache",))
+def _chunk_step(graphdef, state, cache, token_ids, start, n_new, *, capacity: int, last_only: bool,
+                kernels: str = "xla"):
+    return run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, n_new, capacity, last_only, kernels)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "kernels"), donate_argnames=("cache",))
 def _decode_step(graphdef, state, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
-                 capacity: int):
+                 capacity: int, kernels: str = "xla"):
     """token_ids [B, 1]; active [B] bool -> (next tokens [B], caches). Inactive rows write nothing."""
     logits, cache = run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, active.astype(jnp.int32),
-                              capacity, last_only=True)
+                              capacity, last_only=True, kernels=kernels)
     return sample(logits, key, temperature, top_k, top_p), cache
+
+
+KERNELS = ("xla", "pallas")
+
+
+def default_kernels() -> str:
+    """The implementation the engine uses unless told: the plain-JAX reference off the GPU; on the GPU
+    whichever scripts/bench_generate.py measured faster (see docs/performance.md)."""
+    return "xla"
 
 
 @dataclasses.dataclass
@@ -68,9 +79,13 @@ class Engine:
     """
 
     def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int = 256,
-                 tokenizer=None):
+                 tokenizer=None, kernels: str | None = None):
         if capacity <= 0 or prefill_chunk <= 0:
             raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
+        kernels = kernels or default_kernels()
+        if kernels not in KERNELS:
+            raise InputError(f"kernels {kernels!r} is not one of {KERNELS}")
+        self.kernels = kernels
         self.model = model
         self.config = model.config
         self.capacity = capacity
@@ -108,13 +123,27 @@ class Engine:
             raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the cache "
                              f"capacity of {self.capacity} tokens")
 
+    # ----- device steps (dsv4_jax.pipeline.PipelineEngine overrides these three) -------------
+    def _new_cache(self, batch: int):
+        return init_cache(self.config, batch, self.capacity, self.model.dtype)
+
+    def _run_chunk(self, cache, ids: np.ndarray, start: np.ndarray, n_new: np.ndarray, last_only: bool):
+        """ids [B, C] host ints -> (logits, caches): one prefill chunk."""
+        return _chunk_step(self.graphdef, self.state, cache, jnp.asarray(ids), jnp.asarray(start),
+                           jnp.asarray(n_new), capacity=self.capacity, last_only=last_only, kernels=self.kernels)
+
+    def _run_decode(self, cache, tokens: np.ndarray, pos: np.ndarray, active: np.ndarray, key, params):
+        """tokens [B, 1] -> (sampled next tokens [B], caches); params = (temperature, top_k, top_p)."""
+        return _decode_step(self.graphdef, self.state, cache, jnp.asarray(tokens), jnp.asarray(pos),
+                            jnp.asarray(active), key, *params, capacity=self.capacity, kernels=self.kernels)
+
     # ----- the two phases ------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], chunk: int | None = None):
         """Run all prompts through the caches in chunks; returns (last-token logits [B, V], caches, lengths)."""
         chunk = chunk or self.prefill_chunk
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int32)
-        cache = init_cache(self.config, B, self.capacity, self.model.dtype)
+        cache = self._new_cache(B)
         done = np.zeros(B, np.int32)
         last_logits = [None] * B
         while (done < lens).any():
@@ -122,8 +151,7 @@ class Engine:
             ids = np.zeros((B, chunk), np.int32)
             for b in range(B):
                 ids[b, : n_new[b]] = prompts[b][done[b] : done[b] + n_new[b]]
-            logits, cache = _chunk_step(self.graphdef, self.state, cache, jnp.asarray(ids), jnp.asarray(done),
-                                        jnp.asarray(n_new), capacity=self.capacity, last_only=True)
+            logits, cache = self._run_chunk(cache, ids, done, n_new, last_only=True)
             done = done + n_new
             for b in np.flatnonzero((n_new > 0) & (done == lens)):
                 last_logits[b] = logits[b]
@@ -159,9 +187,7 @@ class Engine:
             if step == max_new_tokens - 1 or not active.any():
                 break
             key, sub = jax.random.split(key)
-            next_tokens, cache = _decode_step(self.graphdef, self.state, cache, jnp.asarray(tokens[:, None]),
-                                              jnp.asarray(pos), jnp.asarray(active), sub, *params,
-                                              capacity=self.capacity)
+            next_tokens, cache = self._run_decode(cache, tokens[:, None], pos, active, sub, params)
             pos = pos + active
             tokens = np.asarray(next_tokens)
         stats.decode_seconds = time.perf_counter() - t0

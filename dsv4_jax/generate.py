@@ -33,6 +33,11 @@ def _parse_args(argv):
                    help="parameter dtype (default bfloat16 for checkpoints, float32 for the demo)")
     p.add_argument("--capacity", type=int, default=None, help="cache capacity in tokens (default: prompt + new)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--kernels", choices=("xla", "pallas"), default=None,
+                   help="attention/indexer implementation (default: the engine's, see docs/performance.md)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages, one device each (on CPU set "
+                   "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    p.add_argument("--pp-boundaries", help="first layer of stages 1..pp-1, comma-separated (default: even split)")
     return p.parse_args(argv)
 
 
@@ -82,6 +87,15 @@ def run(argv=None) -> int:
     if len(ids) + args.max_new_tokens > capacity:
         raise InputError(f"prompt of {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
                          f"cache capacity of {capacity} tokens")
+    boundaries = None
+    if args.pp_boundaries is not None:
+        try:
+            boundaries = [int(t) for t in args.pp_boundaries.split(",") if t.strip()]
+        except ValueError:
+            raise InputError(f"--pp-boundaries {args.pp_boundaries!r} must be comma-separated integers") from None
+    if args.pp != 1 or boundaries is not None:
+        from .pipeline import check_pipeline
+        check_pipeline(cfg.num_hidden_layers, args.pp, boundaries)
     sampling = SamplingParams(temperature=0.0 if args.greedy or args.temperature is None else args.temperature,
                               top_k=args.top_k, top_p=args.top_p)
 
@@ -91,7 +105,12 @@ def run(argv=None) -> int:
         model, _ = demo.demo_model(args.dtype or "float32")
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "bfloat16")
-    engine = Engine(model, capacity=capacity, tokenizer=tokenizer)
+    if args.pp != 1 or boundaries is not None:
+        from .pipeline import PipelineEngine
+        engine = PipelineEngine(model, pp=args.pp, boundaries=boundaries, capacity=capacity, tokenizer=tokenizer,
+                                kernels=args.kernels)
+    else:
+        engine = Engine(model, capacity=capacity, tokenizer=tokenizer, kernels=args.kernels)
 
     new: list[int] = []
     printed = ""

@@ -1,0 +1,549 @@
+"""Pipeline parallelism: the decoder layers split over a ``pp`` mesh axis, one SPMD program under
+``jax.shard_map``, activations handed from stage to stage with ``lax.ppermute``.
+
+Stages. ``stage_starts(L, pp, boundaries)`` gives each stage's first layer (``boundaries`` = the
+first layer of stages 1..pp-1; default: contiguous, as even as possible, earlier stages take the
+remainder). Stage 0 also holds the embedding; the last stage the hyper head (``hc_head``), the final
+norm and the LM head. Each stage runs on one device of a 1-D mesh ``('pp',)``; across processes
+(``jax.distributed.initialize``) the mesh spans every process's devices, so the same program runs
+multi-host.
+
+One program for heterogeneous layers. Layers differ by attention type (sliding / CSA / HCA: CSA
+and HCA add a compressor, CSA an indexer) and MoE type (hash: a token->expert table; learned: a
+routing bias), but most of a layer is the same in all of them. Each layer is ``nnx.split`` and its
+state leaves are sorted into
+  * the *trunk*: leaves every layer has with the same shape (mHC, norms, q/kv/o projections, the
+    router weight, the routed and shared experts: nearly all the bytes). Stacked by *position in
+    the stage*: ``[pp, P, ...]`` with P = the most layers any stage has; a stage with fewer layers
+    pads with zeros it never reads;
+  * *extras* per attention type (``attn:<type>``: compressor, indexer) and per MoE type
+    (``mlp:<type>``: ``tid2eid`` or the routing bias), stacked ``[pp, N_g, ...]`` with N_g = the most
+    layers of that type any stage has.
+Caches are sorted the same way: the sliding-window ring is trunk (``[pp, P, B, W, D]``), the
+compressed entries and compressor/indexer states are ``attn:<type>`` extras. Everything is sharded
+``P('pp')``, so a device holds exactly its stage's weights and caches. Padding costs memory only
+where stages have unequal layer counts (trunk) or unequal counts of a type (small extras); the
+big tensors are never padded per type. A stage's layer order is a small static table (combination
+of types and index within each extras group, per position); position p of the stage program is
+``lax.switch`` over the layer variants that occur at p on any stage, plus an identity branch for
+padding positions and for bubble ticks (no compute, no cache write). A variant's layer is rebuilt
+with ``nnx.merge`` from its trunk slice and extras, so the layer code in model.py is reused as is.
+The embedding and the LM head are both [V, d]: one [pp, 1, V, d] "vocabulary table" holds the
+embedding on stage 0 and the LM head on the last stage (two slots when pp = 1; middle stages hold
+an unused zero table), so no device holds two vocabulary-sized tables.
+
+What crosses a stage boundary: the full 4-stream mHC residual [Bm, C, hc_mult, d] (expansion happens
+only on stage 0, ``hc_head`` + norm only on the last stage) and the microbatch's token ids (the
+hash-routed MoE layers route by token id, and hash layers may sit on any stage).
+
+Metadata. ``build_metadata`` runs once per step in the jitted function, under
+``jax.named_scope(METADATA_SCOPE)``, before the ``shard_map``; every stage receives it as a
+(replicated) value and only slices the rows of the microbatch it is working on. No stage derives
+metadata, so what a stage computes cannot depend on which layer type it starts with (the SGLang PP
+bug: issue #25662 / PR #25729). (Being replicated, that one computation is executed by every device,
+like any replicated op in an SPMD program; it is a few small integer tensors.)
+
+Schedule: GPipe. The batch (padded with empty rows to a multiple of ``microbatches``) is split
+into M microbatches; the program is a ``lax.scan`` over T = M + pp - 1 ticks; at tick t stage s
+works on microbatch t - s (if in range), then ppermutes its streams and token ids to stage s + 1.
+Prefill chunks and decode steps both use it. Each stage idles pp - 1 of the T ticks: the bubble is
+(pp - 1) / (M + pp - 1) (e.g. pp = 4, M = 4: 3/7). Cutting it: more microbatches; interleaved
+("circular") stages holding R non-contiguous layer groups each, which gives (pp - 1) / (R*M + pp - 1);
+for prefill, pipelining successive chunks of the same sequences (chunk k + 1 can enter stage 0 while
+chunk k is in stage 1, since its caches at each stage are written first); for decode, a circular
+schedule that keeps pp microbatches in flight across steps (the last stage samples and sends the
+token back to stage 0) so a step's bubble is filled by the other microbatches' steps. None of those
+is implemented here.
+
+Numerics: with one microbatch every op sees the unpipelined shapes and the logits are bitwise
+equal to ``Engine``'s; with several, per-microbatch matmul shapes differ and fp32 logits agree to
+~5e-7 relative (CPU). Logits leave the last stage replicated (a sharding constraint), so every
+process can read them. ``shard_map`` runs with ``check_vma=False``.
+
+Not done / costs: microbatch cache rows are sliced out and written back per layer
+(dynamic_slice / dynamic_update_slice; no copy with one microbatch); bubble ticks still embed and
+ppermute; extras weights are read with a dynamic index; weights are stacked from a fully built
+host model (a real multi-host loader would build only the local stages' slices: the callbacks
+below already ask only for those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .cache import init_cache
+from .engine import Engine
+from .metadata import build_metadata, padded_chunk_len
+from .model import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError
+from .sampling import sample
+
+PP_AXIS = "pp"
+STAGE_SCOPE = "pipeline_stage"
+TRUNK = "trunk"
+
+
+# ----- stage assignment --------------------------------------------------------------------------
+def stage_starts(num_layers: int, pp: int, boundaries: Sequence[int] | None = None) -> tuple[int, ...]:
+    """First layer of each of the ``pp`` stages; raises InputError for an impossible split.
+
+    ``boundaries``: the first layer of stages 1..pp-1 (strictly increasing, in [1, num_layers)).
+    """
+    if isinstance(pp, bool) or not isinstance(pp, (int, np.integer)) or pp < 1:
+        raise InputError(f"pp {pp!r} must be a positive integer")
+    if pp > num_layers:
+        raise InputError(f"pp {pp} is larger than the number of layers ({num_layers}); every stage needs a layer")
+    if boundaries is None:
+        sizes = [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
+        return tuple(int(x) for x in np.cumsum([0] + sizes[:-1]))
+    b = tuple(boundaries)
+    if len(b) != pp - 1:
+        raise InputError(f"boundaries {list(b)} must list {pp - 1} stage start layer(s) for pp {pp}, got {len(b)}")
+    for x in b:
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise InputError(f"boundary {x!r} in {list(b)} is not an integer layer index")
+        if not 0 < x < num_layers:
+            raise InputError(f"boundary {x} in {list(b)} is outside [1, {num_layers}): stage 0 and the last "
+                             f"stage need at least one layer")
+    starts = (0, *map(int, b))
+    for s in range(1, pp):
+        if starts[s] == starts[s - 1]:
+            raise InputError(f"boundaries {list(b)} leave stage {s - 1} with no layers (it starts and ends at "
+                             f"layer {starts[s]})")
+        if starts[s] < starts[s - 1]:
+            raise InputError(f"boundaries {list(b)} must be strictly increasing ({starts[s - 1]} then {starts[s]})")
+    return starts
+
+
+def stage_of_layer(num_layers: int, pp: int, boundaries: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Stage index of every layer."""
+    starts = stage_starts(num_layers, pp, boundaries)
+    return tuple(int(np.searchsorted(starts, i, side="right") - 1) for i in range(num_layers))
+
+
+def pipeline_devices(pp: int, devices=None) -> list:
+    """The first ``pp`` devices (all processes' devices in multi-process runs); InputError if too few."""
+    devices = list(jax.devices() if devices is None else devices)
+    if pp > len(devices):
+        raise InputError(f"pp {pp} needs {pp} devices but {len(devices)} are available (on CPU: "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={pp})")
+    return devices[:pp]
+
+
+def check_pipeline(num_layers: int, pp: int, boundaries: Sequence[int] | None = None, devices=None):
+    """All pipeline argument checks, before any weights are touched (the CLI calls this early)."""
+    starts = stage_starts(num_layers, pp, boundaries)
+    return starts, pipeline_devices(pp, devices)
+
+
+# ----- the plan: how layers, weights and caches map onto stages ----------------------------------
+def _flat(tree) -> list[tuple[str, object]]:
+    return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _head_name(key: str) -> str:
+    return key.split("'")[1] if key.startswith("['") else key.lstrip(".").split(".")[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Variant:
+    """One layer variant (attention type, MoE type): how to rebuild its module and cache from stacks."""
+
+    name: str
+    graphdef: object
+    treedef: object
+    sources: tuple  # per state leaf: (group, key); group TRUNK or "attn:<type>" / "mlp:<type>"
+    cache_treedef: object
+    cache_sources: tuple
+
+
+class PipelinePlan:
+    """Static description of a split: stages, positions, variants, stacking groups, index tables."""
+
+    def __init__(self, model: DeepseekV4ForCausalLM, starts: Sequence[int], devices, capacity: int,
+                 kernels: str = "xla"):
+        cfg = model.config
+        L = cfg.num_hidden_layers
+        self.cfg, self.dtype, self.capacity, self.kernels = cfg, model.dtype, capacity, kernels
+        self.pp = pp = len(starts)
+        self.starts = tuple(starts)
+        ends = (*starts[1:], L)
+        self.stage_layers = tuple(tuple(range(a, b)) for a, b in zip(starts, ends))
+        self.P = max(len(s) for s in self.stage_layers)
+        self.mesh = Mesh(np.asarray(devices, dtype=object), (PP_AXIS,))
+        kinds = [(cfg.layer_types[i], cfg.mlp_layer_types[i]) for i in range(L)]
+        group_of = {"self_attn": lambda i: f"attn:{kinds[i][0]}", "mlp": lambda i: f"mlp:{kinds[i][1]}"}
+
+        # Split every layer; sort its weight and cache leaves into trunk and per-type groups.
+        splits = [nnx.split(layer) for layer in model.model.layers]
+        self._layer_leaves = [dict(_flat(state)) for _, state in splits]
+        cache_shapes = jax.eval_shape(lambda: init_cache(cfg, 1, capacity, model.dtype))
+        cache_leaves = [dict(_flat(c)) for c in cache_shapes]
+
+        def classify(leaves_per_layer, group_fn):
+            first = leaves_per_layer[0]
+            trunk = {k for k, v in first.items()
+                     if all(k in lv and lv[k].shape == v.shape and lv[k].dtype == v.dtype for lv in leaves_per_layer)}
+            groups: dict[str, dict[str, tuple]] = {}
+            for i, lv in enumerate(leaves_per_layer):
+                for k, v in lv.items():
+                    if k in trunk:
+                        continue
+                    g = group_fn(i, k)
+                    spec = groups.setdefault(g, {})
+                    if spec.get(k, (v.shape, v.dtype)) != (v.shape, v.dtype):
+                        raise ValueError(f"layer {i}: {k} has shape {v.shape} unlike other {g} layers")
+                    spec[k] = (v.shape, v.dtype)
+            return trunk, groups
+
+        def param_group(i, key):
+            head = _head_name(key)
+            if head not in group_of:
+                raise ValueError(f"layer {i}: weight {key} differs between layers outside self_attn/mlp")
+            return group_of[head](i)
+
+        self.trunk_keys, self.param_groups = classify(self._layer_leaves, param_group)
+        self.cache_trunk_keys, self.cache_groups = classify(cache_leaves, lambda i, k: group_of["self_attn"](i))
+        self._trunk_spec = {k: (v.shape, v.dtype) for k, v in self._layer_leaves[0].items() if k in self.trunk_keys}
+        self._cache_trunk_spec = {k: (v.shape, v.dtype) for k, v in cache_leaves[0].items()
+                                  if k in self.cache_trunk_keys}
+
+        # Layer variants (one nnx GraphDef each) and per-stage index tables.
+        variants: dict[tuple, _Variant] = {}
+        for i, kind in enumerate(kinds):
+            gdef, state = splits[i]
+            if kind in variants:
+                if variants[kind].graphdef != gdef:
+                    raise ValueError(f"layer {i} ({kind}) has a module structure unlike earlier {kind} layers")
+                continue
+            src = tuple((TRUNK if k in self.trunk_keys else param_group(i, k), k) for k, _ in _flat(state))
+            csrc = tuple((TRUNK if k in self.cache_trunk_keys else group_of["self_attn"](i), k)
+                         for k, _ in _flat(cache_shapes[i]))
+            variants[kind] = _Variant(name=f"{kind[0]}+{kind[1]}", graphdef=gdef,
+                                      treedef=jax.tree_util.tree_structure(state), sources=src,
+                                      cache_treedef=jax.tree_util.tree_structure(cache_shapes[i]), cache_sources=csrc)
+        self.variant_kinds = sorted(variants)
+        self.variants = [variants[k] for k in self.variant_kinds]
+        vid = {k: j for j, k in enumerate(self.variant_kinds)}
+
+        all_groups = sorted(set(self.param_groups) | set(self.cache_groups))
+        self.members = {g: [[] for _ in range(pp)] for g in all_groups}  # group -> stage -> layers
+        self.variant_table = np.full((pp, self.P), -1, np.int32)
+        self.group_index = {g: np.zeros((pp, self.P), np.int32) for g in all_groups}
+        for s, layers in enumerate(self.stage_layers):
+            for p, i in enumerate(layers):
+                self.variant_table[s, p] = vid[kinds[i]]
+                for g in {group_of["self_attn"](i), group_of["mlp"](i)} & set(all_groups):
+                    self.group_index[g][s, p] = len(self.members[g][s])
+                    self.members[g][s].append(i)
+        self.group_size = {g: max(1, max(len(m) for m in self.members[g])) for g in all_groups}
+        # Variants that occur at each position on some stage, and whether some stage pads there.
+        self.position_variants = tuple(tuple(sorted({int(v) for v in self.variant_table[:, p] if v >= 0}))
+                                       for p in range(self.P))
+        self.position_padded = tuple(bool((self.variant_table[:, p] < 0).any()) for p in range(self.P))
+
+        # Embedding, hyper head, final norm and LM head.
+        self._embed = nnx.split(model.model.embed_tokens)
+        self._lm_head = nnx.split(model.lm_head)
+        self._head = nnx.split((model.model.hc_head, model.model.norm))
+        (ew,), (lw,) = jax.tree.leaves(self._embed[1]), jax.tree.leaves(self._lm_head[1])
+        if ew.shape != lw.shape or ew.dtype != lw.dtype:
+            raise ValueError(f"embedding {ew.shape} {ew.dtype} and LM head {lw.shape} {lw.dtype} cannot share a slot")
+        self.vocab_slots = 2 if pp == 1 else 1
+
+    # -- placing weights and caches -------------------------------------------------------------
+    @property
+    def sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(PP_AXIS))
+
+    def _stacked(self, shape, dtype, stage_value):
+        """Global [pp, *shape] array sharded over stages; stage_value(s) -> np array of ``shape``."""
+        def cb(index):
+            rows = range(self.pp)[index[0]]
+            out = np.stack([np.asarray(stage_value(s), dtype) for s in rows])
+            return out[(slice(None), *index[1:])]
+        return jax.make_array_from_callback((self.pp, *shape), self.sharding, cb)
+
+    def place_params(self) -> dict:
+        """The model's weights as stage-sharded stacks (each process materialises only its stages)."""
+        def stacked_layers(key, shape, dtype, n, layers_of_stage):
+            def stage_value(s):
+                out = np.zeros((n, *shape), dtype)  # padding slots stay zero and are never read
+                for j, i in enumerate(layers_of_stage(s)):
+                    out[j] = np.asarray(self._layer_leaves[i][key])
+                return out
+            return self._stacked((n, *shape), dtype, stage_value)
+
+        trunk = {k: stacked_layers(k, shape, dtype, self.P, lambda s: self.stage_layers[s])
+                 for k, (shape, dtype) in self._trunk_spec.items()}
+        groups = {g: {k: stacked_layers(k, shape, dtype, self.group_size[g], lambda s, g=g: self.members[g][s])
+                      for k, (shape, dtype) in spec.items()}
+                  for g, spec in self.param_groups.items()}
+        (ew,), (lw,) = jax.tree.leaves(self._embed[1]), jax.tree.leaves(self._lm_head[1])
+        K = self.vocab_slots
+
+        def vocab(s):  # the embedding on stage 0, the LM head on the last stage
+            out = np.zeros((K, *ew.shape), ew.dtype)
+            if s == 0:
+                out[0] = np.asarray(ew)
+            if s == self.pp - 1:
+                out[K - 1] = np.asarray(lw)
+            return out
+
+        def last_stage_only(x):
+            return self._stacked(x.shape, x.dtype, lambda s: np.asarray(x) if s == self.pp - 1
+                                 else np.zeros(x.shape, x.dtype))
+
+        return {"trunk": trunk, "groups": groups, "vocab": self._stacked((K, *ew.shape), ew.dtype, vocab),
+                "head": [last_stage_only(x) for x in jax.tree.leaves(self._head[1])]}
+
+    def cache_shapes(self, batch: int) -> dict:
+        def spec(shape, dtype, n):
+            return jax.ShapeDtypeStruct((self.pp, n, batch, *shape[1:]), dtype, sharding=self.sharding)
+        return {"trunk": {k: spec(s, d, self.P) for k, (s, d) in self._cache_trunk_spec.items()},
+                "groups": {g: {k: spec(s, d, self.group_size[g]) for k, (s, d) in sp.items()}
+                           for g, sp in self.cache_groups.items()}}
+
+    def new_cache(self, batch: int) -> dict:
+        """Zero caches for ``batch`` rows, stacked like the weights (each stage owns its layers' caches)."""
+        shapes = self.cache_shapes(batch)
+        zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                        out_shardings=jax.tree.map(lambda s: s.sharding, shapes))
+        return zeros()
+
+    def unstack_cache(self, cache: dict) -> tuple:
+        """Stacked caches -> the per-layer LayerCache tuple of ``init_cache`` (host copies; for tests)."""
+        cache = jax.tree.map(np.asarray, cache)
+        out = []
+        for i, kind in enumerate(zip(self.cfg.layer_types, self.cfg.mlp_layer_types)):
+            var = self.variants[self.variant_kinds.index(kind)]
+            s = next(s for s, layers in enumerate(self.stage_layers) if i in layers)
+            p = self.stage_layers[s].index(i)
+            leaves = [cache["trunk"][k][s, p] if g == TRUNK else cache["groups"][g][k][s, self.members[g][s].index(i)]
+                      for g, k in var.cache_sources]
+            out.append(jax.tree_util.tree_unflatten(var.cache_treedef, leaves))
+        return tuple(out)
+
+    # -- the stage program (runs inside shard_map; every leaf has a leading stage axis of 1) ----
+    def stage_program(self, microbatches: int, last_only: bool, params, cache, token_ids, meta, logits_at):
+        cfg, pp, M = self.cfg, self.pp, microbatches
+        with jax.named_scope(STAGE_SCOPE):
+            params = jax.tree.map(lambda x: x[0], params)
+            cache = jax.tree.map(lambda x: x[0], cache)
+            stage = lax.axis_index(PP_AXIS)
+            B, C = token_ids.shape
+            Bm = B // M
+            n, d = cfg.hc_mult, cfg.hidden_size
+            variant_row = jnp.asarray(self.variant_table)[stage]
+            group_rows = {g: jnp.asarray(t)[stage] for g, t in self.group_index.items()}
+            embed = nnx.merge(self._embed[0], jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(self._embed[1]), [params["vocab"][0]]))
+            lm_head = nnx.merge(self._lm_head[0], jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(self._lm_head[1]), [params["vocab"][self.vocab_slots - 1]]))
+            hc_head, norm = nnx.merge(self._head[0], jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(self._head[1]), params["head"]))
+
+            def head(streams, at):
+                if at is not None:
+                    streams = jnp.take_along_axis(streams, at[:, None, None, None], axis=1)[:, 0]
+                return lm_head(norm(hc_head(streams)), jnp.float32)
+
+            out_shape = (Bm, cfg.vocab_size) if last_only else (Bm, C, cfg.vocab_size)
+
+            def tick(carry, t):
+                recv_streams, recv_ids, cache = carry
+                m = t - stage
+                valid = (m >= 0) & (m < M)
+                row0 = jnp.clip(m, 0, M - 1) * Bm
+                if M == 1:
+                    row0 = 0
+
+                def rows(x):
+                    return x if M == 1 else lax.dynamic_slice_in_dim(x, row0, Bm, axis=0)
+                meta_m = jax.tree.map(rows, meta)  # this microbatch's rows of the one metadata (a slice)
+                fresh_ids = rows(token_ids)
+                x = embed(fresh_ids)
+                fresh = jnp.broadcast_to(x[:, :, None, :], (Bm, C, n, d))
+                first = stage == 0
+                streams = jnp.where(first, fresh, recv_streams)
+                ids = jnp.where(first, fresh_ids, recv_ids)
+                for p in range(self.P):
+                    with jax.named_scope(f"position_{p}"):
+                        streams, cache = self._position(p, params, cache, streams, ids, meta_m, valid, row0,
+                                                        variant_row, group_rows, Bm)
+                at = rows(logits_at) if last_only else None
+                if pp == 1:
+                    logits = head(streams, at)
+                else:
+                    logits = lax.cond(valid & (stage == pp - 1), head,
+                                      lambda s, a: jnp.zeros(out_shape, jnp.float32), streams, at)
+                if pp > 1:
+                    streams, ids = lax.ppermute((streams, ids), PP_AXIS, [(s, s + 1) for s in range(pp - 1)])
+                return (streams, ids, cache), logits
+
+            init = (jnp.zeros((Bm, C, n, d), self.dtype), jnp.zeros((Bm, C), token_ids.dtype), cache)
+            (_, _, cache), ys = lax.scan(tick, init, jnp.arange(M + pp - 1))
+        return ys[None], jax.tree.map(lambda x: x[None], cache)
+
+    def _position(self, p, params, cache, streams, ids, meta_m, valid, row0, variant_row, group_rows, Bm):
+        """Run position p of this stage's layer order: lax.switch over the variants found at p."""
+        vids = self.position_variants[p]
+        cache_groups = sorted({g for v in vids for g, _ in self.variants[v].cache_sources if g != TRUNK})
+        idx = {g: group_rows[g][p] for g in group_rows}
+
+        def rows_of(x, lead):  # x [N, B, ...] -> [Bm, ...] at (lead, row0)
+            return x[lead] if Bm == x.shape[1] else lax.dynamic_slice_in_dim(x[lead], row0, Bm, axis=0)
+
+        old_trunk = {k: rows_of(v, p) for k, v in cache["trunk"].items()}
+        old_groups = {g: {k: rows_of(v, idx[g]) for k, v in cache["groups"][g].items()} for g in cache_groups}
+
+        def branch(v):
+            var = self.variants[v]
+
+            def run(streams, ids, meta_m, old_trunk, old_groups):
+                leaves = [params["trunk"][k][p] if g == TRUNK else params["groups"][g][k][idx[g]]
+                          for g, k in var.sources]
+                layer = nnx.merge(var.graphdef, jax.tree_util.tree_unflatten(var.treedef, leaves))
+                layer_cache = jax.tree_util.tree_unflatten(
+                    var.cache_treedef, [old_trunk[k] if g == TRUNK else old_groups[g][k] for g, k in var.cache_sources])
+                with jax.named_scope(f"layer_{var.name}"):
+                    streams, layer_cache = layer(streams, ids, meta_m, layer_cache, self.kernels)
+                new_trunk, new_groups = dict(old_trunk), {g: dict(c) for g, c in old_groups.items()}
+                for (g, k), leaf in zip(var.cache_sources, jax.tree.leaves(layer_cache)):
+                    if g == TRUNK:
+                        new_trunk[k] = leaf
+                    else:
+                        new_groups[g][k] = leaf
+                return streams, new_trunk, new_groups
+            return run
+
+        def identity(streams, ids, meta_m, old_trunk, old_groups):
+            return streams, old_trunk, old_groups
+
+        operands = (streams, ids, meta_m, old_trunk, old_groups)
+        if self.pp == 1 and len(vids) == 1 and not self.position_padded[p]:
+            streams, new_trunk, new_groups = branch(vids[0])(*operands)
+        else:
+            v = variant_row[p]
+            local = sum(jnp.where(v == vid, j + 1, 0) for j, vid in enumerate(vids))
+            index = jnp.where(valid, local, 0).astype(jnp.int32)
+            streams, new_trunk, new_groups = lax.switch(index, [identity] + [branch(v) for v in vids], *operands)
+
+        def put(x, new, lead):
+            starts = (lead, row0) + (0,) * (x.ndim - 2)
+            return lax.dynamic_update_slice(x, new[None].astype(x.dtype), starts)
+
+        cache = {"trunk": {k: put(x, new_trunk[k], p) for k, x in cache["trunk"].items()},
+                 "groups": {g: ({k: put(x, new_groups[g][k], idx[g]) for k, x in c.items()}
+                                if g in new_groups else c) for g, c in cache["groups"].items()}}
+        return streams, cache
+
+
+# ----- the jitted steps ----------------------------------------------------------------------------
+def pipeline_chunk(plan: PipelinePlan, params, cache, token_ids, start, n_new, *, microbatches: int,
+                   last_only: bool):
+    """``run_chunk`` over the pipeline: metadata once for the whole batch, then the staged layers.
+
+    token_ids [B, S] with B a multiple of ``microbatches``. Returns (logits [B, V] or [B, S, V]
+    replicated on every device, stacked caches).
+    """
+    cfg, pp = plan.cfg, plan.pp
+    B, S = token_ids.shape
+    if B % microbatches:
+        raise ValueError(f"batch {B} is not a multiple of microbatches {microbatches}")
+    C = padded_chunk_len(cfg, S)
+    token_ids = jnp.pad(token_ids, ((0, 0), (0, C - S)))
+    with jax.named_scope(METADATA_SCOPE):
+        meta = build_metadata(cfg, start, n_new, C, plan.capacity)
+    bad = [x.shape for x in jax.tree.leaves(meta) if x.shape[:1] != (B,)]
+    if bad:  # microbatches take row slices of the metadata, so every field must be per row
+        raise ValueError(f"metadata fields without a leading batch axis of {B}: {bad}")
+    logits_at = jnp.maximum(n_new - 1, 0).astype(jnp.int32)
+    body = functools.partial(plan.stage_program, microbatches, last_only)
+    ys, cache = jax.shard_map(body, mesh=plan.mesh, in_specs=(P(PP_AXIS), P(PP_AXIS), P(), P(), P()),
+                              out_specs=(P(PP_AXIS), P(PP_AXIS)), check_vma=False)(
+        params, cache, token_ids, meta, logits_at)
+    # The last stage finishes microbatch m at tick m + pp - 1.
+    logits = ys[pp - 1, pp - 1:].reshape(B, *ys.shape[3:])
+    logits = lax.with_sharding_constraint(logits, NamedSharding(plan.mesh, P()))
+    return (logits if last_only else logits[:, :S]), cache
+
+
+def pipeline_decode(plan: PipelinePlan, params, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
+                    microbatches: int):
+    logits, cache = pipeline_chunk(plan, params, cache, token_ids, start, active.astype(jnp.int32),
+                                   microbatches=microbatches, last_only=True)
+    return sample(logits, key, temperature, top_k, top_p), cache
+
+
+class PipelineEngine(Engine):
+    """``Engine`` with the layers pipelined over ``pp`` devices (same generate / stream / prefill API).
+
+    >>> engine = PipelineEngine(model, pp=4, boundaries=(2, 3, 6), microbatches=2, capacity=4096)
+    >>> engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)
+
+    ``boundaries``: first layer of stages 1..pp-1 (default: an even split). ``microbatches``: GPipe
+    microbatches per step (default min(pp, batch)); the batch is padded with empty rows to a multiple.
+    ``devices``: the pipeline's devices in stage order (default: the first pp of ``jax.devices()``,
+    which spans all processes after ``jax.distributed.initialize``). ``kernels``: as for ``Engine``.
+    """
+
+    def __init__(self, model: DeepseekV4ForCausalLM, pp: int, boundaries: Sequence[int] | None = None,
+                 microbatches: int | None = None, capacity: int = 2048, prefill_chunk: int = 256, tokenizer=None,
+                 devices=None, kernels: str | None = None):
+        starts, devs = check_pipeline(model.config.num_hidden_layers, pp, boundaries, devices)
+        if microbatches is not None and (isinstance(microbatches, bool) or microbatches < 1):
+            raise InputError(f"microbatches {microbatches!r} must be a positive integer")
+        extra = {} if kernels is None else {"kernels": kernels}
+        super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, **extra)
+        self.pp, self.microbatches = pp, microbatches
+        self.plan = PipelinePlan(model, starts, devs, capacity, getattr(self, "kernels", "xla"))
+        self.params = self.plan.place_params()
+        self._chunk_fn = jax.jit(functools.partial(pipeline_chunk, self.plan),
+                                 static_argnames=("microbatches", "last_only"), donate_argnames=("cache",))
+        self._decode_fn = jax.jit(functools.partial(pipeline_decode, self.plan),
+                                  static_argnames=("microbatches",), donate_argnames=("cache",))
+
+    def layout(self, batch: int) -> tuple[int, int]:
+        """(microbatches, padded batch) used for a batch of ``batch`` rows."""
+        M = min(self.microbatches or self.pp, batch)
+        return M, -(-batch // M) * M
+
+    def _global(self, x) -> jax.Array:
+        """A host value as a replicated global array (valid across processes)."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.plan.mesh, P()), lambda i: x[i])
+
+    def _pad_rows(self, x: np.ndarray) -> np.ndarray:
+        _, Bp = self.layout(x.shape[0])
+        return np.pad(np.asarray(x), [(0, Bp - x.shape[0])] + [(0, 0)] * (np.ndim(x) - 1))
+
+    def _new_cache(self, batch: int):
+        return self.plan.new_cache(self.layout(batch)[1])
+
+    def _run_chunk(self, cache, ids, start, n_new, last_only: bool):
+        B = ids.shape[0]
+        M, _ = self.layout(B)
+        logits, cache = self._chunk_fn(self.params, cache, *(self._global(self._pad_rows(a)) for a in (
+            np.asarray(ids, np.int32), np.asarray(start, np.int32), np.asarray(n_new, np.int32))),
+            microbatches=M, last_only=last_only)
+        return np.asarray(logits)[:B], cache
+
+    def _run_decode(self, cache, tokens, pos, active, key, params):
+        B = tokens.shape[0]
+        M, _ = self.layout(B)
+        args = [self._global(self._pad_rows(np.asarray(a, dt))) for a, dt in
+                ((tokens, np.int32), (pos, np.int32), (active, bool))]
+        args += [self._global(np.asarray(a)) for a in (jax.random.key_data(key) if jnp.issubdtype(
+            key.dtype, jax.dtypes.prng_key) else key, *params)]
+        next_tokens, cache = self._decode_fn(self.params, cache, *args, microbatches=M)
+        return np.asarray(next_tokens)[:B], cache
