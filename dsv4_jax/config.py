@@ -170,34 +170,23 @@ class DeepseekV4Config:
     @classmethod
     def flash(cls, **overrides) -> DeepseekV4Config:
         """DeepSeek-V4-Flash: 43 layers, 2 SWA then CSA/HCA alternating, 256 experts."""
-        n = overrides.pop("num_hidden_layers", 43)
-        ratios = ([0, 0] + [4 if i % 2 == 0 else 128 for i in range(2, n)])[:n]
-        kw = dict(
-            num_hidden_layers=n,
-            layer_types=tuple(_RATIO_TO_LAYER_TYPE[r] for r in ratios),
-            mlp_layer_types=tuple([HASH_MOE] * min(3, n) + [MOE] * max(0, n - 3)),
-        )
-        kw.update(overrides)
-        return cls(**kw)
+        return cls._preset(43, first_two_ratio=0, overrides=overrides)
 
     @classmethod
     def pro(cls, **overrides) -> DeepseekV4Config:
         """DeepSeek-V4-Pro: 61 layers, 2 HCA then CSA/HCA alternating, 384 experts, top-k 1024."""
-        n = overrides.pop("num_hidden_layers", 61)
-        ratios = ([128, 128] + [4 if i % 2 == 0 else 128 for i in range(2, n)])[:n]
-        kw = dict(
-            num_hidden_layers=n,
-            hidden_size=7168,
-            num_attention_heads=128,
-            q_lora_rank=1536,
-            o_groups=16,
-            index_topk=1024,
-            n_routed_experts=384,
-            moe_intermediate_size=3072,
-            routed_scaling_factor=2.5,
-            layer_types=tuple(_RATIO_TO_LAYER_TYPE[r] for r in ratios),
-            mlp_layer_types=tuple([HASH_MOE] * min(3, n) + [MOE] * max(0, n - 3)),
-        )
+        sizes = dict(hidden_size=7168, num_attention_heads=128, q_lora_rank=1536, o_groups=16, index_topk=1024,
+                     n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5)
+        return cls._preset(61, first_two_ratio=128, overrides={**sizes, **overrides})
+
+    @classmethod
+    def _preset(cls, layers: int, first_two_ratio: int, overrides: dict) -> DeepseekV4Config:
+        """The released schedule: two layers of ``first_two_ratio``, then CSA (even) / HCA (odd) layers;
+        the first three MoE layers hash-routed. ``num_hidden_layers`` in overrides truncates it."""
+        n = overrides.pop("num_hidden_layers", layers)
+        ratios = ([first_two_ratio] * 2 + [4 if i % 2 == 0 else 128 for i in range(2, n)])[:n]
+        kw = dict(num_hidden_layers=n, layer_types=tuple(_RATIO_TO_LAYER_TYPE[r] for r in ratios),
+                  mlp_layer_types=tuple([HASH_MOE] * min(3, n) + [MOE] * max(0, n - 3)))
         kw.update(overrides)
         return cls(**kw)
 
