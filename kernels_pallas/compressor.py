@@ -77,6 +77,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from .common import triton_call
+
 NEG = -1e30  # finite "minus infinity" for the running max (exp(NEG - NEG) = 1 must never be used unmasked)
 TILE_ELEMS = 4096  # target elements of one [Wb, Ts, D] kv (or gate) tile when a window fits in one step
 MAX_STEP_ELEMS = 16384  # cap of a slot-step tile (HCA: 32 tokens x 512 channels)
@@ -399,20 +401,6 @@ def _default_warps(tile_elems: int, d: int) -> int:
     return max(4, min(16, tile_elems // (32 * per_thread)))
 
 
-def _with_poison(kernel, n_in, args, in_specs, out_shape, out_specs, poison: bool):
-    """Testing aid: write into NaN-filled aliased buffers so elements the kernel skips stay NaN."""
-    if not poison:
-        return kernel, args, in_specs, {}
-    aliases = {len(args) + i: i for i in range(len(out_shape))}
-    args = list(args) + [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
-    in_specs = list(in_specs) + list(out_specs)
-
-    def wrapped(*refs):
-        return kernel(*refs[:n_in], *refs[n_in + len(out_shape):])
-
-    return wrapped, args, in_specs, aliases
-
-
 @functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "windows_per_block",
                                              "slots_per_step", "slot_rows", "num_warps", "num_stages",
                                              "interpret", "poison_outputs"))
@@ -430,7 +418,7 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
     [4, 16] (4 for CSA D=512, 8 for D=128, 16 for HCA).
     slot_rows: one [Wb, D] tile per slot (default for Ts <= 8) or one [Wb, Ts, D] tile per step.
     num_stages is passed to Triton (its pipeliner does not pipeline these loads).
-    poison_outputs: testing aid (see ``_with_poison``).
+    poison_outputs: testing aid (see ``common.triton_call``).
     """
     m = ratio
     B, S, C = kv.shape
@@ -466,19 +454,9 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
     out_specs = [pl.BlockSpec((None, nW, D), lambda b, j: (b, 0, 0))]
     args = [kv, gate, ape.astype(jnp.float32), norm_weight.astype(jnp.float32), cos.astype(jnp.float32),
             sin.astype(jnp.float32)]
-    kernel, args, in_specs, aliases = _with_poison(kernel, 6, args, in_specs, out_shape, out_specs,
-                                                   poison_outputs)
-    (out,) = pl.pallas_call(
-        kernel,
-        grid=(B, pl.cdiv(nW, wb)),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=f"dsv4_compress_prefill_m{m}_d{D}_w{wb}_t{ts}",
-    )(*args)
+    (out,) = triton_call(kernel, args, grid=(B, pl.cdiv(nW, wb)), in_specs=in_specs, out_shape=out_shape,
+                         out_specs=out_specs, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                         name=f"dsv4_compress_prefill_m{m}_d{D}_w{wb}_t{ts}", poison=poison_outputs)
     return out
 
 
@@ -523,19 +501,9 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     out_specs = [pl.BlockSpec((1, D), lambda b: (b, 0))]
     args = [pos, kv_new, gate_new, state_kv, state_gate, ape.astype(jnp.float32),
             norm_weight.astype(jnp.float32), cos.astype(jnp.float32), sin.astype(jnp.float32)]
-    kernel, args, in_specs, aliases = _with_poison(kernel, 9, args, in_specs, out_shape, out_specs,
-                                                   poison_outputs)
-    (entry,) = pl.pallas_call(
-        kernel,
-        grid=(B,),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
-    )(*args)
+    (entry,) = triton_call(kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
+                           num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                           name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}", poison=poison_outputs)
     closes = (pos + 1) % m == 0
     slot = pos % span
     return entry, closes, _write_state(state_kv, kv_new, slot), _write_state(state_gate, gate_new, slot)

@@ -70,6 +70,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from .common import triton_call
+
 from dsv4_jax.indexer import index_scores, select_topk
 
 NEG_INF = float("-inf")
@@ -126,27 +128,10 @@ def _pad_axis(x, axis: int, size: int):
 
 def _call(kernel, n_in, *, grid, in_specs, out_spec, out_shape, args, poison, num_warps, num_stages, interpret,
           name):
-    """pallas_call with one output; ``poison`` aliases a NaN buffer as the output (testing aid)."""
-    aliases = {}
-    if poison:
-        aliases = {n_in: 0}
-        args = (*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        in_specs = [*in_specs, out_spec]
-
-        def kernel(*refs, _k=kernel):  # the aliased input ref and the output ref are the same buffer
-            return _k(*refs[:n_in], refs[n_in + 1])
-
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_spec,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=name,
-    )(*args)
+    """One-output ``triton_call`` (``n_in`` kept for the call sites' readability: the inputs count)."""
+    assert len(args) == n_in
+    return triton_call(kernel, args, grid=grid, in_specs=in_specs, out_shape=[out_shape], out_specs=[out_spec],
+                       num_warps=num_warps, num_stages=num_stages, interpret=interpret, name=name, poison=poison)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------

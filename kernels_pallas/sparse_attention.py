@@ -79,6 +79,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from .common import triton_call
+
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) finite when nothing is valid yet
 NUM_SMS = 132  # H100 SXM; H200 has the same count
@@ -266,27 +268,9 @@ def sparse_attention_decode(q, window_kv, window_valid, entries, entry_idx, sink
                      pl.BlockSpec((None, None, bh), lambda h, s, b: (s, b, h)),
                      pl.BlockSpec((None, None, bh), lambda h, s, b: (s, b, h))]
     args = [lens, q, window_kv, wval, entries, entry_idx, sinks]
-    aliases = {}
-    if poison_outputs:
-        aliases = {len(args) + i: i for i in range(len(out_shape))}
-        args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
-        in_specs += out_specs
-
-        def kernel(*refs, _k=kernel):  # drop the aliased input refs; outputs are the same buffers
-            n_in = 7
-            return _k(*refs[:n_in], *refs[n_in + len(out_shape):])
-
-    outs = pl.pallas_call(
-        kernel,
-        grid=(n_hb, S, B),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=f"dsv4_sparse_attn_decode_h{bh}_k{block_k}_s{S}",
-    )(*args)
+    outs = triton_call(kernel, args, grid=(n_hb, S, B), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
+                       num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                       name=f"dsv4_sparse_attn_decode_h{bh}_k{block_k}_s{S}", poison=poison_outputs)
 
     if S == 1:
         out = outs[0]

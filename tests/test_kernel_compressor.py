@@ -91,7 +91,6 @@ def _model_chunk(kv, gate, state, start, n_new, ape, w, m, overlap, capacity):
 @pytest.mark.parametrize("S", [3, 29, 64])
 def test_reference_prefill_matches_model(kind, S):
     m, D, overlap = MODEL_KINDS[kind]
-    R = TINY.qk_rope_head_dim
     B, C = 2, (2 * D if overlap else D)
     rng = np.random.default_rng(100 * S + len(kind))
     kv, gate = randn(rng, (B, S, C)), randn(rng, (B, S, C), 2.0)
@@ -115,7 +114,6 @@ def test_reference_prefill_matches_model(kind, S):
 def test_reference_decode_matches_model(kind):
     """One decode step per row from a random ring: rows that close (incl. window 0) and rows that do not."""
     m, D, overlap = MODEL_KINDS[kind]
-    R = TINY.qk_rope_head_dim
     span = span_of(TINY, m)
     C = 2 * D if overlap else D
     pos = np.array([m - 1, 2 * m - 1, 0, m, 5 * m - 1, 7 * m + 2, 3 * m - 1], np.int32)
