@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .cache import init_cache
-from .model import DeepseekV4ForCausalLM, InputError, run_chunk
+from .model import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
 from .sampling import SamplingParams, sample
 
 
@@ -109,19 +109,12 @@ class Engine:
             ids = [int(t) for t in p]
             if not ids:
                 raise InputError("empty prompt; expected at least one token")
-            for t in ids:
-                if t < 0 or t >= self.config.vocab_size:
-                    raise InputError(f"token id {t} is outside the vocabulary [0, {self.config.vocab_size})")
+            check_vocab(ids, self.config.vocab_size)
             out.append(ids)
         return out
 
     def _check_capacity(self, prompts: list[list[int]], max_new_tokens: int):
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens {max_new_tokens} must be >= 0")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.capacity:
-            raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the cache "
-                             f"capacity of {self.capacity} tokens")
+        check_capacity(max(len(p) for p in prompts), max_new_tokens, self.capacity)
 
     # ----- device steps (dsv4_jax.pipeline.PipelineEngine overrides these three) -------------
     def _new_cache(self, batch: int):

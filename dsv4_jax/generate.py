@@ -12,7 +12,7 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .model import InputError
+from .model import InputError, check_capacity, check_vocab
 
 EXIT_USAGE = 2
 
@@ -72,21 +72,17 @@ def run(argv=None) -> int:
     from .sampling import SamplingParams
     from .tokenizer import load_tokenizer
 
-    if args.max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    if args.max_new_tokens < 0:  # before any file is read
+        check_capacity(0, args.max_new_tokens, 0, "--max-new-tokens")
     # Everything about the request is checked against the config before any weights are loaded.
     if args.checkpoint is None:
         cfg, tokenizer = demo.demo_config(), demo.ByteTokenizer()
     else:
         cfg, tokenizer = checkpoint_config(args.checkpoint), load_tokenizer(args.checkpoint)
     ids = _prompt_ids(args, tokenizer)
-    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    check_vocab(ids, cfg.vocab_size)
     capacity = args.capacity or len(ids) + max(args.max_new_tokens, 1)
-    if len(ids) + args.max_new_tokens > capacity:
-        raise InputError(f"prompt of {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
-                         f"cache capacity of {capacity} tokens")
+    check_capacity(len(ids), args.max_new_tokens, capacity, "--max-new-tokens")
     boundaries = None
     if args.pp_boundaries is not None:
         try:

@@ -143,7 +143,23 @@ def check_token_ids(input_ids, vocab_size: int) -> jax.Array:
         raise InputError(f"input_ids is empty (shape {tuple(arr.shape)}); expected at least one token")
     if not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"input_ids must be integers, got dtype {arr.dtype}")
+    check_vocab(arr, vocab_size)
+    return jnp.asarray(arr, jnp.int32)
+
+
+def check_vocab(ids, vocab_size: int) -> None:
+    """Raise InputError naming the first token id outside [0, vocab_size)."""
+    arr = np.asarray(ids)
     bad = (arr < 0) | (arr >= vocab_size)
     if bad.any():
         raise InputError(f"token id {int(arr[bad].flat[0])} is outside the vocabulary [0, {vocab_size})")
-    return jnp.asarray(arr, jnp.int32)
+
+
+def check_capacity(prompt_len: int, max_new_tokens: int, capacity: int, name: str = "max_new_tokens") -> None:
+    """Raise InputError unless the longest prompt plus ``max_new_tokens`` fits the cache; ``name`` is how
+    the caller spells the setting (``--max-new-tokens`` on the command line)."""
+    if max_new_tokens < 0:
+        raise InputError(f"{name} {max_new_tokens} must be >= 0")
+    if prompt_len + max_new_tokens > capacity:
+        raise InputError(f"prompt of {prompt_len} tokens + {name} {max_new_tokens} exceeds the cache capacity "
+                         f"of {capacity} tokens")
