@@ -39,12 +39,20 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, streams, token_ids, meta: ForwardMetadata, cache: LayerCache, kernels: str = "xla"):
         """streams [B, C, n, d] -> (streams, layer cache)."""
-        pre, post, comb = self.attn_hc.weights(streams)
-        attn_out, cache = self.self_attn(self.input_layernorm(collapse(streams, pre)), meta, cache, kernels)
-        streams = expand(streams, attn_out, post, comb)
-        pre, post, comb = self.ffn_hc.weights(streams)
-        ffn_out = self.mlp(self.post_attention_layernorm(collapse(streams, pre)), token_ids)
-        return expand(streams, ffn_out, post, comb), cache
+        # Named scopes let a profile attribute device time to attention, MoE and mHC per layer.
+        with jax.named_scope("mhc"):
+            pre, post, comb = self.attn_hc.weights(streams)
+            attn_in = self.input_layernorm(collapse(streams, pre))
+        with jax.named_scope("attention"):
+            attn_out, cache = self.self_attn(attn_in, meta, cache, kernels)
+        with jax.named_scope("mhc"):
+            streams = expand(streams, attn_out, post, comb)
+            pre, post, comb = self.ffn_hc.weights(streams)
+            ffn_in = self.post_attention_layernorm(collapse(streams, pre))
+        with jax.named_scope("moe"):
+            ffn_out = self.mlp(ffn_in, token_ids, kernels)
+        with jax.named_scope("mhc"):
+            return expand(streams, ffn_out, post, comb), cache
 
 
 class Embedding(nnx.Module):

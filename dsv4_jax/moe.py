@@ -4,6 +4,8 @@ token-id hash), clamped SwiGLU routed experts as grouped matmuls, and one always
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -45,25 +47,34 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
-                   limit: float) -> jax.Array:
+                   limit: float, kernels: str = "xla") -> jax.Array:
     """x [T, d]; idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F] -> [T, d] fp32.
 
-    Only the picked experts' weights are read: with fewer assignments than experts (decode) their
-    matrices are gathered per assignment; otherwise assignments are sorted by expert and run as two
-    ragged (grouped) matmuls.
+    Only the picked experts' weights are read. Assignments are sorted by expert and run as two grouped
+    matmuls: ``ragged_dot_general`` ("xla"; with fewer assignments than experts, as in decode, the
+    picked matrices are gathered per assignment instead, since XLA's GPU ragged dot is dense) or the
+    Mosaic GPU grouped matmul ("pallas", bf16/fp16 weights; fp32 keeps the XLA path).
     """
     T, k = idx.shape
     E, two_f, _ = gate_up.shape
-    if T * k < E:
+    use_kernel = kernels == "pallas" and gate_up.dtype != jnp.float32
+    if T * k < E and not use_kernel:
         return _gathered_experts(x, idx, weights, gate_up, down, limit)
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     xs = x[token].astype(gate_up.dtype)
-    h = jax.lax.ragged_dot_general(xs, gate_up, group_sizes, _RAGGED_DN, preferred_element_type=jnp.float32)
+    if use_kernel:
+        from kernels_pallas.grouped_matmul import grouped_matmul
+
+        matmul = functools.partial(grouped_matmul, interpret=jax.default_backend() != "gpu")
+    else:
+        matmul = functools.partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=_RAGGED_DN,
+                                   preferred_element_type=jnp.float32)
+    h = matmul(xs, gate_up, group_sizes).astype(jnp.float32)
     h = clamped_swiglu(h[:, : two_f // 2], h[:, two_f // 2:], limit).astype(down.dtype)
-    y = jax.lax.ragged_dot_general(h, down, group_sizes, _RAGGED_DN, preferred_element_type=jnp.float32)
+    y = matmul(h, down, group_sizes).astype(jnp.float32)
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros((T, x.shape[-1]), jnp.float32).at[token].add(y)
 
@@ -104,8 +115,8 @@ class Experts(nnx.Module):
         self.gate_up_proj = nnx.Param((0.02 * jax.random.normal(rngs.params(), (E, 2 * F, d))).astype(dtype))
         self.down_proj = nnx.Param((0.02 * jax.random.normal(rngs.params(), (E, d, F))).astype(dtype))
 
-    def __call__(self, x, idx, weights):
-        return routed_experts(x, idx, weights, self.gate_up_proj[...], self.down_proj[...], self.limit)
+    def __call__(self, x, idx, weights, kernels: str = "xla"):
+        return routed_experts(x, idx, weights, self.gate_up_proj[...], self.down_proj[...], self.limit, kernels)
 
 
 class SharedExpert(nnx.Module):
@@ -127,10 +138,10 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, dtype=dtype, rngs=rngs)
         self.shared_experts = SharedExpert(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, token_ids: jax.Array, kernels: str = "xla") -> jax.Array:
         """x [B, C, d], token_ids [B, C] -> [B, C, d]."""
         B, C, d = x.shape
         flat = x.reshape(B * C, d)
         weights, idx = self.gate(flat, token_ids.reshape(-1))
-        out = self.experts(flat, idx, weights) + self.shared_experts(flat)
+        out = self.experts(flat, idx, weights, kernels) + self.shared_experts(flat)
         return out.astype(x.dtype).reshape(B, C, d)

@@ -1,19 +1,28 @@
-"""Benchmark prefill and decode throughput of the engine's jitted steps (a benchmark, not a test).
+"""Benchmark prefill and decode of the engine's jitted steps, against the roofline (a benchmark, not a test).
 
-    python scripts/bench_generate.py --model demo --batch 1 --context 256
-    python scripts/bench_generate.py --model flash-slice --layers SWA,CSA,HCA --batch 1 8 --context 4096
+    python -m scripts.bench_generate --model demo --batch 1 --context 256
+    python -m scripts.bench_generate --model flash-slice --batch 1 8 32 128 --context 4096 32768 131072 \
+        --prefill 4096 32768 --kernels xla pallas --profile 1,4096 32,32768
 
 Weights are random (bf16 by default), generated on the device in one jitted call per tensor.
-Prefill: the whole context in chunks, timed after a warm-up pass (compilation excluded).
-Decode: after the prefill, ``--decode-steps`` jitted decode steps (sampling included) issued back to back
-and timed until the last result is ready; tokens/s = batch / step time. Prints one JSON object per case.
+Prefill (batch 1, ``--prefill`` lengths): the whole prompt in engine-sized chunks, timed after a warm-up
+pass (compilation excluded); against the bf16 matmul rate (scripts/roofline.py prefill_flops).
+Decode (``--batch`` x ``--context``): caches filled with random entries as if ``context`` tokens had been
+processed (a decode step's cost depends on the cache's size, not its values, and a real prefill of
+128 x 128K tokens would take hours), then ``--decode-steps`` jitted decode steps (sampling included)
+issued back to back and timed until the last result is ready; median of 3 such groups. Each row has the
+bytes the step must read (scripts/roofline.py decode_step_bytes) over the copy bandwidth measured in
+the same run. ``--profile B,CTX``: a device-time breakdown of that decode case by layer type and part
+(scripts/profile_breakdown.py). Prints one JSON object per case.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import statistics
 import sys
 import time
 
@@ -27,6 +36,7 @@ from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.demo import demo_config
 from dsv4_jax.engine import _chunk_step, _decode_step
 from dsv4_jax.random_weights import random_model
+from scripts import roofline
 
 LAYER_NAMES = {"SWA": SLIDING, "CSA": CSA, "HCA": HCA}
 
@@ -45,81 +55,125 @@ def make_config(name: str, layers: str, experts: int | None) -> DeepseekV4Config
     return cfg
 
 
-def bench(model, batch: int, context: int, chunk: int, decode_steps: int, kernels: str = "xla") -> dict:
+def prefill_case(model, context: int, chunk: int, kernels: str) -> dict:
     cfg, dtype = model.config, model.dtype
     graphdef, state = nnx.split(model)
-    capacity = context + decode_steps + 1
-    rng = np.random.RandomState(0)
-    prompt = rng.randint(0, cfg.vocab_size, (batch, context)).astype(np.int32)
+    prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, context)).astype(np.int32)
 
     def prefill():
-        cache = init_cache(cfg, batch, capacity, dtype)
+        cache = init_cache(cfg, 1, context, dtype)
         for pos in range(0, context, chunk):
             n = min(chunk, context - pos)
-            ids = np.zeros((batch, chunk), np.int32)
+            ids = np.zeros((1, chunk), np.int32)
             ids[:, :n] = prompt[:, pos:pos + n]
-            logits, cache = _chunk_step(graphdef, state, cache, jnp.asarray(ids), jnp.full((batch,), pos, jnp.int32),
-                                        jnp.full((batch,), n, jnp.int32), capacity=capacity, last_only=True,
+            logits, cache = _chunk_step(graphdef, state, cache, jnp.asarray(ids), jnp.full((1,), pos, jnp.int32),
+                                        jnp.full((1,), n, jnp.int32), capacity=context, last_only=True,
                                         kernels=kernels)
         return jax.block_until_ready((logits, cache))
 
     prefill()  # compile
     t0 = time.perf_counter()
-    _, cache = prefill()
-    prefill_s = time.perf_counter() - t0
+    prefill()
+    seconds = time.perf_counter() - t0
+    return {"phase": "prefill", "batch": 1, "context": context, "prefill_chunk": chunk,
+            "prefill_tokens_per_s": context / seconds, "prefill_s": seconds,
+            "matmul_tflop": roofline.prefill_flops(model, context) / 1e12}
 
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def synthetic_cache(cfg, batch: int, capacity: int, dtype, key):
+    """Caches as if full: every array random (window rows, compressed entries, index keys, states)."""
+    leaves, tree = jax.tree.flatten(init_cache(cfg, batch, capacity, dtype))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+                                     for k, x in zip(keys, leaves)])
+
+
+def decode_case(model, batch: int, context: int, steps: int, kernels: str, profile: bool = False) -> dict:
+    cfg, dtype = model.config, model.dtype
+    graphdef, state = nnx.split(model)
+    capacity = context + 4 * steps + 8
+    cache = synthetic_cache(cfg, batch, capacity, jnp.dtype(dtype), jax.random.PRNGKey(1))
     params = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
     key = jax.random.PRNGKey(0)
-    tokens = jnp.zeros((batch, 1), jnp.int32)
     active = jnp.ones((batch,), bool)
+    pos = context
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (batch, 1)), jnp.int32)
 
-    def decode(cache, n, start):
-        nonlocal tokens
-        for i in range(n):
-            nxt, cache = _decode_step(graphdef, state, cache, tokens, jnp.full((batch,), start + i, jnp.int32),
-                                      active, key, *params, capacity=capacity, kernels=kernels)
-            tokens = nxt[:, None]
-        return jax.block_until_ready(cache)
+    def run(n):
+        nonlocal cache, tokens, pos
+        for _ in range(n):
+            nxt, cache = _decode_step(graphdef, state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active,
+                                      key, *params, capacity=capacity, kernels=kernels)
+            tokens, pos = nxt[:, None], pos + 1
+        jax.block_until_ready(cache)
 
-    cache = decode(cache, 1, context)  # compile
-    t0 = time.perf_counter()
-    decode(cache, decode_steps, context + 1)
-    step_s = (time.perf_counter() - t0) / decode_steps
+    run(1)  # compile
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run(steps)
+        times.append((time.perf_counter() - t0) / steps)
+    step_s = statistics.median(times)
+    need = roofline.decode_step_bytes(model, batch, context)
     dev = jax.devices()[0]
-    stats = dev.memory_stats() or {}
-    return {
-        "device": dev.device_kind, "layers": ",".join(cfg.layer_types), "experts": cfg.n_routed_experts,
-        "hidden": cfg.hidden_size, "dtype": str(jnp.dtype(dtype)), "kernels": kernels, "batch": batch, "context": context,
-        "prefill_chunk": chunk, "prefill_tokens_per_s": batch * context / prefill_s,
-        "decode_ms_per_step": step_s * 1e3, "decode_tokens_per_s": batch / step_s,
-        "peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
-    }
+    row = {"phase": "decode", "batch": batch, "context": context, "decode_ms_per_step": step_s * 1e3,
+           "decode_tokens_per_s": batch / step_s, "bytes_per_step_gb": need["total"] / 1e9,
+           "bytes_split_gb": {k: round(v / 1e9, 4) for k, v in need.items() if k != "total"},
+           "peak_memory_gb": (dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9}
+    if profile:
+        from scripts.profile_breakdown import breakdown
+
+        hlo = _decode_step.lower(graphdef, state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active, key,
+                                 *params, capacity=capacity, kernels=kernels).compile().as_text()
+        row["profile"] = breakdown(lambda: run(steps), hlo, cfg.layer_types, steps)
+    return row
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="demo | flash-slice")
-    p.add_argument("--layers", default="SWA,CSA,HCA", help="flash-slice layer schedule, e.g. SWA,SWA,CSA,HCA")
+    p.add_argument("--layers", default="SWA,SWA,CSA,HCA,CSA,HCA", help="flash-slice layer schedule")
     p.add_argument("--experts", type=int, default=None, help="override the routed expert count")
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--context", type=int, nargs="+", default=[256])
-    p.add_argument("--prefill-chunk", type=int, default=256)
-    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--batch", type=int, nargs="*", default=[1])
+    p.add_argument("--context", type=int, nargs="*", default=[256])
+    p.add_argument("--prefill", type=int, nargs="*", default=[], help="batch-1 prefill lengths to time")
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--kernels", nargs="+", default=["xla"], choices=("xla", "pallas"))
+    p.add_argument("--profile", nargs="*", default=[], help="decode cases B,CTX to profile")
+    p.add_argument("--no-ceilings", action="store_true", help="skip measuring the card's ceilings (CPU)")
     args = p.parse_args(argv)
     cfg = make_config(args.model, args.layers, args.experts)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    ceil = None if args.no_ceilings else roofline.torch_ceilings()
     model = random_model(cfg, dtype)
-    for b in args.batch:
-        for ctx in args.context:
-            for kernels in args.kernels:
-                try:
-                    row = bench(model, b, ctx, min(args.prefill_chunk, ctx), args.decode_steps, kernels)
-                except Exception as e:  # out of memory at large shapes: record it and go on
-                    row = {"batch": b, "context": ctx, "kernels": kernels,
-                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-                print(json.dumps(row), flush=True)
+    base = {"device": jax.devices()[0].device_kind, "model": args.model, "layers": ",".join(cfg.layer_types),
+            "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size, "dtype": args.dtype}
+    print(json.dumps({"ceilings": ceil, **base}), flush=True)
+    profiled = {tuple(int(v) for v in c.split(",")) for c in args.profile}
+
+    def emit(fn, *a, **kw):
+        try:
+            row = fn(*a, **kw)
+        except Exception as e:  # out of memory at large shapes: record it and go on
+            row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        row = {**base, "kernels": kw.get("kernels", a[-1] if a else None), **row}
+        if ceil and "decode_ms_per_step" in row:
+            floor_ms = row["bytes_per_step_gb"] * 1e9 / (ceil["copy_2GB_TBps"] * 1e12) * 1e3
+            row.update(roofline_ms=floor_ms, pct_of_roofline=100 * floor_ms / row["decode_ms_per_step"])
+        if ceil and "prefill_tokens_per_s" in row:
+            achieved = row["matmul_tflop"] / row["prefill_s"]
+            row.update(achieved_TFLOPs=achieved, pct_of_matmul=100 * achieved / ceil["bf16_matmul_8192_TFLOPs"])
+        print(json.dumps(row), flush=True)
+
+    for kernels in args.kernels:
+        for ctx in args.prefill:
+            emit(prefill_case, model, ctx, min(args.prefill_chunk, ctx), kernels=kernels)
+        for b in args.batch:
+            for ctx in args.context:
+                emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels, profile=(b, ctx) in profiled)
     return 0
 
 

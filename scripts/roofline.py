@@ -1,13 +1,18 @@
-"""Measure the card's two ceilings: device-to-device copy bandwidth and bf16 matmul rate.
+"""The card's two ceilings, and what one decode step / one prefill must at least move or compute.
 
-Bandwidth counts bytes read + written by a PyTorch ``copy_`` of 2 GB (and a JAX copy for comparison);
-the matmul rate is a bf16 8192^3 product. Medians over repetitions timed with CUDA events.
+Ceilings: device-to-device copy bandwidth (bytes read + written by a PyTorch ``copy_`` of 2 GB, and a
+JAX copy for comparison) and the bf16 matmul rate (an 8192^3 product); medians over repetitions timed
+with CUDA events. ``decode_step_bytes`` / ``prefill_flops`` are the model's side of the roofline.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+
+import numpy as np
+
+from dsv4_jax.config import CSA, HCA, SLIDING
 
 
 def torch_ceilings(reps: int = 20) -> dict:
@@ -59,6 +64,72 @@ def jax_copy(reps: int = 20) -> dict:
     loop(reps)
     per = (time.perf_counter() - t0) / reps
     return {"jax_elementwise_2GB_TBps": 2 * 2 * 1024**3 / per / 1e12}
+
+
+def distinct_experts(E: int, k: int, tokens: int) -> float:
+    """Expected number of distinct experts hit by ``tokens`` tokens picking k of E uniformly."""
+    return E * (1 - (1 - k / E) ** tokens)
+
+
+def decode_step_bytes(model, batch: int, context: int) -> dict:
+    """HBM bytes one decode step must read: every non-expert weight once (embedding: B rows), the
+    batch's distinct routed experts once, and per sequence the KV rows attention reads (window +
+    top-k on CSA, every visible entry on HCA) and the indexer keys scored (CSA)."""
+    from dsv4_jax.checkpoint import param_table
+
+    cfg = model.config
+    wbytes = expert_bytes = 0
+    for name, var in param_table(model).items():
+        v = var.get_value()
+        nbytes = int(np.prod(v.shape)) * v.dtype.itemsize
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            expert_bytes += nbytes / v.shape[0] * distinct_experts(v.shape[0], cfg.num_experts_per_tok, batch)
+        elif name.endswith("embed_tokens.weight"):
+            wbytes += batch * v.shape[1] * v.dtype.itemsize
+        elif not name.endswith("tid2eid"):
+            wbytes += nbytes
+    item = np.dtype(model.dtype).itemsize
+    kv = 0
+    for t in cfg.layer_types:
+        rows = min(context, cfg.sliding_window)
+        if t == CSA:
+            visible = context // cfg.csa_compress_rate
+            rows += min(cfg.index_topk, visible)
+            kv += visible * cfg.index_head_dim * item
+        elif t == HCA:
+            rows += context // cfg.hca_compress_rate
+        kv += rows * cfg.head_dim * item
+    assert set(cfg.layer_types) <= {SLIDING, CSA, HCA}
+    return {"weights": wbytes, "experts": expert_bytes, "kv": batch * kv,
+            "total": wbytes + expert_bytes + batch * kv}
+
+
+def prefill_flops(model, tokens: int) -> float:
+    """Matmul FLOPs of a causal prefill of ``tokens`` tokens: 2 x active parameters per token (all but
+    the unrouted experts and the embedding table), plus attention over window + picks / visible
+    entries and the indexer over the visible index keys (counting only causal pairs)."""
+    from dsv4_jax.checkpoint import param_table
+
+    cfg = model.config
+    active = 0
+    for name, var in param_table(model).items():
+        n = int(np.prod(var.get_value().shape))
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            active += n / cfg.n_routed_experts * cfg.num_experts_per_tok
+        elif not name.endswith(("embed_tokens.weight", "tid2eid")):
+            active += n
+    flops = 2 * active * tokens
+    H, D, W = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    for t in cfg.layer_types:
+        keys = W * tokens
+        if t == CSA:
+            visible = tokens * tokens / 2 / cfg.csa_compress_rate  # sum over queries of visible entries
+            keys += min(cfg.index_topk * tokens, visible)
+            flops += 2 * cfg.index_n_heads * cfg.index_head_dim * visible
+        elif t == HCA:
+            keys += tokens * tokens / 2 / cfg.hca_compress_rate
+        flops += 4 * H * D * keys  # q.k and p.v
+    return flops
 
 
 if __name__ == "__main__":
