@@ -71,17 +71,17 @@ def gather_entries(compressed: jax.Array, picks: jax.Array) -> tuple[jax.Array, 
     return rows.reshape(B, C, k, -1), picks >= 0
 
 
-def _pallas_decode_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
-    """Decode step (C = 1) through the Pallas kernel: window rows + entries picked by id (-1 = none)."""
-    from kernels_pallas.sparse_attention import sparse_attention_decode
+def _pallas_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
+    """A chunk (a decode step is a chunk of one) through the Pallas kernel (kernels_pallas/sparse_attention.py):
+    window rows + entries picked by id per query (-1 = none)."""
+    from kernels_pallas.sparse_attention import sparse_attention_prefill
 
-    B, _, H, D = q.shape
+    B, C, H, D = q.shape
     if entries is None:  # sliding-window-only layer: no compressed entries
         entries = jnp.zeros((B, 1, D), q.dtype)
-        entry_ids = jnp.full((B, 1, 1), -1, jnp.int32)
-    out = sparse_attention_decode(q[:, 0], win_keys[:, 0], win_mask[:, 0], entries, entry_ids[:, 0], sinks, scale,
-                                  interpret=jax.default_backend() != "gpu")
-    return out[:, None]
+        entry_ids = jnp.full((B, C, 1), -1, jnp.int32)
+    return sparse_attention_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale,
+                                    interpret=jax.default_backend() != "gpu")
 
 
 class GroupedLinear(nnx.Module):
@@ -144,13 +144,14 @@ class Attention(nnx.Module):
         entries = entry_ids = None
         if self.compressor is not None:
             cm = meta.compression[self.compressor.ratio]
-            compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm)
+            compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm, kernels,
+                                                         meta.positions)
             cache = dataclasses.replace(cache, compressed_kv=compressed, compressor=state)
             if compressed.shape[1] == 0:
                 pass  # capacity below one window: no entry can ever exist
             elif self.compressor.indexer is not None:
                 entry_ids, keys, istate = self.compressor.indexer(x, q_latent, cos, sin, cache.indexer,
-                                                                  cache.index_keys, cm, kernels)
+                                                                  cache.index_keys, cm, kernels, meta.positions)
                 cache = dataclasses.replace(cache, index_keys=keys, indexer=istate)
                 entries = compressed
             else:
@@ -158,8 +159,8 @@ class Attention(nnx.Module):
                 entries, entry_ids = compressed, jnp.where(entry < cm.n_visible[..., None], entry, -1)
 
         scale = D**-0.5
-        if kernels == "pallas" and C == 1:
-            o = _pallas_decode_attention(q, win_keys, meta.window.key_mask, entries, entry_ids, self.sinks[...], scale)
+        if kernels == "pallas":
+            o = _pallas_attention(q, win_keys, meta.window.key_mask, entries, entry_ids, self.sinks[...], scale)
         elif entries is None:
             o = sink_attention(q, win_keys, meta.window.key_mask, None, None, self.sinks[...], scale)
         elif self.compressor.indexer is not None:  # CSA: gather each query's picks

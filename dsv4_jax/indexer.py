@@ -53,20 +53,28 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, dtype=dtype, rngs=rngs)
         self.scorer = Scorer(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta,
-                 kernels: str = "xla"):
-        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state).
-
-        With ``kernels="pallas"`` a decode step (C = 1) scores with the Pallas kernel and selects with the
-        chunked top-k; both are tested against this module's functions.
-        """
+    def queries(self, x, q_latent, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """x [B, C, d], q_latent [B, C, r_q], cos/sin [B, C, R/2] -> (q [B, C, H_I, D_I] with RoPE,
+        head weights [B, C, H_I] fp32 with D_I^-1/2 * H_I^-1/2 folded in): ``index_scores``' inputs."""
         c = self.cfg
-        keys, state = self.compress(x, state, keys, meta)
         B, C, _ = x.shape
         q = self.q_b_proj(q_latent).reshape(B, C, c.index_n_heads, c.index_head_dim)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         w = self.scorer.weights_proj(x, out_dtype=jnp.float32) * (c.index_head_dim**-0.5 * c.index_n_heads**-0.5)
-        k = min(c.index_topk, keys.shape[1])
+        return q, w
+
+    def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta,
+                 kernels: str = "xla", positions: jax.Array | None = None):
+        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state).
+
+        With ``kernels="pallas"`` a decode step (C = 1) scores with the Pallas kernel and selects with the
+        chunked top-k; both are tested against this module's functions. The compressor follows ``kernels``
+        too (``positions`` [B, C] as in ``Compressor.compress``).
+        """
+        keys, state = self.compress(x, state, keys, meta, kernels, positions)
+        q, w = self.queries(x, q_latent, cos, sin)
+        C = x.shape[1]
+        k = min(self.cfg.index_topk, keys.shape[1])
         if kernels == "pallas" and C == 1:
             from kernels_pallas import indexer as pallas_indexer
 

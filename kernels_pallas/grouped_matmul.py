@@ -14,11 +14,12 @@ Authors), adapted for MoE inference:
 
 * The weight layout is ours and HF's, ``[G, N, K]`` (``gate_up_proj [E, 2F, d]``, ``down_proj [E, d, F]``),
   so the K-major weight tile is transposed inside ``wgmma`` (no copy of the experts).
-* **Empty tiles are skipped.** The grid enumerates ``cdiv(M, block_m) + G - 1`` row tiles (a tile may
-  straddle a group boundary). Upstream runs the full K loop for every one of them; with 256 experts and
-  the few routed rows of a decode step almost all of them are empty and each would stream an expert's
-  tile for nothing. Here a tile with no rows of its group does no loads and no matmul, so a decode step
-  reads only its distinct experts' weights, once per straddling tile.
+* **Empty tiles are skipped, and found without a scan.** The grid enumerates ``cdiv(M, block_m) + G - 1``
+  row tiles (a tile may straddle a group boundary). Upstream runs the full K loop for every one of them
+  and locates each tile's group with an unrolled scan over all G groups; with 256 experts and the few
+  routed rows of a decode step almost all tiles are empty. Here ``tile_table`` (plain JAX, before the
+  kernel) lists the tiles with work first, and a tile with no rows does no loads and no matmul, so a
+  decode step reads only its distinct experts' weights.
 * Output rows are written with the upstream's ladder of power-of-two TMA stores (the row count of a
   tile is only known at run time).
 
@@ -27,7 +28,6 @@ Interpret mode (CPU, tests) runs the same kernel body through Pallas' GPU interp
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -47,32 +47,28 @@ def reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     return lax.ragged_dot_general(x, w, group_sizes, RAGGED_DN, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tile:
-    """Row tile ``t`` of the grid: which group it serves and which of its rows belong to that group."""
+def tile_table(group_sizes: jax.Array, M: int, block_m: int) -> jax.Array:
+    """The row tiles that have work, first: int32 [4, cdiv(M, block_m) + G - 1] rows (group, row block,
+    first row of the group inside the block, rows of the group in the block; 0 rows = no work).
 
-    group: jax.Array
-    block: jax.Array        # row block index into x / out
-    first_row: jax.Array    # first row of the group inside the block
-    n_rows: jax.Array       # rows of the group inside the block (0: empty tile)
-
-    @classmethod
-    def locate(cls, group_sizes_ref, num_groups: int, block_m: int, t):
-        """Group g owns tiles [start_block(g) + g, end_block(g) + g): one extra tile per boundary."""
-        end = group = block = g_start = g_end = jnp.int32(0)
-        for g in range(num_groups):  # unrolled: scalar selects, no early exit inside a kernel
-            start = end
-            end = start + group_sizes_ref[g]
-            first_block = lax.div(start, block_m)
-            stop_block = lax.div(end - 1, block_m) + 1
-            mine = (first_block + g <= t) & (t < stop_block + g) & (end > start)
-            block = lax.select(mine, t - g, block)
-            group = lax.select(mine, jnp.int32(g), group)
-            g_start = lax.select(mine, start, g_start)
-            g_end = lax.select(mine, end, g_end)
-        lo = jnp.maximum(g_start, block * block_m)
-        hi = jnp.minimum(g_end, block * block_m + block_m)
-        return cls(group=group, block=block, first_row=lo - block * block_m, n_rows=jnp.maximum(hi - lo, 0))
+    Group g covers row blocks start_g // block_m .. (end_g - 1) // block_m; a block straddling a
+    boundary appears once per group. Built in plain JAX before the kernel, so a program finds its tile
+    with four scalar loads instead of a scan over all G groups.
+    """
+    G = group_sizes.shape[0]
+    n_tiles = pl.cdiv(M, block_m) + G - 1
+    end = jnp.cumsum(group_sizes)
+    start = end - group_sizes
+    first_block = start // block_m
+    count = jnp.where(group_sizes > 0, (end - 1) // block_m + 1 - first_block, 0)
+    offset = jnp.cumsum(count) - count
+    t = jnp.arange(n_tiles)
+    group = jnp.clip(jnp.searchsorted(offset + count, t, side="right"), 0, G - 1)
+    block = first_block[group] + t - offset[group]
+    lo = jnp.maximum(start[group], block * block_m)
+    hi = jnp.minimum(end[group], block * block_m + block_m)
+    n_rows = jnp.where(t < jnp.sum(count), jnp.maximum(hi - lo, 0), 0)
+    return jnp.stack([group, block, lo - block * block_m, n_rows]).astype(jnp.int32)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_m: int = 128, block_n: int = 128,
@@ -88,22 +84,24 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_
                          f"block_n={block_n}")
     grid_m, grid_n = pl.cdiv(M, block_m) + G - 1, N // block_n
 
-    def body(sizes_ref, x_ref, w_ref, out_ref):
+    def body(group_ref, block_ref, first_row_ref, n_rows_ref, x_ref, w_ref, out_ref):
+        # Work item i = (row tile i // grid_n, column block i % grid_n); tiles with work come first, so
+        # the SMs share them evenly and the empty tail costs four scalar loads each.
         @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
         def _tile(info: plgpu.NDLoopInfo):
             mi, ni = lax.div(info.index[0], grid_n), lax.rem(info.index[0], grid_n)
-            tile = _Tile.locate(sizes_ref, G, block_m, mi)
+            group, block, first_row, n_rows = group_ref[mi], block_ref[mi], first_row_ref[mi], n_rows_ref[mi]
 
-            @pl.when(tile.n_rows > 0)
+            @pl.when(n_rows > 0)
             def _():
                 def acc_scope(acc_ref):
                     plgpu.emit_pipeline(
                         lambda _, x_smem, w_smem: plgpu.wgmma(acc_ref, x_smem, w_smem.transpose((1, 0))),
                         grid=(K // block_k,),
-                        in_specs=[plgpu.BlockSpec((block_m, block_k), lambda k: (tile.block, k), delay_release=1),
+                        in_specs=[plgpu.BlockSpec((block_m, block_k), lambda k: (block, k), delay_release=1),
                                   plgpu.BlockSpec((block_n, block_k), lambda k: (ni, k), delay_release=1)],
                         max_concurrent_steps=max_concurrent_steps,
-                    )(x_ref, w_ref.at[tile.group])
+                    )(x_ref, w_ref.at[group])
                     return acc_ref[...]
 
                 acc = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)))
@@ -113,26 +111,26 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_
                     o_smem[...] = acc.astype(o_smem.dtype)
                     plgpu.commit_smem()
                     # TMA stores need static row counts: write n_rows as a sum of powers of two.
-                    row = tile.first_row
+                    row = first_row
                     size = min(block_m, M)
                     while size > 0:
                         rows = 1 << int(math.log2(size))
                         size //= 2
 
-                        @pl.when(tile.n_rows & rows != 0)
+                        @pl.when(n_rows & rows != 0)
                         def _():
                             plgpu.copy_smem_to_gmem(
                                 o_smem.at[pl.ds(row, rows)],
-                                out_ref.at[pl.ds(tile.block * block_m + row, rows), pl.ds(ni * block_n, block_n)])
+                                out_ref.at[pl.ds(block * block_m + row, rows), pl.ds(ni * block_n, block_n)])
 
-                        row += tile.n_rows & rows
+                        row += n_rows & rows
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), grid=(NUM_SMS,), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out = kernel(group_sizes.astype(jnp.int32), x, w)
+    out = kernel(*tile_table(group_sizes.astype(jnp.int32), M, block_m), x, w)
     # Rows past sum(group_sizes) belong to no tile; the reference defines them as 0.
     return jnp.where(jnp.arange(M)[:, None] < jnp.sum(group_sizes), out, 0).astype(x.dtype)
 

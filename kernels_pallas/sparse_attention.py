@@ -1,12 +1,21 @@
-"""Sparse MQA attention with a per-head sink (DeepSeek-V4 §8), decode: one query token per sequence.
+"""Sparse MQA attention with a per-head sink (DeepSeek-V4 §8): decode (one query token per sequence) and
+prefill (a chunk of C query tokens per sequence), one kernel.
 
     sparse_attention_decode(q [B,H,D], window_kv [B,Wk,D], window_valid [B,Wk] bool, entries [B,N,D],
                             entry_idx [B,K] int32 (-1 = none), sinks [H] f32, scale) -> [B,H,D]
+    sparse_attention_prefill(q [B,C,H,D], win_keys [B,C/Bq,W+Bq,D], win_mask [B,C,W+Bq] bool, entries [B,N,D],
+                             entry_ids [B,C,K] int32 (-1 = none), sinks [H] f32, scale) -> [B,C,H,D]
 
 Keys are the valid window rows plus ``entries[b, entry_idx[b, j]]`` for every ``entry_idx >= 0``; the
 values are the keys (K = V, one KV head shared by all H query heads). Logits ``q.k * scale`` in fp32, one
 softmax over all keys plus the raw sink logit ``sinks[h]`` (denominator only, zero value). A row without any
-valid key returns 0. ``reference`` below is the plain-jnp definition; ``sparse_attention_decode`` the kernel.
+valid key returns 0. ``reference`` below is the plain-jnp definition; ``sparse_attention_decode`` the kernel
+(``sparse_attention_prefill`` for a chunk).
+Prefill is the same per query token: token t of a chunk uses the window block ``win_keys[:, t // Bq]`` (the
+layout of ``dsv4_jax.attention.window_keys``: a query block's W + Bq ring/chunk rows) under its own mask row
+``win_mask[:, t]``, and its own id row ``entry_ids[:, t]``: the indexer's top-k picks on CSA layers,
+``arange(N)`` masked to -1 from the query's visible count on HCA layers (the model's layouts).
+``reference_prefill`` is ``reference`` applied to every query token.
 
 Backend: the Pallas **Triton** backend (``jax.experimental.pallas.triton``). It is deprecated upstream but
 present and working in the pinned jax 0.11.2, and it is the only Pallas GPU backend that lowers what this
@@ -14,13 +23,16 @@ kernel is made of: a **gather by index array** (``entries_ref.at[idx]``, fails i
 "int_indexer_shape non-empty"), **masked loads** (``plt.load(..., mask=, other=)``; Mosaic GPU has none) and
 ``jnp.dot`` on register values (tensor-core ``mma``/``wgmma`` chosen by Triton; bf16 x bf16 -> fp32).
 Mosaic GPU would need a hand-written TMA gather pipeline; that is the port to do when Triton is removed.
+Prefill needs the same three things (each query's picks are a row gather, its window band a masked load), so
+it stays on Triton and is the same kernel: a decode step is a chunk of one query token.
 
-Design (flash-decoding over a gathered key list):
+Design (flash-decoding over a gathered key list; decode is the prefill kernel with one query token):
 
-* Grid ``(H/block_h, num_splits, B)``; the head block is the fastest grid axis (CUDA ``blockIdx.x``), so the
-  programs that share one sequence's keys run side by side and the key rows re-read by the other head blocks
-  of that sequence come from L2, not HBM.
-* One program owns ``block_h`` heads of one sequence and streams ``block_k`` keys per step with an online
+* Grid ``(H/block_h, C * num_splits, B)``: one program per (head block, query token, split). The head block
+  is the fastest grid axis (CUDA ``blockIdx.x``), then the split, then the query token, so the programs that
+  run side by side are the head blocks and splits of one query token and its neighbours: the key rows they
+  re-read come from L2, not HBM.
+* One program owns ``block_h`` heads of one query token and streams ``block_k`` keys per step with an online
   softmax (exp2 domain, scale * log2(e) folded into the fp32 logits). A step is two tensor-core matmuls:
   ``[block_h, D] @ [D, block_k]`` (logits) and ``[block_h, block_k] @ [block_k, D]`` (P V, P cast to bf16,
   fp32 accumulate). Window blocks are contiguous masked loads, entry blocks are a masked row gather from
@@ -31,25 +43,51 @@ Design (flash-decoding over a gathered key list):
   and measured slower (presumably register spills). Default ``block_h = 32`` (64 KB = 128
   registers/thread at ``num_warps = 4``), ``block_k = 64`` (a 64 KB bf16 key tile per stage in shared memory,
   ``num_stages = 3``; ``block_k = 128`` with 3 stages exceeds the 227 KB of shared memory). With fewer than
-  ~66 programs (small batch) the default drops to ``block_h = 16`` to double the programs. Heads are padded
+  ~66 programs (few query tokens) the default drops to ``block_h = 16`` to double the programs. Heads are padded
   inside the wrapper to a multiple of ``block_h`` (>= 16, the smallest tensor-core M) for odd head counts; the
   real 64 / 128 heads need no padding. D must be a power of two (Triton block shapes); 512 and 64 are.
   With M = 16-32 rows Triton most likely emits ``mma.sync`` rather than ``wgmma`` (which wants 64 rows per
   warpgroup; not checked in the PTX); the matmul rate, not HBM, bounds the kernel at large batch (below).
 * The sink is folded into the online softmax of split 0 as its initial state (m = sink, l = 1, acc = 0), so
   no special case exists for "no valid key": that row ends with acc = 0, output 0.
-* Work skipping: the wrapper reduces the validity masks to per-sequence lengths (last valid window row + 1,
-  last valid ``entry_idx`` + 1). The kernel only walks blocks below those, so HCA's ``arange(N)`` masked to the
-  visible count costs the visible entries, not N. -1 holes below the length are masked, not skipped.
-* Split-K (``num_splits`` > 1) for small batches: the sequence's (window + entry) key blocks are divided
+* Work skipping: the wrapper reduces the validity masks to per-token bounds (first and last valid window
+  row, last valid ``entry_idx`` + 1). The kernel only walks blocks between those, so a prefill query's window
+  walk starts at its band (row r + 1 of its block's W + Bq rows) instead of row 0, and HCA's ``arange(N)``
+  masked to the visible count costs the visible entries, not N. -1 holes inside the bounds are masked, not
+  skipped.
+* Split-K (``num_splits`` > 1) for small batches: the token's (window + entry) key blocks are divided
   evenly among the splits (dynamically, from the actual lengths); each split writes a normalised bf16 partial
   plus its running max / sum, and a small fp32 JAX epilogue merges them (log-sum-exp). With D = 512 and 64
   heads a partial is as large as 64 key rows, so splitting costs HBM traffic; the default (``num_splits=None``)
-  splits only when ``B * H/block_h`` programs leave over a quarter of the 132 SMs idle, and then aims at about
-  two programs per SM. With one split the kernel writes the final bf16 output directly and no epilogue runs.
+  splits only when ``B * C * H/block_h`` programs leave over a quarter of the 132 SMs idle, and then aims at
+  about two programs per SM. With one split the kernel writes the final bf16 output directly and no epilogue
+  runs. At 64 heads a batch of a few dozen query tokens (B * C >= 25) already fills the SMs, so prefill
+  chunks do not split.
 
-Measured on one H200 (jax 0.11.2, triton 3.6; H=64, D=512, Wk=128, N=8192, all keys valid; each time is
-per call inside one jitted chain of 20 dependent calls, median of 10; reference = ``reference`` under XLA):
+Prefill (a chunk of C query tokens; FlashMLA's sparse prefill has the same structure): heads are the M
+dimension of the tensor-core tiles and every query token has its own program row, because on CSA layers every
+query has its own k picks. A tile of several query tokens x heads would have to stream the union of their key
+lists with most of it masked, and would not get a larger M anyway: M is capped by the fp32 [M, 512]
+accumulator (M = 32 at 4 warps), not by the head count. What query tokens of one sequence do share (the
+window block of W + Bq rows, on HCA layers the whole entry list, on CSA layers the sequence's compressed cache
+the picks come from: 2048 rows = 2 MB at 8K tokens, 8 MB at 32K) is re-read from the 50 MB L2 by neighbouring
+programs (grid order above), so HBM traffic is about q + output + each key row once.
+
+Expected bound of the prefill kernel (not measured yet; scripts/bench_kernels.py cases ``prefill_*`` measure
+it). Flash CSA, one 2048-token chunk (bench_generate's default) at the end of an 8K / 32K prompt: 128 window +
+512 picked keys per query, so 4 * 64 * 512 * 640 = 84 MFLOP per query token, 172 GFLOP per chunk, against
+~280 MB of HBM traffic (q and output 128 KB per token; window blocks 4 MB, entries 2 / 8 MB): ~610 FLOP/byte,
+far above the H200's ridge (790 TFLOP/s / 4.24 TB/s = 186), so the **tensor-core rate bounds it** (217 us at
+the bf16 peak). The inner loop is the decode kernel's, which reaches ~185 TFLOP/s at large batch with its
+32-row ``mma`` tiles; the same rate predicts ~0.9 ms per chunk per CSA layer, ~23 % of the bf16 peak. The L2 ->
+SM traffic (two head blocks x 640 KB per query = 2.6 GB per chunk) is ~2.8 TB/s at that rate, assumed to be
+within the L2's bandwidth (not measured). HCA layers attend to 128 + at most 64 (8K) / 256 (32K) keys per
+query: proportionally less work. Beyond that: 64-row ``wgmma`` tiles with the 512-wide accumulator split over
+two warpgroups (all 64 heads per program, which also halves the L2 traffic), i.e. the Mosaic GPU port.
+
+Decode measured on one H200 (jax 0.11.2, triton 3.6; H=64, D=512, Wk=128, N=8192, all keys valid; each time
+is per call inside one jitted chain of 20 dependent calls, median of 10; reference = ``reference`` under XLA;
+measured before prefill shared the kernel, whose only change for decode is the window walk's start bound):
 
     B    K     kernel (defaults)   reference    HBM bytes / time
     1    1024     14.6 us           18.8 us      0.09 TB/s   (latency: 18 key blocks over 18 splits)
@@ -75,9 +113,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+
+from dsv4_jax.attention import gather_entries, sink_attention
+from dsv4_jax.config import DeepseekV4Config
+from dsv4_jax.indexer import select_topk
+from dsv4_jax.metadata import build_metadata
 
 from .common import triton_call
 
@@ -87,7 +131,7 @@ NUM_SMS = 132  # H100 SXM; H200 has the same count
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reference (the definition)
+# References (the definition)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -112,29 +156,44 @@ def reference(q, window_kv, window_valid, entries, entry_idx, sinks, scale):
     return out.astype(q.dtype)
 
 
+def reference_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
+    """``reference`` for every query token of a chunk.
+
+    q [B,C,H,D]; win_keys [B,C/Bq,W+Bq,D] (token t uses block t // Bq); win_mask [B,C,W+Bq] bool;
+    entries [B,N,D]; entry_ids [B,C,K] int32 (-1 none); sinks [H] f32. Returns [B,C,H,D] in q's dtype.
+    """
+    C = q.shape[1]
+    block_of_token = jnp.arange(C) // (C // win_keys.shape[1])
+    per_token = jax.vmap(lambda qt, wk, wm, ids: reference(qt, wk, wm, entries, ids, sinks, scale),
+                         in_axes=1, out_axes=1)
+    return per_token(q, win_keys[:, block_of_token], win_mask, entry_ids)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _decode_kernel(lens_ref, q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out_refs,
-                   block_k: int, num_splits: int, qk_scale: float):
-    """One program: ``block_h`` heads of one sequence, one split of its key blocks.
+def _attention_kernel(lens_ref, q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out_refs,
+                      block_k: int, num_splits: int, qk_scale: float):
+    """One program: ``block_h`` heads of one query token, one split of its key blocks.
 
-    lens_ref [2] (window length, entry length); q_ref [Bh,D]; wkv_ref [Wk,D]; wval_ref [Wk] int32;
-    ent_ref [N,D]; idx_ref [K] int32; sink_ref [Bh] f32. Outputs: o_ref [Bh,D] (+ m_ref, l_ref [Bh] f32 when
-    split). Logits are in the log2 domain (qk_scale = scale * log2 e).
+    lens_ref [3] (first valid window row, last valid window row + 1, last valid entry + 1); q_ref [Bh,D];
+    wkv_ref [Wk,D] (the token's window block); wval_ref [Wk] int32 (the token's mask row); ent_ref [N,D];
+    idx_ref [K] int32; sink_ref [Bh] f32. Outputs: o_ref [Bh,D] (+ m_ref, l_ref [Bh] f32 when split).
+    Logits are in the log2 domain (qk_scale = scale * log2 e).
     """
     o_ref = out_refs[0]
-    split = pl.program_id(1)
+    split = lax.rem(pl.program_id(1), num_splits)  # grid axis 1 is (query token, split)
     Wk, D = wkv_ref.shape
     N = ent_ref.shape[0]
     K = idx_ref.shape[0]
     bh = q_ref.shape[0]
 
-    win_len = lens_ref[0]
-    ent_len = lens_ref[1]
-    n_win = (win_len + block_k - 1) // block_k
+    win_lo = lens_ref[0]
+    win_hi = lens_ref[1]
+    ent_len = lens_ref[2]
+    n_win = (win_hi - win_lo + block_k - 1) // block_k
     n_blocks = n_win + (ent_len + block_k - 1) // block_k
     per = (n_blocks + num_splits - 1) // num_splits
     lo = jnp.minimum(split * per, n_blocks)
@@ -159,10 +218,10 @@ def _decode_kernel(lens_ref, q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_re
         return m_new, l, acc
 
     def window_step(i, carry):
-        rows = i * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        inb = rows < Wk
-        valid = plt.load(wval_ref.at[pl.ds(i * block_k, block_k)], mask=inb, other=0) != 0
-        k = plt.load(wkv_ref.at[pl.ds(i * block_k, block_k), :],
+        start = win_lo + i * block_k
+        rows = start + jnp.arange(block_k, dtype=jnp.int32)
+        valid = plt.load(wval_ref.at[pl.ds(start, block_k)], mask=rows < Wk, other=0) != 0
+        k = plt.load(wkv_ref.at[pl.ds(start, block_k), :],
                      mask=jnp.broadcast_to(valid[:, None], (block_k, D)), other=0)
         return update(k, valid, carry)
 
@@ -187,27 +246,102 @@ def _decode_kernel(lens_ref, q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_re
         out_refs[2][...] = l
 
 
-def _last_valid_plus_one(valid):
-    """valid [B,L] bool -> [B] int32: index of the last True + 1 (0 if none)."""
-    L = valid.shape[1]
-    pos = jnp.arange(1, L + 1, dtype=jnp.int32)
-    return jnp.max(jnp.where(valid, pos, 0), axis=1).astype(jnp.int32)
+def _valid_bounds(valid):
+    """valid [..., L] bool -> (first valid index, last valid index + 1), both [...] int32; (0, 0) if none."""
+    L = valid.shape[-1]
+    pos = jnp.arange(L, dtype=jnp.int32)
+    end = jnp.max(jnp.where(valid, pos + 1, 0), axis=-1).astype(jnp.int32)
+    first = jnp.min(jnp.where(valid, pos, L), axis=-1).astype(jnp.int32)
+    return jnp.minimum(first, end), end
 
 
-def _auto_block_h(batch: int, heads: int) -> int:
+def _auto_block_h(programs_per_head_block: int, heads: int) -> int:
     """32 heads per program (fastest per key on H200) unless that leaves over half the SMs without a program."""
-    return 32 if batch * pl.cdiv(heads, 32) * 2 >= NUM_SMS else 16
+    return 32 if programs_per_head_block * pl.cdiv(heads, 32) * 2 >= NUM_SMS else 16
 
 
-def _auto_splits(batch: int, head_blocks: int, max_blocks: int) -> int:
-    programs = batch * head_blocks
+def _auto_splits(programs: int, max_blocks: int) -> int:
     if programs * 4 >= NUM_SMS * 3:  # >= ~3/4 of the SMs busy with one split: don't pay for partials
         return 1
     return max(1, min(pl.cdiv(2 * NUM_SMS, programs), max_blocks, 32))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_h", "block_k", "num_splits", "num_warps",
-                                             "num_stages", "interpret", "poison_outputs"))
+def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: float, *, block_h, block_k: int,
+                      num_splits, num_warps: int, num_stages: int, interpret: bool, poison_outputs: bool):
+    """The kernel call for a chunk of T query tokens (decode: T = 1); see ``sparse_attention_prefill``.
+
+    q [B,T,H,D]; win_keys [B,nb,Wk,D] (token t uses block t // (T/nb)); win_valid [B,T,Wk]; entries [B,N,D];
+    entry_ids [B,T,K]; sinks [H]. Returns [B,T,H,D] in q's dtype.
+    """
+    B, T, H, D = q.shape
+    nb, Wk = win_keys.shape[1:3]
+    N = entries.shape[1]
+    K = entry_ids.shape[2]
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head dim {D} must be a power of two >= 16")
+    block_h = block_h or _auto_block_h(B * T, H)
+    if block_k & (block_k - 1) or block_k < 16 or block_h & (block_h - 1) or block_h < 16:
+        raise ValueError("block_h and block_k must be powers of two >= 16")
+    assert T % nb == 0 and win_keys.shape == (B, nb, Wk, D) and win_valid.shape == (B, T, Wk)
+    assert entries.shape == (B, N, D) and entry_ids.shape == (B, T, K) and sinks.shape == (H,)
+    bq = T // nb
+
+    bh = min(block_h, max(16, pl.next_power_of_2(H)))
+    Hp = pl.cdiv(H, bh) * bh
+    if Hp != H:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, Hp - H), (0, 0)))
+        sinks = jnp.pad(sinks, (0, Hp - H))
+    sinks = sinks.astype(jnp.float32)
+    n_hb = Hp // bh
+    entry_ids = entry_ids.astype(jnp.int32)
+    win_lo, win_hi = _valid_bounds(win_valid)
+    _, ent_len = _valid_bounds((entry_ids >= 0) & (entry_ids < N))
+    lens = jnp.stack([win_lo, win_hi, ent_len], axis=-1)  # [B,T,3]
+    wval = win_valid.astype(jnp.int32)
+
+    S = num_splits or _auto_splits(B * T * n_hb, pl.cdiv(Wk, block_k) + pl.cdiv(K, block_k))
+    kernel = functools.partial(_attention_kernel, block_k=block_k, num_splits=S, qk_scale=scale * LOG2E)
+
+    # grid (head block h, query token x split i, sequence b): token t = i // S, split s = i % S
+    in_specs = [
+        pl.BlockSpec((None, None, 3), lambda h, i, b: (b, i // S, 0)),  # lens
+        pl.BlockSpec((None, None, bh, D), lambda h, i, b: (b, i // S, h, 0)),  # q
+        pl.BlockSpec((None, None, Wk, D), lambda h, i, b: (b, i // S // bq, 0, 0)),  # window block
+        pl.BlockSpec((None, None, Wk), lambda h, i, b: (b, i // S, 0)),  # window mask row
+        pl.BlockSpec((None, N, D), lambda h, i, b: (b, 0, 0)),  # entries
+        pl.BlockSpec((None, None, K), lambda h, i, b: (b, i // S, 0)),  # entry ids
+        pl.BlockSpec((bh,), lambda h, i, b: (h,)),  # sinks
+    ]
+    if S == 1:
+        out_shape = [jax.ShapeDtypeStruct((B, T, Hp, D), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, bh, D), lambda h, i, b: (b, i, h, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((S, B, T, Hp, D), q.dtype),
+                     jax.ShapeDtypeStruct((S, B, T, Hp), jnp.float32),
+                     jax.ShapeDtypeStruct((S, B, T, Hp), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, bh, D), lambda h, i, b: (i % S, b, i // S, h, 0)),
+                     pl.BlockSpec((None, None, None, bh), lambda h, i, b: (i % S, b, i // S, h)),
+                     pl.BlockSpec((None, None, None, bh), lambda h, i, b: (i % S, b, i // S, h))]
+    args = [lens, q, win_keys, wval, entries, entry_ids, sinks]
+    outs = triton_call(kernel, args, grid=(n_hb, T * S, B), in_specs=in_specs, out_shape=out_shape,
+                       out_specs=out_specs, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                       name=f"dsv4_sparse_attn_h{bh}_k{block_k}_s{S}", poison=poison_outputs)
+
+    if S == 1:
+        out = outs[0]
+    else:
+        o, m, l = outs  # [S,B,T,Hp,D], [S,B,T,Hp] x2 (m in the log2 domain)
+        m_all = jnp.max(m, axis=0)
+        w = l * jnp.exp2(m - m_all[None])  # [S,B,T,Hp]; split 0 carries the sink, so sum(w) > 0
+        out = jnp.einsum("sbth,sbthd->bthd", w, o.astype(jnp.float32)) / jnp.sum(w, axis=0)[..., None]
+        out = out.astype(q.dtype)
+    return out[:, :, :H]
+
+
+_STATIC = ("scale", "block_h", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "poison_outputs")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def sparse_attention_decode(q, window_kv, window_valid, entries, entry_idx, sinks, scale: float, *,
                             block_h: int | None = None, block_k: int = 64, num_splits: int | None = None,
                             num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
@@ -221,66 +355,24 @@ def sparse_attention_decode(q, window_kv, window_valid, entries, entry_idx, sink
     poison_outputs: testing aid; the kernel writes into NaN-filled aliased buffers, so any element it fails
       to write stays NaN.
     """
-    B, H, D = q.shape
-    _, Wk, _ = window_kv.shape
-    N = entries.shape[1]
-    K = entry_idx.shape[1]
-    if D & (D - 1) or D < 16:
-        raise ValueError(f"head dim {D} must be a power of two >= 16")
-    block_h = block_h or _auto_block_h(B, H)
-    if block_k & (block_k - 1) or block_k < 16 or block_h & (block_h - 1) or block_h < 16:
-        raise ValueError("block_h and block_k must be powers of two >= 16")
-    assert window_kv.shape == (B, Wk, D) and entries.shape == (B, N, D) and window_valid.shape == (B, Wk)
-    assert entry_idx.shape == (B, K) and sinks.shape == (H,)
+    out = _sparse_attention(q[:, None], window_kv[:, None], window_valid[:, None], entries, entry_idx[:, None],
+                            sinks, scale, block_h=block_h, block_k=block_k, num_splits=num_splits,
+                            num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                            poison_outputs=poison_outputs)
+    return out[:, 0]
 
-    bh = min(block_h, max(16, pl.next_power_of_2(H)))
-    Hp = pl.cdiv(H, bh) * bh
-    if Hp != H:
-        q = jnp.pad(q, ((0, 0), (0, Hp - H), (0, 0)))
-        sinks = jnp.pad(sinks, (0, Hp - H))
-    sinks = sinks.astype(jnp.float32)
-    n_hb = Hp // bh
-    entry_idx = entry_idx.astype(jnp.int32)
-    ent_valid = (entry_idx >= 0) & (entry_idx < N)
-    lens = jnp.stack([_last_valid_plus_one(window_valid), _last_valid_plus_one(ent_valid)], axis=1)
-    wval = window_valid.astype(jnp.int32)
 
-    S = num_splits or _auto_splits(B, n_hb, pl.cdiv(Wk, block_k) + pl.cdiv(K, block_k))
-    kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=S, qk_scale=scale * LOG2E)
-
-    in_specs = [
-        pl.BlockSpec((None, 2), lambda h, s, b: (b, 0)),  # lens
-        pl.BlockSpec((None, bh, D), lambda h, s, b: (b, h, 0)),  # q
-        pl.BlockSpec((None, Wk, D), lambda h, s, b: (b, 0, 0)),  # window_kv
-        pl.BlockSpec((None, Wk), lambda h, s, b: (b, 0)),  # window_valid
-        pl.BlockSpec((None, N, D), lambda h, s, b: (b, 0, 0)),  # entries
-        pl.BlockSpec((None, K), lambda h, s, b: (b, 0)),  # entry_idx
-        pl.BlockSpec((bh,), lambda h, s, b: (h,)),  # sinks
-    ]
-    if S == 1:
-        out_shape = [jax.ShapeDtypeStruct((B, Hp, D), q.dtype)]
-        out_specs = [pl.BlockSpec((None, bh, D), lambda h, s, b: (b, h, 0))]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((S, B, Hp, D), q.dtype),
-                     jax.ShapeDtypeStruct((S, B, Hp), jnp.float32),
-                     jax.ShapeDtypeStruct((S, B, Hp), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, bh, D), lambda h, s, b: (s, b, h, 0)),
-                     pl.BlockSpec((None, None, bh), lambda h, s, b: (s, b, h)),
-                     pl.BlockSpec((None, None, bh), lambda h, s, b: (s, b, h))]
-    args = [lens, q, window_kv, wval, entries, entry_idx, sinks]
-    outs = triton_call(kernel, args, grid=(n_hb, S, B), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
-                       num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                       name=f"dsv4_sparse_attn_decode_h{bh}_k{block_k}_s{S}", poison=poison_outputs)
-
-    if S == 1:
-        out = outs[0]
-    else:
-        o, m, l = outs  # [S,B,Hp,D], [S,B,Hp] x2 (m in the log2 domain)
-        m_all = jnp.max(m, axis=0)
-        w = l * jnp.exp2(m - m_all[None])  # [S,B,Hp]; split 0 carries the sink, so sum(w) > 0
-        out = jnp.einsum("sbh,sbhd->bhd", w, o.astype(jnp.float32)) / jnp.sum(w, axis=0)[..., None]
-        out = out.astype(q.dtype)
-    return out[:, :H]
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def sparse_attention_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale: float, *,
+                             block_h: int | None = None, block_k: int = 64, num_splits: int | None = None,
+                             num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
+                             poison_outputs: bool = False):
+    """Pallas (Triton) sparse sink attention for a chunk of query tokens. Same arguments and result as
+    ``reference_prefill``; the options are ``sparse_attention_decode``'s, counted per query token (one
+    program per head block, query token and split)."""
+    return _sparse_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale, block_h=block_h,
+                             block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                             interpret=interpret, poison_outputs=poison_outputs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,14 +392,51 @@ def _decode_inputs(key, B, H, D, Wk, K, N, dtype=jnp.bfloat16):
     return q, window_kv, window_valid, entries, idx, sinks
 
 
+def prefill_inputs(key, cfg: DeepseekV4Config, *, prompt: int, chunk: int, ratio: int, dtype=jnp.bfloat16):
+    """The last ``chunk`` tokens of a ``prompt``-token prefill at batch 1 in the model's layouts, with
+    ``cfg``'s sizes: window blocks and mask rows from ``build_metadata``, random q, window rows and compressed
+    entries (N = prompt // ratio, the cache of a ``prompt``-token capacity), per-query entry ids: CSA
+    (``ratio`` = the CSA rate) the top-``index_topk`` of random scores among each query's visible entries, as
+    the indexer returns them; HCA ``arange(N)`` masked to -1 from each query's visible count."""
+    H, D, W = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    C, N = chunk, prompt // ratio
+    meta = build_metadata(cfg, jnp.array([prompt - C]), jnp.array([C]), C, prompt)
+    n_visible = meta.compression[ratio].n_visible  # [1, C]
+    kq, kw, ke, ki, ks = jax.random.split(key, 5)
+    q = jax.random.normal(kq, (1, C, H, D), jnp.float32).astype(dtype)
+    win_keys = jax.random.normal(kw, (1, C // min(W, C), W + min(W, C), D), jnp.float32).astype(dtype)
+    entries = jax.random.normal(ke, (1, N, D), jnp.float32).astype(dtype)
+    if ratio == cfg.csa_compress_rate:
+        scores = jax.random.uniform(ki, (1, C, N), jnp.float32)
+        entry_ids = select_topk(scores, n_visible, min(cfg.index_topk, N))
+    else:
+        entry = jnp.arange(N, dtype=jnp.int32)
+        entry_ids = jnp.where(entry < n_visible[..., None], entry, -1)
+    sinks = jax.random.normal(ks, (H,), jnp.float32)
+    return q, win_keys, meta.window.key_mask, entries, entry_ids, sinks
+
+
+def model_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale, *, shared_entries: bool):
+    """What the model computes on its XLA path (``dsv4_jax.attention``) for ``reference_prefill``'s inputs:
+    CSA gathers each query's picks; HCA (``shared_entries``: ids are ``arange(N)`` masked to -1) attends to
+    all entries under the per-query mask."""
+    if shared_entries:
+        return sink_attention(q, win_keys, win_mask, entries, entry_ids >= 0, sinks, scale)
+    picked, valid = gather_entries(entries, entry_ids)
+    return sink_attention(q, win_keys, win_mask, picked, valid, sinks, scale)
+
+
 def bench_cases():
-    """Decode at Flash sizes: H=64, D=512, window 128, N=8192 entries, top-k 512 / 1024, B=32 / 128."""
+    """Decode at Flash sizes: H=64, D=512, window 128, N=8192 entries, top-k 512 / 1024, B=32 / 128.
+    Prefill at Flash sizes: the last 2048-token chunk (scripts/bench_generate.py's default chunk) of an 8K
+    and a 32K prompt, batch 1, on a CSA layer (128 window + 512 picked keys per query) and an HCA layer
+    (128 window + every visible entry of the 64 / 256); against the model's XLA path."""
     H, D, Wk, N = 64, 512, 128, 8192
+    itemsize = 2
     cases = []
     for B in (32, 128):
         for K in (512, 1024):
             T = Wk + K
-            itemsize = 2
             cases.append({
                 "name": f"decode_B{B}_K{K}",
                 "shapes": {"B": B, "H": H, "D": D, "Wk": Wk, "K": K, "N": N},
@@ -318,5 +447,25 @@ def bench_cases():
                 "flops": 4 * B * H * T * D,  # QK^T and PV
                 "pallas": sparse_attention_decode,
                 "reference": reference,
+            })
+    cfg = DeepseekV4Config.flash()
+    H, D, W, C = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window, 2048
+    for kind, ratio in (("csa", cfg.csa_compress_rate), ("hca", cfg.hca_compress_rate)):
+        for prompt in (8192, 32768):
+            N = prompt // ratio
+            K = min(cfg.index_topk, N) if kind == "csa" else N
+            pos = np.arange(prompt - C, prompt)
+            keys = np.minimum(pos + 1, W) + np.minimum((pos + 1) // ratio, K)  # valid keys per query token
+            rows = C // W * 2 * W  # window blocks of W + Bq rows, Bq = W
+            cases.append({
+                "name": f"prefill_{kind}_S{prompt}_C{C}",
+                "shapes": {"B": 1, "C": C, "prompt": prompt, "H": H, "D": D, "W": W, "K": K, "N": N},
+                "args": functools.partial(prefill_inputs, cfg=cfg, prompt=prompt, chunk=C, ratio=ratio),
+                "kwargs": {"scale": D ** -0.5},
+                # q + output + window blocks + every entry row once + ids + mask rows
+                "bytes": 2 * C * H * D * itemsize + (rows + N) * D * itemsize + C * K * 4 + C * 2 * W,
+                "flops": int(4 * H * D * keys.sum()),
+                "pallas": sparse_attention_prefill,
+                "reference": functools.partial(model_attention, shared_entries=kind == "hca"),
             })
     return cases

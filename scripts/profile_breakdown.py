@@ -70,10 +70,10 @@ def breakdown(run_steps, compiled_hlo: str, layer_types, steps: int) -> dict:
     names = op_names(compiled_hlo)
     by_cat: dict[str, float] = collections.defaultdict(float)
     by_type: dict[str, float] = collections.defaultdict(float)
-    unmapped = 0.0
+    unmapped: dict[str, float] = {}
     for op, ns in times.items():
         if op not in names:
-            unmapped += ns
+            unmapped[op] = ns / steps / 1e3
             continue
         cat, lt = category(names[op], layer_types)
         by_cat[cat] += ns / steps / 1e3
@@ -81,4 +81,5 @@ def breakdown(run_steps, compiled_hlo: str, layer_types, steps: int) -> dict:
             by_type[f"{lt}/{cat}"] += ns / steps / 1e3
     total = sum(times.values()) / steps / 1e3
     return {"device_us_per_step": total, "by_category_us": dict(sorted(by_cat.items())),
-            "by_layer_type_us": dict(sorted(by_type.items())), "unattributed_us": unmapped / steps / 1e3}
+            "by_layer_type_us": dict(sorted(by_type.items())), "unattributed_us": sum(unmapped.values()),
+            "top_unattributed_us": dict(sorted(unmapped.items(), key=lambda kv: -kv[1])[:8])}

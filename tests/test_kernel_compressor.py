@@ -1,8 +1,9 @@
 """KV compressor kernels (kernels_pallas/compressor.py) against their plain-jnp references and the model.
 
 CPU: the references against the model's ``compress_chunk`` (so the kernels compute what the model computes),
-the Pallas kernels in interpret mode on fresh random inputs written into NaN-poisoned aliased outputs, and a
-CUDA cross-lowering check at the real Flash shapes. GPU (skipped elsewhere): the compiled kernels against the
+the Pallas kernels in interpret mode on fresh random inputs written into NaN-poisoned aliased outputs, the
+model's kernel path (``dsv4_jax.compressor.pallas_*``, used with ``kernels="pallas"``) against
+``compress_chunk`` on ragged engine-style chunks, and a CUDA cross-lowering check at the real Flash shapes. GPU (skipped elsewhere): the compiled kernels against the
 references at real sizes.
 """
 
@@ -17,7 +18,7 @@ import pytest
 from conftest import tiny
 
 from dsv4_jax.cache import CompressorState
-from dsv4_jax.compressor import compress_chunk
+from dsv4_jax.compressor import compress_chunk, pallas_chunk_entries, pallas_decode_entry
 from dsv4_jax.metadata import build_metadata, padded_chunk_len, span_of
 from kernels_pallas import compressor as cp
 from kernels_pallas.testing import lower_for_h100
@@ -275,6 +276,44 @@ def test_decode_interpret_all_rows_close_without_nan():
     out = cp.compress_decode_step(*args, ratio=4, overlap=True, eps=EPS, interpret=True, poison_outputs=True)
     assert bool(out[1].all())
     assert max_rel_err(out[0], ref[0]) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model's kernel path (dsv4_jax.compressor.pallas_*) against compress_chunk
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["chunk", "decode"])
+@pytest.mark.parametrize("kind", list(MODEL_KINDS))
+def test_model_kernel_path_matches_compress_chunk(kind, phase):
+    """Ragged rows as the engine runs them, starting at every residue mod m (so a chunk's windows begin with
+    tokens from the state ring, and the CSA a-half of window 0 does not exist). chunk: 12 tokens (padded to 16)
+    with 0- and 1-token rows through ``pallas_chunk_entries``; decode: one token per row through
+    ``pallas_decode_entry``, rows that close a window and rows that do not, one closing row sitting out. The
+    entries of every window that closes equal ``compress_chunk``'s (1e-5); interpret mode off the GPU."""
+    m, D, overlap = MODEL_KINDS[kind]
+    span = span_of(TINY, m)
+    C = 2 * D if overlap else D
+    rng = np.random.default_rng(50 + len(kind) + len(phase))
+    ape, w = model_params(rng, m, D, overlap)
+    starts = jnp.asarray([0, 1, 2, m - 1, m + 2, 2 * m - 1, 3 * m - 1], jnp.int32)
+    if phase == "chunk":
+        length, n_new = 12, jnp.asarray([12, 12, 7, 0, 1, 12, 9], jnp.int32)
+    else:
+        length, n_new = 1, jnp.asarray([1, 1, 1, 1, 1, 0, 1], jnp.int32)
+    B = len(starts)
+    kv, gate = randn(rng, (B, length, C)), randn(rng, (B, length, C), 2.0)
+    state = CompressorState(kv=randn(rng, (B, span, C)), gate=randn(rng, (B, span, C), 2.0))
+    ref, _, meta = _model_chunk(kv, gate, state, starts, n_new, ape, w, m=m, overlap=overlap, capacity=256)
+    pad = ((0, 0), (0, padded_chunk_len(TINY, length) - length), (0, 0))
+    kv, gate = jnp.pad(kv, pad), jnp.pad(gate, pad)
+    if phase == "chunk":
+        got = pallas_chunk_entries(kv, gate, state, meta, ape, w, EPS, overlap, jnp.float32)
+    else:
+        got = pallas_decode_entry(kv, gate, state, meta, starts[:, None], ape, w, EPS, overlap, jnp.float32)
+    closes = np.asarray(meta.entry_write_index) < 256 // m
+    assert closes.any() and not closes.all()
+    assert max_rel_err(np.asarray(got)[closes], np.asarray(ref)[closes]) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------------------

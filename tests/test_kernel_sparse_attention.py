@@ -1,8 +1,9 @@
-"""Sparse sink attention decode kernel (kernels_pallas/sparse_attention.py) against its plain-jnp reference.
+"""Sparse sink attention kernel (kernels_pallas/sparse_attention.py), decode and prefill, against its plain-jnp
+references, and the references against the model's attention.
 
 CPU: the Pallas kernel in interpret mode on ragged inputs, written into NaN-poisoned aliased outputs, plus a
-CUDA cross-lowering check at the real Flash/Pro decode shapes. GPU (skipped elsewhere): the compiled kernel
-against the reference at real sizes.
+CUDA cross-lowering check at the real Flash/Pro decode and prefill shapes. GPU (skipped elsewhere): the compiled
+kernel against the references at real sizes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny
 
 from dsv4_jax.attention import gather_entries, sink_attention
+from dsv4_jax.metadata import build_metadata
 from kernels_pallas import sparse_attention as sa
 from kernels_pallas.testing import lower_for_h100
 
@@ -138,6 +141,130 @@ def test_reference_matches_model_sink_attention():
     np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(model, np.float32), atol=1e-2, rtol=1e-2)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Prefill: a chunk of query tokens per sequence
+# ------------------------------------------------------------------------------------------------------------
+
+
+def make_prefill_inputs(key, B, C, H, D, W, K, N, *, starts, lens, hca_ratio=None, holes=0.0, drop=0.0,
+                        garbage=False, dtype=jnp.bfloat16):
+    """Random inputs for a prefill chunk in the model's layouts (window blocks and mask rows from
+    ``build_metadata`` with sliding window W, query block Bq = min(W, C)).
+
+    Row b holds ``lens[b]`` real query tokens at positions starts[b] ..; the other query rows (padding) get no
+    key at all (empty mask row, ids all -1), so their output must be exactly 0. A token at position p sees
+    (p + 1) // m entries (capped at N): CSA form (``hca_ratio`` None, m = 4) picks min(K, visible) distinct
+    visible entries at random slots of its K ids, the rest -1, ``holes`` knocks out a fraction more; HCA form
+    (m = ``hca_ratio``, K == N) is ``arange(N)`` masked to -1 from the visible count. ``drop`` removes that
+    fraction of window keys at random. garbage: NaN in every window row and entry row no token may use.
+    """
+    cfg = tiny(sliding_window=W)
+    bq = min(W, C)
+    m = hca_ratio or cfg.csa_compress_rate
+    ks = jax.random.split(key, 5)
+    q = jax.random.normal(ks[0], (B, C, H, D), jnp.float32).astype(dtype)
+    win_keys = jax.random.normal(ks[1], (B, C // bq, W + bq, D), jnp.float32).astype(dtype)
+    entries = jax.random.normal(ks[2], (B, N, D), jnp.float32).astype(dtype)
+    sinks = jax.random.normal(ks[3], (H,), jnp.float32)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(ks[4])).ravel()[-1])
+    meta = build_metadata(cfg, jnp.asarray(starts), jnp.asarray(lens), C, 4096)
+    real = np.asarray(meta.token_valid)
+    mask = np.asarray(meta.window.key_mask) & real[:, :, None] & (rng.random((B, C, W + bq)) >= drop)
+    visible = np.minimum((np.asarray(meta.positions) + 1) // m, N) * real
+    ids = np.full((B, C, K), -1, np.int32)
+    for b in range(B):
+        for t in range(C):
+            n = visible[b, t]
+            if hca_ratio:
+                ids[b, t, :n] = np.arange(n)
+            else:
+                n = min(n, K)
+                ids[b, t, rng.permutation(K)[:n]] = rng.permutation(visible[b, t])[:n]
+    if holes:
+        ids[rng.random(ids.shape) < holes] = -1
+    if garbage:
+        used_rows = mask.reshape(B, C // bq, bq, W + bq).any(axis=2)
+        used = np.zeros((B, N), bool)
+        for b in range(B):
+            used[b, ids[b][ids[b] >= 0]] = True
+        win_keys = jnp.where(jnp.asarray(used_rows)[..., None], win_keys, jnp.nan).astype(dtype)
+        entries = jnp.where(jnp.asarray(used)[:, :, None], entries, jnp.nan).astype(dtype)
+    return q, win_keys, jnp.asarray(mask), entries, jnp.asarray(ids), sinks
+
+
+# name -> (seed, dims (B, C, H, D, W, K, N), input options, kernel options)
+PREFILL_CASES = {
+    # CSA form, 5 heads (padded to 16), two query blocks of 8: a full chunk from position 0 (window not full,
+    # fewer visible entries than k), a 1-token row, a 0-token row, a row mid-sequence with 9 tokens; -1 holes,
+    # NaN in unused rows, automatic split-K over the 64 programs.
+    "csa_ragged_h5": (1, (4, 16, 5, 64, 8, 6, 12),
+                      dict(starts=[0, 3, 20, 7], lens=[16, 1, 0, 9], holes=0.2, garbage=True), dict(block_k=16)),
+    # HCA form (m = 8, K = N = 10 ids): rows that see all, some and none of the entries; one split.
+    "hca_prefix_h8": (2, (3, 16, 8, 64, 8, 10, 10),
+                      dict(starts=[60, 0, 9], lens=[16, 16, 5], hca_ratio=8, garbage=True),
+                      dict(block_k=16, num_splits=1)),
+    # 12 heads, three splits (several empty for the short rows), window keys dropped at random inside the band.
+    "csa_three_splits_h12": (3, (2, 8, 12, 32, 8, 8, 20),
+                             dict(starts=[40, 2], lens=[8, 6], holes=0.1, drop=0.3, garbage=True),
+                             dict(block_k=16, num_splits=3)),
+    # the real window 128 with a short chunk (Bq = C = 8: 136-row window blocks, not a multiple of block_k),
+    # real head dim 512 and the Flash head count, all defaults (block_h 16 and split-K at this size).
+    "csa_flash_heads_d512": (4, (1, 8, 64, 512, 128, 32, 64), dict(starts=[150], lens=[8], holes=0.1), {}),
+    # two query blocks of the real window (C = 256 > W = 128) at head dim 64, block_h 32, one split.
+    "hca_w128_two_blocks": (5, (1, 256, 32, 64, 128, 40, 40), dict(starts=[30], lens=[250], hca_ratio=8),
+                            dict(block_h=32, num_splits=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(PREFILL_CASES))
+def test_prefill_interpret_matches_reference(name):
+    seed, dims, opts, kw = PREFILL_CASES[name]
+    q, wk, wm, ent, ids, sinks = make_prefill_inputs(jax.random.PRNGKey(seed), *dims, **opts)
+    scale = dims[3] ** -0.5
+    ref = sa.reference_prefill(q, wk, wm, ent, ids, sinks, scale)
+    out = sa.sparse_attention_prefill(q, wk, wm, ent, ids, sinks, scale, interpret=True, poison_outputs=True,
+                                      **kw)
+    check_close(out, ref, what=name)
+    # query tokens without any valid key (the padding rows of every case but the full one) return exactly 0
+    empty = ~(np.asarray(wm).any(-1) | (np.asarray(ids) >= 0).any(-1))
+    assert empty.any() or sum(opts["lens"]) == dims[0] * dims[1]
+    assert np.all(np.asarray(out)[empty] == 0)
+
+
+@pytest.mark.parametrize("hca", [False, True], ids=["csa", "hca"])
+def test_reference_prefill_matches_model_attention(hca):
+    """``reference_prefill`` is the model's ``sink_attention`` over the same chunk (fp32, 1e-5): CSA with each
+    query's picks gathered, HCA with all entries shared under the per-query mask."""
+    dims = (3, 16, 6, 32, 8, 12, 12)
+    q, wk, wm, ent, ids, sinks = make_prefill_inputs(jax.random.PRNGKey(10 + hca), *dims, starts=[0, 5, 70],
+                                                     lens=[16, 11, 2], hca_ratio=8 if hca else None, holes=0.1,
+                                                     dtype=jnp.float32)
+    ref = sa.reference_prefill(q, wk, wm, ent, ids, sinks, 0.3)
+    model = sa.model_attention(q, wk, wm, ent, ids, sinks, 0.3, shared_entries=hca)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(model), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def _prefill_abstract(B, C, H, D, W, K, N):
+    sds = jax.ShapeDtypeStruct
+    bq = min(W, C)
+    return (sds((B, C, H, D), jnp.bfloat16), sds((B, C // bq, W + bq, D), jnp.bfloat16), sds((B, C, W + bq), jnp.bool_),
+            sds((B, N, D), jnp.bfloat16), sds((B, C, K), jnp.int32), sds((H,), jnp.float32))
+
+
+@pytest.mark.parametrize("B,C,H,K,N", [
+    (1, 2048, 64, 512, 2048),  # Flash CSA, last 2048-token chunk of an 8K prompt
+    (1, 2048, 64, 512, 8192),  # ... of a 32K prompt
+    (1, 2048, 64, 256, 256),   # Flash HCA at 32K: arange(N) ids over all 256 entries
+    (2, 512, 128, 1024, 4096),  # Pro head count and top-k
+    (1, 16, 64, 512, 8192),    # a short chunk: block_h 16 and split-K
+])
+def test_prefill_lowers_for_h100(B, C, H, K, N):
+    D, W = 512, 128
+    fn = functools.partial(sa.sparse_attention_prefill, scale=D ** -0.5)
+    text = lower_for_h100(fn, *_prefill_abstract(B, C, H, D, W, K, N))
+    assert "triton" in text.lower()
+
+
 def _abstract(B, H, D, Wk, K, N):
     sds = jax.ShapeDtypeStruct
     return (sds((B, H, D), jnp.bfloat16), sds((B, Wk, D), jnp.bfloat16), sds((B, Wk), jnp.bool_),
@@ -201,3 +328,20 @@ def test_gpu_hca_prefix_matches_reference():
     ref = jax.jit(sa.reference, static_argnums=6)(q, wkv, wval, ent, idx, sinks, D ** -0.5)
     out = sa.sparse_attention_decode(q, wkv, wval, ent, idx, sinks, D ** -0.5, poison_outputs=True)
     check_close(out, ref, what="hca")
+
+
+@on_gpu
+@pytest.mark.parametrize("H,hca", [(64, False), (128, False), (64, True), (12, False)])
+def test_gpu_prefill_ragged_match_reference(H, hca):
+    """Compiled prefill kernel on ragged chunks of 256 tokens (a full row, a 1-token row, a 0-token row, a row
+    from position 0), -1 holes and NaN in unused rows."""
+    B, C, D, W = 4, 256, 512, 128
+    K, N = (64, 64) if hca else (512, 2048)
+    q, wk, wm, ent, ids, sinks = make_prefill_inputs(jax.random.PRNGKey(H + hca), B, C, H, D, W, K, N,
+                                                     starts=[7900, 300, 5000, 0], lens=[256, 1, 0, 200],
+                                                     hca_ratio=128 if hca else None, holes=0.05, garbage=True)
+    ref = jax.jit(sa.reference_prefill, static_argnums=6)(q, wk, wm, ent, ids, sinks, D ** -0.5)
+    out = sa.sparse_attention_prefill(q, wk, wm, ent, ids, sinks, D ** -0.5, poison_outputs=True)
+    check_close(out, ref, what=f"prefill H{H} hca={hca}")
+    empty = ~(np.asarray(wm).any(-1) | (np.asarray(ids) >= 0).any(-1))
+    assert np.all(np.asarray(out)[empty] == 0)
