@@ -86,6 +86,16 @@ class DeepseekV4ForCausalLM(nnx.Module):
         Logits are fp32 [B, C, V], or [B, V] at chunk offsets ``logits_at`` [B] (the engine only needs
         each row's last real token, and the vocabulary projection is the largest matmul of a step).
         """
+        streams, new_cache = self.residual_streams(token_ids, meta, cache, kernels)
+        if logits_at is not None:
+            streams = jnp.take_along_axis(streams, logits_at[:, None, None, None], axis=1)[:, 0]
+        h = self.model.norm(self.model.hc_head(streams))
+        return self.lm_head(h, jnp.float32), tuple(new_cache)
+
+    def residual_streams(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...],
+                         kernels: str = "xla"):
+        """token_ids [B, C] -> (the n residual streams after the last layer, before hc_head [B, C, n, d],
+        new caches of the model's layers); the MTP block reads these streams too."""
         cfg = self.config
         x = self.model.embed_tokens(token_ids)
         streams = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.hc_mult, x.shape[-1]))
@@ -94,10 +104,7 @@ class DeepseekV4ForCausalLM(nnx.Module):
             with jax.named_scope(f"layer_{i}"):
                 streams, layer_cache = layer(streams, token_ids, meta, layer_cache, kernels)
             new_cache.append(layer_cache)
-        if logits_at is not None:
-            streams = jnp.take_along_axis(streams, logits_at[:, None, None, None], axis=1)[:, 0]
-        h = self.model.norm(self.model.hc_head(streams))
-        return self.lm_head(h, jnp.float32), tuple(new_cache)
+        return streams, tuple(new_cache)
 
     def __call__(self, input_ids) -> jax.Array:
         """Stateless forward: input_ids int [B, S] -> logits [B, S, V] (fp32)."""

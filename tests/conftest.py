@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -83,3 +84,24 @@ def reference_case(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture
+def host_tensors_alive(monkeypatch):
+    """Watches checkpoint.iter_tensors: returns a dict whose "read" counts the host arrays read and whose
+    "most_alive" is the largest number of earlier ones still alive when the next was read (streaming: <= 1)."""
+    from dsv4_jax import checkpoint
+
+    seen = {"read": 0, "most_alive": 0}
+    live = []
+    real_iter = checkpoint.iter_tensors
+
+    def spy(files, *args):
+        for name, array, f in real_iter(files, *args):
+            seen["most_alive"] = max(seen["most_alive"], sum(r() is not None for r in live))
+            live.append(weakref.ref(array))
+            seen["read"] += 1
+            yield name, array, f
+
+    monkeypatch.setattr(checkpoint, "iter_tensors", spy)
+    return seen

@@ -1,0 +1,196 @@
+"""Orbax checkpoints of a converted model: restored straight into the shardings asked for.
+
+A checkpoint directory holds::
+
+    config.json      config.to_hf_dict() plus "dtype", the model dtype it was saved in
+    orbax/           an orbax-checkpoint (StandardCheckpointer) tree {canonical name: array} of every nnx
+                     variable, parameters and buffers (``model.layers.0.mlp.gate.tid2eid``, ...)
+    tokenizer.json   when the source checkpoint had one (scripts/convert_checkpoint.py copies it)
+
+config.json is the Hugging Face spelling, so ``checkpoint_config`` and ``load_tokenizer`` read this
+directory as they read a Hugging Face one; ``checkpoint.from_pretrained`` picks the format by the
+``orbax/`` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from .checkpoint import CheckpointError, _dtype, abstract_model, checkpoint_config, param_table, target_shardings
+from .config import DeepseekV4Config
+from .model import DeepseekV4ForCausalLM
+
+ORBAX_DIR = "orbax"
+CONFIG_FILE = "config.json"
+DTYPE_KEY = "dtype"
+# Orbax writes this when it finalises a save; without it the orbax/ folder is an interrupted or damaged save.
+ORBAX_MARKER = "_CHECKPOINT_METADATA"
+
+
+def is_orbax_checkpoint(path) -> bool:
+    """Whether ``path`` has this module's layout (an ``orbax/`` folder); says nothing about its validity."""
+    return (Path(path) / ORBAX_DIR).is_dir()
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint destination {path} exists and is not a directory")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"checkpoint directory {path} already exists; pass overwrite=True (--overwrite) "
+                              "to replace it")
+    if not (path / CONFIG_FILE).exists():  # never delete a directory that is not a checkpoint
+        raise CheckpointError(f"refusing to overwrite {path}: it is not a checkpoint directory (no {CONFIG_FILE})")
+
+
+def save(model: DeepseekV4ForCausalLM, path, *, overwrite: bool = False) -> Path:
+    """Write every variable of ``model``, its config and dtype to the directory ``path``.
+
+    An existing non-empty ``path`` is an error unless ``overwrite``. The checkpoint is written to a
+    temporary sibling and moved into place at the end, so a failed save leaves an old one intact.
+    """
+    path = Path(path).absolute()
+    _check_destination(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "saving")
+    try:
+        arrays = {name: var.get_value() for name, var in param_table(model).items()}
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / ORBAX_DIR, arrays)
+            ckptr.wait_until_finished()
+        config = {**model.config.to_hf_dict(), DTYPE_KEY: model.dtype.name}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if path.exists():
+            old = _sibling(path, "old")
+            path.rename(old / path.name)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _sibling(path: Path, purpose: str) -> Path:
+    """A new hidden directory beside ``path`` (same filesystem, so renames are atomic; umask permissions)."""
+    sibling = path.parent / f".{path.name}.{purpose}-{uuid.uuid4().hex[:12]}"
+    sibling.mkdir()
+    return sibling
+
+
+def saved_dtype(path) -> str:
+    """The model dtype an orbax checkpoint was saved in ('bfloat16' or 'float32')."""
+    config_file = Path(path) / CONFIG_FILE
+    try:
+        name = json.loads(config_file.read_text()).get(DTYPE_KEY)
+        _dtype(name)
+    except (OSError, json.JSONDecodeError, AttributeError, ValueError, TypeError):
+        raise CheckpointError(f"orbax checkpoint {path}: {config_file.name} has no valid {DTYPE_KEY!r} "
+                              "(expected 'bfloat16' or 'float32')") from None
+    return name
+
+
+def _config_mismatch(saved: DeepseekV4Config, requested: DeepseekV4Config) -> str:
+    """'hidden_size is 64 in the checkpoint but 32 requested, ...' for every differing field."""
+    diffs = [f"{f.name} is {getattr(saved, f.name)!r} in the checkpoint but {getattr(requested, f.name)!r} requested"
+             for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(requested, f.name)]
+    return ", ".join(diffs)
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every array in the checkpoint's orbax/ folder (metadata only)."""
+    orbax_dir = path / ORBAX_DIR
+    if not (orbax_dir / ORBAX_MARKER).exists():
+        raise CheckpointError(f"orbax checkpoint {path} is incomplete or corrupt: {ORBAX_DIR}/{ORBAX_MARKER} "
+                              "is missing")
+    with _reading(path), ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.metadata(orbax_dir).item_metadata
+        if tree is None:  # orbax returns None (and logs a warning) when the tree's metadata is unreadable
+            raise CheckpointError(f"orbax checkpoint {path} is corrupt or unreadable: no readable array "
+                                  f"metadata in {ORBAX_DIR}/")
+        return {name: tuple(meta.shape) for name, meta in tree.items()}
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Orbax reads of ``path``: any failure becomes one CheckpointError line naming its root cause.
+
+    On damaged files orbax logs warnings and asyncio dumps every failed read's traceback before the
+    error is raised; those logs are muted here because the raised error already says what broke.
+    """
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+        while e.__cause__ is not None:  # the innermost error names the file and what is wrong with it
+            e = e.__cause__
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        raise CheckpointError(f"orbax checkpoint {path} is corrupt or unreadable: {reason}") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _check_shapes(path: Path, stored: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> None:
+    """The stored arrays must be exactly the model's variables, with the shapes its config implies."""
+    missing, unexpected = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"orbax checkpoint {path} is missing {missing[0]} {want[missing[0]]}{more}")
+    if unexpected:
+        raise CheckpointError(f"orbax checkpoint {path} holds {unexpected[0]} {stored[unexpected[0]]}, which its "
+                              f"config has no parameter for")
+    for name, shape in want.items():
+        if stored[name] != shape:
+            raise CheckpointError(f"orbax checkpoint {path} holds {name} with shape {stored[name]} but its config "
+                                  f"expects {shape}")
+
+
+def restore(path, dtype: str | None = None, *, config: DeepseekV4Config | None = None, sharding=None,
+            mesh: Mesh | None = None, spec=None) -> DeepseekV4ForCausalLM:
+    """Restore an orbax checkpoint into a new model, each array placed with its target sharding.
+
+    ``dtype``: the model dtype, default the saved one (another one casts, like ``from_pretrained``; fp32
+    parameters stay fp32). ``config``: when given, the checkpoint's config must equal it.
+    ``sharding`` / ``mesh`` + ``spec``: see ``target_shardings``.
+    """
+    path = Path(path)
+    if not is_orbax_checkpoint(path):
+        raise CheckpointError(f"{path} is not an orbax checkpoint (no {ORBAX_DIR}/ folder); convert it with "
+                              "scripts/convert_checkpoint.py or load it with from_pretrained")
+    cfg = checkpoint_config(path)
+    if config is not None and config != cfg:
+        raise CheckpointError(f"orbax checkpoint {path} does not match the requested config: "
+                              f"{_config_mismatch(cfg, config)}")
+    model = abstract_model(cfg, _dtype(dtype or saved_dtype(path)))
+    table = param_table(model)
+    want = {name: tuple(var.get_value().shape) for name, var in table.items()}
+    _check_shapes(path, _stored_shapes(path), want)
+    shardings = target_shardings(want, sharding, mesh, spec)
+    target = {name: jax.ShapeDtypeStruct(want[name], var.get_value().dtype, sharding=shardings[name])
+              for name, var in table.items()}
+    with _reading(path), ocp.StandardCheckpointer() as ckptr:
+        arrays = ckptr.restore(path / ORBAX_DIR, target)
+    for name, var in table.items():
+        var.set_value(arrays[name])
+    return model

@@ -1,0 +1,104 @@
+"""The multi-token-prediction (MTP) block of the released checkpoints (``mtp.0.*``, spec §10).
+
+At position t it combines the main model's residual streams (after the last layer, before hc_head)
+with the embedding of token t+1 and predicts token t+2:
+
+    X_in = e_proj(enorm(Embed(next_ids)))  (broadcast over the n streams)  +  h_proj(hnorm(X_final))
+    X    = one decoder layer (sliding window only, learned router with bias, its own mHC)
+    logits = lm_head(norm(hc_head(X)))      (embedding and lm_head shared with the main model)
+
+The block is layer ``num_hidden_layers`` of ``mtp_config(cfg)``; it runs at the main tokens' positions
+on the main forward's metadata. The main forward is untouched: ``DeepseekV4WithMTP`` only adds the
+block's parameters (``model.mtp.0.*``) and ``forward_mtp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .basic import Linear, RMSNorm
+from .cache import LayerCache, init_cache
+from .config import MOE, SLIDING, DeepseekV4Config
+from .hyper_connection import HyperHead
+from .metadata import ForwardMetadata, build_metadata, padded_chunk_len
+from .model import METADATA_SCOPE, DecoderLayer, DeepseekV4ForCausalLM, InputError, check_token_ids
+
+
+def mtp_config(cfg: DeepseekV4Config) -> DeepseekV4Config:
+    """``cfg`` with the MTP block appended as one more layer: sliding window only (the released
+    compress_ratios end in 0 for it) with a learned router (its layer id is past the hash layers)."""
+    return dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1,
+                               layer_types=cfg.layer_types + (SLIDING,), mlp_layer_types=cfg.mlp_layer_types + (MOE,))
+
+
+class MTPBlock(DecoderLayer):
+    def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
+        super().__init__(mtp_config(cfg), cfg.num_hidden_layers, dtype=dtype, rngs=rngs)
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.e_proj = Linear(d, d, dtype=dtype, rngs=rngs)
+        self.h_proj = Linear(d, d, dtype=dtype, rngs=rngs)
+        self.enorm = RMSNorm(d, eps)
+        self.hnorm = RMSNorm(d, eps)
+        self.norm = RMSNorm(d, eps)
+        self.hc_head = HyperHead(cfg, rngs=rngs)
+
+    def __call__(self, streams: jax.Array, next_embeds: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,
+                 cache: LayerCache, kernels: str = "xla"):
+        """streams [B, C, n, d] (main model, before hc_head); next_embeds [B, C, d] = Embed(next_ids);
+        next_ids [B, C] -> (normed hidden state [B, C, d] for the shared lm_head, layer cache)."""
+        x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds))[:, :, None, :]
+        x, cache = super().__call__(x, next_ids, meta, cache, kernels)
+        return self.norm(self.hc_head(x)), cache
+
+
+class DeepseekV4WithMTP(DeepseekV4ForCausalLM):
+    """The causal LM plus its MTP block. ``forward``/``__call__`` are the main model's, unchanged."""
+
+    def __init__(self, cfg: DeepseekV4Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        super().__init__(cfg, dtype=dtype, rngs=rngs)
+        self.model.mtp = nnx.List([MTPBlock(cfg, dtype=self.dtype, rngs=rngs)])
+
+    def forward_mtp(self, token_ids: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,
+                    cache: tuple[LayerCache, ...], kernels: str = "xla"):
+        """token_ids, next_ids [B, C] (next_ids[:, t] is token t+1) -> (logits [B, C, V] for token t+1,
+        MTP logits [B, C, V] for token t+2, both fp32; new caches). ``cache`` holds the model's layers and
+        then the MTP block's (``init_cache(mtp_config(cfg), ...)``)."""
+        n = self.config.num_hidden_layers
+        streams, main_cache = self.residual_streams(token_ids, meta, cache[:n], kernels)
+        logits = self.lm_head(self.model.norm(self.model.hc_head(streams)), jnp.float32)
+        with jax.named_scope("mtp"):
+            h, mtp_cache = self.model.mtp[0](streams, self.model.embed_tokens(next_ids), next_ids, meta, cache[n],
+                                             kernels)
+        return logits, self.lm_head(h, jnp.float32), main_cache + (mtp_cache,)
+
+
+def mtp_logits(model: DeepseekV4WithMTP, input_ids, next_ids) -> tuple[jax.Array, jax.Array]:
+    """Stateless: input_ids, next_ids int [B, S] (next_ids[:, t] = token t+1, e.g. input_ids shifted left
+    plus the sampled token) -> (logits [B, S, V] for token t+1, MTP logits [B, S, V] for token t+2)."""
+    vocab = model.config.vocab_size
+    ids, nxt = check_token_ids(input_ids, vocab), check_token_ids(next_ids, vocab)
+    if ids.shape != nxt.shape:
+        raise InputError(f"next_ids has shape {tuple(nxt.shape)} but input_ids has {tuple(ids.shape)}; "
+                         "expected one next token per position")
+    graphdef, state = nnx.split(model)
+    return _stateless_mtp(graphdef, state, ids, nxt)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stateless_mtp(graphdef, state, ids, next_ids):
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    B, S = ids.shape
+    C = padded_chunk_len(cfg, S)
+    pad = ((0, 0), (0, C - S))
+    with jax.named_scope(METADATA_SCOPE):
+        meta = build_metadata(cfg, jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32), C, S)
+    cache = init_cache(mtp_config(cfg), B, S, model.dtype)
+    logits, mtp, _ = model.forward_mtp(jnp.pad(ids, pad), jnp.pad(next_ids, pad), meta, cache)
+    return logits[:, :S], mtp[:, :S]
