@@ -1,18 +1,29 @@
 """The built-in demo model: a tiny DeepSeek-V4 (all three attention types, hash and learned MoE, mHC)
 with a byte-level tokenizer, so text in and text out work with nothing downloaded.
 
-No trained demo checkpoint exists yet: the weights are fixed-seed random, so the text is noise.
+Its trained weights ship inside the package as a Hugging Face format checkpoint (``demo_weights/``:
+config.json + one bf16 model.safetensors, written by ``save_demo_weights`` from scripts/train.py; trained
+on Jane Austen's novels, see scripts/prepare_demo_data.py). Without that folder the weights are
+fixed-seed random and the text is noise.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from .checkpoint import CheckpointError, abstract_model, checkpoint_config, from_pretrained, param_table
 from .config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config, YarnScaling
 from .model import DeepseekV4ForCausalLM
 from .tokenizer import ByteTokenizer
 
 DEMO_SEED = 0
+DEMO_WEIGHTS = Path(__file__).with_name("demo_weights")
+WEIGHTS_FILE = "model.safetensors"
 
 
 def demo_config() -> DeepseekV4Config:
@@ -27,6 +38,29 @@ def demo_config() -> DeepseekV4Config:
     )
 
 
+def has_trained_weights(directory: Path = DEMO_WEIGHTS) -> bool:
+    return (directory / WEIGHTS_FILE).exists()
+
+
 def demo_model(dtype="float32") -> tuple[DeepseekV4ForCausalLM, ByteTokenizer]:
-    """(model with fixed-seed random weights, byte tokenizer)."""
-    return DeepseekV4ForCausalLM(demo_config(), dtype=dtype, rngs=nnx.Rngs(DEMO_SEED)), ByteTokenizer()
+    """(model, byte tokenizer): the shipped trained weights when present, else fixed-seed random weights."""
+    if not has_trained_weights():
+        return DeepseekV4ForCausalLM(demo_config(), dtype=dtype, rngs=nnx.Rngs(DEMO_SEED)), ByteTokenizer()
+    if checkpoint_config(DEMO_WEIGHTS) != demo_config():
+        raise CheckpointError(f"the demo weights in {DEMO_WEIGHTS} were trained for another config than "
+                              "demo_config(); retrain them with scripts/train.py --export-demo")
+    return from_pretrained(DEMO_WEIGHTS, dtype=jnp.dtype(dtype).name), ByteTokenizer()
+
+
+def save_demo_weights(model: DeepseekV4ForCausalLM, directory: Path = DEMO_WEIGHTS, dtype="bfloat16") -> Path:
+    """Write ``model`` as a Hugging Face format checkpoint: config.json and one model.safetensors, each
+    tensor in the dtype the model has at ``dtype`` (bf16 matrices; fp32 norms, mHC, sinks, biases)."""
+    from safetensors.numpy import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    want = {name: var.get_value().dtype for name, var in param_table(abstract_model(model.config, dtype)).items()}
+    tensors = {name: np.asarray(var.get_value()).astype(want[name]) for name, var in param_table(model).items()}
+    (directory / WEIGHTS_FILE).write_bytes(save(tensors))  # save_file would make it owner-only (0600)
+    (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    return directory

@@ -20,7 +20,8 @@ EXIT_USAGE = 2
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dsv4_jax.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("prompt_text", nargs="?", help="prompt text (same as --prompt)")
-    p.add_argument("--checkpoint", help="Hugging Face format directory; default: the built-in demo model")
+    p.add_argument("--checkpoint", help="Hugging Face format or orbax (scripts/convert_checkpoint.py) "
+                   "directory; default: the built-in demo model")
     p.add_argument("--prompt", help="prompt text, tokenised with the checkpoint's tokenizer.json")
     p.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 0,17,42")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -96,8 +97,12 @@ def run(argv=None) -> int:
                               top_k=args.top_k, top_p=args.top_p)
 
     if args.checkpoint is None:
-        print("dsv4_jax: no --checkpoint given; running the built-in demo model with fixed-seed RANDOM "
-              "weights (no trained demo checkpoint exists yet), so its text is noise", file=sys.stderr)
+        if demo.has_trained_weights():
+            print("dsv4_jax: no --checkpoint given; running the built-in demo model (a tiny byte-level model "
+                  "trained on Jane Austen's novels)", file=sys.stderr)
+        else:
+            print("dsv4_jax: no --checkpoint given; running the built-in demo model with fixed-seed RANDOM "
+                  "weights (no trained demo checkpoint exists yet), so its text is noise", file=sys.stderr)
         model, _ = demo.demo_model(args.dtype or "float32")
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "bfloat16")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny
+from dsv4_jax.demo import has_trained_weights
 from dsv4_jax.generate import main
 from reference import build_reference
 
@@ -67,7 +68,10 @@ def test_reference_cached_generate_diverges_from_its_stateless_forward():
 def test_default_demo_generates_text():
     rc, out, err = run_cli("Once upon a time", "--max-new-tokens", "8", "--json")
     assert rc == 0, err
-    assert "RANDOM" in err  # says plainly that the demo weights are random
+    if has_trained_weights():
+        assert "trained on Jane Austen" in err and "RANDOM" not in err
+    else:
+        assert "RANDOM" in err  # says plainly that the demo weights are random
     result = json.loads(out.strip().splitlines()[-1])
     assert len(result["tokens"]) == 8 and isinstance(result["text"], str)
 
