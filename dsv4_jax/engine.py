@@ -42,10 +42,15 @@ def _decode_step(graphdef, state, cache, token_ids, start, active, key, temperat
 KERNELS = ("xla", "pallas")
 
 
-def default_kernels() -> str:
-    """The implementation the engine uses unless told: the plain-JAX reference off the GPU; on the GPU
-    whichever scripts/bench_generate.py measured faster (see docs/performance.md)."""
-    return "xla"
+def default_kernels(phase: str) -> str:
+    """The implementation the engine uses for ``phase`` ("prefill" or "decode") unless told. Off the GPU, the
+    plain-JAX reference (Pallas runs there only in interpret mode, for tests). On the GPU, whichever
+    scripts/bench_generate.py measured faster on the Flash-width slice (docs/performance.md, H200): prefill
+    "pallas" (the XLA path's ragged_dot MoE ran out of memory on a 4K prompt), decode "xla" (5.1 ms against
+    8.0 ms per step at batch 1, 4K context)."""
+    if jax.default_backend() != "gpu":
+        return "xla"
+    return {"prefill": "pallas", "decode": "xla"}[phase]
 
 
 @dataclasses.dataclass
@@ -82,10 +87,11 @@ class Engine:
                  tokenizer=None, kernels: str | None = None):
         if capacity <= 0 or prefill_chunk <= 0:
             raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
-        kernels = kernels or default_kernels()
-        if kernels not in KERNELS:
+        if kernels is not None and kernels not in KERNELS:
             raise InputError(f"kernels {kernels!r} is not one of {KERNELS}")
-        self.kernels = kernels
+        # One choice for both phases when given; otherwise each phase's measured default.
+        self.prefill_kernels = kernels or default_kernels("prefill")
+        self.decode_kernels = kernels or default_kernels("decode")
         self.model = model
         self.config = model.config
         self.capacity = capacity
@@ -123,12 +129,14 @@ class Engine:
     def _run_chunk(self, cache, ids: np.ndarray, start: np.ndarray, n_new: np.ndarray, last_only: bool):
         """ids [B, C] host ints -> (logits, caches): one prefill chunk."""
         return _chunk_step(self.graphdef, self.state, cache, jnp.asarray(ids), jnp.asarray(start),
-                           jnp.asarray(n_new), capacity=self.capacity, last_only=last_only, kernels=self.kernels)
+                           jnp.asarray(n_new), capacity=self.capacity, last_only=last_only,
+                           kernels=self.prefill_kernels)
 
     def _run_decode(self, cache, tokens: np.ndarray, pos: np.ndarray, active: np.ndarray, key, params):
         """tokens [B, 1] -> (sampled next tokens [B], caches); params = (temperature, top_k, top_p)."""
         return _decode_step(self.graphdef, self.state, cache, jnp.asarray(tokens), jnp.asarray(pos),
-                            jnp.asarray(active), key, *params, capacity=self.capacity, kernels=self.kernels)
+                            jnp.asarray(active), key, *params, capacity=self.capacity,
+                            kernels=self.decode_kernels)
 
     # ----- the two phases ------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], chunk: int | None = None):

@@ -494,7 +494,8 @@ class PipelineEngine(Engine):
     ``boundaries``: first layer of stages 1..pp-1 (default: an even split). ``microbatches``: GPipe
     microbatches per step (default min(pp, batch)); the batch is padded with empty rows to a multiple.
     ``devices``: the pipeline's devices in stage order (default: the first pp of ``jax.devices()``,
-    which spans all processes after ``jax.distributed.initialize``). ``kernels``: as for ``Engine``.
+    which spans all processes after ``jax.distributed.initialize``). ``kernels``: "xla" (default) or "pallas"
+    for both phases.
     """
 
     def __init__(self, model: DeepseekV4ForCausalLM, pp: int, boundaries: Sequence[int] | None = None,
@@ -503,10 +504,11 @@ class PipelineEngine(Engine):
         starts, devs = check_pipeline(model.config.num_hidden_layers, pp, boundaries, devices)
         if microbatches is not None and (isinstance(microbatches, bool) or microbatches < 1):
             raise InputError(f"microbatches {microbatches!r} must be a positive integer")
-        extra = {} if kernels is None else {"kernels": kernels}
-        super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, **extra)
+        super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, kernels=kernels)
         self.pp, self.microbatches = pp, microbatches
-        self.plan = PipelinePlan(model, starts, devs, capacity, getattr(self, "kernels", "xla"))
+        # One stage program serves both phases, so one implementation: the given one, else the reference
+        # (the pipeline has not been measured with the per-phase GPU defaults of Engine).
+        self.plan = PipelinePlan(model, starts, devs, capacity, kernels or "xla")
         self.params = self.plan.place_params()
         self._chunk_fn = jax.jit(functools.partial(pipeline_chunk, self.plan),
                                  static_argnames=("microbatches", "last_only"), donate_argnames=("cache",))

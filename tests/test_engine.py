@@ -168,3 +168,13 @@ def test_engine_rejects_bad_input(model):
         engine.generate([[1]], max_new_tokens=-1)
     with pytest.raises(InputError, match="prompt of 10 tokens \\+ max_new_tokens 7 exceeds the cache capacity of 16"):
         engine.generate([[1] * 10], max_new_tokens=7)
+    with pytest.raises(InputError, match=r"^kernels 'triton' is not one of \('xla', 'pallas'\)$"):
+        Engine(model, capacity=16, kernels="triton")
+
+
+def test_kernel_choice_per_phase(model):
+    """Off the GPU both phases default to the reference; an explicit choice applies to both phases."""
+    engine = Engine(model, capacity=16)
+    assert (engine.prefill_kernels, engine.decode_kernels) == ("xla", "xla")
+    engine = Engine(model, capacity=16, kernels="pallas")
+    assert (engine.prefill_kernels, engine.decode_kernels) == ("pallas", "pallas")
