@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,21 @@ def test_missing_checkpoint_exit_code_from_the_shell(tmp_path):
     rc, out, err = run_cli("--checkpoint", str(tmp_path / "nope"), "--prompt-ids", "1,2")
     assert rc == 2
     assert err.strip() == f"error: checkpoint directory {tmp_path / 'nope'} does not exist"
+
+
+# The most frequent English words: in ordinary English prose they are about half of all words; in byte-level
+# noise almost none.
+COMMON_WORDS = set("""the of and to a in that it is was i for on you he be with as by at have are this not but had
+his they from she which or we an there her were one do been all their has would will what if can when so no
+said who more about up them some could him into its then two out time my me than only very our did should""".split())
+
+
+@pytest.mark.skipif(not has_trained_weights(), reason="no trained demo weights in dsv4_jax/demo_weights")
+def test_default_demo_writes_english():
+    """The CLI's default (the shipped demo model, greedy) writes words: most are real, common ones abound."""
+    rc, out, err = run_cli("Once upon a time", "--max-new-tokens", "96", "--greedy", "--json")
+    assert rc == 0, err
+    words = re.findall(r"[a-z]+", json.loads(out.strip().splitlines()[-1])["text"].lower())
+    assert len(words) >= 10, words
+    share = sum(w in COMMON_WORDS for w in words) / len(words)
+    assert share >= 0.3, (share, words)
