@@ -343,13 +343,12 @@ def target_shardings(names_shapes: Mapping[str, tuple[int, ...]], sharding=None,
     return dict(sharding)
 
 
-def load_weights(model: nnx.Module, files: list[Path], shardings: Mapping[str, Sharding] | None = None) -> None:
+def load_weights(model: nnx.Module, files: list[Path], shardings: Mapping[str, Sharding]) -> None:
     """Fill every variable of ``model`` (abstract or real) from ``files``; strict about names and shapes.
-    Each tensor goes from host memory straight to its ``shardings[canonical name]`` (default: the default
-    device), one at a time."""
+    Each tensor goes from host memory straight to its ``shardings[canonical name]`` (``target_shardings``),
+    one at a time."""
     cfg = model.config
     table = param_table(model)
-    shardings = shardings or target_shardings({n: tuple(v.get_value().shape) for n, v in table.items()})
     has_mtp = isinstance(model, DeepseekV4WithMTP)
     loaded: set[str] = set()
     expert_parts: dict[str, set[tuple[int, int]]] = {}
