@@ -52,8 +52,11 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
 
     Only the picked experts' weights are read. Assignments are sorted by expert and run as two grouped
     matmuls: ``ragged_dot_general`` ("xla"; with fewer assignments than experts, as in decode, the
-    picked matrices are gathered per assignment instead, since XLA's GPU ragged dot is dense) or the
-    Mosaic GPU grouped matmul ("pallas", bf16/fp16 weights; fp32 keeps the XLA path).
+    picked matrices are gathered per assignment instead, since XLA's GPU ragged dot is dense) or a Pallas
+    kernel ("pallas", bf16/fp16 weights; fp32 keeps the XLA path): up to 3 assignments per expert (decode;
+    measured faster there on an H200 up to 768 rows over 256 experts, docs/performance.md) the Triton
+    few-rows kernel (``grouped_gemv``: each used matrix streamed once per 16 rows), above that (prefill) the
+    Mosaic GPU grouped matmul (64-128-row ``wgmma`` tiles).
     """
     T, k = idx.shape
     E, two_f, _ = gate_up.shape
@@ -66,9 +69,11 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     xs = x[token].astype(gate_up.dtype)
     if use_kernel:
+        from kernels_pallas.grouped_gemv import grouped_gemv
         from kernels_pallas.grouped_matmul import grouped_matmul
 
-        matmul = functools.partial(grouped_matmul, interpret=jax.default_backend() != "gpu")
+        matmul = functools.partial(grouped_gemv if T * k <= 3 * E else grouped_matmul,
+                                   interpret=jax.default_backend() != "gpu")
     else:
         matmul = functools.partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=_RAGGED_DN,
                                    preferred_element_type=jnp.float32)

@@ -63,7 +63,7 @@ def tile_table(group_sizes: jax.Array, M: int, block_m: int) -> jax.Array:
     count = jnp.where(group_sizes > 0, (end - 1) // block_m + 1 - first_block, 0)
     offset = jnp.cumsum(count) - count
     t = jnp.arange(n_tiles)
-    group = jnp.clip(jnp.searchsorted(offset + count, t, side="right"), 0, G - 1)
+    group = jnp.clip(jnp.searchsorted(offset + count, t, side="right", method="compare_all"), 0, G - 1)
     block = first_block[group] + t - offset[group]
     lo = jnp.maximum(start[group], block * block_m)
     hi = jnp.minimum(end[group], block * block_m + block_m)
@@ -154,5 +154,5 @@ def bench_cases():
                 "args": args, "reference": reference, "pallas": grouped_matmul,
                 "bytes": 2 * (M * kk + int(used) * n * kk + M * n), "flops": 2 * M * n * kk}
 
-    return [case(t, 2 * F, d, f"gate_up T={t}") for t in (1, 32, 128, 4096)] + [
-        case(t, d, F, f"down T={t}") for t in (1, 128, 4096)]
+    return [case(t, 2 * F, d, f"gate_up T={t}") for t in (1, 8, 32, 128, 4096)] + [
+        case(t, d, F, f"down T={t}") for t in (1, 8, 32, 128, 4096)]

@@ -1,6 +1,6 @@
 """Benchmark the Pallas kernels against their plain-JAX references (a benchmark, not a test).
 
-    python -m scripts.bench_kernels [--only sparse_attention indexer compressor grouped_matmul] [--reps 50]
+    python -m scripts.bench_kernels [--only sparse_attention indexer compressor grouped_matmul grouped_gemv] [--reps 50]
 
 Each kernel module's ``bench_cases()`` gives inputs, the minimal HBM bytes and the FLOPs. Both
 implementations are jitted; each is timed as the median of ``--reps`` runs of a jitted loop of
@@ -20,7 +20,7 @@ import time
 
 import jax
 
-MODULES = ("sparse_attention", "indexer", "compressor", "grouped_matmul")
+MODULES = ("sparse_attention", "indexer", "compressor", "grouped_matmul", "grouped_gemv")
 
 
 def time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
