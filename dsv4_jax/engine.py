@@ -9,7 +9,6 @@ out of bounds, where they are dropped).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Iterator, Sequence
 
@@ -23,34 +22,41 @@ from .model import DeepseekV4ForCausalLM, InputError, check_capacity, check_voca
 from .sampling import SamplingParams, sample
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "last_only", "kernels"),
-                   donate_argnames=("cache",))
-def _chunk_step(graphdef, state, cache, token_ids, start, n_new, *, capacity: int, last_only: bool,
-                kernels: str = "xla"):
-    return run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, n_new, capacity, last_only, kernels)
+class DeviceSteps:
+    """The engine's two jitted device steps for one model structure and cache capacity.
 
+    ``chunk``: a prefill chunk -> (logits, caches). ``decode``: token_ids [B, 1], active [B] bool -> (next
+    tokens [B], caches); inactive rows write nothing. Caches are donated. The graph definition is closed
+    over rather than passed as a static argument: hashing it on every call cost ~0.7 ms of host time per
+    step on a CI-class CPU, and a batch-1 decode step on an H200 is bound by host time (docs/performance.md).
+    """
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "kernels"), donate_argnames=("cache",))
-def _decode_step(graphdef, state, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
-                 capacity: int, kernels: str = "xla"):
-    """token_ids [B, 1]; active [B] bool -> (next tokens [B], caches). Inactive rows write nothing."""
-    logits, cache = run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, active.astype(jnp.int32),
-                              capacity, last_only=True, kernels=kernels)
-    return sample(logits, key, temperature, top_k, top_p), cache
+    def __init__(self, graphdef, capacity: int):
+        def chunk(state, cache, token_ids, start, n_new, *, last_only: bool, kernels: str = "xla"):
+            return run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, n_new, capacity, last_only,
+                             kernels)
+
+        def decode(state, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
+                   kernels: str = "xla"):
+            logits, cache = run_chunk(nnx.merge(graphdef, state), cache, token_ids, start,
+                                      active.astype(jnp.int32), capacity, last_only=True, kernels=kernels)
+            return sample(logits, key, temperature, top_k, top_p), cache
+
+        self.chunk = jax.jit(chunk, static_argnames=("last_only", "kernels"), donate_argnames=("cache",))
+        self.decode = jax.jit(decode, static_argnames=("kernels",), donate_argnames=("cache",))
 
 
 KERNELS = ("xla", "pallas")
 
 
-def default_kernels(phase: str) -> str:
-    """The implementation the engine uses for ``phase`` ("prefill" or "decode") unless told. Off the GPU, the
-    plain-JAX reference (Pallas runs there only in interpret mode, for tests). On the GPU, whichever
-    scripts/bench_generate.py measured faster on the Flash-width slice (docs/performance.md, H200): prefill
-    "pallas" (the XLA path's ragged_dot MoE ran out of memory on a 4K prompt), decode "xla" (5.1 ms against
-    8.0 ms per step at batch 1, 4K context)."""
-    if jax.default_backend() != "gpu":
-        return "xla"
-    return {"prefill": "pallas", "decode": "xla"}[phase]
+def default_kernels() -> str:
+    """The implementation the engine uses unless told. Off the GPU, the plain-JAX reference (Pallas runs
+    there only in interpret mode, for tests). On the GPU, "pallas", from scripts/bench_generate.py on the
+    Flash-width slice (docs/performance.md, H200, 2026-11-29): decode 5.6 / 11.6 / 22.0 ms per step at batch
+    8 / 32 / 128 against 11.8 / 40.0 / 119.8 ms for "xla", whose routed experts copy the picked matrices or
+    run a dense ragged dot; prefill, where "xla" ran out of memory on a 4K prompt. At batch 1 "xla" measured
+    2.98 ms against 3.23 ms: 8% that a per-batch switch could win back, not worth a second default."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 @dataclasses.dataclass
@@ -89,15 +95,14 @@ class Engine:
             raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
         if kernels is not None and kernels not in KERNELS:
             raise InputError(f"kernels {kernels!r} is not one of {KERNELS}")
-        # One choice for both phases when given; otherwise each phase's measured default.
-        self.prefill_kernels = kernels or default_kernels("prefill")
-        self.decode_kernels = kernels or default_kernels("decode")
+        self.kernels = kernels or default_kernels()
         self.model = model
         self.config = model.config
         self.capacity = capacity
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(model)
+        self.steps = DeviceSteps(self.graphdef, capacity)
         self.stats = GenerationStats()
 
     # ----- input checks --------------------------------------------------------------------
@@ -128,15 +133,13 @@ class Engine:
 
     def _run_chunk(self, cache, ids: np.ndarray, start: np.ndarray, n_new: np.ndarray, last_only: bool):
         """ids [B, C] host ints -> (logits, caches): one prefill chunk."""
-        return _chunk_step(self.graphdef, self.state, cache, jnp.asarray(ids), jnp.asarray(start),
-                           jnp.asarray(n_new), capacity=self.capacity, last_only=last_only,
-                           kernels=self.prefill_kernels)
+        return self.steps.chunk(self.state, cache, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(n_new),
+                                last_only=last_only, kernels=self.kernels)
 
     def _run_decode(self, cache, tokens: np.ndarray, pos: np.ndarray, active: np.ndarray, key, params):
         """tokens [B, 1] -> (sampled next tokens [B], caches); params = (temperature, top_k, top_p)."""
-        return _decode_step(self.graphdef, self.state, cache, jnp.asarray(tokens), jnp.asarray(pos),
-                            jnp.asarray(active), key, *params, capacity=self.capacity,
-                            kernels=self.decode_kernels)
+        return self.steps.decode(self.state, cache, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(active),
+                                 key, *params, kernels=self.kernels)
 
     # ----- the two phases ------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], chunk: int | None = None):

@@ -506,9 +506,10 @@ class PipelineEngine(Engine):
             raise InputError(f"microbatches {microbatches!r} must be a positive integer")
         super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, kernels=kernels)
         self.pp, self.microbatches = pp, microbatches
-        # One stage program serves both phases, so one implementation: the given one, else the reference
-        # (the pipeline has not been measured with the per-phase GPU defaults of Engine).
-        self.plan = PipelinePlan(model, starts, devs, capacity, kernels or "xla")
+        # The given implementation, else the reference: the pipeline has not been measured on GPUs with
+        # the kernels that are Engine's GPU default.
+        self.kernels = kernels or "xla"
+        self.plan = PipelinePlan(model, starts, devs, capacity, self.kernels)
         self.params = self.plan.place_params()
         self._chunk_fn = jax.jit(functools.partial(pipeline_chunk, self.plan),
                                  static_argnames=("microbatches", "last_only"), donate_argnames=("cache",))

@@ -12,8 +12,11 @@ processed (a decode step's cost depends on the cache's size, not its values, and
 128 x 128K tokens would take hours), then ``--decode-steps`` jitted decode steps (sampling included)
 issued back to back and timed until the last result is ready; median of 3 such groups. Each row has the
 bytes the step must read (scripts/roofline.py decode_step_bytes) over the copy bandwidth measured in
-the same run. ``--profile B,CTX``: a device-time breakdown of that decode case by layer type and part
-(scripts/profile_breakdown.py). Prints one JSON object per case.
+the same run, and the host time one step's call takes to return (``host_dispatch_ms``: a step is
+dispatch-bound when that exceeds its device time). ``--profile B,CTX``: a device-time breakdown of that
+decode case by layer type and part, with the kernel launches per step (scripts/profile_breakdown.py; run
+with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so the trace names HLO instructions). Prints one JSON
+object per case.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from flax import nnx
 from dsv4_jax.cache import init_cache
 from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.demo import demo_config
-from dsv4_jax.engine import _chunk_step, _decode_step
+from dsv4_jax.engine import DeviceSteps
 from dsv4_jax.random_weights import random_model
 from scripts import roofline
 
@@ -58,6 +61,7 @@ def make_config(name: str, layers: str, experts: int | None) -> DeepseekV4Config
 def prefill_case(model, context: int, chunk: int, kernels: str) -> dict:
     cfg, dtype = model.config, model.dtype
     graphdef, state = nnx.split(model)
+    chunk_step = DeviceSteps(graphdef, context).chunk
     prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, context)).astype(np.int32)
 
     def prefill():
@@ -66,9 +70,8 @@ def prefill_case(model, context: int, chunk: int, kernels: str) -> dict:
             n = min(chunk, context - pos)
             ids = np.zeros((1, chunk), np.int32)
             ids[:, :n] = prompt[:, pos:pos + n]
-            logits, cache = _chunk_step(graphdef, state, cache, jnp.asarray(ids), jnp.full((1,), pos, jnp.int32),
-                                        jnp.full((1,), n, jnp.int32), capacity=context, last_only=True,
-                                        kernels=kernels)
+            logits, cache = chunk_step(state, cache, jnp.asarray(ids), jnp.full((1,), pos, jnp.int32),
+                                       jnp.full((1,), n, jnp.int32), last_only=True, kernels=kernels)
         return jax.block_until_ready((logits, cache))
 
     prefill()  # compile
@@ -93,6 +96,7 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     cfg, dtype = model.config, model.dtype
     graphdef, state = nnx.split(model)
     capacity = context + 4 * steps + 8
+    decode_step = DeviceSteps(graphdef, capacity).decode
     cache = synthetic_cache(cfg, batch, capacity, jnp.dtype(dtype), jax.random.PRNGKey(1))
     params = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
     key = jax.random.PRNGKey(0)
@@ -100,15 +104,20 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     pos = context
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (batch, 1)), jnp.int32)
 
+    dispatch = []
+
     def run(n):
         nonlocal cache, tokens, pos
         for _ in range(n):
-            nxt, cache = _decode_step(graphdef, state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active,
-                                      key, *params, capacity=capacity, kernels=kernels)
+            t0 = time.perf_counter()
+            nxt, cache = decode_step(state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active, key, *params,
+                                     kernels=kernels)
+            dispatch.append(time.perf_counter() - t0)
             tokens, pos = nxt[:, None], pos + 1
         jax.block_until_ready(cache)
 
     run(1)  # compile
+    dispatch.clear()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -118,14 +127,15 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     need = roofline.decode_step_bytes(model, batch, context)
     dev = jax.devices()[0]
     row = {"phase": "decode", "batch": batch, "context": context, "decode_ms_per_step": step_s * 1e3,
-           "decode_tokens_per_s": batch / step_s, "bytes_per_step_gb": need["total"] / 1e9,
+           "decode_tokens_per_s": batch / step_s, "host_dispatch_ms": statistics.median(dispatch) * 1e3,
+           "bytes_per_step_gb": need["total"] / 1e9,
            "bytes_split_gb": {k: round(v / 1e9, 4) for k, v in need.items() if k != "total"},
            "peak_memory_gb": (dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9}
     if profile:
         from scripts.profile_breakdown import breakdown
 
-        hlo = _decode_step.lower(graphdef, state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active, key,
-                                 *params, capacity=capacity, kernels=kernels).compile().as_text()
+        hlo = decode_step.lower(state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active, key, *params,
+                                kernels=kernels).compile().as_text()
         row["profile"] = breakdown(lambda: run(steps), hlo, cfg.layer_types, steps)
     return row
 
@@ -137,6 +147,8 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=None, help="override the routed expert count")
     p.add_argument("--batch", type=int, nargs="*", default=[1])
     p.add_argument("--context", type=int, nargs="*", default=[256])
+    p.add_argument("--decode-cases", nargs="*", default=None,
+                   help="decode cases B,CTX or B,CTX,KERNELS (instead of every --batch x --context x --kernels)")
     p.add_argument("--prefill", type=int, nargs="*", default=[], help="batch-1 prefill lengths to time")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--decode-steps", type=int, default=16)
@@ -145,6 +157,7 @@ def main(argv=None):
     p.add_argument("--profile", nargs="*", default=[], help="decode cases B,CTX to profile")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the card's ceilings (CPU)")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     cfg = make_config(args.model, args.layers, args.experts)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     ceil = None if args.no_ceilings else roofline.torch_ceilings()
@@ -153,13 +166,19 @@ def main(argv=None):
             "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size, "dtype": args.dtype}
     print(json.dumps({"ceilings": ceil, **base}), flush=True)
     profiled = {tuple(int(v) for v in c.split(",")) for c in args.profile}
+    if args.decode_cases is None:
+        decode_cases = [(b, ctx, k) for k in args.kernels for b in args.batch for ctx in args.context]
+    else:
+        decode_cases = [(int(c.split(",")[0]), int(c.split(",")[1]), k) for c in args.decode_cases
+                        for k in (c.split(",")[2:] or args.kernels)]
 
     def emit(fn, *a, **kw):
         try:
             row = fn(*a, **kw)
         except Exception as e:  # out of memory at large shapes: record it and go on
             row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        row = {**base, "kernels": kw.get("kernels", a[-1] if a else None), **row}
+        row = {**base, "kernels": kw.get("kernels", a[-1] if a else None), **row,
+               "elapsed_s": round(time.perf_counter() - t_start, 1)}
         if ceil and "decode_ms_per_step" in row:
             floor_ms = row["bytes_per_step_gb"] * 1e9 / (ceil["copy_2GB_TBps"] * 1e12) * 1e3
             row.update(roofline_ms=floor_ms, pct_of_roofline=100 * floor_ms / row["decode_ms_per_step"])
@@ -171,9 +190,8 @@ def main(argv=None):
     for kernels in args.kernels:
         for ctx in args.prefill:
             emit(prefill_case, model, ctx, min(args.prefill_chunk, ctx), kernels=kernels)
-        for b in args.batch:
-            for ctx in args.context:
-                emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels, profile=(b, ctx) in profiled)
+    for b, ctx, kernels in decode_cases:
+        emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels, profile=(b, ctx) in profiled)
     return 0
 
 

@@ -40,11 +40,12 @@ def category(op_name: str, layer_types) -> tuple[str, str]:
     return ("other_in_layer" if m else "head_embed_sampling"), layer_type
 
 
-def device_op_times(trace_dir: str) -> dict[str, float]:
-    """hlo_op -> total device nanoseconds over every GPU kernel event in the trace."""
+def device_op_times(trace_dir: str) -> tuple[dict[str, float], int]:
+    """(hlo_op -> total device nanoseconds, number of kernel events) over every GPU kernel event in the trace."""
     from jax.profiler import ProfileData
 
     totals: dict[str, float] = collections.defaultdict(float)
+    launches = 0
     for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
         for plane in ProfileData.from_file(path).planes:
             if not plane.name.startswith("/device:GPU"):
@@ -56,7 +57,8 @@ def device_op_times(trace_dir: str) -> dict[str, float]:
                     stats = dict(ev.stats)
                     if "hlo_op" in stats:
                         totals[stats["hlo_op"]] += ev.duration_ns
-    return totals
+                        launches += 1
+    return totals, launches
 
 
 def breakdown(run_steps, compiled_hlo: str, layer_types, steps: int) -> dict:
@@ -66,7 +68,7 @@ def breakdown(run_steps, compiled_hlo: str, layer_types, steps: int) -> dict:
         jax.profiler.start_trace(d)
         run_steps()
         jax.profiler.stop_trace()
-        times = device_op_times(d)
+        times, launches = device_op_times(d)
     names = op_names(compiled_hlo)
     by_cat: dict[str, float] = collections.defaultdict(float)
     by_type: dict[str, float] = collections.defaultdict(float)
@@ -80,6 +82,6 @@ def breakdown(run_steps, compiled_hlo: str, layer_types, steps: int) -> dict:
         if lt:
             by_type[f"{lt}/{cat}"] += ns / steps / 1e3
     total = sum(times.values()) / steps / 1e3
-    return {"device_us_per_step": total, "by_category_us": dict(sorted(by_cat.items())),
+    return {"device_us_per_step": total, "kernels_per_step": launches / steps, "by_category_us": dict(sorted(by_cat.items())),
             "by_layer_type_us": dict(sorted(by_type.items())), "unattributed_us": sum(unmapped.values()),
             "top_unattributed_us": dict(sorted(unmapped.items(), key=lambda kv: -kv[1])[:8])}

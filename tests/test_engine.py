@@ -14,7 +14,7 @@ from flax import nnx
 from conftest import tiny
 from dsv4_jax.cache import init_cache
 from dsv4_jax.config import CSA, HCA, SLIDING
-from dsv4_jax.engine import Engine, _chunk_step
+from dsv4_jax.engine import Engine
 from dsv4_jax.model import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError, run_chunk
 
 CFG = tiny()  # window 8, CSA m=4 (top-k 4), HCA m=8
@@ -36,9 +36,9 @@ def chunked_logits(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
     out = []
     for pos in range(0, S, chunk):
         n = min(chunk, S - pos)
-        logits, cache = _chunk_step(engine.graphdef, engine.state, cache, jnp.asarray(ids[:, pos:pos + n]),
-                                    jnp.full((B,), pos, jnp.int32), jnp.full((B,), n, jnp.int32),
-                                    capacity=engine.capacity, last_only=False)
+        logits, cache = engine.steps.chunk(engine.state, cache, jnp.asarray(ids[:, pos:pos + n]),
+                                           jnp.full((B,), pos, jnp.int32), jnp.full((B,), n, jnp.int32),
+                                           last_only=False)
         out.append(np.asarray(logits))
     return np.concatenate(out, axis=1)
 
@@ -87,8 +87,8 @@ def test_padding_never_writes_cache(model):
     engine = Engine(model, capacity=32)
     cache = init_cache(CFG, B, 32, jnp.float32)
     ids = jnp.asarray(np.random.RandomState(3).randint(0, CFG.vocab_size, (B, 16)))
-    _, cache = _chunk_step(engine.graphdef, engine.state, cache, ids, jnp.zeros(B, jnp.int32),
-                           jnp.array([16, 0], jnp.int32), capacity=32, last_only=True)
+    _, cache = engine.steps.chunk(engine.state, cache, ids, jnp.zeros(B, jnp.int32), jnp.array([16, 0], jnp.int32),
+                                  last_only=True)
     for leaf in jax.tree.leaves(cache):
         assert not np.asarray(leaf[1]).any()
         assert np.asarray(leaf[0]).any()
@@ -172,9 +172,7 @@ def test_engine_rejects_bad_input(model):
         Engine(model, capacity=16, kernels="triton")
 
 
-def test_kernel_choice_per_phase(model):
-    """Off the GPU both phases default to the reference; an explicit choice applies to both phases."""
-    engine = Engine(model, capacity=16)
-    assert (engine.prefill_kernels, engine.decode_kernels) == ("xla", "xla")
-    engine = Engine(model, capacity=16, kernels="pallas")
-    assert (engine.prefill_kernels, engine.decode_kernels) == ("pallas", "pallas")
+def test_kernel_choice(model):
+    """Off the GPU the engine defaults to the reference; an explicit choice is kept."""
+    assert Engine(model, capacity=16).kernels == "xla"
+    assert Engine(model, capacity=16, kernels="pallas").kernels == "pallas"

@@ -12,7 +12,7 @@ from flax import nnx
 from conftest import tiny
 from dsv4_jax.cache import init_cache
 from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
-from dsv4_jax.engine import Engine, _chunk_step
+from dsv4_jax.engine import DeviceSteps, Engine
 from dsv4_jax.model import DeepseekV4ForCausalLM
 from dsv4_jax.random_weights import random_model
 from dsv4_jax.sampling import SamplingParams
@@ -21,15 +21,15 @@ from dsv4_jax.sampling import SamplingParams
 def decode_logits(model, prompt: np.ndarray, steps: np.ndarray, capacity: int, kernels: str) -> np.ndarray:
     """Prefill ``prompt`` [B, P] (reference path), then one decode step per column of ``steps`` [B, T]."""
     graphdef, state = nnx.split(model)
+    chunk_step = DeviceSteps(graphdef, capacity).chunk
     B, P = prompt.shape
     cache = init_cache(model.config, B, capacity, model.dtype)
-    _, cache = _chunk_step(graphdef, state, cache, jnp.asarray(prompt), jnp.zeros(B, jnp.int32),
-                           jnp.full(B, P, jnp.int32), capacity=capacity, last_only=True)
+    _, cache = chunk_step(state, cache, jnp.asarray(prompt), jnp.zeros(B, jnp.int32), jnp.full(B, P, jnp.int32),
+                          last_only=True)
     out = []
     for t in range(steps.shape[1]):
-        logits, cache = _chunk_step(graphdef, state, cache, jnp.asarray(steps[:, t:t + 1]),
-                                    jnp.full(B, P + t, jnp.int32), jnp.ones(B, jnp.int32), capacity=capacity,
-                                    last_only=True, kernels=kernels)
+        logits, cache = chunk_step(state, cache, jnp.asarray(steps[:, t:t + 1]), jnp.full(B, P + t, jnp.int32),
+                                   jnp.ones(B, jnp.int32), last_only=True, kernels=kernels)
         out.append(np.asarray(logits, np.float32))
     return np.stack(out, 1)
 
@@ -53,6 +53,7 @@ def prefill_decode_run(model, prompts: list[np.ndarray], chunk: int, steps: np.n
     per chunk or step, final caches); logits [B, C, V] at every position, or [B, V] at each row's last real
     token with ``last_only``."""
     graphdef, state = nnx.split(model)
+    chunk_step = DeviceSteps(graphdef, capacity).chunk
     B = len(prompts)
     lens = np.array([len(p) for p in prompts], np.int32)
     cache = init_cache(model.config, B, capacity, model.dtype)
@@ -62,14 +63,14 @@ def prefill_decode_run(model, prompts: list[np.ndarray], chunk: int, steps: np.n
         ids = np.zeros((B, chunk), np.int32)
         for b in range(B):
             ids[b, : n_new[b]] = prompts[b][done[b]: done[b] + n_new[b]]
-        logits, cache = _chunk_step(graphdef, state, cache, jnp.asarray(ids), jnp.asarray(done), jnp.asarray(n_new),
-                                    capacity=capacity, last_only=last_only, kernels=kernels)
+        logits, cache = chunk_step(state, cache, jnp.asarray(ids), jnp.asarray(done), jnp.asarray(n_new),
+                                   last_only=last_only, kernels=kernels)
         out.append((np.asarray(logits, np.float32), n_new))
         done = done + n_new
     for t in range(steps.shape[1]):
         n_new = active[:, t].astype(np.int32)
-        logits, cache = _chunk_step(graphdef, state, cache, jnp.asarray(steps[:, t:t + 1]), jnp.asarray(done),
-                                    jnp.asarray(n_new), capacity=capacity, last_only=last_only, kernels=kernels)
+        logits, cache = chunk_step(state, cache, jnp.asarray(steps[:, t:t + 1]), jnp.asarray(done),
+                                   jnp.asarray(n_new), last_only=last_only, kernels=kernels)
         out.append((np.asarray(logits, np.float32), n_new))
         done = done + n_new
     return out, cache
@@ -127,9 +128,14 @@ def test_engine_rejects_unknown_kernels():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_pallas_decode_matches_xla_on_flash_width_slice():
     """Flash-width attention (hidden 4096, 64 x 512 heads, indexer 64 x 128, top-k 512) in bf16; experts
-    reduced to 16 (the kernels do not touch the MoE). Bound: bf16 tolerance on the logits."""
+    reduced to 64, so a decode step's 4 x 6 routed rows take the few-rows grouped kernel. Every layer is
+    routed by token id: with learned routers a bf16 rounding difference between the paths can flip a
+    near-tied expert choice and move a row's logits by ~20% (2 of 4 rows in CPU interpret mode at 64
+    experts; the learned-routing version of this test failed on an H200, its error value not captured),
+    which says nothing about the kernels; the router is one plain-JAX function on both paths. Bound: bf16
+    tolerance on the logits (1.4% measured in CPU interpret mode with routing by token id)."""
     cfg = DeepseekV4Config.flash(num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA),
-                                 mlp_layer_types=(HASH_MOE, MOE, MOE), n_routed_experts=16)
+                                 mlp_layer_types=(HASH_MOE,) * 3, n_routed_experts=64)
     model = random_model(cfg, jnp.bfloat16)
     rng = np.random.RandomState(0)
     prompt, steps = rng.randint(0, cfg.vocab_size, (4, 2300)), rng.randint(0, cfg.vocab_size, (4, 3))
@@ -137,16 +143,18 @@ def test_pallas_decode_matches_xla_on_flash_width_slice():
     got = decode_logits(model, prompt, steps, 2400, "pallas")
     err = np.abs(got - ref).max() / np.abs(ref).max()
     print(f"pallas vs xla decode logits (bf16, Flash-width): max abs err / max |logit| = {err:.4f}")
-    assert np.isfinite(got).all() and err < 2e-2
+    assert np.isfinite(got).all(), "pallas decode produced non-finite logits"
+    assert err < 2e-2, f"pallas vs xla decode logits: max abs err / max |logit| = {err:.4f} (bound 2e-2)"
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_pallas_prefill_and_decode_match_xla_on_flash_width_slice():
-    """Flash-width SWA + CSA + HCA layers (experts reduced to 16) in bf16: ragged prompts of 2300 / 1700 tokens
-    prefilled in 512-token chunks, then 3 decode steps, all with kernels="pallas" against "xla". Bound: bf16
-    tolerance on each row's last-token logits of every chunk and step."""
+    """Flash-width SWA + CSA + HCA layers (experts reduced to 16, routed by token id as above) in bf16: ragged
+    prompts of 2300 / 1700 tokens prefilled in 512-token chunks, then 3 decode steps, all with
+    kernels="pallas" against "xla". Bound: bf16 tolerance on each row's last-token logits of every chunk
+    and step."""
     cfg = DeepseekV4Config.flash(num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA),
-                                 mlp_layer_types=(HASH_MOE, MOE, MOE), n_routed_experts=16)
+                                 mlp_layer_types=(HASH_MOE,) * 3, n_routed_experts=16)
     model = random_model(cfg, jnp.bfloat16)
     rng = np.random.RandomState(1)
     prompts = [rng.randint(0, cfg.vocab_size, n) for n in (2300, 1700)]
@@ -160,4 +168,4 @@ def test_pallas_prefill_and_decode_match_xla_on_flash_width_slice():
         assert np.isfinite(g[rows]).all()
         worst = max(worst, float(np.abs(g[rows] - r[rows]).max() / np.abs(r[rows]).max()))
     print(f"pallas vs xla prefill + decode logits (bf16, Flash-width): max abs err / max |logit| = {worst:.4f}")
-    assert worst < 2e-2
+    assert worst < 2e-2, f"pallas vs xla prefill + decode logits: worst relative error {worst:.4f} (bound 2e-2)"

@@ -143,13 +143,13 @@ def reference(workers):
     """The unpipelined model (one device): ragged chunked logits, greedy tokens, caches after prefill."""
     import jax.numpy as jnp
 
-    from dsv4_jax.engine import Engine, _chunk_step
+    from dsv4_jax.engine import Engine
     model = build_model()
     engine = Engine(model, capacity=CAPACITY, prefill_chunk=CHUNK)
 
     def run_chunk(cache, ids, start, n_new, last_only):
-        return _chunk_step(engine.graphdef, engine.state, cache, jnp.asarray(ids), jnp.asarray(start),
-                           jnp.asarray(n_new), capacity=CAPACITY, last_only=last_only)
+        return engine.steps.chunk(engine.state, cache, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(n_new),
+                                  last_only=last_only)
 
     logits = chunked_logits(run_chunk, engine._new_cache, prompts(), CHUNK)
     tokens = [r.tokens for r in engine.generate(prompts(), max_new_tokens=NEW_TOKENS)]
