@@ -176,11 +176,27 @@ class Engine:
         key = jax.random.PRNGKey(seed)
         key, sub = jax.random.split(key)
         params = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
-        tokens = np.asarray(sample(logits, sub, *params))
+        step_tokens = sample(logits, sub, *params)  # [B] on the device
+        tokens = np.asarray(step_tokens)
         stats.prefill_seconds = time.perf_counter() - t0
         active = np.ones(len(prompts), bool)
         pos = lens.copy()
         t0 = time.perf_counter()
+
+        def dispatch(step_tokens):
+            """Issue the next decode step on the device tokens of the previous one (no host round trip)."""
+            nonlocal cache, key, pos
+            key, sub = jax.random.split(key)
+            # A copy: the step may still be running when EOS updates ``active`` in place.
+            next_tokens, cache = self._run_decode(cache, step_tokens[:, None], pos, active.copy(), sub, params)
+            pos = pos + active
+            return next_tokens
+
+        # One step of lookahead: step s + 1 is issued before step s's tokens are read back and yielded, so
+        # the device never waits for the host's read, EOS check and launch of the next step. A row that
+        # ends at step s has therefore run step s + 1 as well; that token is dropped and the row's cache no
+        # longer matters. Tokens and sampling keys are the same as stepping one token at a time.
+        in_flight = dispatch(step_tokens) if max_new_tokens > 1 else None
         for step in range(max_new_tokens):
             for b in np.flatnonzero(active):
                 stats.generated_tokens += 1
@@ -190,10 +206,9 @@ class Engine:
                     self.finish_reasons[b] = "eos"
             if step == max_new_tokens - 1 or not active.any():
                 break
-            key, sub = jax.random.split(key)
-            next_tokens, cache = self._run_decode(cache, tokens[:, None], pos, active, sub, params)
-            pos = pos + active
-            tokens = np.asarray(next_tokens)
+            step_tokens = in_flight
+            in_flight = dispatch(step_tokens) if step + 2 < max_new_tokens else None
+            tokens = np.asarray(step_tokens)
         stats.decode_seconds = time.perf_counter() - t0
 
     def generate(self, prompts, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),

@@ -156,6 +156,43 @@ def test_per_sequence_stop_on_eos(model):
         assert stopped[1].tokens == free[1].tokens and stopped[1].finish_reason == "length"
 
 
+def test_lookahead_decode_equals_one_step_at_a_time(model):
+    """The engine issues step s + 1 before reading step s back. Against a plain loop that reads each step's
+    tokens, checks EOS and only then issues the next (same prefill, same key splits): sampled tokens and
+    finish reasons are equal, including a row that stops on EOS while the others go on."""
+    from dsv4_jax.sampling import SamplingParams, sample
+
+    engine = Engine(model, capacity=64, prefill_chunk=8)
+    prompts = [list(range(3, 3 + n)) for n in (13, 6, 9)]
+    sampling, seed, new = SamplingParams(temperature=0.9, top_k=6), 3, 12
+
+    def one_step_at_a_time(eos):
+        logits, cache, lens = engine.prefill(prompts)
+        key, sub = jax.random.split(jax.random.PRNGKey(seed))
+        params = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+        tokens, active, pos = np.asarray(sample(logits, sub, *params)), np.ones(len(prompts), bool), lens.copy()
+        out, reasons = [[] for _ in prompts], ["length"] * len(prompts)
+        for step in range(new):
+            for b in np.flatnonzero(active):
+                out[b].append(int(tokens[b]))
+                if int(tokens[b]) in eos:
+                    active[b], reasons[b] = False, "eos"
+            if step == new - 1 or not active.any():
+                break
+            key, sub = jax.random.split(key)
+            nxt, cache = engine.steps.decode(engine.state, cache, jnp.asarray(tokens[:, None]), jnp.asarray(pos),
+                                             jnp.asarray(active), sub, *params, kernels=engine.kernels)
+            pos, tokens = pos + active, np.asarray(nxt)
+        return out, reasons
+
+    free, _ = one_step_at_a_time(set())
+    eos = {free[1][4]}  # row 1 stops at (or before) its fifth token
+    want, want_reasons = one_step_at_a_time(eos)
+    got = engine.generate(prompts, max_new_tokens=new, sampling=sampling, seed=seed, eos_token_ids=eos)
+    assert [r.tokens for r in got] == want
+    assert [r.finish_reason for r in got] == want_reasons and "eos" in want_reasons
+
+
 def test_engine_rejects_bad_input(model):
     engine = Engine(model, capacity=16)
     with pytest.raises(InputError, match=r"token id 300 is outside the vocabulary \[0, 256\)"):
