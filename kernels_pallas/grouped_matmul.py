@@ -150,7 +150,7 @@ def bench_cases():
 
         M = tokens * k
         used = E * (1 - (1 - 1 / E) ** M)  # expected distinct experts under uniform picks
-        return {"name": name, "shapes": f"M={M} (tokens={tokens} x k={k}) N={n} K={kk} G={E}",
+        return {"name": name, "tokens": tokens, "shapes": f"M={M} (tokens={tokens} x k={k}) N={n} K={kk} G={E}",
                 "args": args, "reference": reference, "pallas": grouped_matmul,
                 "bytes": 2 * (M * kk + int(used) * n * kk + M * n), "flops": 2 * M * n * kk}
 

@@ -2,7 +2,8 @@
 
 CPU: the Triton kernel in Pallas interpret mode, outputs poisoned (NaN) before the run, on fresh random
 inputs per case; the tile table against a direct enumeration; a CUDA lowering check at the Flash decode
-shapes. GPU (skipped elsewhere): the compiled kernel at real sizes.
+shapes. GPU (skipped elsewhere): the compiled kernel at real sizes. The MoE layer's choice between this
+kernel and grouped_matmul is tested in test_kernel_grouped_matmul.py.
 """
 
 from __future__ import annotations
@@ -12,26 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.moe import routed_experts
 from kernels_pallas import grouped_gemv as gg
 from kernels_pallas.testing import lower_for_h100
+from test_kernel_grouped_matmul import assert_close, make_inputs
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 
 SMALL = dict(block_n=32, block_k=32)
-
-
-def make_inputs(seed, M, K, N, sizes):
-    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
-    x = jax.random.normal(kx, (M, K), jnp.float32).astype(jnp.bfloat16)
-    w = jax.random.normal(kw, (len(sizes), N, K), jnp.float32).astype(jnp.bfloat16)
-    return x, w, jnp.asarray(sizes, jnp.int32)
-
-
-def assert_close(out, ref):
-    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    assert np.isfinite(out).all(), "kernel left unwritten (NaN) rows"
-    np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("M,sizes", [
@@ -75,20 +63,6 @@ def test_lowers_for_h100(M, N, K):
     args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((256, N, K), jnp.bfloat16),
             jax.ShapeDtypeStruct((256,), jnp.int32))
     assert "triton" in lower_for_h100(gg.grouped_gemv, *args).lower()
-
-
-def test_moe_decode_kernel_path_matches_xla_in_interpret_mode():
-    """routed_experts with fewer routed rows than experts (decode) takes this kernel on the pallas path."""
-    T, k, E, d, F = 2, 3, 8, 64, 32
-    key = jax.random.split(jax.random.PRNGKey(5), 4)
-    x = jax.random.normal(key[0], (T, d), jnp.float32).astype(jnp.bfloat16)
-    idx = jax.random.randint(key[1], (T, k), 0, E)
-    weights = jax.random.uniform(key[2], (T, k))
-    gate_up = (0.1 * jax.random.normal(key[3], (E, 2 * F, d))).astype(jnp.bfloat16)
-    down = (0.1 * jax.random.normal(key[0], (E, d, F))).astype(jnp.bfloat16)
-    want = routed_experts(x, idx, weights, gate_up, down, 10.0)
-    got = routed_experts(x, idx, weights, gate_up, down, 10.0, kernels="pallas")
-    assert_close(got, want)
 
 
 @on_gpu

@@ -2,7 +2,8 @@
 
 CPU: the Mosaic GPU kernel in Pallas' GPU interpret mode (allocated outputs start as NaN there, so an
 unwritten row fails) on fresh random inputs per case, plus a CUDA cross-lowering check at the Flash expert
-shapes. GPU (skipped elsewhere): the compiled kernel at real sizes and through the MoE layer.
+shapes. GPU (skipped elsewhere): the compiled kernel at real sizes. CPU also: the MoE layer's "pallas" path, with
+this kernel or the few-rows one (grouped_gemv), against its XLA path.
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ def test_lowers_for_h100(M, N, K):
     assert "mosaic_gpu" in lower_for_h100(gm.grouped_matmul, *args)
 
 
-def test_moe_kernel_path_matches_xla_in_interpret_mode():
-    """routed_experts with the kernel (interpret mode on CPU) equals the XLA ragged path."""
-    T, k, E, d, F = 24, 2, 4, 128, 64
-    key = jax.random.split(jax.random.PRNGKey(3), 4)
+@pytest.mark.parametrize("T,k,E,d,F,seed", [
+    (24, 2, 4, 128, 64, 3),  # 12 rows per expert: this kernel; the XLA path is ragged_dot
+    (2, 3, 8, 64, 32, 5),    # under 1 row per expert (decode): the few-rows kernel; XLA gathers matrices
+])
+def test_moe_kernel_paths_match_xla_in_interpret_mode(T, k, E, d, F, seed):
+    """routed_experts with kernels="pallas" (interpret mode on CPU) equals the XLA path, on both sides of
+    the rows-per-expert rule that picks grouped_matmul or grouped_gemv."""
+    key = jax.random.split(jax.random.PRNGKey(seed), 4)
     x = jax.random.normal(key[0], (T, d), jnp.float32).astype(jnp.bfloat16)
     idx = jax.random.randint(key[1], (T, k), 0, E)
     weights = jax.random.uniform(key[2], (T, k))
