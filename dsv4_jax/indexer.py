@@ -67,19 +67,23 @@ class Indexer(Compressor):
                  kernels: str = "xla", positions: jax.Array | None = None):
         """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state).
 
-        With ``kernels="pallas"`` a decode step (C = 1) scores with the Pallas kernel and selects with the
-        chunked top-k; both are tested against this module's functions. The compressor follows ``kernels``
-        too (``positions`` [B, C] as in ``Compressor.compress``).
+        With ``kernels="pallas"`` the scores come from the Pallas indexer kernels (a decode step, C = 1, and a
+        chunk) and the selection from the Pallas top-k, which returns the same set in ascending id order
+        (every consumer is order-free); both are tested against this module's functions. The compressor
+        follows ``kernels`` too (``positions`` [B, C] as in ``Compressor.compress``).
         """
         keys, state = self.compress(x, state, keys, meta, kernels, positions)
         q, w = self.queries(x, q_latent, cos, sin)
-        C = x.shape[1]
         k = min(self.cfg.index_topk, keys.shape[1])
-        if kernels == "pallas" and C == 1:
-            from kernels_pallas import indexer as pallas_indexer
+        if kernels != "pallas":
+            return select_topk(index_scores(q, keys, w), meta.n_visible, k), keys, state
+        from kernels_pallas import indexer as pallas_indexer
+        from kernels_pallas.topk import topk_indices
 
+        interpret = jax.default_backend() != "gpu"
+        if x.shape[1] == 1:
             n_valid = meta.n_visible[:, 0]
-            scores = pallas_indexer.index_scores_decode(q[:, 0], keys, w[:, 0], n_valid,
-                                                        interpret=jax.default_backend() != "gpu")
-            return pallas_indexer.topk_indices(scores, n_valid, k)[:, None], keys, state
-        return select_topk(index_scores(q, keys, w), meta.n_visible, k), keys, state
+            scores = pallas_indexer.index_scores_decode(q[:, 0], keys, w[:, 0], n_valid, interpret=interpret)
+            return topk_indices(scores, n_valid, k, interpret=interpret)[:, None], keys, state
+        scores = pallas_indexer.index_scores_prefill(q, keys, w, meta.n_visible, interpret=interpret)
+        return topk_indices(scores, meta.n_visible, k, interpret=interpret), keys, state

@@ -11,14 +11,14 @@ def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: lis
                 interpret: bool, name: str, poison: bool = False) -> list:
     """``pl.pallas_call`` on the Triton backend; returns the list of outputs.
 
-    ``poison`` (a testing aid): the outputs are NaN-filled buffers aliased as extra inputs, so any
-    element the kernel fails to write stays NaN. The kernel still sees only its inputs and outputs.
+    ``poison`` (a testing aid): the outputs are NaN-filled (integers: INT_MIN-filled) buffers aliased as
+    extra inputs, so any element the kernel fails to write keeps that value. The kernel still sees only its inputs and outputs.
     """
     aliases = {}
     if poison:
         n_in, n_out = len(args), len(out_shape)
         aliases = {n_in + i: i for i in range(n_out)}
-        args = [*args, *(jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape)]
+        args = [*args, *(poison_like(o.shape, o.dtype) for o in out_shape)]
         in_specs = [*in_specs, *out_specs]
         inner = kernel
 
@@ -36,3 +36,10 @@ def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: lis
         interpret=interpret,
         name=name,
     )(*args)
+
+
+def poison_like(shape, dtype):
+    """NaN-filled buffer (integers: the dtype's minimum), so unwritten elements fail comparisons."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.full(shape, jnp.nan, dtype)
+    return jnp.full(shape, jnp.iinfo(dtype).min, dtype)

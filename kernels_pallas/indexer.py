@@ -1,14 +1,13 @@
-"""Lightning indexer scores (DeepSeek-V4 §7) as Pallas GPU kernels, plus a fast exact top-k outside Pallas.
+"""Lightning indexer scores (DeepSeek-V4 §7) as Pallas GPU kernels (the top-k that follows: ``topk.py``).
 
     I[t, s] = sum_h w[t, h] * relu(q[t, h] . K[s])          (fp32; -inf where s >= n_visible[t])
 
     index_scores_decode(q [B,HI,DI], keys [B,N,DI], weights [B,HI], n_valid [B])           -> [B,N]   f32
     index_scores_prefill(q [B,S,HI,DI], keys [B,N,DI], weights [B,S,HI], n_visible [B,S]) -> [B,S,N] f32
-    topk_indices(scores [...,N], n_visible [...], k)                                       -> [...,k] int32
 
 ``weights`` already carry the D_I^-1/2 * H_I^-1/2 scale (the model's ``w``). ``reference_decode`` /
-``reference_prefill`` / ``reference_topk`` below are the plain-jnp definitions; they are
-``dsv4_jax.indexer.index_scores`` / ``select_topk`` plus the visibility mask.
+``reference_prefill`` below are the plain-jnp definitions: ``dsv4_jax.indexer.index_scores`` plus the
+visibility mask.
 
 Backend: the Pallas **Triton** backend (``jax.experimental.pallas.triton``). It is deprecated upstream but
 present and working in the pinned jax 0.11.2. Both kernels are made of exactly what Triton lowers and Mosaic
@@ -39,13 +38,6 @@ Prefill design (compute-bound: 2 * HI * DI FLOPs per visible (t, s) pair, 2.2 TF
 * Causal skipping: a tile whose first key is >= max(n_visible) over its queries skips the head loop and only
   writes -inf (n_visible may be any array; the block maximum makes the skip exact for any pattern).
 
-Top-k (outside Pallas; no top-k/sort primitive lowers in either Pallas GPU backend): ``topk_indices`` masks
-invisible and non-finite scores to -inf, then does a chunked tournament: ``lax.top_k`` within chunks of
-``chunk`` entries, keep k candidates per chunk (with their global ids), repeat until one chunk is left, final
-``lax.top_k``. Exactly the same selected set as one ``lax.top_k`` (every member of the global top-k is in the
-top-k of its chunk); ids whose value is -inf become -1, as in ``select_topk``. XLA's GPU top-k for k > 16 is a
-sort; sorting short rows runs in shared memory, which is why chunking pays (see ``bench_cases``).
-
 Measured on one H200 (jax 0.11.2 + CUDA plugin, medians of jitted loops; two runs on two machines, numbers
 moved by up to ~10 % between them):
 
@@ -55,9 +47,6 @@ moved by up to ~10 % between them):
 * prefill causal S=8192 / N=2048: 382 us (360 TFLOP/s on visible pairs) with the default 64 x 128 tiles
   (128 x 64 was best there, 345 us); XLA reference 4546 us. S=32768 / N=8192: 3.81 ms (578 TFLOP/s), the
   XLA reference does not fit (per-head scores would be 68 GB).
-* top-k k=512 over [32, 32768]: 118-132 us vs 159-172 us for one lax.top_k (select_topk); k=1024: 135 vs
-  162-167 us; [1, 32768] k=1024: 96 vs 124 us; [32, 16384] k=512: 83 vs 92 us. With two chunks or fewer
-  ([32, 8192]) chunking lost (99 vs 71-85 us), hence the rule above. Chunks of 1024/2048/16384 were slower.
 """
 
 from __future__ import annotations
@@ -72,7 +61,7 @@ from jax.experimental.pallas import triton as plt
 
 from .common import triton_call
 
-from dsv4_jax.indexer import index_scores, select_topk
+from dsv4_jax.indexer import index_scores
 
 NEG_INF = float("-inf")
 
@@ -96,12 +85,6 @@ def reference_decode(q, keys, weights, n_valid):
     """q [B,HI,DI], keys [B,N,DI], weights [B,HI] f32, n_valid [B] -> [B,N] f32, -inf if s >= n_valid."""
     return reference_prefill(q[:, None], keys, weights[:, None], n_valid[:, None])[:, 0]
 
-
-def reference_topk(scores, n_visible, k: int):
-    """``dsv4_jax.indexer.select_topk`` (one ``lax.top_k``) for [B,N] or [B,S,N] scores."""
-    if scores.ndim == 2:
-        return select_topk(scores[:, None], n_visible[:, None], k)[:, 0]
-    return select_topk(scores, n_visible, k)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,50 +263,6 @@ def index_scores_prefill(q, keys, weights, n_visible, *, block_q: int = 64, bloc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Top-k (plain JAX: no top-k / sort lowers inside Pallas GPU kernels)
-# ----------------------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("k", "chunk"))
-def topk_indices(scores, n_visible, k: int, *, chunk: int = 4096):
-    """scores [..., N] f32, n_visible [...] int -> entry ids [..., k] int32 (-1 where fewer than k are visible).
-
-    Same selected set as ``dsv4_jax.indexer.select_topk`` (invisible and non-finite scores are never picked;
-    ids come sorted by descending score, then the -1s). Chunked tournament: ``lax.top_k`` within chunks of
-    ``chunk`` entries (``chunk >= 2k``), keep k per chunk, repeat while more than two chunks' worth remain,
-    then one ``lax.top_k`` over the candidates.
-    """
-    N = scores.shape[-1]
-    if not 0 < k <= N:
-        raise ValueError(f"k={k} must be in [1, N={N}]")
-    lead = scores.shape[:-1]
-    assert n_visible.shape == lead, (n_visible.shape, lead)
-    entry = jnp.arange(N, dtype=jnp.int32)
-    x = jnp.where((entry < n_visible[..., None]) & jnp.isfinite(scores), scores.astype(jnp.float32), NEG_INF)
-    x = x.reshape(-1, N)
-    R = x.shape[0]
-    chunk = max(chunk, 2 * k)
-    ids = None  # [R, M] global entry ids of the candidates in x (None: x is the full row, id = position)
-    while x.shape[1] > 2 * chunk:  # two chunks or fewer: one lax.top_k is as fast (measured, H200)
-        M = x.shape[1]
-        nc = pl.cdiv(M, chunk)
-        c = pl.cdiv(M, nc)  # equal chunks, as few padding entries as possible
-        pad = nc * c - M
-        xc = jnp.pad(x, ((0, 0), (0, pad)), constant_values=NEG_INF).reshape(R, nc, c)
-        v, i = lax.top_k(xc, k)  # [R, nc, k]
-        gi = i + (jnp.arange(nc, dtype=jnp.int32) * c)[None, :, None]
-        if ids is not None:
-            ids_c = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1).reshape(R, nc * c)
-            gi = jnp.take_along_axis(ids_c, gi.reshape(R, nc * k), axis=1)
-        x, ids = v.reshape(R, nc * k), gi.reshape(R, nc * k)
-    v, i = lax.top_k(x, k)
-    if ids is not None:
-        i = jnp.take_along_axis(ids, i, axis=1)
-    out = jnp.where(v > NEG_INF, i, -1).astype(jnp.int32)
-    return out.reshape(*lead, k)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Benchmarks (scripts/bench_kernels.py)
 # ----------------------------------------------------------------------------------------------------------
 
@@ -354,12 +293,6 @@ def _prefill_inputs(key, B, S, HI, DI, N):
     return q, keys, w, causal_n_visible(B, S)
 
 
-def _topk_inputs(key, B, N):
-    ks, kn = jax.random.split(key)
-    scores = jax.random.normal(ks, (B, N), jnp.float32)
-    n = jax.random.randint(kn, (B,), N // 2, N + 1, jnp.int32)
-    return scores, n
-
 
 def bench_cases():
     """Flash sizes: decode B=32 x N=32768 keys; its top-512; causal prefill S=8192 and 32768 (N = S/4), B=1."""
@@ -376,17 +309,6 @@ def bench_cases():
         "pallas": index_scores_decode,
         "reference": reference_decode,
     })
-    for k in (512,):
-        cases.append({
-            "name": f"topk{k}_B{B}_N{N}",
-            "shapes": {"B": B, "N": N, "k": k},
-            "args": functools.partial(_topk_inputs, B=B, N=N),
-            "kwargs": {"k": k},
-            "bytes": B * (N * 4 + 4 + k * 4),
-            "flops": 0,
-            "pallas": topk_indices,  # two-stage chunked lax.top_k (not a Pallas kernel: none lowers)
-            "reference": reference_topk,  # one lax.top_k (select_topk)
-        })
     for S in (8192, 32768):
         N = S // 4
         visible_pairs = sum((t + 1) // 4 for t in range(S))

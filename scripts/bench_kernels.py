@@ -1,12 +1,15 @@
 """Benchmark the Pallas kernels against their plain-JAX references (a benchmark, not a test).
 
-    python -m scripts.bench_kernels [--only sparse_attention indexer compressor grouped_matmul grouped_gemv] [--reps 50]
+    python -m scripts.bench_kernels [--only sparse_attention indexer topk compressor grouped_matmul grouped_gemv]
+        [--cases decode_B128] [--configs '[{}, {"block_h": 64, "num_warps": 8}]'] [--reps 50]
 
 Each kernel module's ``bench_cases()`` gives inputs, the minimal HBM bytes and the FLOPs. Both
 implementations are jitted; each is timed as the median of ``--reps`` runs of a jitted loop of
 ``--inner`` back-to-back calls (so host dispatch is amortised), after a warm-up. The roofline uses
 the copy bandwidth and bf16 matmul rate measured in the same run (scripts/roofline.py). Prints one
-JSON object per case.
+JSON object per case and kernel configuration: ``--configs`` (a JSON list of keyword sets for the Pallas
+function, ``{}`` = its defaults) sweeps block sizes and warps in one run; ``--cases`` keeps the cases whose
+name contains one of the given strings.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 
 import jax
 
-MODULES = ("sparse_attention", "indexer", "compressor", "grouped_matmul", "grouped_gemv")
+MODULES = ("sparse_attention", "indexer", "topk", "compressor", "grouped_matmul", "grouped_gemv")
 
 
 def time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
@@ -41,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", default=list(MODULES))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--cases", nargs="*", default=None, help="substrings of the case names to run")
+    p.add_argument("--configs", type=json.loads, default=[{}], help="JSON list of Pallas keyword sets")
     args = p.parse_args(argv)
     sys.path.insert(0, ".")
     from scripts.roofline import torch_ceilings
@@ -51,26 +56,36 @@ def main(argv=None) -> int:
     for name in args.only:
         mod = importlib.import_module(f"kernels_pallas.{name}")
         for case in mod.bench_cases():
+            if args.cases and not any(c in case["name"] for c in args.cases):
+                continue
             inputs = case["args"](jax.random.PRNGKey(0))
-            row = {"kernel": name, "case": case["name"], "shapes": case["shapes"], "device": ceil["device"]}
+            base = {"kernel": name, "case": case["name"], "shapes": case["shapes"], "device": ceil["device"]}
             try:
                 t_ref = time_fn(case["reference"], inputs, case.get("kwargs", {}), args.reps, args.inner)
-                row["reference_us"] = t_ref * 1e6
+                base["reference_us"] = t_ref * 1e6
             except Exception as e:  # the reference may not fit (e.g. materialised per-head scores)
                 t_ref = None
-                row["reference_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            t = time_fn(case["pallas"], inputs, case.get("kwargs", {}), args.reps, args.inner)
-            floor_bw = case["bytes"] / bw
-            floor_mm = case.get("flops", 0) / mm
-            row.update({
-                "pallas_us": t * 1e6,
-                "achieved_TBps": case["bytes"] / t / 1e12,
-                "achieved_TFLOPs": case.get("flops", 0) / t / 1e12,
-                "roofline_bound": "memory" if floor_bw >= floor_mm else "matmul",
-                "pct_of_roofline": 100 * max(floor_bw, floor_mm) / t,
-                "speedup_vs_reference": (t_ref / t) if t_ref else None,
-            })
-            print(json.dumps(row), flush=True)
+                base["reference_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            for config in args.configs:
+                row = {**base, "config": config}
+                try:
+                    t = time_fn(case["pallas"], inputs, {**case.get("kwargs", {}), **config}, args.reps,
+                                args.inner)
+                except Exception as e:  # a configuration may not compile (shared memory, registers)
+                    row["pallas_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    print(json.dumps(row), flush=True)
+                    continue
+                floor_bw = case["bytes"] / bw
+                floor_mm = case.get("flops", 0) / mm
+                row.update({
+                    "pallas_us": t * 1e6,
+                    "achieved_TBps": case["bytes"] / t / 1e12,
+                    "achieved_TFLOPs": case.get("flops", 0) / t / 1e12,
+                    "roofline_bound": "memory" if floor_bw >= floor_mm else "matmul",
+                    "pct_of_roofline": 100 * max(floor_bw, floor_mm) / t,
+                    "speedup_vs_reference": (t_ref / t) if t_ref else None,
+                })
+                print(json.dumps(row), flush=True)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Lightning-indexer kernels (kernels_pallas/indexer.py) against their plain-jnp references.
 
 CPU: the decode and prefill Pallas kernels in interpret mode on ragged inputs, written into NaN-poisoned
-aliased outputs (every element is compared, the -inf masked ones included), the chunked top-k against
-``select_topk``, and a CUDA cross-lowering check of each kernel at the real Flash shapes. GPU (skipped
+aliased outputs (every element is compared, the -inf masked ones included), and a CUDA cross-lowering
+check of each kernel at the real Flash shapes (the top-k after them: tests/test_kernel_topk.py). GPU (skipped
 elsewhere): the compiled kernels at real sizes. tests/conftest.py defaults JAX_PLATFORMS to cpu, so on a GPU
 machine run ``JAX_PLATFORMS=cuda python -m pytest tests/test_kernel_indexer.py -k gpu``.
 """
@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.indexer import select_topk
 from kernels_pallas import indexer as ix
 from kernels_pallas.testing import lower_for_h100
 
@@ -143,89 +142,6 @@ def test_decode_equals_prefill_of_one_query():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Top-k
-# ------------------------------------------------------------------------------------------------------------
-
-
-def tie_free_scores(key, shape):
-    """Distinct finite scores (a random permutation of a grid), so the top-k set is well defined."""
-    N = shape[-1]
-    rows = int(np.prod(shape[:-1]))
-    perm = jax.vmap(lambda k: jax.random.permutation(k, N))(jax.random.split(key, rows))
-    return (perm.astype(jnp.float32) / N - 0.5).reshape(shape) * 7.0
-
-
-def check_topk(ids, scores, n_visible, k, *, what=""):
-    """Exact set equality with select_topk; -1 exactly where fewer than k entries are pickable; ids are
-    sorted by descending score with the -1s last."""
-    ids = np.asarray(ids)
-    ref = np.asarray(ix.reference_topk(scores, n_visible, k))
-    assert ids.shape == ref.shape and ids.dtype == np.int32, (ids.shape, ids.dtype, ref.shape)
-    ids2, ref2 = ids.reshape(-1, k), ref.reshape(-1, k)
-    sc = np.asarray(scores).reshape(ids2.shape[0], -1)
-    for r in range(ids2.shape[0]):
-        got, want = ids2[r], ref2[r]
-        assert set(got[got >= 0]) == set(want[want >= 0]), f"{what}: row {r} selects a different set"
-        n_ok = np.sum(want >= 0)
-        assert np.all(got[:n_ok] >= 0) and np.all(got[n_ok:] == -1), f"{what}: row {r} -1 placement"
-        vals = sc[r, got[:n_ok]]
-        assert np.all(np.diff(vals) < 0), f"{what}: row {r} not sorted by descending score"
-
-
-# name -> (seed, scores shape, n_visible (None: random), k, chunk)
-TOPK_CASES = {
-    # decode layout [B,N]: rows with 0, 1, fewer than k, exactly k and more visible entries; 4 stages.
-    "decode_rows": (31, (6, 1000), [0, 1, 10, 64, 500, 1000], 64, 128),
-    # prefill layout [B,S,N], causal visibility, chunk not dividing N.
-    "prefill_rows": (32, (2, 9, 300), causal(9, 300, [0, 1100]), 32, 70),
-    # Flash decode shape (two stages of 4096 by default), ragged.
-    "flash_k512": (33, (3, 32768), [32768, 700, 300], 512, 4096),
-    # Pro k = 1024 over N not a multiple of the chunk; default chunk.
-    "pro_k1024": (34, (2, 20000), [20000, 1500], 1024, None),
-    # one chunk only (falls through to a single lax.top_k); k = N.
-    "single_chunk": (35, (3, 40), [40, 0, 17], 40, 4096),
-}
-
-
-@pytest.mark.parametrize("name", list(TOPK_CASES))
-def test_topk_matches_select_topk(name):
-    seed, shape, nv, k, chunk = TOPK_CASES[name]
-    scores = tie_free_scores(jax.random.PRNGKey(seed), shape)
-    nv = jnp.asarray(nv, jnp.int32)
-    kw = {} if chunk is None else {"chunk": chunk}
-    ids = ix.topk_indices(scores, nv, k, **kw)
-    check_topk(ids, scores, nv, k, what=name)
-
-
-def test_topk_never_picks_non_finite():
-    """NaN, +inf and -inf scores at visible positions are never picked (select_topk masks them first)."""
-    scores = tie_free_scores(jax.random.PRNGKey(36), (3, 600))
-    scores = scores.at[0, 5].set(jnp.nan).at[0, 7].set(jnp.inf).at[1, :590].set(-jnp.inf).at[2, 3].set(jnp.nan)
-    nv = jnp.asarray([600, 600, 4], jnp.int32)
-    ids = np.asarray(ix.topk_indices(scores, nv, 20, chunk=64))
-    check_topk(ids, scores, nv, 20, what="non-finite")
-    assert 5 not in ids[0] and 7 not in ids[0]
-    assert np.sum(ids[1] >= 0) == 10 and np.sum(ids[2] >= 0) == 3 and 3 not in ids[2]
-
-
-def test_reference_topk_is_select_topk():
-    scores = tie_free_scores(jax.random.PRNGKey(37), (2, 3, 50))
-    nv = jnp.asarray([[0, 5, 50], [20, 1, 49]], jnp.int32)
-    np.testing.assert_array_equal(ix.reference_topk(scores, nv, 8), select_topk(scores, nv, 8))
-    np.testing.assert_array_equal(ix.reference_topk(scores[:, 0], nv[:, 0], 8), select_topk(scores, nv, 8)[:, 0])
-
-
-def test_scores_then_topk_end_to_end():
-    """Kernel scores -> chunked top-k selects the same set as reference scores -> select_topk (no near-ties)."""
-    q, keys, w, nv = prefill_inputs(jax.random.PRNGKey(38), 1, 24, 8, 32, 64, causal(24, 64, [200]))
-    out = ix.index_scores_prefill(q, keys, w, nv, block_q=16, block_k=32, interpret=True)
-    ref = ix.reference_prefill(q, keys, w, nv)
-    srt = -np.sort(-np.asarray(ref), axis=-1)
-    assert np.all(np.abs(srt[..., 7] - srt[..., 8]) > 1e-4 * np.abs(srt[..., 0]) + 1e-6)  # no near-tie at k
-    check_topk(ix.topk_indices(out, nv, 8, chunk=16), ref, nv, 8, what="end to end")
-
-
-# ------------------------------------------------------------------------------------------------------------
 # CUDA lowering at the real Flash shapes (interpret mode does not catch what the Triton lowering rejects)
 # ------------------------------------------------------------------------------------------------------------
 
@@ -259,11 +175,6 @@ def test_prefill_lowers_for_h100(B, S, N, kw):
     assert "triton" in text.lower()
 
 
-def test_topk_lowers_for_h100():
-    fn = functools.partial(ix.topk_indices, k=512)
-    text = lower_for_h100(fn, sds((32, 32768), jnp.float32), sds((32,), jnp.int32))
-    assert "topk" in text.lower() or "sort" in text.lower()
-
 
 # ------------------------------------------------------------------------------------------------------------
 # GPU: compiled kernels at real sizes
@@ -296,13 +207,6 @@ def test_gpu_prefill_matches_reference(S):
         check_scores(out[:, sl], ref, what=f"prefill S{S} rows {lo}:{lo + 512}")
     assert np.array_equal(np.isneginf(out), np.arange(N)[None, None] >= np.asarray(nv)[..., None])
 
-
-@on_gpu
-@pytest.mark.parametrize("B,N,k", [(32, 32768, 512), (32, 32768, 1024), (8, 8192, 512)])
-def test_gpu_topk_matches_select_topk(B, N, k):
-    scores = tie_free_scores(jax.random.PRNGKey(k + N), (B, N))
-    nv = jax.random.randint(jax.random.PRNGKey(1), (B,), 0, N + 1, jnp.int32).at[0].set(N).at[1].set(k // 2)
-    check_topk(ix.topk_indices(scores, nv, k), scores, nv, k, what=f"topk B{B} N{N} k{k}")
 
 
 @on_gpu
