@@ -173,19 +173,46 @@ def tournament(scores, n_visible, k: int, *, chunk: int = 4096):
     return jnp.where(i == big, -1, i).astype(jnp.int32).reshape(*lead, k)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret"))
-def topk_indices(scores, n_visible, k: int, *, interpret: bool = False):
+def segmented(scores, n_visible, k: int, segments: int, *, num_warps: int | None = None,
+              interpret: bool = False):
+    """scores [R, N], n_visible [R] -> ``topk_indices`` in two ``topk_select`` rounds, so that a few long rows
+    occupy ``segments`` times as many programs: the top-k of each of ``segments`` equal slices of a row,
+    then the top-k of those candidates. Exact: every member of a row's top-k is in the top-k of its slice,
+    with ties at the k-th value going to the lower ids in both rounds."""
+    R, N = scores.shape
+    L = pl.cdiv(N, segments)
+    kk = min(k, L)
+    x = jnp.pad(scores, ((0, 0), (0, segments * L - N))).reshape(R * segments, L)
+    start = jnp.arange(segments, dtype=jnp.int32) * L
+    n_slice = jnp.clip(n_visible[:, None] - start[None, :], 0, L).reshape(R * segments)
+    local = topk_select(x, n_slice, kk, num_warps=num_warps, interpret=interpret).reshape(R, segments, kk)
+    ids = jnp.where(local >= 0, local + start[None, :, None], -1).reshape(R, segments * kk)
+    cand = jnp.where(ids >= 0, jnp.take_along_axis(scores, jnp.maximum(ids, 0), axis=1), NEG_INF)
+    pick = topk_select(cand, jnp.full((R,), segments * kk, jnp.int32), k, num_warps=num_warps,
+                       interpret=interpret)  # positions in cand: ascending, so the ids are too
+    return jnp.where(pick >= 0, jnp.take_along_axis(ids, jnp.maximum(pick, 0), axis=1), -1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "segments", "num_warps", "interpret"))
+def topk_indices(scores, n_visible, k: int, *, segments: int = 1, num_warps: int | None = None,
+                 interpret: bool = False):
     """scores [..., N] f32, n_visible [...] int -> entry ids [..., k] int32 (-1 where fewer than k are
     pickable): the set ``reference`` selects, in ascending id order, then the -1s. The Pallas select for
-    N <= ``MAX_BLOCK``, the chunked ``tournament`` above that."""
+    N <= ``MAX_BLOCK`` (in ``segments`` slices per row when > 1, see ``segmented``), the chunked
+    ``tournament`` above that."""
     N = scores.shape[-1]
+    lead = scores.shape[:-1]
     if not 0 < k <= N:
         raise ValueError(f"k={k} must be in [1, N={N}]")
-    if n_visible.shape != scores.shape[:-1]:
-        raise ValueError(f"n_visible has shape {n_visible.shape}, expected {scores.shape[:-1]}")
-    if pl.next_power_of_2(N) <= MAX_BLOCK:
-        return topk_select(scores, n_visible, k, interpret=interpret)
-    return tournament(scores, n_visible, k)
+    if n_visible.shape != lead:
+        raise ValueError(f"n_visible has shape {n_visible.shape}, expected {lead}")
+    if pl.next_power_of_2(N) > MAX_BLOCK:
+        return tournament(scores, n_visible, k)
+    if segments == 1:
+        return topk_select(scores, n_visible, k, num_warps=num_warps, interpret=interpret)
+    x = scores.reshape(-1, N).astype(jnp.float32)
+    n = jnp.clip(n_visible.reshape(-1), 0, N).astype(jnp.int32)
+    return segmented(x, n, k, segments, num_warps=num_warps, interpret=interpret).reshape(*lead, k)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def main(argv=None):
     p.add_argument("--decode-cases", nargs="*", default=None,
                    help="decode cases B,CTX or B,CTX,KERNELS (instead of every --batch x --context x --kernels)")
     p.add_argument("--prefill", type=int, nargs="*", default=[], help="batch-1 prefill lengths to time")
-    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--prefill-chunk", type=int, nargs="+", default=[2048], help="prefill chunk sizes to time")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--kernels", nargs="+", default=["xla"], choices=("xla", "pallas"))
@@ -189,7 +189,8 @@ def main(argv=None):
 
     for kernels in args.kernels:
         for ctx in args.prefill:
-            emit(prefill_case, model, ctx, min(args.prefill_chunk, ctx), kernels=kernels)
+            for chunk in args.prefill_chunk:
+                emit(prefill_case, model, ctx, min(chunk, ctx), kernels=kernels)
     for b, ctx, kernels in decode_cases:
         emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels, profile=(b, ctx) in profiled)
     return 0

@@ -169,3 +169,24 @@ def test_gpu_select_ties():
     scores = jnp.asarray(np.random.default_rng(44).integers(0, 6, (32, 32768)).astype(np.float32))
     nv = jnp.full((32,), 32768, jnp.int32).at[3].set(100)
     check_topk(tk.topk_select(scores, nv, 512, poison_outputs=True), scores, nv, 512, what="gpu ties")
+
+
+@pytest.mark.parametrize("segments", [2, 3, 8])
+def test_segmented_matches_select_topk(segments):
+    """Two rounds over slices of each row pick the one-round set, ties included (slices not dividing N,
+    slices shorter than k, rows ending inside a slice, empty rows)."""
+    rng = np.random.default_rng(45)
+    scores = jnp.asarray(rng.integers(0, 40, (5, 1000)).astype(np.float32))  # ties at every value
+    nv = jnp.asarray([1000, 999, 130, 0, 1], jnp.int32)
+    for k in (16, 200):
+        ids = tk.topk_indices(scores, nv, k, segments=segments, interpret=True)
+        check_topk(ids, scores, nv, k, what=f"segments={segments} k={k}")
+
+
+@on_gpu
+@pytest.mark.parametrize("segments", [2, 4, 8])
+def test_gpu_segmented_matches_select_topk(segments):
+    scores = tie_free_scores(jax.random.PRNGKey(segments), (32, 32768))
+    nv = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 32769, jnp.int32).at[0].set(32768).at[1].set(300)
+    ids = tk.topk_indices(scores, nv, 512, segments=segments)
+    check_topk(ids, scores, nv, 512, what=f"segments={segments}")
