@@ -59,6 +59,21 @@ def default_kernels() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def default_prefill_chunk() -> int:
+    """Prompt tokens per prefill step unless told. On the GPU 8192: the Flash-width slice prefilled a 32K
+    prompt at 46% of the bf16 matmul rate in 8192-token chunks against 28% in 2048-token ones (H200,
+    2026-11-29, docs/performance.md): each expert's grouped matmul gets 4x the rows. Elsewhere 256 (the demo
+    model on a CPU). Short prompts do not pay for a long chunk (``Engine.prefill`` shrinks the last ones)."""
+    return 8192 if jax.default_backend() == "gpu" else 256
+
+
+def chunk_bucket(remaining: int, chunk: int) -> int:
+    """The step length for a prefill with at most ``remaining`` prompt tokens left in any row: ``chunk``, or
+    the next power of two >= ``remaining`` (at least 64) when that is shorter, so a short prompt (or a long
+    one's tail) is not padded to a long chunk, and few distinct shapes get compiled."""
+    return min(chunk, max(64, 1 << (remaining - 1).bit_length()))
+
+
 @dataclasses.dataclass
 class GenerationResult:
     tokens: list[int]  # the new tokens (EOS included when it stopped the sequence)
@@ -89,8 +104,9 @@ class Engine:
     >>> engine.generate(["Once upon a time"], max_new_tokens=32)
     """
 
-    def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int = 256,
+    def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int | None = None,
                  tokenizer=None, kernels: str | None = None):
+        prefill_chunk = prefill_chunk or default_prefill_chunk()
         if capacity <= 0 or prefill_chunk <= 0:
             raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
         if kernels is not None and kernels not in KERNELS:
@@ -151,8 +167,9 @@ class Engine:
         done = np.zeros(B, np.int32)
         last_logits = [None] * B
         while (done < lens).any():
-            n_new = np.minimum(lens - done, chunk).astype(np.int32)
-            ids = np.zeros((B, chunk), np.int32)
+            size = chunk_bucket(int((lens - done).max()), chunk)
+            n_new = np.minimum(lens - done, size).astype(np.int32)
+            ids = np.zeros((B, size), np.int32)
             for b in range(B):
                 ids[b, : n_new[b]] = prompts[b][done[b] : done[b] + n_new[b]]
             logits, cache = self._run_chunk(cache, ids, done, n_new, last_only=True)

@@ -499,8 +499,8 @@ class PipelineEngine(Engine):
     """
 
     def __init__(self, model: DeepseekV4ForCausalLM, pp: int, boundaries: Sequence[int] | None = None,
-                 microbatches: int | None = None, capacity: int = 2048, prefill_chunk: int = 256, tokenizer=None,
-                 devices=None, kernels: str | None = None):
+                 microbatches: int | None = None, capacity: int = 2048, prefill_chunk: int | None = None,
+                 tokenizer=None, devices=None, kernels: str | None = None):
         starts, devs = check_pipeline(model.config.num_hidden_layers, pp, boundaries, devices)
         if microbatches is not None and (isinstance(microbatches, bool) or microbatches < 1):
             raise InputError(f"microbatches {microbatches!r} must be a positive integer")

@@ -40,9 +40,11 @@ Design (memory bound: every kv/gate element is read from HBM once):
   softmax state (running max, sum, weighted sum; [Wb, D] fp32 each). The a-half rows of a program are its
   own tokens shifted by one window, so apart from one window per program boundary (read again by the
   neighbour, usually from L2) every element is read once.
-  - CSA (m = 4, D = 512): one step of Ts = 4 slots, Wb = 2 windows, 4 warps. Each slot is its own [Wb, D]
-    tile ("slot rows", used for Ts <= 8), so the softmax over slots is elementwise in registers. 1024 / 4096
-    programs at S = 8K / 32K. The indexer's D = 128: Wb = 8, 8 warps.
+  - CSA (m = 4, D = 512): one step of Ts = 4 slots, Wb = 1 window, 4 warps. Each slot is its own [Wb, D]
+    tile ("slot rows", used for Ts <= 8), so the softmax over slots is elementwise in registers. 2048 / 8192
+    programs at S = 8K / 32K. Wb = 2 (the default before 2026-11-29) measured 1.4x slower on an H200 at
+    both lengths (device-timed sweep, docs/results/2026-11-29-h200-run5): twice the registers per program,
+    half the programs in flight. The indexer's D = 128: Wb = 8, 8 warps (Wb = 1 measured the same).
   - HCA (m = 128): Wb = 1 window per program, 4 steps (``fori_loop``) of a [1, 32, 512] tile reduced over its
     slot axis, 16 warps. At S = 8K and B = 1 that is only 64 programs for 132 SMs, the weak spot: 16 warps
     with 64 KB of loads per step keep bytes in flight on the SMs that have work. (Splitting channels over
@@ -80,7 +82,7 @@ from jax.experimental.pallas import triton as plt
 from .common import triton_call
 
 NEG = -1e30  # finite "minus infinity" for the running max (exp(NEG - NEG) = 1 must never be used unmasked)
-TILE_ELEMS = 4096  # target elements of one [Wb, Ts, D] kv (or gate) tile when a window fits in one step
+TILE_ELEMS = 4096  # target elements of one [Wb, Ts, D] kv (or gate) tile when a window fits in one step (D < 512)
 MAX_STEP_ELEMS = 16384  # cap of a slot-step tile (HCA: 32 tokens x 512 channels)
 SLOT_ROWS_MAX = 8  # slot steps up to this many tokens load one [Wb, D] tile per slot
 ELEMS_PER_THREAD = 32  # default warps: a tile spread as 32 elements per thread per array (D >= 512)
@@ -411,8 +413,8 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
                      poison_outputs: bool = False):
     """Pallas (Triton) prefill compression; same arguments and result as ``reference_prefill``.
 
-    windows_per_block (Wb, power of two): windows per program; default: Wb*m*D near TILE_ELEMS = 4K elements
-    when a window fits in one step (2 for CSA D=512, 8 for D=128), else 1 (HCA). slots_per_step (Ts): tokens
+    windows_per_block (Wb, power of two): windows per program; default 1 for D >= 512 (CSA, HCA), else
+    Wb*m*D near TILE_ELEMS = 4K elements (8 for the indexer's D=128). slots_per_step (Ts): tokens
     of a window per step (a power of two dividing m; default the largest with Ts*D <= 16K: 4 for CSA, 32
     for HCA D=512). num_warps: default tile / (32 x 32 elements), 16 elements for D < 512, clipped to
     [4, 16] (4 for CSA D=512, 8 for D=128, 16 for HCA).
@@ -430,7 +432,8 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
         return jnp.zeros((B, 0, D), out_dtype)
     if windows_per_block is None:
         ts0 = _slot_step(m, D, 1, slots_per_step)
-        wb = 1 if ts0 < m else max(1, min(TILE_ELEMS // (m * D), pl.next_power_of_2(nW)))
+        wide = ts0 < m or D >= 512  # measured: one window per program is faster for D = 512 (docstring)
+        wb = 1 if wide else max(1, min(TILE_ELEMS // (m * D), pl.next_power_of_2(nW)))
         wb = 1 << (wb.bit_length() - 1)
     else:
         wb = windows_per_block

@@ -14,7 +14,7 @@ from flax import nnx
 from conftest import tiny
 from dsv4_jax.cache import init_cache
 from dsv4_jax.config import CSA, HCA, SLIDING
-from dsv4_jax.engine import Engine
+from dsv4_jax.engine import Engine, chunk_bucket
 from dsv4_jax.model import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError, run_chunk
 
 CFG = tiny()  # window 8, CSA m=4 (top-k 4), HCA m=8
@@ -52,6 +52,22 @@ def test_chunked_prefill_and_decode_equal_stateless(model, chunk):
     got = chunked_logits(Engine(model, capacity=80), ids, chunk)
     assert rel_err(got, full) < 1e-5
     np.testing.assert_array_equal(got.argmax(-1), full.argmax(-1))
+
+
+def test_prefill_steps_shrink_to_the_prompts_left():
+    """A long chunk does not pad a short prompt (or a long prompt's tail) to its length: powers of two >= 64."""
+    assert [chunk_bucket(r, 8192) for r in (1, 64, 65, 300, 8192, 9000)] == [64, 64, 128, 512, 8192, 8192]
+    assert [chunk_bucket(r, 10) for r in (3, 10, 500)] == [10, 10, 10]
+
+
+def test_prefill_chunk_does_not_change_tokens(model):
+    """Ragged prompts of 100 / 5 / 70 tokens: one 4096-token chunk (steps of 128 then nothing) and 16-token
+    chunks give the same greedy tokens."""
+    rng = np.random.RandomState(8)
+    prompts = [list(rng.randint(2, CFG.vocab_size, n)) for n in (100, 5, 70)]
+    small = Engine(model, capacity=128, prefill_chunk=16).generate(prompts, max_new_tokens=6)
+    large = Engine(model, capacity=128, prefill_chunk=4096).generate(prompts, max_new_tokens=6)
+    assert [r.tokens for r in large] == [r.tokens for r in small]
 
 
 def test_ragged_batch_equals_each_sequence_alone(model):
