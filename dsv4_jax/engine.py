@@ -60,11 +60,11 @@ def default_kernels() -> str:
 
 
 def default_prefill_chunk() -> int:
-    """Prompt tokens per prefill step unless told. On the GPU 8192: the Flash-width slice prefilled a 32K
-    prompt at 46% of the bf16 matmul rate in 8192-token chunks against 28% in 2048-token ones (H200,
-    2026-11-29, docs/performance.md): each expert's grouped matmul gets 4x the rows. Elsewhere 256 (the demo
-    model on a CPU). Short prompts do not pay for a long chunk (``Engine.prefill`` shrinks the last ones)."""
-    return 8192 if jax.default_backend() == "gpu" else 256
+    """Prompt tokens per prefill step unless told. On the GPU 16384: the Flash-width slice prefilled a 32K
+    prompt at 28% of the bf16 matmul rate in 2048-token chunks, 45-46% in 8192 and 50% in 16384 (H200,
+    2026-11-29, docs/performance.md): each expert's grouped matmul gets more rows. Elsewhere 256 (the demo
+    model on a CPU). Short prompts do not pay for a long chunk (``Engine.prefill`` shrinks the steps)."""
+    return 16384 if jax.default_backend() == "gpu" else 256
 
 
 def chunk_bucket(remaining: int, chunk: int) -> int:

@@ -31,8 +31,10 @@ Design (one program per row; the row lives in registers):
   that are not picked get distinct slots after the picks (a permutation of the row), so no two lanes ever
   target the same slot: the store is well defined even where masking is emulated (interpret mode).
 
-So the row is read from HBM once (128 KB at N = 32K) and everything else is register and shared-memory work:
-32 rows are 32 programs, each bounded by its 32 reductions. Rows longer than ``MAX_BLOCK`` (N > 64K: over
+So the row is read from HBM once (128 KB at N = 32K) and everything else is register and shared-memory work,
+bounded by the 32 reductions. A decode step has only B rows (32 programs for 132 SMs at batch 32), so
+``topk_indices`` splits few long rows into slices (``segmented``: the top-k of each slice, then of the
+candidates; exact), which took [32, 32768], k = 512 from 63 to 36 us on an H200. Rows longer than ``MAX_BLOCK`` (N > 64K: over
 256K tokens of context at ratio 4) do not fit in one program's registers; they take ``tournament``, a
 chunked ``lax.top_k`` (top k of each 4096-entry chunk, then of the candidates), with its result put in the
 same ascending order.
@@ -57,6 +59,7 @@ from .common import triton_call
 NEG_INF = float("-inf")
 INT_MIN = -(2**31)
 MAX_BLOCK = 65536  # scores per row kept in registers: 64 per thread at 32 warps
+NUM_SMS = 132  # H100 SXM and H200
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,13 +196,25 @@ def segmented(scores, n_visible, k: int, segments: int, *, num_warps: int | None
     return jnp.where(pick >= 0, jnp.take_along_axis(ids, jnp.maximum(pick, 0), axis=1), -1)
 
 
+def auto_segments(rows: int, n: int, k: int) -> int:
+    """Slices per row: the largest power of two up to 8 that keeps ``rows * segments`` within the SM count
+    and slices of at least 2k entries (so the first round discards at least half). Measured on an H200
+    (device-timed, 2026-11-29): [32, 32768], k = 512 took 63 us in one round and 36 us in 4 slices of 8
+    warps (8 slices: 42 us); [2048, 8192] is already 2048 programs and stays at one round (221 us; 4 slices
+    233 us)."""
+    segments = 1
+    while segments < 8 and rows * segments * 2 <= NUM_SMS and n // (segments * 2) >= 2 * k:
+        segments *= 2
+    return segments
+
+
 @functools.partial(jax.jit, static_argnames=("k", "segments", "num_warps", "interpret"))
-def topk_indices(scores, n_visible, k: int, *, segments: int = 1, num_warps: int | None = None,
+def topk_indices(scores, n_visible, k: int, *, segments: int | None = None, num_warps: int | None = None,
                  interpret: bool = False):
     """scores [..., N] f32, n_visible [...] int -> entry ids [..., k] int32 (-1 where fewer than k are
     pickable): the set ``reference`` selects, in ascending id order, then the -1s. The Pallas select for
-    N <= ``MAX_BLOCK`` (in ``segments`` slices per row when > 1, see ``segmented``), the chunked
-    ``tournament`` above that."""
+    N <= ``MAX_BLOCK``, in ``segments`` slices per row when > 1 (see ``segmented``; None = ``auto_segments``,
+    with 8 warps per program when slicing), the chunked ``tournament`` above that."""
     N = scores.shape[-1]
     lead = scores.shape[:-1]
     if not 0 < k <= N:
@@ -208,9 +223,12 @@ def topk_indices(scores, n_visible, k: int, *, segments: int = 1, num_warps: int
         raise ValueError(f"n_visible has shape {n_visible.shape}, expected {lead}")
     if pl.next_power_of_2(N) > MAX_BLOCK:
         return tournament(scores, n_visible, k)
+    x = scores.reshape(-1, N).astype(jnp.float32)
+    if segments is None:
+        segments = auto_segments(x.shape[0], N, k)
+        num_warps = num_warps or (8 if segments > 1 else None)
     if segments == 1:
         return topk_select(scores, n_visible, k, num_warps=num_warps, interpret=interpret)
-    x = scores.reshape(-1, N).astype(jnp.float32)
     n = jnp.clip(n_visible.reshape(-1), 0, N).astype(jnp.int32)
     return segmented(x, n, k, segments, num_warps=num_warps, interpret=interpret).reshape(*lead, k)
 

@@ -5,8 +5,9 @@
         --prefill 4096 32768 --kernels xla pallas --profile 1,4096 32,32768
 
 Weights are random (bf16 by default), generated on the device in one jitted call per tensor.
-Prefill (batch 1, ``--prefill`` lengths): the whole prompt in engine-sized chunks, timed after a warm-up
-pass (compilation excluded); against the bf16 matmul rate (scripts/roofline.py prefill_flops).
+Prefill (batch 1, ``--prefill`` lengths): the whole prompt in chunks of ``--prefill-chunk`` tokens (default:
+the engine's), timed after a warm-up pass (compilation excluded); against the bf16 matmul rate
+(scripts/roofline.py prefill_flops).
 Decode (``--batch`` x ``--context``): caches filled with random entries as if ``context`` tokens had been
 processed (a decode step's cost depends on the cache's size, not its values, and a real prefill of
 128 x 128K tokens would take hours), then ``--decode-steps`` jitted decode steps (sampling included)
@@ -37,7 +38,7 @@ from flax import nnx
 from dsv4_jax.cache import init_cache
 from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.demo import demo_config
-from dsv4_jax.engine import DeviceSteps
+from dsv4_jax.engine import DeviceSteps, default_prefill_chunk
 from dsv4_jax.random_weights import random_model
 from scripts import roofline
 
@@ -150,7 +151,8 @@ def main(argv=None):
     p.add_argument("--decode-cases", nargs="*", default=None,
                    help="decode cases B,CTX or B,CTX,KERNELS (instead of every --batch x --context x --kernels)")
     p.add_argument("--prefill", type=int, nargs="*", default=[], help="batch-1 prefill lengths to time")
-    p.add_argument("--prefill-chunk", type=int, nargs="+", default=[2048], help="prefill chunk sizes to time")
+    p.add_argument("--prefill-chunk", type=int, nargs="+", default=None,
+                   help="prefill chunk sizes to time (default: the engine's, engine.default_prefill_chunk)")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--kernels", nargs="+", default=["xla"], choices=("xla", "pallas"))
@@ -189,7 +191,7 @@ def main(argv=None):
 
     for kernels in args.kernels:
         for ctx in args.prefill:
-            for chunk in args.prefill_chunk:
+            for chunk in args.prefill_chunk or [default_prefill_chunk()]:
                 emit(prefill_case, model, ctx, min(chunk, ctx), kernels=kernels)
     for b, ctx, kernels in decode_cases:
         emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels, profile=(b, ctx) in profiled)

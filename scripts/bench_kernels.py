@@ -31,12 +31,14 @@ MODULES = ("sparse_attention", "indexer", "topk", "compressor", "grouped_matmul"
 def time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
     """Median seconds per call over ``reps`` runs of one jitted loop of ``inner`` dependent calls.
 
-    Each call's first output element, times 0.0, is added into one element of the first floating input
+    Each call's first output element, times 0.0, is added into one element of the smallest floating input
     of the next call: the calls cannot be merged, reordered or dropped by XLA, the extra work is one
-    element, and the host dispatches once per loop, so the figure is device time, not dispatch (a host
-    timer around single calls of a ~50 us kernel measures the dispatch).
+    element (plus one copy of that input into the loop per run), and the host dispatches once per loop,
+    so the figure is device time, not dispatch (a host timer around single calls of a ~50 us kernel
+    measures the dispatch).
     """
-    dep = next(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+    floats = [i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating)]
+    dep = min(floats, key=lambda i: args[i].size)
 
     def chain(*a):
         def body(_, x):

@@ -183,6 +183,16 @@ def test_segmented_matches_select_topk(segments):
         check_topk(ids, scores, nv, k, what=f"segments={segments} k={k}")
 
 
+def test_auto_segments_and_default_path():
+    """Few long rows are sliced (at most 8 slices, rows x slices within the SMs, slices >= 2k); many rows or
+    short ones are not. The default path (8 slices here) picks select_topk's set."""
+    assert [tk.auto_segments(r, n, k) for r, n, k in ((32, 32768, 512), (1, 32768, 512), (8, 1024, 512),
+                                                      (2048, 8192, 512), (64, 32768, 1024))] == [4, 8, 1, 1, 2]
+    scores = tie_free_scores(jax.random.PRNGKey(46), (2, 32768))
+    nv = jnp.asarray([32768, 3000], jnp.int32)
+    check_topk(tk.topk_indices(scores, nv, 512, interpret=True), scores, nv, 512, what="auto segments")
+
+
 @on_gpu
 @pytest.mark.parametrize("segments", [2, 4, 8])
 def test_gpu_segmented_matches_select_topk(segments):
