@@ -87,7 +87,9 @@ two warpgroups (all 64 heads per program, which also halves the L2 traffic), i.e
 
 Decode measured on one H200 (jax 0.11.2, triton 3.6; H=64, D=512, Wk=128, N=8192, all keys valid; each time
 is per call inside one jitted chain of 20 dependent calls, median of 10; reference = ``reference`` under XLA;
-measured before prefill shared the kernel, whose only change for decode is the window walk's start bound):
+measured before prefill shared the kernel, whose only change for decode is the window walk's start bound;
+the figures of 2026-11-29, 88 / 134 us at B=128 and 52 / 69 us at B=32, are in docs/performance.md, where
+a sweep of block_h 16-64, block_k 32-128, 4-8 warps found nothing faster than the defaults):
 
     B    K     kernel (defaults)   reference    HBM bytes / time
     1    1024     14.6 us           18.8 us      0.09 TB/s   (latency: 18 key blocks over 18 splits)
