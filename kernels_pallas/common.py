@@ -12,7 +12,8 @@ def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: lis
     """``pl.pallas_call`` on the Triton backend; returns the list of outputs.
 
     ``poison`` (a testing aid): the outputs are NaN-filled (integers: INT_MIN-filled) buffers aliased as
-    extra inputs, so any element the kernel fails to write keeps that value. The kernel still sees only its inputs and outputs.
+    extra inputs, so any element the kernel fails to write keeps that value. The kernel still sees only
+    its inputs and outputs.
     """
     aliases = {}
     if poison:

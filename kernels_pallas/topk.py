@@ -34,10 +34,10 @@ Design (one program per row; the row lives in registers):
 So the row is read from HBM once (128 KB at N = 32K) and everything else is register and shared-memory work,
 bounded by the 32 reductions. A decode step has only B rows (32 programs for 132 SMs at batch 32), so
 ``topk_indices`` splits few long rows into slices (``segmented``: the top-k of each slice, then of the
-candidates; exact), which took [32, 32768], k = 512 from 63 to 36 us on an H200. Rows longer than ``MAX_BLOCK`` (N > 64K: over
-256K tokens of context at ratio 4) do not fit in one program's registers; they take ``tournament``, a
-chunked ``lax.top_k`` (top k of each 4096-entry chunk, then of the candidates), with its result put in the
-same ascending order.
+candidates; exact), which took [32, 32768], k = 512 from 63 to 36 us on an H200. Rows longer than
+``MAX_BLOCK`` (N > 64K: over 256K tokens of context at ratio 4) do not fit in one program's registers; they
+take ``tournament``, a chunked ``lax.top_k`` (top k of each 4096-entry chunk, then of the candidates), with
+its result put in the same ascending order.
 
 Measured on an H200: see docs/performance.md (``scripts/bench_kernels.py --only topk``).
 """

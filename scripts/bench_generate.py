@@ -14,10 +14,11 @@ processed (a decode step's cost depends on the cache's size, not its values, and
 issued back to back and timed until the last result is ready; median of 3 such groups. Each row has the
 bytes the step must read (scripts/roofline.py decode_step_bytes) over the copy bandwidth measured in
 the same run, and the host time one step's call takes to return (``host_dispatch_ms``: a step is
-dispatch-bound when that exceeds its device time). ``--profile B,CTX``: a device-time breakdown of that
-decode case by layer type and part, with the kernel launches per step (scripts/profile_breakdown.py; run
-with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so the trace names HLO instructions). Prints one JSON
-object per case.
+dispatch-bound when that exceeds its device time). ``--engine-cases B,PROMPT``: ``Engine.generate`` end
+to end (a real prefill, then 64 greedy tokens read back step by step, as a user runs it).
+``--profile B,CTX``: a device-time breakdown of that decode case by layer type and part, with the kernel
+launches per step (scripts/profile_breakdown.py; run with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``
+so the trace names HLO instructions). Prints one JSON object per case.
 """
 
 from __future__ import annotations
@@ -82,6 +83,25 @@ def prefill_case(model, context: int, chunk: int, kernels: str) -> dict:
     return {"phase": "prefill", "batch": 1, "context": context, "prefill_chunk": chunk,
             "prefill_tokens_per_s": context / seconds, "prefill_s": seconds,
             "matmul_tflop": roofline.prefill_flops(model, context) / 1e12}
+
+
+def engine_case(model, batch: int, prompt: int, new_tokens: int, kernels: str) -> dict:
+    """``Engine.generate`` as a user calls it (host loop, streaming read-back of every step's tokens, one step
+    of lookahead): ``batch`` random prompts of ``prompt`` tokens, ``new_tokens`` greedy tokens, no EOS; timed
+    on a second call (the first compiles). Its decode ms per token against ``decode_case``'s back-to-back
+    jitted steps at the same shapes is what the host loop costs."""
+    from dsv4_jax.engine import Engine
+
+    engine = Engine(model, capacity=prompt + new_tokens, kernels=kernels)
+    prompts = np.random.RandomState(2).randint(0, model.config.vocab_size, (batch, prompt)).tolist()
+    for _ in range(2):
+        engine.generate(prompts, max_new_tokens=new_tokens, eos_token_ids=[])
+    st = engine.stats
+    steps = st.generated_tokens / batch - 1  # the first token comes from the prefill's logits
+    return {"phase": "engine", "batch": batch, "context": prompt, "new_tokens": new_tokens,
+            "prefill_s": st.prefill_seconds, "decode_s": st.decode_seconds,
+            "decode_ms_per_step": st.decode_seconds / max(steps, 1) * 1e3,
+            "decode_tokens_per_s": st.decode_tokens_per_s}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -151,6 +171,8 @@ def main(argv=None):
     p.add_argument("--decode-cases", nargs="*", default=None,
                    help="decode cases B,CTX or B,CTX,KERNELS (instead of every --batch x --context x --kernels)")
     p.add_argument("--prefill", type=int, nargs="*", default=[], help="batch-1 prefill lengths to time")
+    p.add_argument("--engine-cases", nargs="*", default=[],
+                   help="Engine.generate cases B,PROMPT (64 new tokens each; host loop with lookahead included)")
     p.add_argument("--prefill-chunk", type=int, nargs="+", default=None,
                    help="prefill chunk sizes to time (default: the engine's, engine.default_prefill_chunk)")
     p.add_argument("--decode-steps", type=int, default=16)
@@ -193,6 +215,10 @@ def main(argv=None):
         for ctx in args.prefill:
             for chunk in args.prefill_chunk or [default_prefill_chunk()]:
                 emit(prefill_case, model, ctx, min(chunk, ctx), kernels=kernels)
+    for case in args.engine_cases:
+        b, prompt = (int(v) for v in case.split(","))
+        for kernels in args.kernels:
+            emit(engine_case, model, b, prompt, 64, kernels=kernels)
     for b, ctx, kernels in decode_cases:
         emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels, profile=(b, ctx) in profiled)
     return 0
