@@ -41,13 +41,13 @@ class DecoderLayer(nnx.Module):
         """streams [B, C, n, d] -> (streams, layer cache)."""
         # Named scopes let a profile attribute device time to attention, MoE and mHC per layer.
         with jax.named_scope("mhc"):
-            pre, post, comb = self.attn_hc.weights(streams)
+            pre, post, comb = self.attn_hc.weights(streams, kernels)
             attn_in = self.input_layernorm(collapse(streams, pre))
         with jax.named_scope("attention"):
             attn_out, cache = self.self_attn(attn_in, meta, cache, kernels)
         with jax.named_scope("mhc"):
             streams = expand(streams, attn_out, post, comb)
-            pre, post, comb = self.ffn_hc.weights(streams)
+            pre, post, comb = self.ffn_hc.weights(streams, kernels)
             ffn_in = self.post_attention_layernorm(collapse(streams, pre))
         with jax.named_scope("moe"):
             ffn_out = self.mlp(ffn_in, token_ids, kernels)
@@ -121,8 +121,9 @@ def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: 
     """One forward over a chunk: the metadata step once, then every layer.
 
     token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
-    already cached. ``kernels`` picks the attention/indexer implementation: "xla" (the plain-JAX
-    reference, any backend) or "pallas" (the GPU kernels in kernels_pallas/).
+    already cached. ``kernels`` picks the implementation of attention, compressor, indexer, top-k, the mHC
+    Sinkhorn and the routed experts: "xla" (the plain-JAX reference, any backend) or "pallas" (the GPU
+    kernels in kernels_pallas/).
     Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
     """
     cfg = model.config

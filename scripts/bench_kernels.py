@@ -1,6 +1,7 @@
 """Benchmark the Pallas kernels against their plain-JAX references (a benchmark, not a test).
 
-    python -m scripts.bench_kernels [--only sparse_attention indexer topk compressor grouped_matmul grouped_gemv]
+    python -m scripts.bench_kernels
+        [--only sparse_attention indexer topk compressor sinkhorn grouped_matmul grouped_gemv]
         [--cases decode_B128] [--configs '[{}, {"block_h": 64, "num_warps": 8}]'] [--reps 50]
 
 Each kernel module's ``bench_cases()`` gives inputs, the minimal HBM bytes and the FLOPs. Both
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MODULES = ("sparse_attention", "indexer", "topk", "compressor", "grouped_matmul", "grouped_gemv")
+MODULES = ("sparse_attention", "indexer", "topk", "compressor", "sinkhorn", "grouped_matmul", "grouped_gemv")
 
 
 def time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
