@@ -1,4 +1,5 @@
-"""What every kernel module shares: the Triton-backend ``pallas_call`` with optional output poisoning."""
+"""What every kernel module shares: the Triton-backend ``pallas_call`` with optional output poisoning, and the
+SM count the launch heuristics aim at."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+
+NUM_SMS = 132  # H100 SXM and H200
 
 def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: list, num_warps: int, num_stages: int,
                 interpret: bool, name: str, poison: bool = False) -> list:

@@ -37,9 +37,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .common import NUM_SMS
+
 RAGGED_DN = lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-NUM_SMS = 132  # H100 SXM and H200
 
 
 def reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:

@@ -87,7 +87,6 @@ def reference_decode(q, keys, weights, n_valid):
     return reference_prefill(q[:, None], keys, weights[:, None], n_valid[:, None])[:, 0]
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -294,9 +293,8 @@ def _prefill_inputs(key, B, S, HI, DI, N):
     return q, keys, w, causal_n_visible(B, S)
 
 
-
 def bench_cases():
-    """Flash sizes: decode B=32 x N=32768 keys; its top-512; causal prefill S=8192 and 32768 (N = S/4), B=1."""
+    """Flash sizes: decode B=32 x N=32768 keys; causal prefill S=8192 and 32768 (N = S/4), B=1."""
     HI, DI = FLASH_HI, FLASH_DI
     cases = []
     B, N = 32, 32768

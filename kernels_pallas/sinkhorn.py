@@ -55,13 +55,13 @@ def _kernel(x_ref, o_ref, *, n: int, iters: int, eps: float, block_t: int):
         sums = [functools.reduce(jnp.add, [c[i][j] for i in range(n)]) + eps for j in range(n)]
         return [[c[i][j] / sums[j] for j in range(n)] for i in range(n)]
 
-    def rows_(c):
+    def rows(c):
         sums = [functools.reduce(jnp.add, c[i]) + eps for i in range(n)]
         return [[c[i][j] / sums[i] for j in range(n)] for i in range(n)]
 
     c = columns(c)
     for _ in range(iters - 1):
-        c = columns(rows_(c))
+        c = columns(rows(c))
     for i in range(n):
         for j in range(n):
             plt.store(o_ref.at[pl.ds(start, block_t), jnp.int32(i * n + j)], c[i][j], mask=valid)

@@ -125,11 +125,10 @@ from dsv4_jax.config import DeepseekV4Config
 from dsv4_jax.indexer import select_topk
 from dsv4_jax.metadata import build_metadata
 
-from .common import triton_call
+from .common import NUM_SMS, triton_call
 
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) finite when nothing is valid yet
-NUM_SMS = 132  # H100 SXM; H200 has the same count
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ Measured on an H200: see docs/performance.md (``scripts/bench_kernels.py --only 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +55,11 @@ from jax.experimental.pallas import triton as plt
 
 from dsv4_jax.indexer import select_topk
 
-from .common import triton_call
+from .common import NUM_SMS, triton_call
 
 NEG_INF = float("-inf")
 INT_MIN = -(2**31)
 MAX_BLOCK = 65536  # scores per row kept in registers: 64 per thread at 32 warps
-NUM_SMS = 132  # H100 SXM and H200
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,12 +223,12 @@ def topk_indices(scores, n_visible, k: int, *, segments: int | None = None, num_
         raise ValueError(f"n_visible has shape {n_visible.shape}, expected {lead}")
     if pl.next_power_of_2(N) > MAX_BLOCK:
         return tournament(scores, n_visible, k)
-    x = scores.reshape(-1, N).astype(jnp.float32)
     if segments is None:
-        segments = auto_segments(x.shape[0], N, k)
+        segments = auto_segments(math.prod(lead), N, k)
         num_warps = num_warps or (8 if segments > 1 else None)
     if segments == 1:
         return topk_select(scores, n_visible, k, num_warps=num_warps, interpret=interpret)
+    x = scores.reshape(-1, N).astype(jnp.float32)
     n = jnp.clip(n_visible.reshape(-1), 0, N).astype(jnp.int32)
     return segmented(x, n, k, segments, num_warps=num_warps, interpret=interpret).reshape(*lead, k)
 
