@@ -107,7 +107,8 @@ class Engine:
 
     def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int | None = None,
                  tokenizer=None, kernels: str | None = None):
-        prefill_chunk = prefill_chunk or default_prefill_chunk()
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk()
         if capacity <= 0 or prefill_chunk <= 0:
             raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
         if kernels is not None and kernels not in KERNELS:

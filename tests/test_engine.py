@@ -223,6 +223,8 @@ def test_engine_rejects_bad_input(model):
         engine.generate([[1] * 10], max_new_tokens=7)
     with pytest.raises(InputError, match=r"^kernels 'triton' is not one of \('xla', 'pallas'\)$"):
         Engine(model, capacity=16, kernels="triton")
+    with pytest.raises(InputError, match=r"prefill_chunk \(0\) must be positive"):
+        Engine(model, capacity=16, prefill_chunk=0)
 
 
 def test_kernel_choice(model):
