@@ -7,9 +7,11 @@ Row softmax (+ eps), a column normalisation, then ``iters - 1`` rounds of row an
 
 Why a kernel: the matrix is n x n = 4 x 4 per token, but XLA launches the dependent row / column sums as
 separate kernels (about 21 per Sinkhorn on an H200; 43 fusions on XLA:CPU). Every decoder layer runs two,
-and a batch-1 decode step is bound by launches: on the 6-layer Flash-width slice this kernel took the step
-from 705 to 457 kernels, and from 3.82 to 2.34 ms in an A/B within one run (H200, docs/performance.md),
-although its own execution (5.7 us at 1 token) is no shorter than the XLA kernels' sum (4.8 us).
+and a batch-1 decode step is bound by launches: on the 6-layer Flash-width slice this kernel takes the step
+from 705 to 457 kernels (H200 profiles, docs/performance.md), though its own execution (5.7 us at 1 token)
+is no shorter than the XLA kernels' sum (4.8 us). Step time in one run's A/B: 2.34 ms with it, 3.82 ms
+without; that arm was slower than the 2.35 ms measured without it in an earlier run, so the size of the
+gain is not settled.
 One program does all iterations for a block of tokens in registers.
 
 Backend: the Pallas **Triton** backend, the simplest possible program: each of the n * n matrix entries is
