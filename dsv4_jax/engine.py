@@ -19,7 +19,7 @@ from flax import nnx
 
 from .cache import init_cache
 from .model import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, sampling_args
 
 
 class DeviceSteps:
@@ -37,13 +37,13 @@ class DeviceSteps:
                              kernels)
 
         def decode(state, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
-                   kernels: str = "xla"):
+                   kernels: str = "xla", filters: bool = True):
             logits, cache = run_chunk(nnx.merge(graphdef, state), cache, token_ids, start,
                                       active.astype(jnp.int32), capacity, last_only=True, kernels=kernels)
-            return sample(logits, key, temperature, top_k, top_p), cache
+            return sample(logits, key, temperature, top_k, top_p, filters=filters), cache
 
         self.chunk = jax.jit(chunk, static_argnames=("last_only", "kernels"), donate_argnames=("cache",))
-        self.decode = jax.jit(decode, static_argnames=("kernels",), donate_argnames=("cache",))
+        self.decode = jax.jit(decode, static_argnames=("kernels", "filters"), donate_argnames=("cache",))
 
 
 KERNELS = ("xla", "pallas")
@@ -154,10 +154,11 @@ class Engine:
         return self.steps.chunk(self.state, cache, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(n_new),
                                 last_only=last_only, kernels=self.kernels)
 
-    def _run_decode(self, cache, tokens: np.ndarray, pos: np.ndarray, active: np.ndarray, key, params):
-        """tokens [B, 1] -> (sampled next tokens [B], caches); params = (temperature, top_k, top_p)."""
+    def _run_decode(self, cache, tokens: np.ndarray, pos: np.ndarray, active: np.ndarray, key,
+                    sampling: SamplingParams):
+        """tokens [B, 1] -> (sampled next tokens [B], caches)."""
         return self.steps.decode(self.state, cache, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(active),
-                                 key, *params, kernels=self.kernels)
+                                 key, *sampling_args(sampling), kernels=self.kernels, filters=sampling.filters)
 
     # ----- the two phases ------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], chunk: int | None = None):
@@ -194,8 +195,7 @@ class Engine:
         logits, cache, lens = self.prefill(prompts)
         key = jax.random.PRNGKey(seed)
         key, sub = jax.random.split(key)
-        params = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
-        step_tokens = sample(logits, sub, *params)  # [B] on the device
+        step_tokens = sample(logits, sub, *sampling_args(sampling), filters=sampling.filters)  # [B] on the device
         tokens = np.asarray(step_tokens)
         stats.prefill_seconds = time.perf_counter() - t0
         active = np.ones(len(prompts), bool)
@@ -207,7 +207,7 @@ class Engine:
             nonlocal cache, key, pos
             key, sub = jax.random.split(key)
             # A copy: the step may still be running when EOS updates ``active`` in place.
-            next_tokens, cache = self._run_decode(cache, step_tokens[:, None], pos, active.copy(), sub, params)
+            next_tokens, cache = self._run_decode(cache, step_tokens[:, None], pos, active.copy(), sub, sampling)
             pos = pos + active
             return next_tokens
 

@@ -85,7 +85,7 @@ from .cache import init_cache
 from .engine import Engine
 from .metadata import build_metadata, padded_chunk_len
 from .model import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError
-from .sampling import sample
+from .sampling import SamplingParams, sample, sampling_args
 
 PP_AXIS = "pp"
 STAGE_SCOPE = "pipeline_stage"
@@ -479,10 +479,10 @@ def pipeline_chunk(plan: PipelinePlan, params, cache, token_ids, start, n_new, *
 
 
 def pipeline_decode(plan: PipelinePlan, params, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
-                    microbatches: int):
+                    microbatches: int, filters: bool = True):
     logits, cache = pipeline_chunk(plan, params, cache, token_ids, start, active.astype(jnp.int32),
                                    microbatches=microbatches, last_only=True)
-    return sample(logits, key, temperature, top_k, top_p), cache
+    return sample(logits, key, temperature, top_k, top_p, filters=filters), cache
 
 
 class PipelineEngine(Engine):
@@ -514,7 +514,7 @@ class PipelineEngine(Engine):
         self._chunk_fn = jax.jit(functools.partial(pipeline_chunk, self.plan),
                                  static_argnames=("microbatches", "last_only"), donate_argnames=("cache",))
         self._decode_fn = jax.jit(functools.partial(pipeline_decode, self.plan),
-                                  static_argnames=("microbatches",), donate_argnames=("cache",))
+                                  static_argnames=("microbatches", "filters"), donate_argnames=("cache",))
 
     def layout(self, batch: int) -> tuple[int, int]:
         """(microbatches, padded batch) used for a batch of ``batch`` rows."""
@@ -541,12 +541,12 @@ class PipelineEngine(Engine):
             microbatches=M, last_only=last_only)
         return np.asarray(logits)[:B], cache
 
-    def _run_decode(self, cache, tokens, pos, active, key, params):
+    def _run_decode(self, cache, tokens, pos, active, key, sampling: SamplingParams):
         B = tokens.shape[0]
         M, _ = self.layout(B)
         args = [self._global(self._pad_rows(np.asarray(a, dt))) for a, dt in
                 ((tokens, np.int32), (pos, np.int32), (active, bool))]
         args += [self._global(np.asarray(a)) for a in (jax.random.key_data(key) if jnp.issubdtype(
-            key.dtype, jax.dtypes.prng_key) else key, *params)]
-        next_tokens, cache = self._decode_fn(self.params, cache, *args, microbatches=M)
+            key.dtype, jax.dtypes.prng_key) else key, *sampling_args(sampling))]
+        next_tokens, cache = self._decode_fn(self.params, cache, *args, microbatches=M, filters=sampling.filters)
         return np.asarray(next_tokens)[:B], cache

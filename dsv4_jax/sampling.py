@@ -24,6 +24,16 @@ class SamplingParams:
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p {self.top_p} must be in (0, 1]")
 
+    @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p is on: the static switch of ``sample``'s full-vocabulary sort."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+
+def sampling_args(params: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The traced (temperature, top_k, top_p) of ``sample``: a new setting does not recompile the step."""
+    return jnp.float32(params.temperature), jnp.int32(params.top_k), jnp.float32(params.top_p)
+
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """logits [B, V] fp32 -> logits with everything outside top-k / the top-p nucleus at -inf.
@@ -43,9 +53,13 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
-    """logits [B, V] -> token ids [B] int32."""
+           top_p: jax.Array, *, filters: bool = True) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32. ``filters`` (static, ``SamplingParams.filters``): False skips
+    top-k / top-p, whose sort of the whole vocabulary took 48 us of a 2 ms batch-1 decode step on an H200
+    (docs/performance.md) even when both were off."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if filters:
+        scaled = filter_logits(scaled, top_k, top_p)
     drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)

@@ -176,7 +176,7 @@ def test_lookahead_decode_equals_one_step_at_a_time(model):
     """The engine issues step s + 1 before reading step s back. Against a plain loop that reads each step's
     tokens, checks EOS and only then issues the next (same prefill, same key splits): sampled tokens and
     finish reasons are equal, including a row that stops on EOS while the others go on."""
-    from dsv4_jax.sampling import SamplingParams, sample
+    from dsv4_jax.sampling import SamplingParams, sample, sampling_args
 
     engine = Engine(model, capacity=64, prefill_chunk=8)
     prompts = [list(range(3, 3 + n)) for n in (13, 6, 9)]
@@ -185,7 +185,7 @@ def test_lookahead_decode_equals_one_step_at_a_time(model):
     def one_step_at_a_time(eos):
         logits, cache, lens = engine.prefill(prompts)
         key, sub = jax.random.split(jax.random.PRNGKey(seed))
-        params = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+        params = sampling_args(sampling)
         tokens, active, pos = np.asarray(sample(logits, sub, *params)), np.ones(len(prompts), bool), lens.copy()
         out, reasons = [[] for _ in prompts], ["length"] * len(prompts)
         for step in range(new):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.sampling import SamplingParams, filter_logits, sample
+from dsv4_jax.sampling import SamplingParams, filter_logits, sample, sampling_args
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]], jnp.float32))
 
@@ -47,6 +47,19 @@ def test_low_temperature_sharpens_and_filters_apply():
     assert (np.bincount(draw(0.1), minlength=5)[1] / 4000) > 0.9
     assert set(np.unique(draw(1.0, top_k=2))) == {1, 3}
     assert set(np.unique(draw(1.0, top_p=0.5))) == {1, 3}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_unfiltered_sampling_matches_filters_switched_off(temperature):
+    """filters=False (the engine's path when top_k = 0 and top_p = 1) draws exactly what the filter with both
+    switched off draws, on a vocabulary-sized row with a long tail of tiny probabilities."""
+    params = SamplingParams(temperature=temperature)
+    assert not params.filters and SamplingParams(top_k=5).filters and SamplingParams(top_p=0.9).filters
+    logits = jax.random.normal(jax.random.PRNGKey(7), (8, 129280), jnp.float32) * 4.0
+    for seed in range(3):
+        key = jax.random.PRNGKey(seed)
+        np.testing.assert_array_equal(sample(logits, key, *sampling_args(params), filters=False),
+                                      sample(logits, key, *sampling_args(params), filters=True))
 
 
 def test_seed_reproducible_and_different_seeds_differ():
