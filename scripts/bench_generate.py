@@ -41,6 +41,7 @@ from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.demo import demo_config
 from dsv4_jax.engine import DeviceSteps, default_prefill_chunk
 from dsv4_jax.random_weights import random_model
+from dsv4_jax.sampling import SamplingParams, sampling_args
 from scripts import roofline
 
 LAYER_NAMES = {"SWA": SLIDING, "CSA": CSA, "HCA": HCA}
@@ -119,7 +120,8 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     capacity = context + 4 * steps + 8
     decode_step = DeviceSteps(graphdef, capacity).decode
     cache = synthetic_cache(cfg, batch, capacity, jnp.dtype(dtype), jax.random.PRNGKey(1))
-    params = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+    greedy = SamplingParams()  # the engine's default: its step skips the top-k / top-p sort
+    params = sampling_args(greedy)
     key = jax.random.PRNGKey(0)
     active = jnp.ones((batch,), bool)
     pos = context
@@ -132,7 +134,7 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
         for _ in range(n):
             t0 = time.perf_counter()
             nxt, cache = decode_step(state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active, key, *params,
-                                     kernels=kernels)
+                                     kernels=kernels, filters=greedy.filters)
             dispatch.append(time.perf_counter() - t0)
             tokens, pos = nxt[:, None], pos + 1
         jax.block_until_ready(cache)
@@ -156,7 +158,7 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
         from scripts.profile_breakdown import breakdown
 
         hlo = decode_step.lower(state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active, key, *params,
-                                kernels=kernels).compile().as_text()
+                                kernels=kernels, filters=greedy.filters).compile().as_text()
         row["profile"] = breakdown(lambda: run(steps), hlo, cfg.layer_types, steps)
     return row
 
@@ -203,7 +205,7 @@ def main(argv=None):
             row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         row = {**base, "kernels": kw.get("kernels", a[-1] if a else None), **row,
                "elapsed_s": round(time.perf_counter() - t_start, 1)}
-        if ceil and "decode_ms_per_step" in row:
+        if ceil and "bytes_per_step_gb" in row:
             floor_ms = row["bytes_per_step_gb"] * 1e9 / (ceil["copy_2GB_TBps"] * 1e12) * 1e3
             row.update(roofline_ms=floor_ms, pct_of_roofline=100 * floor_ms / row["decode_ms_per_step"])
         if ceil and "prefill_tokens_per_s" in row:

@@ -6,7 +6,8 @@
 
 Each kernel module's ``bench_cases()`` gives inputs, the minimal HBM bytes and the FLOPs. Both
 implementations are timed the same way: the median of ``--reps`` runs of one jitted loop of ``--inner``
-dependent calls, after a warm-up (device time: the host dispatches once per loop; see ``time_fn``). The roofline uses
+dependent calls, after a warm-up (device time: the host dispatches once per loop; see ``time_fn``), or with
+``--busy`` the kernels' own execution time from a profiler trace of those loops (``busy_time_fn``). The roofline uses
 the copy bandwidth and bf16 matmul rate measured in the same run (scripts/roofline.py). Prints one
 JSON object per case and kernel configuration: ``--configs`` (a JSON list of keyword sets for the Pallas
 function, ``{}`` = its defaults) sweeps block sizes and warps in one run; ``--cases`` keeps the cases whose
@@ -29,14 +30,12 @@ from jax import lax
 MODULES = ("sparse_attention", "indexer", "topk", "compressor", "sinkhorn", "grouped_matmul", "grouped_gemv")
 
 
-def time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
-    """Median seconds per call over ``reps`` runs of one jitted loop of ``inner`` dependent calls.
+def dependent_loop(fn, args, kwargs, inner: int):
+    """A jitted function of ``args`` running ``inner`` dependent calls of ``fn``, compiled and run once.
 
     Each call's first output element, times 0.0, is added into one element of the smallest floating input
     of the next call: the calls cannot be merged, reordered or dropped by XLA, the extra work is one
-    element (plus one copy of that input into the loop per run), and the host dispatches once per loop,
-    so the figure is device time, not dispatch (a host timer around single calls of a ~50 us kernel
-    measures the dispatch).
+    element (plus one copy of that input into the loop per run), and the host dispatches once per loop.
     """
     floats = [i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating)]
     dep = min(floats, key=lambda i: args[i].size)
@@ -50,12 +49,42 @@ def time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
 
     f = jax.jit(chain)
     jax.block_until_ready(f(*args))
+    return f
+
+
+def time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
+    """Median seconds per call over ``reps`` runs of ``dependent_loop``: device time, not dispatch (a host
+    timer around single calls of a ~50 us kernel measures the dispatch), but including the gaps between
+    kernels (launch latency, the loop's per-iteration overhead)."""
+    f = dependent_loop(fn, args, kwargs, inner)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(f(*args))
         times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
+
+
+def busy_time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
+    """Seconds of GPU kernel execution per call, from a profiler trace of ``reps`` runs of ``dependent_loop``:
+    the sum of every kernel's duration (the call's kernels plus the one-element dependency update), without
+    the gaps between kernels, which dominate the loop time of kernels under ~20 us. Run with command buffers
+    off (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``): kernels replayed from a CUDA graph carry no HLO
+    name in the trace."""
+    import tempfile
+
+    from scripts.profile_breakdown import device_op_times
+
+    f = dependent_loop(fn, args, kwargs, inner)
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(reps):
+            jax.block_until_ready(f(*args))
+        jax.profiler.stop_trace()
+        per_op, launches = device_op_times(d)
+    if not launches:
+        raise RuntimeError("the trace holds no kernel with an HLO name (command buffers on?)")
+    return sum(per_op.values()) / 1e9 / (reps * inner)
 
 
 def main(argv=None) -> int:
@@ -65,11 +94,14 @@ def main(argv=None) -> int:
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--cases", nargs="*", default=None, help="substrings of the case names to run")
     p.add_argument("--configs", type=json.loads, default=[{}], help="JSON list of Pallas keyword sets")
+    p.add_argument("--busy", action="store_true",
+                   help="time kernel execution from a profiler trace instead of the loop (busy_time_fn)")
     args = p.parse_args(argv)
     sys.path.insert(0, ".")
     from scripts.roofline import torch_ceilings
 
     ceil = torch_ceilings()
+    timer = busy_time_fn if args.busy else time_fn
     bw, mm = ceil["copy_2GB_TBps"] * 1e12, ceil["bf16_matmul_8192_TFLOPs"] * 1e12
     print(json.dumps({"roofline": ceil}), flush=True)
     for name in args.only:
@@ -78,9 +110,10 @@ def main(argv=None) -> int:
             if args.cases and not any(c in case["name"] for c in args.cases):
                 continue
             inputs = case["args"](jax.random.PRNGKey(0))
-            base = {"kernel": name, "case": case["name"], "shapes": case["shapes"], "device": ceil["device"]}
+            base = {"kernel": name, "case": case["name"], "shapes": case["shapes"], "device": ceil["device"],
+                    "timing": "kernel_busy" if args.busy else "loop"}
             try:
-                t_ref = time_fn(case["reference"], inputs, case.get("kwargs", {}), args.reps, args.inner)
+                t_ref = timer(case["reference"], inputs, case.get("kwargs", {}), args.reps, args.inner)
                 base["reference_us"] = t_ref * 1e6
             except Exception as e:  # the reference may not fit (e.g. materialised per-head scores)
                 t_ref = None
@@ -88,7 +121,7 @@ def main(argv=None) -> int:
             for config in args.configs:
                 row = {**base, "config": config}
                 try:
-                    t = time_fn(case["pallas"], inputs, {**case.get("kwargs", {}), **config}, args.reps,
+                    t = timer(case["pallas"], inputs, {**case.get("kwargs", {}), **config}, args.reps,
                                 args.inner)
                 except Exception as e:  # a configuration may not compile (shared memory, registers)
                     row["pallas_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"

@@ -17,16 +17,35 @@ import jax
 
 # First match wins, most specific first.
 CATEGORIES = ("forward_metadata", "topk", "indexer", "compressor", "attention", "moe", "mhc")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+_OP_NAME = re.compile(r'metadata=\{[^}]*op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> op_name path, from compiled HLO text."""
-    out = {}
+    """HLO instruction name -> op_name path, from compiled HLO text. A fusion the compiler built without
+    metadata of its own (e.g. a GEMM fusion) takes the op_name of the first instruction in the
+    computation it calls that has one."""
+    out, calls, first_in = {}, {}, {}
+    computation = None
     for line in hlo_text.splitlines():
+        c = _COMPUTATION.match(line)
+        if c and "=" not in line.split("{")[0]:
+            computation = c.group(1)
+            continue
         m = _INSTR.match(line)
-        if m:
-            out[m.group(1)] = m.group(2)
+        if not m:
+            continue
+        name = m.group(1)
+        if (op := _OP_NAME.search(line)):
+            out[name] = op.group(1)
+            first_in.setdefault(computation, op.group(1))
+        elif (called := _CALLS.search(line)):
+            calls[name] = called.group(1)
+    for name, comp in calls.items():
+        if comp in first_in:
+            out[name] = first_in[comp]
     return out
 
 
@@ -84,4 +103,17 @@ def breakdown(run_steps, compiled_hlo: str, layer_types, steps: int) -> dict:
     total = sum(times.values()) / steps / 1e3
     return {"device_us_per_step": total, "kernels_per_step": launches / steps, "by_category_us": dict(sorted(by_cat.items())),
             "by_layer_type_us": dict(sorted(by_type.items())), "unattributed_us": sum(unmapped.values()),
-            "top_unattributed_us": dict(sorted(unmapped.items(), key=lambda kv: -kv[1])[:8])}
+            "top_unattributed_us": dict(sorted(unmapped.items(), key=lambda kv: -kv[1])[:8]),
+            "by_op_us": by_op(times, names, steps)}
+
+
+def by_op(times: dict[str, float], names: dict[str, str], steps: int, top: int = 60) -> dict[str, list]:
+    """The ``top`` JAX operations by device time per step, summed over layers (``layer_*``):
+    op_name path -> [microseconds per step, number of HLO kernels]."""
+    acc: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for op, ns in times.items():
+        path = re.sub(r"^jit\([^)]*\)/", "", names.get(op, f"<unattributed {op}>"))
+        key = re.sub(r"layer_\d+/", "layer_*/", path)
+        acc[key][0] += ns / steps / 1e3
+        acc[key][1] += 1
+    return {k: [round(v[0], 2), v[1]] for k, v in sorted(acc.items(), key=lambda kv: -kv[1][0])[:top]}
