@@ -25,10 +25,13 @@ from .sampling import SamplingParams, sample, sampling_args
 class DeviceSteps:
     """The engine's two jitted device steps for one model structure and cache capacity.
 
-    ``chunk``: a prefill chunk -> (logits, caches). ``decode``: token_ids [B, 1], active [B] bool -> (next
-    tokens [B], caches); inactive rows write nothing. Caches are donated. The graph definition is closed
-    over rather than passed as a static argument: hashing it on every call cost ~0.7 ms of host time per
-    step on a CI-class CPU, and a batch-1 decode step on an H200 is bound by host time (docs/performance.md).
+    ``chunk``: a prefill chunk -> (logits, caches). ``decode``: one token per row, in the form the next
+    call takes back, so a generation loop feeds the device's outputs straight in and sends nothing from
+    the host per token: tokens [B], pos [B] int32, active [B] bool, key -> (next tokens [B], pos + active,
+    next key, caches). The key is split inside (``split(key) = (next key, sampling key)``, as a host loop
+    would); inactive rows write nothing. Caches are donated. The graph definition is closed over rather
+    than passed as a static argument: hashing it on every call cost ~0.7 ms of host time per step on a
+    CI-class CPU, and a batch-1 decode step on an H200 is bound by host time (docs/performance.md).
     """
 
     def __init__(self, graphdef, capacity: int):
@@ -36,11 +39,12 @@ class DeviceSteps:
             return run_chunk(nnx.merge(graphdef, state), cache, token_ids, start, n_new, capacity, last_only,
                              kernels)
 
-        def decode(state, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
+        def decode(state, cache, tokens, pos, active, key, temperature, top_k, top_p, *,
                    kernels: str = "xla", filters: bool = True):
-            logits, cache = run_chunk(nnx.merge(graphdef, state), cache, token_ids, start,
+            key, sub = jax.random.split(key)
+            logits, cache = run_chunk(nnx.merge(graphdef, state), cache, tokens[:, None], pos,
                                       active.astype(jnp.int32), capacity, last_only=True, kernels=kernels)
-            return sample(logits, key, temperature, top_k, top_p, filters=filters), cache
+            return sample(logits, sub, temperature, top_k, top_p, filters=filters), pos + active, key, cache
 
         self.chunk = jax.jit(chunk, static_argnames=("last_only", "kernels"), donate_argnames=("cache",))
         self.decode = jax.jit(decode, static_argnames=("kernels", "filters"), donate_argnames=("cache",))
@@ -154,11 +158,10 @@ class Engine:
         return self.steps.chunk(self.state, cache, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(n_new),
                                 last_only=last_only, kernels=self.kernels)
 
-    def _run_decode(self, cache, tokens: np.ndarray, pos: np.ndarray, active: np.ndarray, key,
-                    sampling: SamplingParams):
-        """tokens [B, 1] -> (sampled next tokens [B], caches)."""
-        return self.steps.decode(self.state, cache, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(active),
-                                 key, *sampling_args(sampling), kernels=self.kernels, filters=sampling.filters)
+    def _run_decode(self, cache, tokens, pos, active, key, sampling: SamplingParams):
+        """``DeviceSteps.decode``'s contract: (next tokens [B], pos + active, next key, caches)."""
+        return self.steps.decode(self.state, cache, tokens, pos, active, key, *sampling_args(sampling),
+                                 kernels=self.kernels, filters=sampling.filters)
 
     # ----- the two phases ------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], chunk: int | None = None):
@@ -199,16 +202,17 @@ class Engine:
         tokens = np.asarray(step_tokens)
         stats.prefill_seconds = time.perf_counter() - t0
         active = np.ones(len(prompts), bool)
-        pos = lens.copy()
+        # Positions, the key and the active mask stay on the device from step to step; the mask is sent
+        # again only when an EOS has changed it.
+        pos, active_dev, sent = jnp.asarray(lens), jnp.asarray(active), active.copy()
         t0 = time.perf_counter()
 
         def dispatch(step_tokens):
-            """Issue the next decode step on the device tokens of the previous one (no host round trip)."""
-            nonlocal cache, key, pos
-            key, sub = jax.random.split(key)
-            # A copy: the step may still be running when EOS updates ``active`` in place.
-            next_tokens, cache = self._run_decode(cache, step_tokens[:, None], pos, active.copy(), sub, sampling)
-            pos = pos + active
+            """Issue the next decode step on the device outputs of the previous one (no host round trip)."""
+            nonlocal cache, key, pos, active_dev, sent
+            if (active != sent).any():
+                active_dev, sent = jnp.asarray(active), active.copy()
+            next_tokens, pos, key, cache = self._run_decode(cache, step_tokens, pos, active_dev, key, sampling)
             return next_tokens
 
         # One step of lookahead: step s + 1 is issued before step s's tokens are read back and yielded, so

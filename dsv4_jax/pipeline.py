@@ -542,11 +542,13 @@ class PipelineEngine(Engine):
         return np.asarray(logits)[:B], cache
 
     def _run_decode(self, cache, tokens, pos, active, key, sampling: SamplingParams):
+        """``Engine._run_decode``'s contract; the rows are padded and sent as global arrays each step."""
         B = tokens.shape[0]
         M, _ = self.layout(B)
+        key, sub = jax.random.split(key)
         args = [self._global(self._pad_rows(np.asarray(a, dt))) for a, dt in
-                ((tokens, np.int32), (pos, np.int32), (active, bool))]
-        args += [self._global(np.asarray(a)) for a in (jax.random.key_data(key) if jnp.issubdtype(
-            key.dtype, jax.dtypes.prng_key) else key, *sampling_args(sampling))]
+                ((np.asarray(tokens)[:, None], np.int32), (pos, np.int32), (active, bool))]
+        args += [self._global(np.asarray(a)) for a in (jax.random.key_data(sub) if jnp.issubdtype(
+            sub.dtype, jax.dtypes.prng_key) else sub, *sampling_args(sampling))]
         next_tokens, cache = self._decode_fn(self.params, cache, *args, microbatches=M, filters=sampling.filters)
-        return np.asarray(next_tokens)[:B], cache
+        return np.asarray(next_tokens)[:B], pos + active, key, cache

@@ -124,19 +124,18 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     params = sampling_args(greedy)
     key = jax.random.PRNGKey(0)
     active = jnp.ones((batch,), bool)
-    pos = context
-    tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (batch, 1)), jnp.int32)
+    pos = jnp.full((batch,), context, jnp.int32)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (batch,)), jnp.int32)
 
     dispatch = []
 
     def run(n):
-        nonlocal cache, tokens, pos
+        nonlocal cache, tokens, pos, key
         for _ in range(n):
             t0 = time.perf_counter()
-            nxt, cache = decode_step(state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active, key, *params,
-                                     kernels=kernels, filters=greedy.filters)
+            tokens, pos, key, cache = decode_step(state, cache, tokens, pos, active, key, *params, kernels=kernels,
+                                                  filters=greedy.filters)
             dispatch.append(time.perf_counter() - t0)
-            tokens, pos = nxt[:, None], pos + 1
         jax.block_until_ready(cache)
 
     run(1)  # compile
@@ -157,8 +156,8 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     if profile:
         from scripts.profile_breakdown import breakdown
 
-        hlo = decode_step.lower(state, cache, tokens, jnp.full((batch,), pos, jnp.int32), active, key, *params,
-                                kernels=kernels, filters=greedy.filters).compile().as_text()
+        hlo = decode_step.lower(state, cache, tokens, pos, active, key, *params, kernels=kernels,
+                                filters=greedy.filters).compile().as_text()
         row["profile"] = breakdown(lambda: run(steps), hlo, cfg.layer_types, steps)
     return row
 

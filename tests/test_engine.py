@@ -195,9 +195,8 @@ def test_lookahead_decode_equals_one_step_at_a_time(model):
                     active[b], reasons[b] = False, "eos"
             if step == new - 1 or not active.any():
                 break
-            key, sub = jax.random.split(key)
-            nxt, cache = engine.steps.decode(engine.state, cache, jnp.asarray(tokens[:, None]), jnp.asarray(pos),
-                                             jnp.asarray(active), sub, *params, kernels=engine.kernels)
+            nxt, _, key, cache = engine.steps.decode(engine.state, cache, jnp.asarray(tokens), jnp.asarray(pos),
+                                                     jnp.asarray(active), key, *params, kernels=engine.kernels)
             pos, tokens = pos + active, np.asarray(nxt)
         return out, reasons
 
