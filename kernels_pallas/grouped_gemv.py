@@ -20,14 +20,18 @@ data-dependent row offset (no TMA store ladder), ``jnp.dot`` on registers with 1
 ``mma`` minimum; ``wgmma`` would need 64).
 
 Design:
-* ``group_tiles`` (plain JAX, before the kernel) cuts every non-empty group into tiles of ``block_m`` rows
-  that start at the group's first row, so a tile never spans two groups and a matrix used by r rows is
-  streamed ``cdiv(r, block_m)`` times: once in decode. The static tile count is ``cdiv(M, block_m) +
-  min(G, M)`` (each non-empty group adds at most one partial tile); trailing tiles have 0 rows.
+* Every group is cut into tiles of ``block_m`` rows that start at the group's first row, so a tile never
+  spans two groups and a matrix used by r rows is streamed ``cdiv(r, block_m)`` times: once in decode.
+  Each program finds its own tile from ``group_sizes`` (``tile_of``: a cumulative sum and a few sums
+  over the [G] vector, in registers). A tile table built by XLA before the kernel (cumulative sums, a
+  search, a stack) took ~18 us of small kernels per MoE layer, 109 us of a 1.9 ms batch-1 decode step
+  (H200 profile, docs/performance.md). The static tile count is ``cdiv(M, block_m) + min(G, M)`` (each non-empty group
+  adds at most one partial tile) plus ``cdiv(M, block_m)`` tiles that zero the rows past
+  ``sum(group_sizes)``; the rest exit at once.
 * Grid ``(N / block_n, tiles)``: the column block is the fastest axis, so the programs of one tile (one
   expert's matrix, split by columns) run side by side. A program walks K in ``block_k`` steps (Triton
   software-pipelines ``num_stages`` loads): ``x[16, bk] @ w[g, bn, bk]^T`` into an fp32 ``[16, bn]`` register
-  tile, then one masked store of its rows. An empty tile loads three scalars and exits.
+  tile, then one masked store of its rows. A tile without rows reads ``group_sizes`` and exits.
 """
 
 from __future__ import annotations
@@ -43,49 +47,61 @@ from jax.experimental.pallas import triton as plt
 from .common import triton_call
 from .grouped_matmul import reference
 
-__all__ = ["grouped_gemv", "group_tiles", "reference", "bench_cases"]
+__all__ = ["grouped_gemv", "tile_of", "reference", "bench_cases"]
 
 
-def group_tiles(group_sizes: jax.Array, M: int, block_m: int) -> jax.Array:
-    """int32 [3, cdiv(M, block_m) + min(G, M)]: per tile (group, first row, rows); tiles with work first.
+def tile_of(group_sizes: jax.Array, t, block_m: int):
+    """group_sizes [G] int32, tile index t -> (group, first row, rows) of tile t (all int32 scalars).
 
-    Group g (rows start_g .. start_g + size_g - 1) becomes tiles j = 0 .. cdiv(size_g, block_m) - 1 with
-    first row start_g + j * block_m and min(block_m, size_g - j * block_m) rows.
+    Group g (rows start_g .. start_g + size_g - 1) is cut into tiles j = 0 .. cdiv(size_g, block_m) - 1 with
+    first row start_g + j * block_m and min(block_m, size_g - j * block_m) rows; the groups' tiles follow
+    each other in group order. Past the last of them: group G, rows 0. Plain jnp on a [G] vector, so the
+    kernel computes its own tile (G a power of two there), and tests call it directly.
     """
     G = group_sizes.shape[0]
-    n_tiles = pl.cdiv(M, block_m) + min(G, M)
-    sizes = group_sizes.astype(jnp.int32)
-    start = jnp.cumsum(sizes) - sizes
-    per_group = (sizes + block_m - 1) // block_m
-    tile_end = jnp.cumsum(per_group)
-    t = jnp.arange(n_tiles, dtype=jnp.int32)
-    # compare_all: one fused comparison; the default binary search is a loop of tiny kernels, one per level.
-    group = jnp.clip(jnp.searchsorted(tile_end, t, side="right", method="compare_all"), 0, G - 1)
-    j = t - (tile_end[group] - per_group[group])
-    rows = jnp.where(t < tile_end[-1], jnp.clip(sizes[group] - j * block_m, 0, block_m), 0)
-    return jnp.stack([group, start[group] + j * block_m, rows]).astype(jnp.int32)
+    per_group = (group_sizes + block_m - 1) // block_m
+    g = jnp.arange(G, dtype=jnp.int32)
+    group = jnp.sum((jnp.cumsum(per_group) <= t).astype(jnp.int32))
+    before = g < group
+    j = t - jnp.sum(jnp.where(before, per_group, 0))
+    size = jnp.sum(jnp.where(g == group, group_sizes, 0))
+    first_row = jnp.sum(jnp.where(before, group_sizes, 0)) + j * block_m
+    return group, first_row, jnp.clip(size - j * block_m, 0, block_m)
 
 
-def _kernel(tiles_ref, x_ref, w_ref, o_ref, *, block_m: int, block_k: int):
-    """tiles_ref [3, T]; x_ref [M, K]; w_ref [G, bn, K] (this program's column block); o_ref [M, bn]."""
+def _kernel(sizes_ref, x_ref, w_ref, o_ref, *, block_m: int, block_k: int):
+    """sizes_ref [G] int32; x_ref [M, K]; w_ref [G, bn, K] (this program's column block); o_ref [M, bn].
+
+    Tile t < tiles_with_work multiplies its rows; the tiles after those write the zero rows past
+    sum(group_sizes), block_m at a time."""
     t = pl.program_id(1)
-    group, row0, n_rows = tiles_ref[0, t], tiles_ref[1, t], tiles_ref[2, t]
+    sizes = sizes_ref[...]
+    group, row0, n_rows = tile_of(sizes, t, block_m)
     M, K = x_ref.shape
-    bn = w_ref.shape[1]
+    G, bn, _ = w_ref.shape
+    work_tiles = jnp.sum((sizes + block_m - 1) // block_m)
 
     @pl.when(n_rows > 0)
     def _():
         rows = row0 + jnp.arange(block_m, dtype=jnp.int32)
         live = rows < row0 + n_rows
+        w_group = jnp.minimum(group, G - 1)
 
         def step(i, acc):
             k0 = pl.multiple_of(i * block_k, block_k)
             xs = plt.load(x_ref.at[pl.ds(row0, block_m), pl.ds(k0, block_k)], mask=live[:, None], other=0)
-            ws = w_ref[group, :, pl.ds(k0, block_k)]
+            ws = w_ref[w_group, :, pl.ds(k0, block_k)]
             return acc + lax.dot_general(xs, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
         acc = lax.fori_loop(0, K // block_k, step, jnp.zeros((block_m, bn), jnp.float32))
         plt.store(o_ref.at[pl.ds(row0, block_m), :], acc.astype(o_ref.dtype), mask=live[:, None])
+
+    @pl.when(t >= work_tiles)
+    def _():
+        zero0 = jnp.sum(sizes) + (t - work_tiles) * block_m
+        rows = zero0 + jnp.arange(block_m, dtype=jnp.int32)
+        plt.store(o_ref.at[pl.ds(zero0, block_m), :], jnp.zeros((block_m, bn), o_ref.dtype),
+                  mask=(rows < M)[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "num_warps", "num_stages",
@@ -110,20 +126,21 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_m:
     if K % block_k or N % block_n:
         raise ValueError(f"grouped_gemv: K={K} and N={N} must be multiples of block_k={block_k} and "
                          f"block_n={block_n}")
-    tiles = group_tiles(group_sizes, M, block_m)
-    n_tiles = tiles.shape[1]
-    out = triton_call(
-        functools.partial(_kernel, block_m=block_m, block_k=block_k), [tiles, x, w],
+    # Triton vectors are a power of two long; empty groups past G change no tile.
+    sizes = jnp.pad(group_sizes.astype(jnp.int32), (0, pl.next_power_of_2(G) - G))
+    # Tiles with work: at most cdiv(M, block_m) + min(G, M) (each non-empty group adds at most one partial
+    # tile); then cdiv(M, block_m) more for the zero rows past sum(group_sizes).
+    n_tiles = 2 * pl.cdiv(M, block_m) + min(G, M)
+    return triton_call(
+        functools.partial(_kernel, block_m=block_m, block_k=block_k), [sizes, x, w],
         grid=(N // block_n, n_tiles),
-        in_specs=[pl.BlockSpec((3, n_tiles), lambda n, t: (0, 0)),
+        in_specs=[pl.BlockSpec((sizes.shape[0],), lambda n, t: (0,)),
                   pl.BlockSpec((M, K), lambda n, t: (0, 0)),
                   pl.BlockSpec((G, block_n, K), lambda n, t: (0, n, 0))],
         out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, t: (0, n))],
         num_warps=num_warps, num_stages=num_stages, interpret=interpret,
         name=f"dsv4_grouped_gemv_m{block_m}_n{block_n}_k{block_k}", poison=poison_outputs)[0]
-    # Rows past sum(group_sizes) belong to no tile; the reference defines them as 0.
-    return jnp.where(jnp.arange(M)[:, None] < jnp.sum(group_sizes), out, 0).astype(x.dtype)
 
 
 def bench_cases():

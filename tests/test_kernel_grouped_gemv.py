@@ -1,7 +1,7 @@
 """Few-rows grouped matmul for decode's routed experts (kernels_pallas/grouped_gemv.py) against ragged_dot.
 
 CPU: the Triton kernel in Pallas interpret mode, outputs poisoned (NaN) before the run, on fresh random
-inputs per case; the tile table against a direct enumeration; a CUDA lowering check at the Flash decode
+inputs per case; the kernel's tile lookup against a direct enumeration; a CUDA lowering check at the Flash decode
 shapes. GPU (skipped elsewhere): the compiled kernel at real sizes. The MoE layer's choice between this
 kernel and grouped_matmul is tested in test_kernel_grouped_matmul.py.
 """
@@ -38,14 +38,16 @@ def test_interpret_matches_reference(M, sizes):
 
 @pytest.mark.parametrize("sizes,block_m", [([0, 1, 1, 0, 4], 16), ([7, 0, 20, 3, 6, 4], 16), ([33, 0, 1], 16),
                                            ([5, 5], 4), ([0, 0, 0], 16)])
-def test_group_tiles_cover_every_row_once_within_its_group(sizes, block_m):
-    M = sum(sizes) + 3
-    table = np.asarray(gg.group_tiles(jnp.asarray(sizes, jnp.int32), M, block_m))
+def test_tiles_cover_every_row_once_within_its_group(sizes, block_m):
+    """tile_of (the kernel's own tile lookup) against a direct enumeration: tiles with work first, in group
+    order, then empty ones."""
+    n = 2 * (sum(sizes) + 3) + len(sizes)
+    g, row0, rows = (np.asarray(a) for a in jax.vmap(lambda t: gg.tile_of(jnp.asarray(sizes, jnp.int32), t, block_m))(
+        jnp.arange(n, dtype=jnp.int32)))
     start = np.cumsum(sizes) - sizes
-    want = [(g, start[g] + j, min(block_m, s - j)) for g, s in enumerate(sizes) for j in range(0, s, block_m)]
-    live = [tuple(int(v) for v in col) for col in table.T if col[2] > 0]
-    assert live == want
-    assert (table[2, len(want):] == 0).all(), "tiles with work must come first"
+    want = [(gi, start[gi] + j, min(block_m, s - j)) for gi, s in enumerate(sizes) for j in range(0, s, block_m)]
+    assert [(int(a), int(b), int(c)) for a, b, c in zip(g, row0, rows) if c > 0] == want
+    assert (rows[len(want):] == 0).all() and (rows[: len(want)] > 0).all()
 
 
 def test_bad_shapes_are_errors():
