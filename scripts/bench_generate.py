@@ -162,6 +162,15 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     return row
 
 
+def batch_context(text: str) -> tuple:
+    """argparse type of a case "B,CTX" or "B,CTX,KERNELS" -> (B, CTX, kernels or None)."""
+    parts = text.split(",")
+    if (len(parts) not in (2, 3) or not all(v.isdigit() and int(v) > 0 for v in parts[:2])
+            or parts[2:] not in ([], ["xla"], ["pallas"])):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected B,CTX (positive integers), optionally ,xla or ,pallas")
+    return int(parts[0]), int(parts[1]), (parts[2] if len(parts) == 3 else None)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="demo | flash-slice")
@@ -169,17 +178,17 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=None, help="override the routed expert count")
     p.add_argument("--batch", type=int, nargs="*", default=[1])
     p.add_argument("--context", type=int, nargs="*", default=[256])
-    p.add_argument("--decode-cases", nargs="*", default=None,
+    p.add_argument("--decode-cases", nargs="*", default=None, type=batch_context,
                    help="decode cases B,CTX or B,CTX,KERNELS (instead of every --batch x --context x --kernels)")
     p.add_argument("--prefill", type=int, nargs="*", default=[], help="batch-1 prefill lengths to time")
-    p.add_argument("--engine-cases", nargs="*", default=[],
-                   help="Engine.generate cases B,PROMPT (64 new tokens each; host loop with lookahead included)")
+    p.add_argument("--engine-cases", nargs="*", default=[], type=batch_context,
+                   help="Engine.generate cases B,PROMPT[,KERNELS] (64 new tokens each; host loop with lookahead included)")
     p.add_argument("--prefill-chunk", type=int, nargs="+", default=None,
                    help="prefill chunk sizes to time (default: the engine's, engine.default_prefill_chunk)")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--kernels", nargs="+", default=["xla"], choices=("xla", "pallas"))
-    p.add_argument("--profile", nargs="*", default=[], help="decode cases B,CTX to profile")
+    p.add_argument("--profile", nargs="*", default=[], type=batch_context, help="decode cases B,CTX to profile")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the card's ceilings (CPU)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -190,12 +199,11 @@ def main(argv=None):
     base = {"device": jax.devices()[0].device_kind, "model": args.model, "layers": ",".join(cfg.layer_types),
             "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size, "dtype": args.dtype}
     print(json.dumps({"ceilings": ceil, **base}), flush=True)
-    profiled = {tuple(int(v) for v in c.split(",")) for c in args.profile}
+    profiled = {(b, ctx) for b, ctx, _ in args.profile}
     if args.decode_cases is None:
         decode_cases = [(b, ctx, k) for k in args.kernels for b in args.batch for ctx in args.context]
     else:
-        decode_cases = [(int(c.split(",")[0]), int(c.split(",")[1]), k) for c in args.decode_cases
-                        for k in (c.split(",")[2:] or args.kernels)]
+        decode_cases = [(b, ctx, k) for b, ctx, only in args.decode_cases for k in ([only] if only else args.kernels)]
 
     def emit(fn, *a, **kw):
         try:
@@ -216,9 +224,8 @@ def main(argv=None):
         for ctx in args.prefill:
             for chunk in args.prefill_chunk or [default_prefill_chunk()]:
                 emit(prefill_case, model, ctx, min(chunk, ctx), kernels=kernels)
-    for case in args.engine_cases:
-        b, prompt = (int(v) for v in case.split(","))
-        for kernels in args.kernels:
+    for b, prompt, only in args.engine_cases:
+        for kernels in [only] if only else args.kernels:
             emit(engine_case, model, b, prompt, 64, kernels=kernels)
     for b, ctx, kernels in decode_cases:
         emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels, profile=(b, ctx) in profiled)
