@@ -182,7 +182,8 @@ def main(argv=None):
                    help="decode cases B,CTX or B,CTX,KERNELS (instead of every --batch x --context x --kernels)")
     p.add_argument("--prefill", type=int, nargs="*", default=[], help="batch-1 prefill lengths to time")
     p.add_argument("--engine-cases", nargs="*", default=[], type=batch_context,
-                   help="Engine.generate cases B,PROMPT[,KERNELS] (64 new tokens each; host loop with lookahead included)")
+                   help="Engine.generate cases B,PROMPT[,KERNELS] (64 new tokens each; host loop with lookahead "
+                        "included)")
     p.add_argument("--prefill-chunk", type=int, nargs="+", default=None,
                    help="prefill chunk sizes to time (default: the engine's, engine.default_prefill_chunk)")
     p.add_argument("--decode-steps", type=int, default=16)
