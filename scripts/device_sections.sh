@@ -1,0 +1,17 @@
+# Sourced by a GPU run's script (docs/results/<date>-<card>-run<N>/commands.sh): each benchmark or test is a
+# section with its own time limit, so one slow case cannot eat the run, and every section's output is
+# appended to $OUT/NAME.txt with its exit status (the device tool returns at most 8 files from $OUT).
+#
+#   source scripts/device_sections.sh
+#   sec tests 100 python -m pytest -q tests/test_kernel_topk.py -k gpu
+#   sec kernels 60 python -m scripts.bench_kernels --busy --only topk
+#   log end
+T0=$(date +%s)
+nvidia-smi -L > "$OUT/gpu.txt" 2>&1
+log() { echo "== $1 at $(( $(date +%s) - T0 ))s" | tee -a "$OUT/log"; }
+sec() {  # sec NAME LIMIT_S CMD...  -> appended to $OUT/NAME.txt, then "rc=<status>" (124: time limit)
+  local name=$1 lim=$2; shift 2
+  log "$name"
+  timeout "$lim" "$@" 2>&1 | grep -v "DeprecationWarning\|return rule(ctx" >> "$OUT/$name.txt"
+  echo "rc=${PIPESTATUS[0]}" >> "$OUT/$name.txt"
+}
