@@ -30,10 +30,8 @@ def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:
     return comb
 
 
-def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: float, sinkhorn_iters: int,
-               kernels: str = "xla"):
-    """streams [..., n, d] -> (pre [..., n], post [..., n], comb [..., n, n]), all fp32. ``kernels="pallas"``
-    runs the Sinkhorn as one kernel (kernels_pallas/sinkhorn.py; XLA launches one per row / column sum)."""
+def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: float, sinkhorn_iters: int):
+    """streams [..., n, d] -> (pre [..., n], post [..., n], comb [..., n, n]), all fp32."""
     mix = _mix_logits(streams, fn, rms_eps)
     pre_w, post_w, comb_w = mix[..., :n], mix[..., n : 2 * n], mix[..., 2 * n :]
     base = base.astype(jnp.float32)
@@ -41,11 +39,6 @@ def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: floa
     pre = jax.nn.sigmoid(pre_w * scale[0] + base[:n]) + hc_eps
     post = 2.0 * jax.nn.sigmoid(post_w * scale[1] + base[n : 2 * n])
     comb_logits = comb_w.reshape(*comb_w.shape[:-1], n, n) * scale[2] + base[2 * n :].reshape(n, n)
-    if kernels == "pallas":
-        from kernels_pallas.sinkhorn import sinkhorn as pallas_sinkhorn
-
-        comb = pallas_sinkhorn(comb_logits, sinkhorn_iters, hc_eps, interpret=jax.default_backend() != "gpu")
-        return pre, post, comb
     return pre, post, sinkhorn(comb_logits, sinkhorn_iters, hc_eps)
 
 
@@ -68,11 +61,26 @@ class HyperConnection(nnx.Module):
         self.base = nnx.Param(jnp.zeros(((2 + n) * n,), jnp.float32))
         self.scale = nnx.Param(jnp.ones((3,), jnp.float32))
 
-    def weights(self, streams, kernels: str = "xla"):
+    def weights(self, streams):
+        """streams [..., n, d] -> (pre, post, comb) by ``hc_weights`` (recorded by dsv4_jax.introspect)."""
         c = self.cfg
-        return hc_weights(streams, self.fn[...], self.base[...], self.scale[...], n=c.hc_mult,
-                          rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, sinkhorn_iters=c.hc_sinkhorn_iters,
-                          kernels=kernels)
+        return hc_weights(streams, self.fn[...], self.base[...], self.scale[...], n=c.hc_mult, rms_eps=c.rms_norm_eps,
+                          hc_eps=c.hc_eps, sinkhorn_iters=c.hc_sinkhorn_iters)
+
+    def __call__(self, streams, kernels: str = "xla"):
+        """The step before a sub-block: streams [..., n, d] -> (its input sum_i pre_i X_i [..., d], post,
+        comb). ``kernels="pallas"``: one matmul and one kernel (kernels_pallas/hc_pre.py) where XLA runs
+        ~10 small kernels."""
+        c = self.cfg
+        if kernels == "pallas":
+            from kernels_pallas import hc_pre
+
+            if hc_pre.supported(c.hc_mult, streams.shape[-1]):
+                return hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...], rms_eps=c.rms_norm_eps,
+                                     hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters,
+                                     interpret=jax.default_backend() != "gpu")
+        pre, post, comb = self.weights(streams)
+        return collapse(streams, pre), post, comb
 
 
 def hyper_head(streams, fn, base, scale, *, rms_eps: float, hc_eps: float) -> jax.Array:

@@ -19,7 +19,7 @@ from .attention import Attention
 from .basic import Linear, RMSNorm
 from .cache import LayerCache, init_cache
 from .config import DeepseekV4Config
-from .hyper_connection import HyperConnection, HyperHead, collapse, expand
+from .hyper_connection import HyperConnection, HyperHead, expand
 from .metadata import ForwardMetadata, build_metadata, padded_chunk_len
 from .moe import MoE
 
@@ -41,14 +41,14 @@ class DecoderLayer(nnx.Module):
         """streams [B, C, n, d] -> (streams, layer cache)."""
         # Named scopes let a profile attribute device time to attention, MoE and mHC per layer.
         with jax.named_scope("mhc"):
-            pre, post, comb = self.attn_hc.weights(streams, kernels)
-            attn_in = self.input_layernorm(collapse(streams, pre))
+            attn_in, post, comb = self.attn_hc(streams, kernels)
+            attn_in = self.input_layernorm(attn_in)
         with jax.named_scope("attention"):
             attn_out, cache = self.self_attn(attn_in, meta, cache, kernels)
         with jax.named_scope("mhc"):
             streams = expand(streams, attn_out, post, comb)
-            pre, post, comb = self.ffn_hc.weights(streams, kernels)
-            ffn_in = self.post_attention_layernorm(collapse(streams, pre))
+            ffn_in, post, comb = self.ffn_hc(streams, kernels)
+            ffn_in = self.post_attention_layernorm(ffn_in)
         with jax.named_scope("moe"):
             ffn_out = self.mlp(ffn_in, token_ids, kernels)
         with jax.named_scope("mhc"):

@@ -1,0 +1,174 @@
+"""The mHC step before each sub-block (DeepSeek-V4 §5) as one Pallas GPU kernel after one XLA matmul.
+
+    hc_pre(streams [T, n, d], fn [(2+n)n, n*d] f32, base [(2+n)n] f32, scale [3] f32, *, rms_eps, hc_eps,
+           iters) -> (x [T, d] in streams' dtype, post [T, n] f32, comb [T, n, n] f32)
+
+Meaning (``reference``: ``dsv4_jax.hyper_connection``'s ``hc_weights`` then ``collapse``): mixing logits
+``fn @ RMS(vec(streams))``; ``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
+normalisation (row softmax + eps, a column normalisation, then ``iters - 1`` rounds of row and column
+normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i``.
+
+Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as
+~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
+step of the 6-layer Flash-width slice: 213 us and ~118 kernels of a 1.9 ms batch-1 decode step on an H200
+(docs/performance.md). Here XLA does the one matmul (``vec(streams) @ fn^T``, the 1.5 MB of ``fn``, with the
+RMS factor applied after it: the same product up to rounding), and one kernel does the rest.
+
+Backend: the Pallas **Triton** backend. A program owns ``block_t`` tokens. Each of the ``(2+n)n`` logits is
+its own ``[block_t]`` vector (a strided masked load), so the weights and the whole Sinkhorn are elementwise
+arithmetic on those vectors, unrolled at trace time: no reductions, reshapes or matmuls. The streams are
+read twice in ``[block_t, block_d]`` tiles: once for the RMS factor, once for the weighted sum (the second
+read hits L2). Tokens past the end are masked on load and store.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from dsv4_jax.hyper_connection import collapse, hc_weights
+
+from .common import triton_call
+
+__all__ = ["hc_pre", "reference", "sinkhorn_entries", "supported"]
+
+
+def reference(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int):
+    """The XLA path (``HyperConnection``'s): ``hc_weights``, then ``collapse``."""
+    pre, post, comb = hc_weights(streams, fn, base, scale, n=streams.shape[-2], rms_eps=rms_eps, hc_eps=hc_eps,
+                                 sinkhorn_iters=iters)
+    return collapse(streams, pre), post, comb
+
+
+def supported(n: int, d: int) -> bool:
+    """Shapes the kernel takes: Triton vectors are a power of two long."""
+    return n >= 1 and d >= 16 and not d & (d - 1)
+
+
+def sinkhorn_entries(x: list[list], iters: int, eps: float) -> list[list]:
+    """The Sinkhorn normalisation on an n x n matrix held as n * n same-shaped arrays (one per entry):
+    elementwise arithmetic only, for any number of matrices at once. x: logits; returns comb."""
+    n = len(x)
+    c = []
+    for i in range(n):  # row softmax (max-shifted, as jax.nn.softmax), + eps
+        m = functools.reduce(jnp.maximum, x[i])
+        e = [jnp.exp(v - m) for v in x[i]]
+        r = 1.0 / functools.reduce(jnp.add, e)
+        c.append([v * r + eps for v in e])
+
+    # One reciprocal per row / column, then multiplies: n IEEE fp32 divides (each a multi-instruction
+    # sequence) per half-iteration instead of n * n; each entry stays within 1 ulp of the division.
+    def columns(c):
+        inv = [1.0 / (functools.reduce(jnp.add, [c[i][j] for i in range(n)]) + eps) for j in range(n)]
+        return [[c[i][j] * inv[j] for j in range(n)] for i in range(n)]
+
+    def rows(c):
+        inv = [1.0 / (functools.reduce(jnp.add, c[i]) + eps) for i in range(n)]
+        return [[c[i][j] * inv[i] for j in range(n)] for i in range(n)]
+
+    c = columns(c)
+    for _ in range(iters - 1):
+        c = columns(rows(c))
+    return c
+
+
+def _kernel(streams_ref, raw_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref, *, n: int, d: int,
+            iters: int, rms_eps: float, hc_eps: float, block_t: int, block_d: int):
+    """streams_ref [T, n*d]; raw_ref [T, (2+n)n] f32 (vec(streams) @ fn^T, no RMS); base_ref [(2+n)n];
+    scale_ref [3]; x_ref [T, d]; post_ref [T, n]; comb_ref [T, n*n]. One program: ``block_t`` tokens."""
+    T = streams_ref.shape[0]
+    start = pl.program_id(0) * block_t
+    valid = start + jnp.arange(block_t, dtype=jnp.int32) < T
+    tokens = pl.ds(start, block_t)
+
+    def tile(i, k):  # stream i, columns k .. k + block_d of this program's tokens, fp32
+        return plt.load(streams_ref.at[tokens, pl.ds(i * d + k, block_d)], mask=valid[:, None],
+                        other=0).astype(jnp.float32)
+
+    sq = jnp.zeros((block_t,), jnp.float32)
+    for i in range(n):
+        for k in range(0, d, block_d):
+            sq += jnp.sum(tile(i, k) ** 2, axis=1)
+    rms = jax.lax.rsqrt(sq / (n * d) + rms_eps)
+
+    def logit(j, s):
+        raw = plt.load(raw_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0)
+        return raw * rms * scale_ref[s] + base_ref[j]
+
+    pre = [jax.nn.sigmoid(logit(i, 0)) + hc_eps for i in range(n)]
+    for i in range(n):
+        plt.store(post_ref.at[tokens, jnp.int32(i)], 2.0 * jax.nn.sigmoid(logit(n + i, 1)), mask=valid)
+    comb = sinkhorn_entries([[logit(2 * n + i * n + j, 2) for j in range(n)] for i in range(n)], iters, hc_eps)
+    for i in range(n):
+        for j in range(n):
+            plt.store(comb_ref.at[tokens, jnp.int32(i * n + j)], comb[i][j], mask=valid)
+    for k in range(0, d, block_d):
+        acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i, k) for i in range(n)])
+        plt.store(x_ref.at[tokens, pl.ds(k, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("rms_eps", "hc_eps", "iters", "block_t", "block_d", "interpret",
+                                             "poison_outputs"))
+def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, block_t: int = 16,
+           block_d: int | None = None, interpret: bool = False, poison_outputs: bool = False):
+    """Pallas (Triton) mHC pre-step; same arguments (``n`` from the shape) and results as ``reference``, for
+    ``streams [..., n, d]``. block_t: tokens per program (power of two >= 16); block_d: stream columns per
+    tile (power of two, divides d; default min(d, 256), so n fp32 tiles of 16 x 256 fit in registers).
+    poison_outputs: testing aid (``common.triton_call``)."""
+    *lead, n, d = streams.shape
+    R = (2 + n) * n
+    if not supported(n, d) or fn.shape != (R, n * d) or base.shape != (R,) or scale.shape != (3,) or iters < 1:
+        raise ValueError(f"hc_pre: streams {streams.shape}, fn {fn.shape}, base {base.shape}, scale {scale.shape}, "
+                         f"iters {iters}: expected [..., n, d] with d a power of two >= 16, fn [(2+n)n, n*d], "
+                         f"base [(2+n)n], scale [3], iters >= 1")
+    bd = block_d or min(d, 256)
+    if block_t < 16 or block_t & (block_t - 1) or bd < 16 or bd & (bd - 1) or d % bd:
+        raise ValueError(f"hc_pre: block_t={block_t} and block_d={bd} must be powers of two >= 16, "
+                         f"block_d dividing d={d}")
+    flat = streams.reshape(-1, n * d)
+    T = flat.shape[0]
+    raw = jnp.einsum("ti,oi->to", flat.astype(jnp.float32), fn.astype(jnp.float32))
+    whole = lambda *shape: pl.BlockSpec(shape, lambda t: (0,) * len(shape))  # the kernel indexes its tokens
+    x, post, comb = triton_call(
+        functools.partial(_kernel, n=n, d=d, iters=iters, rms_eps=rms_eps, hc_eps=hc_eps, block_t=block_t,
+                          block_d=bd),
+        [flat, raw, base.astype(jnp.float32), scale.astype(jnp.float32)],
+        grid=(pl.cdiv(T, block_t),),
+        in_specs=[whole(T, n * d), whole(T, R), whole(R), whole(3)],
+        out_shape=[jax.ShapeDtypeStruct((T, d), streams.dtype), jax.ShapeDtypeStruct((T, n), jnp.float32),
+                   jax.ShapeDtypeStruct((T, n * n), jnp.float32)],
+        out_specs=[whole(T, d), whole(T, n), whole(T, n * n)],
+        num_warps=4, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}", poison=poison_outputs)
+    return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks (scripts/bench_kernels.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _inputs(key, T, n, d):
+    k1, k2, k3 = jax.random.split(key, 3)
+    R = (2 + n) * n
+    return (jax.random.normal(k1, (T, n, d), jnp.bfloat16), 0.02 * jax.random.normal(k2, (R, n * d), jnp.float32),
+            0.1 * jax.random.normal(k3, (R,), jnp.float32), jnp.ones((3,), jnp.float32))
+
+
+def bench_cases():
+    """Flash mHC (n = 4, d = 4096, 20 Sinkhorn iterations): a batch-1 and a batch-128 decode step's tokens,
+    and a 16384-token prefill chunk; against the XLA path. Bytes: fn once, the streams twice, x once."""
+    n, d, iters = 4, 4096, 20
+    return [{
+        "name": f"hc_pre_T{T}",
+        "shapes": {"T": T, "n": n, "d": d, "iters": iters},
+        "args": functools.partial(_inputs, T=T, n=n, d=d),
+        "kwargs": {"rms_eps": 1e-6, "hc_eps": 1e-6, "iters": iters},
+        "bytes": (2 + n) * n * n * d * 4 + T * (2 * n * d + d) * 2,
+        "flops": 2 * T * (2 + n) * n * n * d,
+        "pallas": hc_pre,
+        "reference": reference,
+    } for T in (1, 128, 16384)]

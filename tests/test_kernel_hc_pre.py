@@ -1,0 +1,101 @@
+"""The mHC pre-step kernel (kernels_pallas/hc_pre.py) against the XLA path (hc_weights, then collapse).
+
+CPU: interpret mode into poisoned outputs (token counts below, at and above one block; n = 2 and 4; 1, 3
+and 20 Sinkhorn iterations; bf16 and fp32 streams; tiles narrower than d; large mixing logits that the
+row softmax must shift), the in-register Sinkhorn against the reference's on plain arrays, bad arguments,
+and a CUDA cross-lowering check. GPU (skipped elsewhere): the compiled kernel at decode and prefill token
+counts with the Flash sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv4_jax.hyper_connection import sinkhorn
+from kernels_pallas import hc_pre as hp
+from kernels_pallas.testing import lower_for_h100
+
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
+EPS = 1e-6
+
+
+def inputs(seed, lead, n, d, dtype, fn_scale=0.02):
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
+    R = (2 + n) * n
+    return (jax.random.normal(k1, (*lead, n, d), jnp.float32).astype(dtype),
+            fn_scale * jax.random.normal(k2, (R, n * d), jnp.float32), 0.5 * jax.random.normal(k3, (R,), jnp.float32),
+            1.0 + 0.5 * jax.random.uniform(k4, (3,), jnp.float32))
+
+
+def check(got, want, *, what=""):
+    for name, g, w, tol in zip(("x", "post", "comb"), got, want, (None, 1e-5, 1e-5)):
+        g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
+        assert g.shape == w.shape, (what, name, g.shape, w.shape)
+        assert np.isfinite(g).all(), f"{what} {name}: {np.sum(~np.isfinite(g))} non-finite (unwritten) entries"
+        # x in bf16: the kernel and the reference round the same fp32 sum, which may differ in its last bit.
+        tol = tol or (1e-5 if got[0].dtype == jnp.float32 else 2 ** -7)
+        err = np.abs(g - w).max() / np.abs(w).max()
+        assert err < tol, f"{what} {name}: max abs err / max |ref| = {err:.3g}"
+
+
+# name -> (seed, lead shape, n, d, dtype, iters, fn scale, block_t, block_d)
+CASES = {
+    "decode_one_token": (1, (1, 1), 4, 128, jnp.bfloat16, 20, 0.02, 16, None),
+    "ragged_tokens_fp32": (2, (3, 15), 4, 64, jnp.float32, 20, 0.02, 16, 16),  # 45 tokens, d in 4 tiles
+    "n2_three_iters": (3, (7,), 2, 32, jnp.float32, 3, 0.02, 16, None),
+    "one_iteration_block32": (4, (70,), 4, 64, jnp.bfloat16, 1, 0.02, 32, 32),
+    "large_logits": (5, (2, 9), 4, 64, jnp.float32, 20, 3.0, 16, None),  # exp would overflow unshifted
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpret_matches_reference(name):
+    seed, lead, n, d, dtype, iters, fn_scale, bt, bd = CASES[name]
+    streams, fn, base, scale = inputs(seed, lead, n, d, dtype, fn_scale)
+    got = hp.hc_pre(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, block_t=bt, block_d=bd,
+                    interpret=True, poison_outputs=True)
+    check(got, hp.reference(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters), what=name)
+
+
+@pytest.mark.parametrize("n,iters", [(4, 20), (2, 1), (3, 5)])
+def test_sinkhorn_entries_matches_reference(n, iters):
+    x = jax.random.normal(jax.random.PRNGKey(n), (50, n, n), jnp.float32) * 30.0
+    got = hp.sinkhorn_entries([[x[:, i, j] for j in range(n)] for i in range(n)], iters, EPS)
+    got = jnp.stack([jnp.stack(row, -1) for row in got], -2)
+    want = sinkhorn(x, iters, EPS)
+    assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-5
+
+
+def test_bad_arguments_raise():
+    streams, fn, base, scale = inputs(0, (3,), 4, 64, jnp.float32)
+    kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20, interpret=True)
+    with pytest.raises(ValueError, match="d a power of two"):
+        hp.hc_pre(streams[..., :48], fn, base, scale, **kw)
+    with pytest.raises(ValueError, match=r"fn \[\(2\+n\)n, n\*d\]"):
+        hp.hc_pre(streams, fn[:, :-1], base, scale, **kw)
+    with pytest.raises(ValueError, match="block_d=48"):
+        hp.hc_pre(streams, fn, base, scale, block_d=48, **kw)
+    assert not hp.supported(4, 48) and hp.supported(4, 4096)
+
+
+@pytest.mark.parametrize("T,kw", [(1, {}), (128, {}), (16384, {}), (100, dict(block_t=32, poison_outputs=True))])
+def test_lowers_for_h100(T, kw):
+    n, d = 4, 4096
+    fn = functools.partial(hp.hc_pre, rms_eps=EPS, hc_eps=EPS, iters=20, **kw)
+    args = (jax.ShapeDtypeStruct((T, n, d), jnp.bfloat16), jax.ShapeDtypeStruct(((2 + n) * n, n * d), jnp.float32),
+            jax.ShapeDtypeStruct(((2 + n) * n,), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.float32))
+    assert "triton" in lower_for_h100(fn, *args).lower()
+
+
+@on_gpu
+@pytest.mark.parametrize("T", [1, 128, 16384, 1000])
+def test_gpu_matches_reference(T):
+    streams, fn, base, scale = inputs(T, (T,), 4, 4096, jnp.bfloat16)
+    kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20)
+    check(hp.hc_pre(streams, fn, base, scale, poison_outputs=True, **kw),
+          jax.jit(functools.partial(hp.reference, **kw))(streams, fn, base, scale), what=f"T={T}")
