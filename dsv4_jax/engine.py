@@ -203,15 +203,16 @@ class Engine:
         stats.prefill_seconds = time.perf_counter() - t0
         active = np.ones(len(prompts), bool)
         # Positions, the key and the active mask stay on the device from step to step; the mask is sent
-        # again only when an EOS has changed it.
-        pos, active_dev, sent = jnp.asarray(lens), jnp.asarray(active), active.copy()
+        # again only after an EOS has changed it (as a copy: the host edits ``active`` while a step may
+        # still be reading the device array, which on a CPU can share its memory).
+        pos, active_dev = jnp.asarray(lens), None
         t0 = time.perf_counter()
 
         def dispatch(step_tokens):
             """Issue the next decode step on the device outputs of the previous one (no host round trip)."""
-            nonlocal cache, key, pos, active_dev, sent
-            if (active != sent).any():
-                active_dev, sent = jnp.asarray(active), active.copy()
+            nonlocal cache, key, pos, active_dev
+            if active_dev is None:
+                active_dev = jnp.asarray(active.copy())
             next_tokens, pos, key, cache = self._run_decode(cache, step_tokens, pos, active_dev, key, sampling)
             return next_tokens
 
@@ -225,7 +226,7 @@ class Engine:
                 stats.generated_tokens += 1
                 yield int(b), int(tokens[b])
                 if int(tokens[b]) in eos:
-                    active[b] = False
+                    active[b], active_dev = False, None
                     self.finish_reasons[b] = "eos"
             if step == max_new_tokens - 1 or not active.any():
                 break

@@ -122,7 +122,7 @@ def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: 
 
     token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
     already cached. ``kernels`` picks the implementation of attention, compressor, indexer, top-k, the mHC
-    Sinkhorn and the routed experts: "xla" (the plain-JAX reference, any backend) or "pallas" (the GPU
+    pre-step and the routed experts: "xla" (the plain-JAX reference, any backend) or "pallas" (the GPU
     kernels in kernels_pallas/).
     Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
     """

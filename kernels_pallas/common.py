@@ -10,6 +10,7 @@ from jax.experimental.pallas import triton as plt
 
 NUM_SMS = 132  # H100 SXM and H200
 
+
 def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: list, num_warps: int, num_stages: int,
                 interpret: bool, name: str, poison: bool = False) -> list:
     """``pl.pallas_call`` on the Triton backend; returns the list of outputs.

@@ -25,8 +25,8 @@ Design:
   Each program finds its own tile from ``group_sizes`` (``tile_of``: a cumulative sum and a few sums
   over the [G] vector, in registers). A tile table built by XLA before the kernel (cumulative sums, a
   search, a stack) took ~18 us of small kernels per MoE layer, 109 us of a 1.9 ms batch-1 decode step
-  (H200 profile, docs/performance.md). The static tile count is ``cdiv(M, block_m) + min(G, M)`` (each non-empty group
-  adds at most one partial tile) plus ``cdiv(M, block_m)`` tiles that zero the rows past
+  (H200 profile, docs/performance.md). The static tile count is ``cdiv(M, block_m) + min(G, M)`` (each
+  non-empty group adds at most one partial tile) plus ``cdiv(M, block_m)`` tiles that zero the rows past
   ``sum(group_sizes)``; the rest exit at once.
 * Grid ``(N / block_n, tiles)``: the column block is the fastest axis, so the programs of one tile (one
   expert's matrix, split by columns) run side by side. A program walks K in ``block_k`` steps (Triton
@@ -50,6 +50,11 @@ from .grouped_matmul import reference
 __all__ = ["grouped_gemv", "tile_of", "reference", "bench_cases"]
 
 
+def tiles_per_group(group_sizes: jax.Array, block_m: int) -> jax.Array:
+    """[G] int32: cdiv(size_g, block_m), the tiles group g is cut into."""
+    return (group_sizes + block_m - 1) // block_m
+
+
 def tile_of(group_sizes: jax.Array, t, block_m: int):
     """group_sizes [G] int32, tile index t -> (group, first row, rows) of tile t (all int32 scalars).
 
@@ -59,7 +64,7 @@ def tile_of(group_sizes: jax.Array, t, block_m: int):
     kernel computes its own tile (G a power of two there), and tests call it directly.
     """
     G = group_sizes.shape[0]
-    per_group = (group_sizes + block_m - 1) // block_m
+    per_group = tiles_per_group(group_sizes, block_m)
     g = jnp.arange(G, dtype=jnp.int32)
     group = jnp.sum((jnp.cumsum(per_group) <= t).astype(jnp.int32))
     before = g < group
@@ -79,7 +84,7 @@ def _kernel(sizes_ref, x_ref, w_ref, o_ref, *, block_m: int, block_k: int):
     group, row0, n_rows = tile_of(sizes, t, block_m)
     M, K = x_ref.shape
     G, bn, _ = w_ref.shape
-    work_tiles = jnp.sum((sizes + block_m - 1) // block_m)
+    work_tiles = jnp.sum(tiles_per_group(sizes, block_m))
 
     @pl.when(n_rows > 0)
     def _():
