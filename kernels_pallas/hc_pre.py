@@ -16,9 +16,11 @@ RMS factor applied after it: the same product up to rounding), and one kernel do
 
 Backend: the Pallas **Triton** backend. A program owns ``block_t`` tokens. Each of the ``(2+n)n`` logits is
 its own ``[block_t]`` vector (a strided masked load), so the weights and the whole Sinkhorn are elementwise
-arithmetic on those vectors, unrolled at trace time: no reductions, reshapes or matmuls. The streams are
-read twice in ``[block_t, block_d]`` tiles: once for the RMS factor, once for the weighted sum (the second
-read hits L2). Tokens past the end are masked on load and store.
+arithmetic on those vectors: no reductions, reshapes or matmuls. The Sinkhorn rounds and the walks over
+``d`` are loops, not unrolled: unrolled, Triton took minutes to compile the kernel (Flash sizes; the
+Sinkhorn-only kernel it replaces took 10 s). The streams are read twice in ``[block_t, block_d]`` tiles:
+once for the RMS factor, once for the weighted sum (the second read hits L2). Tokens past the end are
+masked on load and store.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -70,10 +73,8 @@ def sinkhorn_entries(x: list[list], iters: int, eps: float) -> list[list]:
         inv = [1.0 / (functools.reduce(jnp.add, c[i]) + eps) for i in range(n)]
         return [[c[i][j] * inv[i] for j in range(n)] for i in range(n)]
 
-    c = columns(c)
-    for _ in range(iters - 1):
-        c = columns(rows(c))
-    return c
+    # A loop (the n * n entries are its carried values): unrolled, the rounds made Triton's compile slow.
+    return lax.fori_loop(0, iters - 1, lambda _, c: columns(rows(c)), columns(c))
 
 
 def _kernel(streams_ref, raw_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref, *, n: int, d: int,
@@ -89,11 +90,12 @@ def _kernel(streams_ref, raw_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref
         return plt.load(streams_ref.at[tokens, pl.ds(i * d + k, block_d)], mask=valid[:, None],
                         other=0).astype(jnp.float32)
 
-    sq = jnp.zeros((block_t,), jnp.float32)
-    for i in range(n):
-        for k in range(0, d, block_d):
-            sq += jnp.sum(tile(i, k) ** 2, axis=1)
-    rms = jax.lax.rsqrt(sq / (n * d) + rms_eps)
+    def square_sum(k, sq):
+        k0 = pl.multiple_of(k * block_d, block_d)
+        return sq + functools.reduce(jnp.add, [jnp.sum(tile(i, k0) ** 2, axis=1) for i in range(n)])
+
+    sq = lax.fori_loop(0, d // block_d, square_sum, jnp.zeros((block_t,), jnp.float32))
+    rms = lax.rsqrt(sq / (n * d) + rms_eps)
 
     def logit(j, s):
         raw = plt.load(raw_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0)
@@ -106,9 +108,11 @@ def _kernel(streams_ref, raw_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref
     for i in range(n):
         for j in range(n):
             plt.store(comb_ref.at[tokens, jnp.int32(i * n + j)], comb[i][j], mask=valid)
-    for k in range(0, d, block_d):
-        acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i, k) for i in range(n)])
-        plt.store(x_ref.at[tokens, pl.ds(k, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
+    @pl.loop(0, d // block_d)
+    def _(k):
+        k0 = pl.multiple_of(k * block_d, block_d)
+        acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i, k0) for i in range(n)])
+        plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("rms_eps", "hc_eps", "iters", "block_t", "block_d", "interpret",
