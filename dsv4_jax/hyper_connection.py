@@ -14,10 +14,14 @@ from .basic import unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
-def _mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
-    """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32."""
+def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
+    """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32.
+
+    At full fp32 precision: the reference computes these logits in fp32, and a GPU's default (TF32 inputs)
+    moves them by ~1e-3, which the Sinkhorn and every later layer carry on."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-    return jnp.einsum("...i,oi->...o", unweighted_rms_norm(flat, eps), fn.astype(jnp.float32))
+    return jnp.einsum("...i,oi->...o", unweighted_rms_norm(flat, eps), fn.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -32,7 +36,7 @@ def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:
 
 def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: float, sinkhorn_iters: int):
     """streams [..., n, d] -> (pre [..., n], post [..., n], comb [..., n, n]), all fp32."""
-    mix = _mix_logits(streams, fn, rms_eps)
+    mix = mix_logits(streams, fn, rms_eps)
     pre_w, post_w, comb_w = mix[..., :n], mix[..., n : 2 * n], mix[..., 2 * n :]
     base = base.astype(jnp.float32)
     scale = scale.astype(jnp.float32)
@@ -69,8 +73,8 @@ class HyperConnection(nnx.Module):
 
     def __call__(self, streams, kernels: str = "xla"):
         """The step before a sub-block: streams [..., n, d] -> (its input sum_i pre_i X_i [..., d], post,
-        comb). ``kernels="pallas"``: one matmul and one kernel (kernels_pallas/hc_pre.py) where XLA runs
-        ~10 small kernels."""
+        comb). ``kernels="pallas"``: the mixing logits, then one kernel (kernels_pallas/hc_pre.py) where XLA
+        runs ~10 small kernels."""
         c = self.cfg
         if kernels == "pallas":
             from kernels_pallas import hc_pre
@@ -85,7 +89,7 @@ class HyperConnection(nnx.Module):
 
 def hyper_head(streams, fn, base, scale, *, rms_eps: float, hc_eps: float) -> jax.Array:
     """Final stream collapse [..., n, d] -> [..., d]: sigmoid weights, no Sinkhorn, no post."""
-    mix = _mix_logits(streams, fn, rms_eps)
+    mix = mix_logits(streams, fn, rms_eps)
     pre = jax.nn.sigmoid(mix * scale.astype(jnp.float32) + base.astype(jnp.float32)) + hc_eps
     return collapse(streams, pre)
 

@@ -1,4 +1,4 @@
-"""The mHC step before each sub-block (DeepSeek-V4 §5) as one Pallas GPU kernel after one XLA matmul.
+"""The mHC step before each sub-block (DeepSeek-V4 §5) as one Pallas GPU kernel after the mixing logits.
 
     hc_pre(streams [T, n, d], fn [(2+n)n, n*d] f32, base [(2+n)n] f32, scale [3] f32, *, rms_eps, hc_eps,
            iters) -> (x [T, d] in streams' dtype, post [T, n] f32, comb [T, n, n] f32)
@@ -11,15 +11,17 @@ normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i 
 Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as
 ~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
 step of the 6-layer Flash-width slice: 213 us and ~118 kernels of a 1.9 ms batch-1 decode step on an H200
-(docs/performance.md). Here XLA does the one matmul (``vec(streams) @ fn^T``, the 1.5 MB of ``fn``, with the
-RMS factor applied after it: the same product up to rounding), and one kernel does the rest.
+(docs/performance.md). Here XLA computes the mixing logits with the XLA path's own function
+(``mix_logits``: the RMS factor and the matmul with the 1.5 MB of ``fn``, so both paths see the same
+logits), and one kernel does the rest.
 
-Backend: the Pallas **Triton** backend. A program owns ``block_t`` tokens. Each of the ``(2+n)n`` logits is
-its own ``[block_t]`` vector (a strided masked load), so the weights and the whole Sinkhorn are elementwise
-arithmetic on those vectors: no reductions, reshapes or matmuls. The Sinkhorn rounds and the walks over
-``d`` are loops, not unrolled: unrolled, Triton took minutes to compile the kernel (Flash sizes; the
-Sinkhorn-only kernel it replaces took 10 s). The streams are read twice in ``[block_t, block_d]`` tiles:
-once for the RMS factor, once for the weighted sum (the second read hits L2). Tokens past the end are
+Backend: the Pallas **Triton** backend. Grid ``(token blocks, d / block_d)``: a program owns ``block_t``
+tokens and ``block_d`` columns of each stream, so a one-token decode step still spreads its stream reads
+over ``d / block_d`` programs (one program walking all of ``d`` took 28 us on an H200). Each of the
+``(2+n)n`` logits is its own ``[block_t]`` vector (a strided masked load), so the weights and the Sinkhorn
+are elementwise arithmetic on those vectors: no reductions, reshapes or matmuls. Every program computes
+``pre`` for its sum; the programs of the first column block also compute and store ``post`` and ``comb``.
+The Sinkhorn rounds are a loop: unrolled, Triton took minutes to compile them. Tokens past the end are
 masked on load and store.
 """
 
@@ -33,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv4_jax.hyper_connection import collapse, hc_weights
+from dsv4_jax.hyper_connection import collapse, hc_weights, mix_logits
 
 from .common import triton_call
 
@@ -77,42 +79,36 @@ def sinkhorn_entries(x: list[list], iters: int, eps: float) -> list[list]:
     return lax.fori_loop(0, iters - 1, lambda _, c: columns(rows(c)), columns(c))
 
 
-def _kernel(streams_ref, raw_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref, *, n: int, d: int,
-            iters: int, rms_eps: float, hc_eps: float, block_t: int, block_d: int):
-    """streams_ref [T, n*d]; raw_ref [T, (2+n)n] f32 (vec(streams) @ fn^T, no RMS); base_ref [(2+n)n];
-    scale_ref [3]; x_ref [T, d]; post_ref [T, n]; comb_ref [T, n*n]. One program: ``block_t`` tokens."""
+def _kernel(streams_ref, mix_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref, *, n: int, d: int,
+            iters: int, hc_eps: float, block_t: int, block_d: int):
+    """streams_ref [T, n*d]; mix_ref [T, (2+n)n] f32 mixing logits; base_ref [(2+n)n]; scale_ref [3];
+    x_ref [T, d]; post_ref [T, n]; comb_ref [T, n*n]. One program: ``block_t`` tokens x ``block_d`` columns."""
     T = streams_ref.shape[0]
     start = pl.program_id(0) * block_t
+    k0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
     valid = start + jnp.arange(block_t, dtype=jnp.int32) < T
     tokens = pl.ds(start, block_t)
 
-    def tile(i, k):  # stream i, columns k .. k + block_d of this program's tokens, fp32
-        return plt.load(streams_ref.at[tokens, pl.ds(i * d + k, block_d)], mask=valid[:, None],
+    def logit(j, s):
+        return plt.load(mix_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0) * scale_ref[s] + base_ref[j]
+
+    def tile(i):  # stream i, this program's columns and tokens, fp32
+        return plt.load(streams_ref.at[tokens, pl.ds(i * d + k0, block_d)], mask=valid[:, None],
                         other=0).astype(jnp.float32)
 
-    def square_sum(k, sq):
-        k0 = pl.multiple_of(k * block_d, block_d)
-        return sq + functools.reduce(jnp.add, [jnp.sum(tile(i, k0) ** 2, axis=1) for i in range(n)])
-
-    sq = lax.fori_loop(0, d // block_d, square_sum, jnp.zeros((block_t,), jnp.float32))
-    rms = lax.rsqrt(sq / (n * d) + rms_eps)
-
-    def logit(j, s):
-        raw = plt.load(raw_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0)
-        return raw * rms * scale_ref[s] + base_ref[j]
-
     pre = [jax.nn.sigmoid(logit(i, 0)) + hc_eps for i in range(n)]
-    for i in range(n):
-        plt.store(post_ref.at[tokens, jnp.int32(i)], 2.0 * jax.nn.sigmoid(logit(n + i, 1)), mask=valid)
-    comb = sinkhorn_entries([[logit(2 * n + i * n + j, 2) for j in range(n)] for i in range(n)], iters, hc_eps)
-    for i in range(n):
-        for j in range(n):
-            plt.store(comb_ref.at[tokens, jnp.int32(i * n + j)], comb[i][j], mask=valid)
-    @pl.loop(0, d // block_d)
-    def _(k):
-        k0 = pl.multiple_of(k * block_d, block_d)
-        acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i, k0) for i in range(n)])
-        plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
+    acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i) for i in range(n)])
+    plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
+
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+        for i in range(n):
+            plt.store(post_ref.at[tokens, jnp.int32(i)], 2.0 * jax.nn.sigmoid(logit(n + i, 1)), mask=valid)
+        comb = sinkhorn_entries([[logit(2 * n + i * n + j, 2) for j in range(n)] for i in range(n)], iters,
+                                hc_eps)
+        for i in range(n):
+            for j in range(n):
+                plt.store(comb_ref.at[tokens, jnp.int32(i * n + j)], comb[i][j], mask=valid)
 
 
 @functools.partial(jax.jit, static_argnames=("rms_eps", "hc_eps", "iters", "block_t", "block_d", "interpret",
@@ -121,7 +117,7 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
            block_d: int | None = None, interpret: bool = False, poison_outputs: bool = False):
     """Pallas (Triton) mHC pre-step; same arguments (``n`` from the shape) and results as ``reference``, for
     ``streams [..., n, d]``. block_t: tokens per program (power of two >= 16); block_d: stream columns per
-    tile (power of two, divides d; default min(d, 256), so n fp32 tiles of 16 x 256 fit in registers).
+    program (power of two, divides d; default min(d, 256): n fp32 tiles of 16 x 256 in registers).
     poison_outputs: testing aid (``common.triton_call``)."""
     *lead, n, d = streams.shape
     R = (2 + n) * n
@@ -135,13 +131,12 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
                          f"block_d dividing d={d}")
     flat = streams.reshape(-1, n * d)
     T = flat.shape[0]
-    raw = jnp.einsum("ti,oi->to", flat.astype(jnp.float32), fn.astype(jnp.float32))
-    whole = lambda *shape: pl.BlockSpec(shape, lambda t: (0,) * len(shape))  # the kernel indexes its tokens
+    mix = mix_logits(flat.reshape(T, n, d), fn, rms_eps)
+    whole = lambda *shape: pl.BlockSpec(shape, lambda t, k: (0,) * len(shape))  # the kernel indexes its block
     x, post, comb = triton_call(
-        functools.partial(_kernel, n=n, d=d, iters=iters, rms_eps=rms_eps, hc_eps=hc_eps, block_t=block_t,
-                          block_d=bd),
-        [flat, raw, base.astype(jnp.float32), scale.astype(jnp.float32)],
-        grid=(pl.cdiv(T, block_t),),
+        functools.partial(_kernel, n=n, d=d, iters=iters, hc_eps=hc_eps, block_t=block_t, block_d=bd),
+        [flat, mix, base.astype(jnp.float32), scale.astype(jnp.float32)],
+        grid=(pl.cdiv(T, block_t), d // bd),
         in_specs=[whole(T, n * d), whole(T, R), whole(R), whole(3)],
         out_shape=[jax.ShapeDtypeStruct((T, d), streams.dtype), jax.ShapeDtypeStruct((T, n), jnp.float32),
                    jax.ShapeDtypeStruct((T, n * n), jnp.float32)],
