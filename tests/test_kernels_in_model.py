@@ -11,6 +11,7 @@ from flax import nnx
 
 from conftest import tiny
 from dsv4_jax.cache import init_cache
+from dsv4_jax.checkpoint import abstract_model, param_table
 from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.engine import DeviceSteps, Engine
 from dsv4_jax.model import DeepseekV4ForCausalLM
@@ -125,26 +126,43 @@ def test_engine_rejects_unknown_kernels():
         Engine(DeepseekV4ForCausalLM(tiny(), rngs=nnx.Rngs(0)), kernels="cuda")
 
 
+def upcast(model):
+    """The same model with its bf16 weights in fp32 (values unchanged; fp32 and integer tables as they are)."""
+    wide = abstract_model(model.config, jnp.float32)
+    src = param_table(model)
+    for name, var in param_table(wide).items():
+        var.set_value(src[name].get_value().astype(var.get_value().dtype))
+    return wide
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_pallas_decode_matches_xla_on_flash_width_slice():
     """Flash-width attention (hidden 4096, 64 x 512 heads, indexer 64 x 128, top-k 512) in bf16; experts
     reduced to 64, so a decode step's 4 x 6 routed rows take the few-rows grouped kernel. Every layer is
     routed by token id: with learned routers a bf16 rounding difference between the paths can flip a
-    near-tied expert choice and move a row's logits by ~20% (2 of 4 rows in CPU interpret mode at 64
-    experts; the learned-routing version of this test failed on an H200, its error value not captured),
-    which says nothing about the kernels; the router is one plain-JAX function on both paths. Bound: bf16
-    tolerance on the logits (1.4% measured in CPU interpret mode with routing by token id)."""
+    near-tied expert choice and move a row's logits by ~20%, which says nothing about the kernels; the
+    router is one plain-JAX function on both paths.
+
+    Bound: both bf16 paths against the same weights in fp32 (XLA path, full-precision matmuls): the kernel
+    path's error must be within 1.25x of the XLA bf16 path's, i.e. the kernels lose no more accuracy than
+    bf16 itself does. (A fixed 2% bound on pallas vs xla held at 1.6% and then failed at 2.1-2.4% when the
+    mHC pre-step became a kernel: two bf16 paths that round differently drift apart by about the sum of
+    their errors, which is not a statement about either.)"""
     cfg = DeepseekV4Config.flash(num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA),
                                  mlp_layer_types=(HASH_MOE,) * 3, n_routed_experts=64)
     model = random_model(cfg, jnp.bfloat16)
     rng = np.random.RandomState(0)
     prompt, steps = rng.randint(0, cfg.vocab_size, (4, 2300)), rng.randint(0, cfg.vocab_size, (4, 3))
+    with jax.default_matmul_precision("highest"):
+        want = decode_logits(upcast(model), prompt, steps, 2400, "xla")
     ref = decode_logits(model, prompt, steps, 2400, "xla")
     got = decode_logits(model, prompt, steps, 2400, "pallas")
-    err = np.abs(got - ref).max() / np.abs(ref).max()
-    print(f"pallas vs xla decode logits (bf16, Flash-width): max abs err / max |logit| = {err:.4f}")
     assert np.isfinite(got).all(), "pallas decode produced non-finite logits"
-    assert err < 2e-2, f"pallas vs xla decode logits: max abs err / max |logit| = {err:.4f} (bound 2e-2)"
+    err = {name: float(np.abs(v - want).max() / np.abs(want).max()) for name, v in (("xla", ref), ("pallas", got))}
+    between = float(np.abs(got - ref).max() / np.abs(ref).max())
+    print(f"decode logits vs fp32 (max abs err / max |logit|, Flash-width): bf16 xla {err['xla']:.4f}, "
+          f"bf16 pallas {err['pallas']:.4f}; pallas vs xla {between:.4f}")
+    assert err["pallas"] <= 1.25 * err["xla"], f"pallas bf16 error {err['pallas']:.4f} vs xla bf16 {err['xla']:.4f}"
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
