@@ -17,3 +17,51 @@ def lower_for_h100(fn, *args):
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     return lowered.as_text()
 
+
+
+def compile_for_h100(fn, *args) -> dict[str, float]:
+    """Lower ``fn(*args)`` as ``lower_for_h100`` does, then compile each Pallas Triton kernel in it to a
+    cubin for sm_90 with the ``triton`` package's compiler, which needs no GPU. Returns seconds per kernel.
+
+    Catches kernels that lower but do not compile, and compiles that take minutes: GPU run 11 (2026-11-29)
+    timed out while the GPU compiler worked through an unrolled kernel. The ``triton`` package (a torch
+    dependency) stands in for the Triton inside jaxlib: the same dialect, a nearby version. ``args`` may
+    be ``jax.ShapeDtypeStruct``s."""
+    import os
+    import re
+    import tempfile
+    import time
+    from pathlib import Path
+    from unittest import mock
+
+    import triton
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    from triton.backends.compiler import GPUTarget
+
+    modules = []
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        result = lower(*a, **k)
+        modules.append(str(result.module.operation))
+        return result
+
+    jax.clear_caches()  # a cached lowering would not run the Pallas rule again
+    with mock.patch.object(registration.lowering, "lower_jaxpr_to_triton_module", capture):
+        text = lower_for_h100(fn, *args)
+    options = dict((name, (int(stages), int(warps))) for name, stages, warps in
+                   re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text))
+    if not modules:
+        raise AssertionError("no Pallas Triton kernel in the lowered function")
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": tmp}):
+        for i, module in enumerate(modules):  # an empty cache: every kernel compiles
+            name = re.search(r"tt\.func public @(\w+)", module).group(1)
+            stages, warps = options[name]
+            path = Path(tmp) / f"{i}.ttir"
+            path.write_text(module)
+            t0 = time.perf_counter()
+            triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+            seconds[name] = time.perf_counter() - t0
+    return seconds
