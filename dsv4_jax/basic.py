@@ -28,9 +28,15 @@ def unweighted_rms_norm(x: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps).astype(x.dtype)
 
 
-def linear(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Array:
+# For the fp32 products the reference computes in fp32 (router logits, mHC mixing): a GPU's default
+# precision rounds fp32 inputs to TF32 (10-bit mantissa), which PyTorch's default does not.
+FP32 = jax.lax.Precision.HIGHEST
+
+
+def linear(x: jax.Array, weight: jax.Array, out_dtype=None, precision=None) -> jax.Array:
     """``x [..., in] @ weight[out, in]^T -> [..., out]``."""
-    return jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=out_dtype)
+    return jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=out_dtype,
+                      precision=precision)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):

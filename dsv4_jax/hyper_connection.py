@@ -10,18 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import unweighted_rms_norm
+from .basic import FP32, linear, unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
 def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
-    """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32.
-
-    At full fp32 precision: the reference computes these logits in fp32, and a GPU's default (TF32 inputs)
-    moves them by ~1e-3, which the Sinkhorn and every later layer carry on."""
+    """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32 at full precision (``FP32``):
+    TF32 moves these logits by ~1e-3, which the Sinkhorn and every later layer carry on."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-    return jnp.einsum("...i,oi->...o", unweighted_rms_norm(flat, eps), fn.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    return linear(unweighted_rms_norm(flat, eps), fn.astype(jnp.float32), precision=FP32)
 
 
 def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -53,7 +50,7 @@ def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:
 
 def expand(streams: jax.Array, block_out: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
     """X'_j = post_j * f + sum_i C[i, j] X_i: contracts C's *first* index (C is not symmetric)."""
-    mixed = jnp.einsum("...ij,...id->...jd", comb, streams.astype(jnp.float32))
+    mixed = jnp.einsum("...ij,...id->...jd", comb, streams.astype(jnp.float32), precision=FP32)
     return (post[..., None] * block_out.astype(jnp.float32)[..., None, :] + mixed).astype(streams.dtype)
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import Buffer, Linear, linear
+from .basic import FP32, Buffer, Linear, linear
 from .config import HASH_MOE, DeepseekV4Config
 
 _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
@@ -19,7 +19,7 @@ _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
 
 def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
     """x [T, d] -> sqrt(softplus(W_g x)) [T, E] in fp32 (softplus is the overflow-safe logaddexp form)."""
-    logits = linear(x.astype(jnp.float32), gate_weight.astype(jnp.float32))
+    logits = linear(x.astype(jnp.float32), gate_weight.astype(jnp.float32), precision=FP32)
     return jnp.sqrt(jax.nn.softplus(logits))
 
 

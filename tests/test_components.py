@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -247,6 +248,25 @@ def test_hyper_connection_matches_reference(components, path, comb_scale):
     ref_mixed = ref_post.unsqueeze(-1) * torch.tensor(block_out).unsqueeze(-2) + torch.matmul(
         ref_comb.transpose(-1, -2), torch.tensor(streams))
     assert_close(expand(jnp.asarray(streams), jnp.asarray(block_out), to_np(ref_post), comb_np), ref_mixed, "expand")
+
+
+def test_fp32_products_ask_for_full_precision():
+    """The fp32 products the reference computes in fp32 (router logits, mHC mixing logits, the mHC stream
+    mix) ask XLA for full precision: a GPU's default rounds fp32 inputs to TF32 (10-bit mantissa), PyTorch's
+    does not. A CPU computes fp32 either way, so the traced products are checked."""
+    T, n, d, E = 3, 4, 16, 8
+    streams, fn = jnp.ones((T, n, d)), jnp.ones(((2 + n) * n, n * d))
+    traced = {
+        "router": jax.make_jaxpr(moe.router_scores)(jnp.ones((T, d), jnp.bfloat16), jnp.ones((E, d), jnp.bfloat16)),
+        "mHC weights": jax.make_jaxpr(lambda s: hc_weights(s, fn, jnp.zeros((2 + n) * n), jnp.ones(3), n=n,
+                                                          rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=2))(streams),
+        "mHC expand": jax.make_jaxpr(expand)(streams, jnp.ones((T, d)), jnp.ones((T, n)), jnp.ones((T, n, n))),
+    }
+    for what, jaxpr in traced.items():
+        dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+        assert dots, what
+        for e in dots:
+            assert e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2, (what, e.params["precision"])
 
 
 def test_hyper_head_matches_reference(components):
