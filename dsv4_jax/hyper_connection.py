@@ -70,18 +70,42 @@ class HyperConnection(nnx.Module):
 
     def __call__(self, streams, kernels: str = "xla"):
         """The step before a sub-block: streams [..., n, d] -> (its input sum_i pre_i X_i [..., d], post,
-        comb). ``kernels="pallas"``: the mixing logits, then one kernel (kernels_pallas/hc_pre.py) where XLA
+        comb). ``kernels="pallas"``: the mixing matmul, then one kernel (kernels_pallas/hc_pre.py) where XLA
         runs ~10 small kernels."""
-        c = self.cfg
-        if kernels == "pallas":
+        if kernels == "pallas" and self._kernels_fit(streams):
             from kernels_pallas import hc_pre
 
-            if hc_pre.supported(c.hc_mult, streams.shape[-1]):
-                return hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...], rms_eps=c.rms_norm_eps,
-                                     hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters,
-                                     interpret=jax.default_backend() != "gpu")
+            return hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...], **self._pre_options())
         pre, post, comb = self.weights(streams)
         return collapse(streams, pre), post, comb
+
+    def after(self, streams, block_out, post, comb, kernels: str = "xla"):
+        """The step between two sub-blocks: the previous one's ``expand`` (its output ``block_out`` [..., d]
+        with its ``post``, ``comb``), then this connection's pre-step -> (new streams [..., n, d], the next
+        sub-block's input, post, comb). ``kernels="pallas"``: two kernels (kernels_pallas/hc_post.py, the
+        expand with this connection's mixing matmul in partial sums, then hc_pre.py) where XLA runs ~18."""
+        if kernels == "pallas" and self._kernels_fit(streams):
+            from kernels_pallas import hc_post, hc_pre
+
+            new, raw, sq = hc_post.hc_post(streams, block_out, post, comb, self.fn[...], interpret=_interpret())
+            return (new, *hc_pre.hc_pre_partials(new, raw, sq, self.base[...], self.scale[...],
+                                                 **self._pre_options()))
+        new = expand(streams, block_out, post, comb)
+        return (new, *self(new, kernels))
+
+    def _kernels_fit(self, streams) -> bool:
+        from kernels_pallas import hc_pre
+
+        return hc_pre.supported(self.cfg.hc_mult, streams.shape[-1])
+
+    def _pre_options(self) -> dict:
+        c = self.cfg
+        return dict(rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters, interpret=_interpret())
+
+
+def _interpret() -> bool:
+    """Pallas kernels run compiled on a GPU, interpreted elsewhere (tests)."""
+    return jax.default_backend() != "gpu"
 
 
 def hyper_head(streams, fn, base, scale, *, rms_eps: float, hc_eps: float) -> jax.Array:
