@@ -92,6 +92,10 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # Host time inside decode_seconds: issuing the decode steps, and blocked reading their tokens back
+    # (the rest is the Python loop and whatever the caller does between yielded tokens).
+    decode_dispatch_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -211,9 +215,11 @@ class Engine:
         def dispatch(step_tokens):
             """Issue the next decode step on the device outputs of the previous one (no host round trip)."""
             nonlocal cache, key, pos, active_dev
+            t = time.perf_counter()
             if active_dev is None:
                 active_dev = jnp.asarray(active.copy())
             next_tokens, pos, key, cache = self._run_decode(cache, step_tokens, pos, active_dev, key, sampling)
+            stats.decode_dispatch_seconds += time.perf_counter() - t
             return next_tokens
 
         # One step of lookahead: step s + 1 is issued before step s's tokens are read back and yielded, so
@@ -232,7 +238,9 @@ class Engine:
                 break
             step_tokens = in_flight
             in_flight = dispatch(step_tokens) if step + 2 < max_new_tokens else None
+            t = time.perf_counter()
             tokens = np.asarray(step_tokens)
+            stats.decode_wait_seconds += time.perf_counter() - t
         stats.decode_seconds = time.perf_counter() - t0
 
     def generate(self, prompts, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),

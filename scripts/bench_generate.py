@@ -90,7 +90,8 @@ def engine_case(model, batch: int, prompt: int, new_tokens: int, kernels: str) -
     """``Engine.generate`` as a user calls it (host loop, streaming read-back of every step's tokens, one step
     of lookahead): ``batch`` random prompts of ``prompt`` tokens, ``new_tokens`` greedy tokens, no EOS; timed
     on a second call (the first compiles). Its decode ms per token against ``decode_case``'s back-to-back
-    jitted steps at the same shapes is what the host loop costs."""
+    jitted steps at the same shapes is what the host loop costs; of that host time, the row gives the
+    part spent issuing steps and the part blocked on reading tokens back (``GenerationStats``)."""
     from dsv4_jax.engine import Engine
 
     engine = Engine(model, capacity=prompt + new_tokens, kernels=kernels)
@@ -102,6 +103,8 @@ def engine_case(model, batch: int, prompt: int, new_tokens: int, kernels: str) -
     return {"phase": "engine", "batch": batch, "context": prompt, "new_tokens": new_tokens,
             "prefill_s": st.prefill_seconds, "decode_s": st.decode_seconds,
             "decode_ms_per_step": st.decode_seconds / max(steps, 1) * 1e3,
+            "dispatch_ms_per_step": st.decode_dispatch_seconds / max(steps, 1) * 1e3,
+            "readback_wait_ms_per_step": st.decode_wait_seconds / max(steps, 1) * 1e3,
             "decode_tokens_per_s": st.decode_tokens_per_s}
 
 

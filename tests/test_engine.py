@@ -172,6 +172,16 @@ def test_per_sequence_stop_on_eos(model):
         assert stopped[1].tokens == free[1].tokens and stopped[1].finish_reason == "length"
 
 
+def test_generation_stats_account_for_the_decode_time(model):
+    """Token counts, and the host time spent issuing steps and waiting on read-back within the decode time."""
+    engine = Engine(model, capacity=64)
+    engine.generate([[5, 6, 7], [8, 9]], max_new_tokens=6, eos_token_ids=[])
+    st = engine.stats
+    assert (st.prompt_tokens, st.generated_tokens) == (5, 12)
+    assert st.decode_dispatch_seconds > 0 and st.decode_wait_seconds >= 0
+    assert st.decode_dispatch_seconds + st.decode_wait_seconds <= st.decode_seconds
+
+
 def test_lookahead_decode_equals_one_step_at_a_time(model):
     """The engine issues step s + 1 before reading step s back. Against a plain loop that reads each step's
     tokens, checks EOS and only then issues the next (same prefill, same key splits): sampled tokens and
