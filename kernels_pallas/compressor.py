@@ -357,13 +357,21 @@ def _decode_kernel(pos_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, co
             groups.append(_Group(a_base + t * ts + jnp.zeros((1,), jnp.int32), valid_a, 0))
         return _pool_step(skv_ref, sg_ref, ape_ref, groups, t * ts, ts=ts, d=d, slot_rows=slot_rows, carry=carry)
 
-    n_steps = m // ts
-    carry = _init_carry(1, d)
-    carry = step(0, carry) if n_steps == 1 else lax.fori_loop(0, n_steps, step, carry)
-    zero1 = jnp.zeros((1,), jnp.int32)
-    out = _norm_rope(carry, w_ref, cos_ref, sin_ref, zero1, jnp.ones((1,), jnp.bool_), d=d, rope_dim=rope_dim,
-                     eps=eps)
-    o_ref[...] = out.astype(o_ref.dtype)
+    # A window closes once in m steps: the other steps only write the zero entry (at m = 128 the pooling
+    # took ~17 us per call at batch 1 on an H200 whether or not the window closed).
+    @pl.when(closes)
+    def _():
+        n_steps = m // ts
+        carry = _init_carry(1, d)
+        carry = step(0, carry) if n_steps == 1 else lax.fori_loop(0, n_steps, step, carry)
+        zero1 = jnp.zeros((1,), jnp.int32)
+        out = _norm_rope(carry, w_ref, cos_ref, sin_ref, zero1, jnp.ones((1,), jnp.bool_), d=d,
+                         rope_dim=rope_dim, eps=eps)
+        o_ref[...] = out.astype(o_ref.dtype)
+
+    @pl.when(jnp.logical_not(closes))
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
