@@ -56,13 +56,22 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
     kernel ("pallas", bf16/fp16 weights; fp32 keeps the XLA path): up to 3 assignments per expert (decode;
     measured faster there on an H200 up to 768 rows over 256 experts, docs/performance.md) the Triton
     few-rows kernel (``grouped_gemv``: each used matrix streamed once per 16 rows), above that (prefill) the
-    Mosaic GPU grouped matmul (64-128-row ``wgmma`` tiles).
+    Mosaic GPU grouped matmul (64-128-row ``wgmma`` tiles). A single token's k rows skip the sort and the
+    scatter back: its experts are distinct, so ``expert_rows`` runs each row against its own matrix.
     """
     T, k = idx.shape
-    E, two_f, _ = gate_up.shape
+    E = gate_up.shape[0]
     use_kernel = kernels == "pallas" and gate_up.dtype != jnp.float32
     if T * k < E and not use_kernel:
         return _gathered_experts(x, idx, weights, gate_up, down, limit)
+    interpret = jax.default_backend() != "gpu"
+    if use_kernel and T == 1:  # one token's experts are distinct: no sorting, no scatter back
+        from kernels_pallas.expert_rows import expert_rows
+
+        xs = jnp.broadcast_to(x.astype(gate_up.dtype), (k, x.shape[-1]))
+        rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret)
+        y = _expert_mlp(xs, functools.partial(rows, w=gate_up), functools.partial(rows, w=down), limit)
+        return jnp.einsum("kd,k->d", y, weights.reshape(-1))[None]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
@@ -72,16 +81,21 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
         from kernels_pallas.grouped_gemv import grouped_gemv
         from kernels_pallas.grouped_matmul import grouped_matmul
 
-        matmul = functools.partial(grouped_gemv if T * k <= 3 * E else grouped_matmul,
-                                   interpret=jax.default_backend() != "gpu")
+        matmul = functools.partial(grouped_gemv if T * k <= 3 * E else grouped_matmul, interpret=interpret)
     else:
         matmul = functools.partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=_RAGGED_DN,
                                    preferred_element_type=jnp.float32)
-    h = matmul(xs, gate_up, group_sizes).astype(jnp.float32)
-    h = clamped_swiglu(h[:, : two_f // 2], h[:, two_f // 2:], limit).astype(down.dtype)
-    y = matmul(h, down, group_sizes).astype(jnp.float32)
+    y = _expert_mlp(xs, lambda a: matmul(a, gate_up, group_sizes), lambda a: matmul(a, down, group_sizes), limit)
     y = y * weights.reshape(-1)[order][:, None]
     return jnp.zeros((T, x.shape[-1]), jnp.float32).at[token].add(y)
+
+
+def _expert_mlp(xs, up, down, limit):
+    """xs [M, d] -> [M, d] fp32 through each row's expert: ``up`` [M, d] -> [M, 2F] (gate | up halves), the
+    clamped SwiGLU, ``down`` [M, F] -> [M, d]; the activation is cast to xs' dtype between them."""
+    h = up(xs).astype(jnp.float32)
+    F = h.shape[-1] // 2
+    return down(clamped_swiglu(h[:, :F], h[:, F:], limit).astype(xs.dtype)).astype(jnp.float32)
 
 
 def _gathered_experts(x, idx, weights, gate_up, down, limit):

@@ -43,6 +43,22 @@ def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: lis
     )(*args)
 
 
+def expert_blocks(kernel: str, x, w, block_n: int, block_k: int, **other_blocks: int) -> tuple[int, int]:
+    """Checks of the expert matmul kernels: x [M, K] and w [G, N, K] of one dtype; block sizes powers of two
+    >= 16 (block_n / block_k clipped to N / K, then dividing them). Returns the clipped (block_n, block_k)."""
+    (_, K), (_, N, K2) = x.shape, w.shape
+    if K2 != K or x.dtype != w.dtype:
+        raise ValueError(f"{kernel}: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}: expected x [M, K], w [G, N, K] "
+                         f"of one dtype")
+    block_n, block_k = min(block_n, N), min(block_k, K)
+    for name, v in (*other_blocks.items(), ("block_n", block_n), ("block_k", block_k)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{kernel}: {name}={v} must be a power of two >= 16")
+    if K % block_k or N % block_n:
+        raise ValueError(f"{kernel}: K={K} and N={N} must be multiples of block_k={block_k} and block_n={block_n}")
+    return block_n, block_k
+
+
 def poison_like(shape, dtype):
     """NaN-filled buffer (integers: the dtype's minimum), so unwritten elements fail comparisons."""
     if jnp.issubdtype(dtype, jnp.floating):

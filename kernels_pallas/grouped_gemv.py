@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import triton_call
+from .common import expert_blocks, triton_call
 from .grouped_matmul import reference
 
 __all__ = ["grouped_gemv", "tile_of", "reference", "bench_cases"]
@@ -120,17 +120,10 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_m:
     streamed per step (clipped to N / K, so small test models need no tuning). poison_outputs: testing aid (outputs start as NaN, so an unwritten row fails).
     """
     M, K = x.shape
-    G, N, K2 = w.shape
-    if K2 != K or x.dtype != w.dtype or group_sizes.shape != (G,):
-        raise ValueError(f"grouped_gemv: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, group_sizes "
-                         f"{group_sizes.shape}: expected x [M, K], w [G, N, K] of one dtype, group_sizes [G]")
-    block_n, block_k = min(block_n, N), min(block_k, K)
-    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"grouped_gemv: {name}={v} must be a power of two >= 16")
-    if K % block_k or N % block_n:
-        raise ValueError(f"grouped_gemv: K={K} and N={N} must be multiples of block_k={block_k} and "
-                         f"block_n={block_n}")
+    G, N, _ = w.shape
+    if group_sizes.shape != (G,):
+        raise ValueError(f"grouped_gemv: group_sizes {group_sizes.shape}: expected [G] for w {w.shape}")
+    block_n, block_k = expert_blocks("grouped_gemv", x, w, block_n, block_k, block_m=block_m)
     # Triton vectors are a power of two long; empty groups past G change no tile.
     sizes = jnp.pad(group_sizes.astype(jnp.int32), (0, pl.next_power_of_2(G) - G))
     # Tiles with work: at most cdiv(M, block_m) + min(G, M) (each non-empty group adds at most one partial

@@ -1,7 +1,8 @@
 """Benchmark the Pallas kernels against their plain-JAX references (a benchmark, not a test).
 
     python -m scripts.bench_kernels
-        [--only sparse_attention indexer topk compressor hc_pre hc_post grouped_matmul grouped_gemv]
+        [--only sparse_attention indexer topk compressor hc_pre hc_post grouped_matmul grouped_gemv
+         expert_rows]
         [--cases decode_B128] [--configs '[{}, {"block_h": 64, "num_warps": 8}]'] [--reps 50]
 
 Each kernel module's ``bench_cases()`` gives inputs, the minimal HBM bytes and the FLOPs. Both
@@ -27,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "hc_post", "grouped_matmul", "grouped_gemv")
+MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "hc_post", "grouped_matmul", "grouped_gemv",
+           "expert_rows")
 
 
 def dependent_loop(fn, args, kwargs, inner: int):

@@ -1,0 +1,103 @@
+"""Each row against its own expert matrix: the routed experts of a one-token decode step without sorting.
+
+    expert_rows(x [M, K], w [G, N, K], ids [M] int32) -> [M, N] in x's dtype (fp32 accumulate)
+
+Meaning (``reference``): ``out[r] = w[ids[r]] @ x[r]``, the product ``moe._gathered_experts`` forms by
+gathering the picked matrices.
+
+Why: at batch 1 a token's k experts are distinct (top-k, or the hash table's permutation), so each row's
+matrix is read once without grouping rows by expert. The grouped kernels need the rows sorted by expert
+and the group sizes, then a scatter-add back to tokens: an argsort, a bincount, gathers and a scatter-add,
+~6 small XLA kernels per MoE layer that a batch-1 step (~370 kernels on the Flash-width slice, bound by
+their count, docs/performance.md) pays for six rows. Rows sharing an expert (possible from batch 2 on)
+would read it once each, so the MoE layer uses this kernel for one token only.
+
+Backend: the Pallas **Triton** backend, like ``grouped_gemv``: grid ``(N / block_n, M)``, a program
+streams ``w[ids[r], n-block, :]`` in ``block_k`` steps against row r (loaded into a 16-row tile, the
+tensor-core minimum, the other 15 rows masked to zero) and stores its ``[1, block_n]`` result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from .common import expert_blocks, triton_call
+
+__all__ = ["expert_rows", "reference", "bench_cases"]
+
+TILE_ROWS = 16  # Triton's smallest tensor-core tile
+
+
+def reference(x, w, ids):
+    """out[r] = w[ids[r]] @ x[r] in x's dtype, fp32 accumulation."""
+    return jnp.einsum("mk,mnk->mn", x, w[ids], preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _kernel(ids_ref, x_ref, w_ref, o_ref, *, block_k: int):
+    """ids_ref [M]; x_ref [M, K]; w_ref [G, bn, K] (this program's column block); o_ref [M, bn]."""
+    r = pl.program_id(1)
+    M, K = x_ref.shape
+    rows = r + jnp.arange(TILE_ROWS, dtype=jnp.int32)
+    own = rows == r
+    e = ids_ref[r]
+
+    def step(i, acc):
+        k0 = pl.multiple_of(i * block_k, block_k)
+        xs = plt.load(x_ref.at[pl.ds(r, TILE_ROWS), pl.ds(k0, block_k)], mask=own[:, None], other=0)
+        ws = w_ref[e, :, pl.ds(k0, block_k)]
+        return acc + lax.dot_general(xs, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, K // block_k, step, jnp.zeros((TILE_ROWS, w_ref.shape[1]), jnp.float32))
+    plt.store(o_ref.at[pl.ds(r, TILE_ROWS), :], acc.astype(o_ref.dtype), mask=own[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages", "interpret",
+                                             "poison_outputs"))
+def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, block_n: int = 64, block_k: int = 128,
+                num_warps: int = 4, num_stages: int = 4, interpret: bool = False,
+                poison_outputs: bool = False) -> jax.Array:
+    """x [M, K], w [G, N, K], ids [M] int32 in [0, G) -> [M, N] in x's dtype. block_n / block_k: the weight
+    tile streamed per step (clipped to N / K). poison_outputs: testing aid (outputs start as NaN)."""
+    M, K = x.shape
+    G, N, _ = w.shape
+    if ids.shape != (M,):
+        raise ValueError(f"expert_rows: ids {ids.shape}: expected [M] for x {x.shape}")
+    block_n, block_k = expert_blocks("expert_rows", x, w, block_n, block_k)
+    return triton_call(
+        functools.partial(_kernel, block_k=block_k), [ids.astype(jnp.int32), x, w],
+        grid=(N // block_n, M),
+        in_specs=[pl.BlockSpec((M,), lambda n, r: (0,)), pl.BlockSpec((M, K), lambda n, r: (0, 0)),
+                  pl.BlockSpec((G, block_n, K), lambda n, r: (0, n, 0))],
+        out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
+        out_specs=[pl.BlockSpec((M, block_n), lambda n, r: (0, n))],
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        name=f"dsv4_expert_rows_n{block_n}_k{block_k}", poison=poison_outputs)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks (scripts/bench_kernels.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bench_cases():
+    """A one-token decode step's 6 routed rows over 256 Flash-size experts (gate_up, then down), against the
+    gathered einsum; ``grouped_gemv``'s ``T=1`` cases time the sorted alternative (without its sort)."""
+    E, d, F, k = 256, 4096, 2048, 6
+
+    def case(n, kk, name):
+        def args(key):
+            kx, kw, ke = jax.random.split(key, 3)
+            x = jax.random.normal(kx, (k, kk), jnp.bfloat16)
+            w = (0.02 * jax.random.normal(kw, (E, n, kk))).astype(jnp.bfloat16)
+            return x, w, jax.random.permutation(ke, E)[:k].astype(jnp.int32)
+
+        return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E}", "args": args, "reference": reference,
+                "pallas": expert_rows, "bytes": 2 * (k * kk + k * n * kk + k * n), "flops": 2 * k * n * kk}
+
+    return [case(2 * F, d, "gate_up T=1"), case(d, F, "down T=1")]
