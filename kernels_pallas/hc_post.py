@@ -9,7 +9,7 @@ Meaning (``reference``): the new streams are ``dsv4_jax.hyper_connection.expand`
 next pre-step's mixing matmul ``vec(X') @ fn^T`` and of ``vec(X')^2``, both of the new streams as stored
 (rounded to their dtype). ``kernels_pallas.hc_pre.hc_pre_partials`` takes them from there, so the two
 kernels do between two sub-blocks what XLA runs as the expand's einsum and adds, the RMS reduction, the
-fp32 conversion and the mixing matmul (~8 kernels per sub-block on the Flash-width slice).
+fp32 conversion and the mixing matmul (~7 kernels per sub-block in run 13's batch-1 profile).
 
 Backend: the Pallas **Triton** backend. Grid ``(token blocks, d / block_d)``: a program owns ``block_t``
 tokens and ``block_d`` columns of every stream, reads them and the sub-block output once, writes its
