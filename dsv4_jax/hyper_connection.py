@@ -15,8 +15,8 @@ from .config import DeepseekV4Config
 
 
 def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
-    """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32 at full precision (``FP32``):
-    TF32 moves these logits by ~1e-3, which the Sinkhorn and every later layer carry on."""
+    """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32 at full precision (``FP32``), as
+    the reference computes them: the Sinkhorn and every later layer carry on their rounding."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
     return linear(unweighted_rms_norm(flat, eps), fn.astype(jnp.float32), precision=FP32)
 

@@ -253,15 +253,18 @@ def test_hyper_connection_matches_reference(components, path, comb_scale):
 def test_fp32_products_ask_for_full_precision():
     """The fp32 products the reference computes in fp32 (router logits, mHC mixing logits, the mHC stream
     mix) ask XLA for full precision: a GPU's default rounds fp32 inputs to TF32 (10-bit mantissa), PyTorch's
-    does not. A CPU computes fp32 either way, so the traced products are checked."""
+    does not. A CPU computes fp32 either way, so the traced products are checked, traced at JAX's default
+    precision: under the suite's "highest" (conftest) every product would ask for it."""
     T, n, d, E = 3, 4, 16, 8
     streams, fn = jnp.ones((T, n, d)), jnp.ones(((2 + n) * n, n * d))
-    traced = {
-        "router": jax.make_jaxpr(moe.router_scores)(jnp.ones((T, d), jnp.bfloat16), jnp.ones((E, d), jnp.bfloat16)),
-        "mHC weights": jax.make_jaxpr(lambda s: hc_weights(s, fn, jnp.zeros((2 + n) * n), jnp.ones(3), n=n,
-                                                          rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=2))(streams),
-        "mHC expand": jax.make_jaxpr(expand)(streams, jnp.ones((T, d)), jnp.ones((T, n)), jnp.ones((T, n, n))),
-    }
+    with jax.default_matmul_precision("default"):
+        traced = {
+            "router": jax.make_jaxpr(moe.router_scores)(jnp.ones((T, d), jnp.bfloat16),
+                                                        jnp.ones((E, d), jnp.bfloat16)),
+            "mHC weights": jax.make_jaxpr(lambda s: hc_weights(s, fn, jnp.zeros((2 + n) * n), jnp.ones(3), n=n,
+                                                              rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=2))(streams),
+            "mHC expand": jax.make_jaxpr(expand)(streams, jnp.ones((T, d)), jnp.ones((T, n)), jnp.ones((T, n, n))),
+        }
     for what, jaxpr in traced.items():
         dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
         assert dots, what

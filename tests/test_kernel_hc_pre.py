@@ -95,10 +95,7 @@ def test_lowers_for_h100(T, kw):
 @on_gpu
 @pytest.mark.parametrize("T", [1, 128, 16384, 1000])
 def test_gpu_matches_reference(T):
-    """Both paths ask for the mixing matmul in full fp32 themselves; the context makes sure nothing else in
-    the comparison runs at the GPU's default (TF32) precision."""
     streams, fn, base, scale = inputs(T, (T,), 4, 4096, jnp.bfloat16)
     kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20)
-    with jax.default_matmul_precision("highest"):
-        check(hp.hc_pre(streams, fn, base, scale, poison_outputs=True, **kw),
-              jax.jit(functools.partial(hp.reference, **kw))(streams, fn, base, scale), what=f"T={T}")
+    check(hp.hc_pre(streams, fn, base, scale, poison_outputs=True, **kw),
+          jax.jit(functools.partial(hp.reference, **kw))(streams, fn, base, scale), what=f"T={T}")
