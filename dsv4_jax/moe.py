@@ -91,18 +91,17 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
 
 
 def _expert_mlp(xs, up, down, limit):
-    """xs [M, d] -> [M, d] fp32 through each row's expert: ``up`` [M, d] -> [M, 2F] (gate | up halves), the
-    clamped SwiGLU, ``down`` [M, F] -> [M, d]; the activation is cast to xs' dtype between them."""
+    """The routed expert MLP in the weights' dtype xs: ``up`` -> [..., 2F] (gate | up halves), the clamped
+    SwiGLU in fp32, cast back to xs' dtype, ``down`` -> [..., d]; returns fp32."""
     h = up(xs).astype(jnp.float32)
     F = h.shape[-1] // 2
-    return down(clamped_swiglu(h[:, :F], h[:, F:], limit).astype(xs.dtype)).astype(jnp.float32)
+    return down(clamped_swiglu(h[..., :F], h[..., F:], limit).astype(xs.dtype)).astype(jnp.float32)
 
 
 def _gathered_experts(x, idx, weights, gate_up, down, limit):
-    two_f = gate_up.shape[1]
-    h = jnp.einsum("td,tkfd->tkf", x.astype(gate_up.dtype), gate_up[idx], preferred_element_type=jnp.float32)
-    h = clamped_swiglu(h[..., : two_f // 2], h[..., two_f // 2:], limit).astype(down.dtype)
-    y = jnp.einsum("tkf,tkdf->tkd", h, down[idx], preferred_element_type=jnp.float32)
+    y = _expert_mlp(x.astype(gate_up.dtype),
+                    lambda a: jnp.einsum("td,tkfd->tkf", a, gate_up[idx], preferred_element_type=jnp.float32),
+                    lambda h: jnp.einsum("tkf,tkdf->tkd", h, down[idx], preferred_element_type=jnp.float32), limit)
     return jnp.einsum("tkd,tk->td", y, weights)
 
 
