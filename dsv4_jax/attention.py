@@ -74,6 +74,7 @@ def gather_entries(compressed: jax.Array, picks: jax.Array) -> tuple[jax.Array, 
 def _pallas_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
     """A chunk (a decode step is a chunk of one) through the Pallas kernel (kernels_pallas/sparse_attention.py):
     window rows + entries picked by id per query (-1 = none)."""
+    from kernels_pallas.common import interpret_default
     from kernels_pallas.sparse_attention import sparse_attention_prefill
 
     B, C, H, D = q.shape
@@ -81,7 +82,7 @@ def _pallas_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
         entries = jnp.zeros((B, 1, D), q.dtype)
         entry_ids = jnp.full((B, C, 1), -1, jnp.int32)
     return sparse_attention_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale,
-                                    interpret=jax.default_backend() != "gpu")
+                                    interpret=interpret_default())
 
 
 class GroupedLinear(nnx.Module):

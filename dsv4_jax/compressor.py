@@ -94,6 +94,7 @@ def pallas_chunk_entries(kv, gate, state: CompressorState, meta: CompressionMeta
     zero kv and ``ABSENT_GATE``); with the overlap its first window is the a-half source of the chunk's first
     window, and its entry is dropped. Returns entries [B, nW, D].
     """
+    from kernels_pallas.common import interpret_default
     from kernels_pallas.compressor import compress_prefill
 
     idx, exists = window_tokens(meta, overlap)
@@ -105,7 +106,7 @@ def pallas_chunk_entries(kv, gate, state: CompressorState, meta: CompressionMeta
     if overlap:  # the dropped leading window's angle is never used
         cos, sin = jnp.concatenate([cos[:, :1], cos], axis=1), jnp.concatenate([sin[:, :1], sin], axis=1)
     entries = compress_prefill(tok_kv, tok_gate, ape, norm_weight, cos, sin, ratio=ape.shape[0], overlap=overlap,
-                               eps=eps, out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")
+                               eps=eps, out_dtype=out_dtype, interpret=interpret_default())
     return entries[:, 1:] if overlap else entries
 
 
@@ -115,12 +116,13 @@ def pallas_decode_entry(kv, gate, state: CompressorState, meta: CompressionMeta,
     the old state ring plus the new token (kv, gate [B, 1, coff * D] at ``positions`` [B, 1]); 0 where no
     window closes. The kernel wrapper's own ring write is not used: it writes every row, and rows that are not
     decoding must keep their ring (``write_state`` follows the metadata)."""
+    from kernels_pallas.common import interpret_default
     from kernels_pallas.compressor import compress_decode_step
 
     entry = compress_decode_step(kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv,
                                  state.gate, positions[:, 0], ape, norm_weight, meta.entry_cos[:, 0],
                                  meta.entry_sin[:, 0], ratio=ape.shape[0], overlap=overlap, eps=eps,
-                                 out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")[0]
+                                 out_dtype=out_dtype, interpret=interpret_default())[0]
     return entry[:, None]
 
 

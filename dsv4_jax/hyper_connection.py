@@ -87,8 +87,10 @@ class HyperConnection(nnx.Module):
         kernels of the expand and the mixing matmul, and the pre-step's own."""
         if kernels == "pallas" and self._kernels_fit(streams):
             from kernels_pallas import hc_post, hc_pre
+            from kernels_pallas.common import interpret_default
 
-            new, raw, sq = hc_post.hc_post(streams, block_out, post, comb, self.fn[...], interpret=_interpret())
+            new, raw, sq = hc_post.hc_post(streams, block_out, post, comb, self.fn[...],
+                                           interpret=interpret_default())
             return (new, *hc_pre.hc_pre_partials(new, raw, sq, self.base[...], self.scale[...],
                                                  **self._pre_options()))
         new = expand(streams, block_out, post, comb)
@@ -100,13 +102,11 @@ class HyperConnection(nnx.Module):
         return hc_pre.supported(self.cfg.hc_mult, streams.shape[-1])
 
     def _pre_options(self) -> dict:
+        from kernels_pallas.common import interpret_default
+
         c = self.cfg
-        return dict(rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters, interpret=_interpret())
-
-
-def _interpret() -> bool:
-    """Pallas kernels run compiled on a GPU, interpreted elsewhere (tests)."""
-    return jax.default_backend() != "gpu"
+        return dict(rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters,
+                    interpret=interpret_default())
 
 
 def hyper_head(streams, fn, base, scale, *, rms_eps: float, hc_eps: float) -> jax.Array:

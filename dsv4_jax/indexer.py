@@ -78,9 +78,10 @@ class Indexer(Compressor):
         if kernels != "pallas":
             return select_topk(index_scores(q, keys, w), meta.n_visible, k), keys, state
         from kernels_pallas import indexer as pallas_indexer
+        from kernels_pallas.common import interpret_default
         from kernels_pallas.topk import topk_indices
 
-        interpret = jax.default_backend() != "gpu"
+        interpret = interpret_default()
         if x.shape[1] == 1:
             n_valid = meta.n_visible[:, 0]
             scores = pallas_indexer.index_scores_decode(q[:, 0], keys, w[:, 0], n_valid, interpret=interpret)

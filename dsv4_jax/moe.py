@@ -64,12 +64,12 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
     use_kernel = kernels == "pallas" and gate_up.dtype != jnp.float32
     if T * k < E and not use_kernel:
         return _gathered_experts(x, idx, weights, gate_up, down, limit)
-    interpret = jax.default_backend() != "gpu"
     if use_kernel and T == 1:  # one token's experts are distinct: no sorting, no scatter back
+        from kernels_pallas.common import interpret_default
         from kernels_pallas.expert_rows import expert_rows
 
         xs = jnp.broadcast_to(x.astype(gate_up.dtype), (k, x.shape[-1]))
-        rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret)
+        rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret_default())
         y = _expert_mlp(xs, functools.partial(rows, w=gate_up), functools.partial(rows, w=down), limit)
         return jnp.einsum("kd,k->d", y, weights.reshape(-1))[None]
     flat = idx.reshape(-1)
@@ -78,10 +78,11 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     xs = x[token].astype(gate_up.dtype)
     if use_kernel:
+        from kernels_pallas.common import interpret_default
         from kernels_pallas.grouped_gemv import grouped_gemv
         from kernels_pallas.grouped_matmul import grouped_matmul
 
-        matmul = functools.partial(grouped_gemv if T * k <= 3 * E else grouped_matmul, interpret=interpret)
+        matmul = functools.partial(grouped_gemv if T * k <= 3 * E else grouped_matmul, interpret=interpret_default())
     else:
         matmul = functools.partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=_RAGGED_DN,
                                    preferred_element_type=jnp.float32)

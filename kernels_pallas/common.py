@@ -3,12 +3,18 @@ SM count the launch heuristics aim at."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
 NUM_SMS = 132  # H100 SXM and H200
+
+
+def interpret_default() -> bool:
+    """How the model runs a Pallas kernel: compiled on a GPU, in interpret mode elsewhere (the CPU tests)."""
+    return jax.default_backend() != "gpu"
 
 
 def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: list, num_warps: int, num_stages: int,
