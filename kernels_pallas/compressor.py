@@ -341,11 +341,12 @@ def _decode_kernel(pos_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, co
     pos = pos_ref[0]
     closes = lax.rem(pos + 1, m) == 0
     w = lax.div(pos + 1, m) - 1
-    b_base = jnp.where(closes, lax.rem(pos + 1 + span - m, span), 0)  # ring slot of the window's first token
-    a_base = jnp.where(closes, lax.rem(pos + 1, span), 0)  # (overlap) slot of the previous window's first token
+    # Used only when the window closes (below).
+    b_base = lax.rem(pos + 1 + span - m, span)  # ring slot of the window's first token
+    a_base = lax.rem(pos + 1, span)  # (overlap) slot of the previous window's first token
     cb = d if overlap else 0
-    valid_b = jnp.broadcast_to(closes, (1,))
-    valid_a = jnp.broadcast_to(closes & (w >= 1), (1,))
+    valid_b = jnp.ones((1,), jnp.bool_)
+    valid_a = jnp.broadcast_to(w >= 1, (1,))
     new_kv = nkv_ref[0, pl.ds(cb, d)]
     new_g = ng_ref[0, pl.ds(cb, d)]
 

@@ -18,7 +18,6 @@ def lower_for_h100(fn, *args):
     return lowered.as_text()
 
 
-
 def compile_for_h100(fn, *args) -> dict[str, float]:
     """Lower ``fn(*args)`` as ``lower_for_h100`` does, then compile each Pallas Triton kernel in it to a
     cubin for sm_90 with the ``triton`` package's compiler, which needs no GPU. Returns seconds per kernel.
