@@ -70,43 +70,18 @@ class HyperConnection(nnx.Module):
 
     def __call__(self, streams, kernels: str = "xla"):
         """The step before a sub-block: streams [..., n, d] -> (its input sum_i pre_i X_i [..., d], post,
-        comb). ``kernels="pallas"``: the mixing matmul, then one kernel (kernels_pallas/hc_pre.py) where XLA
+        comb). ``kernels="pallas"``: the mixing logits, then one kernel (kernels_pallas/hc_pre.py) where XLA
         runs ~10 small kernels."""
-        if kernels == "pallas" and self._kernels_fit(streams):
+        c = self.cfg
+        if kernels == "pallas":
             from kernels_pallas import hc_pre
-
-            return hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...], **self._pre_options())
-        pre, post, comb = self.weights(streams)
-        return collapse(streams, pre), post, comb
-
-    def after(self, streams, block_out, post, comb, kernels: str = "xla"):
-        """The step between two sub-blocks: the previous one's ``expand`` (its output ``block_out`` [..., d]
-        with its ``post``, ``comb``), then this connection's pre-step -> (new streams [..., n, d], the next
-        sub-block's input, post, comb). ``kernels="pallas"``: two kernels (kernels_pallas/hc_post.py, the
-        expand with this connection's mixing matmul in partial sums, then hc_pre.py) in place of the ~7 XLA
-        kernels of the expand and the mixing matmul, and the pre-step's own."""
-        if kernels == "pallas" and self._kernels_fit(streams):
-            from kernels_pallas import hc_post, hc_pre
             from kernels_pallas.common import interpret_default
 
-            new, raw, sq = hc_post.hc_post(streams, block_out, post, comb, self.fn[...],
-                                           interpret=interpret_default())
-            return (new, *hc_pre.hc_pre_partials(new, raw, sq, self.base[...], self.scale[...],
-                                                 **self._pre_options()))
-        new = expand(streams, block_out, post, comb)
-        return (new, *self(new, kernels))
-
-    def _kernels_fit(self, streams) -> bool:
-        from kernels_pallas import hc_pre
-
-        return hc_pre.supported(self.cfg.hc_mult, streams.shape[-1])
-
-    def _pre_options(self) -> dict:
-        from kernels_pallas.common import interpret_default
-
-        c = self.cfg
-        return dict(rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters,
-                    interpret=interpret_default())
+            if hc_pre.supported(c.hc_mult, streams.shape[-1]):
+                return hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...], rms_eps=c.rms_norm_eps,
+                                     hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters, interpret=interpret_default())
+        pre, post, comb = self.weights(streams)
+        return collapse(streams, pre), post, comb
 
 
 def hyper_head(streams, fn, base, scale, *, rms_eps: float, hc_eps: float) -> jax.Array:

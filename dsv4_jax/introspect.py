@@ -15,7 +15,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .hyper_connection import expand
 from .indexer import index_scores
 from .model import DeepseekV4ForCausalLM, check_token_ids, stateless_forward
 
@@ -67,8 +66,7 @@ def trace_forward(model: DeepseekV4ForCausalLM, input_ids) -> ForwardTrace:
     layers = []
     for i in range(model.config.num_hidden_layers):
         at = ("model", "layers", i)
-        streams, pending, _ = _output(captured, at, "step")  # the layer's output is its streams once expanded
-        streams = expand(streams, *pending)
+        streams, _ = _output(captured, at, "__call__")
         compressed = _output(captured, (*at, "self_attn", "compressor"), "compress")
         indexer = (*at, "self_attn", "compressor", "indexer")
         picks = _output(captured, indexer, "__call__")

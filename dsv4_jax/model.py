@@ -39,30 +39,20 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, streams, token_ids, meta: ForwardMetadata, cache: LayerCache, kernels: str = "xla"):
         """streams [B, C, n, d] -> (streams, layer cache)."""
-        streams, pending, cache = self.step(streams, None, token_ids, meta, cache, kernels)
-        with jax.named_scope("mhc"):
-            return expand(streams, *pending), cache
-
-    def step(self, streams, pending, token_ids, meta: ForwardMetadata, cache: LayerCache, kernels: str = "xla"):
-        """The layer with its last ``expand`` left to the next one: streams [B, C, n, d] before the previous
-        layer's expand, ``pending`` = that expand's (block output, post, comb), or None when ``streams``
-        are complete -> (streams, this layer's pending expand, layer cache). Each expand then runs inside
-        the next pre-step (``HyperConnection.after``), which the Pallas path fuses."""
         # Named scopes let a profile attribute device time to attention, MoE and mHC per layer.
         with jax.named_scope("mhc"):
-            if pending is None:
-                attn_in, post, comb = self.attn_hc(streams, kernels)
-            else:
-                streams, attn_in, post, comb = self.attn_hc.after(streams, *pending, kernels)
+            attn_in, post, comb = self.attn_hc(streams, kernels)
             attn_in = self.input_layernorm(attn_in)
         with jax.named_scope("attention"):
             attn_out, cache = self.self_attn(attn_in, meta, cache, kernels)
         with jax.named_scope("mhc"):
-            streams, ffn_in, post, comb = self.ffn_hc.after(streams, attn_out, post, comb, kernels)
+            streams = expand(streams, attn_out, post, comb)
+            ffn_in, post, comb = self.ffn_hc(streams, kernels)
             ffn_in = self.post_attention_layernorm(ffn_in)
         with jax.named_scope("moe"):
             ffn_out = self.mlp(ffn_in, token_ids, kernels)
-        return streams, (ffn_out, post, comb), cache
+        with jax.named_scope("mhc"):
+            return expand(streams, ffn_out, post, comb), cache
 
 
 class Embedding(nnx.Module):
@@ -109,13 +99,12 @@ class DeepseekV4ForCausalLM(nnx.Module):
         cfg = self.config
         x = self.model.embed_tokens(token_ids)
         streams = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.hc_mult, x.shape[-1]))
-        new_cache, pending = [], None
+        new_cache = []
         for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache)):
             with jax.named_scope(f"layer_{i}"):
-                streams, pending, layer_cache = layer.step(streams, pending, token_ids, meta, layer_cache, kernels)
+                streams, layer_cache = layer(streams, token_ids, meta, layer_cache, kernels)
             new_cache.append(layer_cache)
-        with jax.named_scope("mhc"):
-            return expand(streams, *pending), tuple(new_cache)
+        return streams, tuple(new_cache)
 
     def __call__(self, input_ids) -> jax.Array:
         """Stateless forward: input_ids int [B, S] -> logits [B, S, V] (fp32)."""

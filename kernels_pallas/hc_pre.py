@@ -1,8 +1,7 @@
-"""The mHC step before each sub-block (DeepSeek-V4 §5) as one Pallas GPU kernel after the mixing matmul.
+"""The mHC step before each sub-block (DeepSeek-V4 §5) as one Pallas GPU kernel after the mixing logits.
 
     hc_pre(streams [T, n, d], fn [(2+n)n, n*d] f32, base [(2+n)n] f32, scale [3] f32, *, rms_eps, hc_eps,
            iters) -> (x [T, d] in streams' dtype, post [T, n] f32, comb [T, n, n] f32)
-    hc_pre_partials(streams, raw [P, T, (2+n)n] f32, sq [P, T] f32, base, scale, ...) -> the same
 
 Meaning (``reference``: ``dsv4_jax.hyper_connection``'s ``hc_weights`` then ``collapse``): mixing logits
 ``fn @ RMS(vec(streams))``; ``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
@@ -12,19 +11,18 @@ normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i 
 Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as
 ~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
 step of the 6-layer Flash-width slice: 213 us and ~118 kernels of a 1.9 ms batch-1 decode step on an H200
-(docs/performance.md). The kernel takes the mixing matmul ``vec(streams) @ fn^T`` and the sum of squares
-as P partial sums and applies the RMS factor after the matmul (``fn @ (r x) = r (fn @ x)``, equal up to
-rounding): between two sub-blocks ``kernels_pallas.hc_post`` produces them with the expand (P = d / its
-column block); before the first, ``hc_pre`` computes them in XLA (``mix_partials``, P = 1, full fp32).
+(docs/performance.md). Here XLA computes the mixing logits with the XLA path's own function
+(``mix_logits``: the RMS factor and the matmul with the 1.5 MB of ``fn``, so both paths see the same
+logits), and one kernel does the rest.
 
 Backend: the Pallas **Triton** backend. Grid ``(token blocks, d / block_d)``: a program owns ``block_t``
 tokens and ``block_d`` columns of each stream, so a one-token decode step still spreads its stream reads
 over ``d / block_d`` programs (one program walking all of ``d`` took 28 us on an H200). Each of the
-``(2+n)n`` logits is its own ``[block_t]`` vector (a strided masked load of its P partials, summed), so the
-weights and the Sinkhorn are elementwise arithmetic on those vectors. Every program computes ``pre`` for its
-sum; the programs of the first column block also compute and store ``post`` and ``comb``. The Sinkhorn
-rounds are a loop: unrolled, Triton took minutes to compile them. Tokens past the end are masked on load
-and store.
+``(2+n)n`` logits is its own ``[block_t]`` vector (a strided masked load), so the weights and the Sinkhorn
+are elementwise arithmetic on those vectors: no reductions, reshapes or matmuls. Every program computes
+``pre`` for its sum; the programs of the first column block also compute and store ``post`` and ``comb``.
+The Sinkhorn rounds are a loop: unrolled, Triton took minutes to compile them. Tokens past the end are
+masked on load and store.
 """
 
 from __future__ import annotations
@@ -37,12 +35,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv4_jax.basic import FP32, linear
-from dsv4_jax.hyper_connection import collapse, hc_weights
+from dsv4_jax.hyper_connection import collapse, hc_weights, mix_logits
 
 from .common import triton_call
 
-__all__ = ["hc_pre", "hc_pre_partials", "mix_partials", "reference", "sinkhorn_entries", "supported"]
+__all__ = ["hc_pre", "reference", "sinkhorn_entries", "supported"]
 
 
 def reference(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int):
@@ -82,24 +79,18 @@ def sinkhorn_entries(x: list[list], iters: int, eps: float) -> list[list]:
     return lax.fori_loop(0, iters - 1, lambda _, c: columns(rows(c)), columns(c))
 
 
-def _kernel(streams_ref, raw_ref, sq_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref, *, n: int, d: int,
-            iters: int, rms_eps: float, hc_eps: float, block_t: int, block_d: int):
-    """streams_ref [T, n*d]; raw_ref [P, T, (2+n)n] f32 and sq_ref [P, T] f32: partial sums of
-    vec(streams) @ fn^T and of vec(streams)^2; base_ref [(2+n)n]; scale_ref [3]; x_ref [T, d];
-    post_ref [T, n]; comb_ref [T, n*n]. One program: ``block_t`` tokens x ``block_d`` columns."""
-    P, T = sq_ref.shape
+def _kernel(streams_ref, mix_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref, *, n: int, d: int,
+            iters: int, hc_eps: float, block_t: int, block_d: int):
+    """streams_ref [T, n*d]; mix_ref [T, (2+n)n] f32 mixing logits; base_ref [(2+n)n]; scale_ref [3];
+    x_ref [T, d]; post_ref [T, n]; comb_ref [T, n*n]. One program: ``block_t`` tokens x ``block_d`` columns."""
+    T = streams_ref.shape[0]
     start = pl.program_id(0) * block_t
     k0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
     valid = start + jnp.arange(block_t, dtype=jnp.int32) < T
     tokens = pl.ds(start, block_t)
 
-    def total(ref):  # [P, block_t] partials -> [block_t]
-        return jnp.sum(plt.load(ref, mask=valid[None, :], other=0.0), axis=0)
-
-    rms = lax.rsqrt(total(sq_ref.at[:, tokens]) / (n * d) + rms_eps)
-
-    def logit(j, s):  # the RMS factor after the matmul: fn @ (r x) = r (fn @ x)
-        return total(raw_ref.at[:, tokens, jnp.int32(j)]) * rms * scale_ref[s] + base_ref[j]
+    def logit(j, s):
+        return plt.load(mix_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0) * scale_ref[s] + base_ref[j]
 
     def tile(i):  # stream i, this program's columns and tokens, fp32
         return plt.load(streams_ref.at[tokens, pl.ds(i * d + k0, block_d)], mask=valid[:, None],
@@ -120,66 +111,37 @@ def _kernel(streams_ref, raw_ref, sq_ref, base_ref, scale_ref, x_ref, post_ref, 
                 plt.store(comb_ref.at[tokens, jnp.int32(i * n + j)], comb[i][j], mask=valid)
 
 
-def check_blocks(kernel: str, block_t: int, block_d: int, d: int) -> int:
-    """The (token block, column block) grid's block sizes: powers of two >= 16, block_d dividing d."""
-    if block_t < 16 or block_t & (block_t - 1) or block_d < 16 or block_d & (block_d - 1) or d % block_d:
-        raise ValueError(f"{kernel}: block_t={block_t} and block_d={block_d} must be powers of two >= 16, "
-                         f"block_d dividing d={d}")
-    return block_d
-
-
-def mix_partials(streams: jax.Array, fn: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """streams [..., n, d] -> (vec(streams) @ fn^T [1, T, R], sum vec(streams)^2 [1, T]), fp32, one partial:
-    what ``hc_pre_partials`` takes when no kernel has produced the partials (``hc_post`` does)."""
-    flat = streams.reshape(-1, streams.shape[-2] * streams.shape[-1]).astype(jnp.float32)
-    return linear(flat, fn.astype(jnp.float32), precision=FP32)[None], jnp.sum(flat * flat, axis=-1)[None]
-
-
-def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, **kw):
-    """Pallas (Triton) mHC pre-step; same arguments (``n`` from the shape) and results as ``reference``, for
-    ``streams [..., n, d]``: ``mix_partials`` in XLA, then ``hc_pre_partials`` (``kw``: its options)."""
-    n, d = streams.shape[-2:]
-    if not supported(n, d) or fn.shape != ((2 + n) * n, n * d):
-        raise ValueError(f"hc_pre: streams {streams.shape}, fn {fn.shape}: expected [..., n, d] with d a power "
-                         f"of two >= 16 and fn [(2+n)n, n*d]")
-    raw, sq = mix_partials(streams, fn)
-    return hc_pre_partials(streams, raw, sq, base, scale, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters, **kw)
-
-
 @functools.partial(jax.jit, static_argnames=("rms_eps", "hc_eps", "iters", "block_t", "block_d", "interpret",
                                              "poison_outputs"))
-def hc_pre_partials(streams, raw, sq, base, scale, *, rms_eps: float, hc_eps: float, iters: int,
-                    block_t: int = 16, block_d: int | None = None, interpret: bool = False,
-                    poison_outputs: bool = False):
-    """The kernel: streams [..., n, d], the mixing matmul and the sum of squares as P partial sums (raw
-    [P, T, (2+n)n], sq [P, T], P a power of two, T = prod(lead)), base, scale -> (x, post, comb) as
-    ``reference``. block_t: tokens per program (power of two >= 16); block_d: stream columns per program
-    (power of two, divides d; default min(d, 256): n fp32 tiles of 16 x 256 in registers). poison_outputs:
-    testing aid (``common.triton_call``)."""
+def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, block_t: int = 16,
+           block_d: int | None = None, interpret: bool = False, poison_outputs: bool = False):
+    """Pallas (Triton) mHC pre-step; same arguments (``n`` from the shape) and results as ``reference``, for
+    ``streams [..., n, d]``. block_t: tokens per program (power of two >= 16); block_d: stream columns per
+    program (power of two, divides d; default min(d, 256): n fp32 tiles of 16 x 256 in registers).
+    poison_outputs: testing aid (``common.triton_call``)."""
     *lead, n, d = streams.shape
     R = (2 + n) * n
+    if not supported(n, d) or fn.shape != (R, n * d) or base.shape != (R,) or scale.shape != (3,) or iters < 1:
+        raise ValueError(f"hc_pre: streams {streams.shape}, fn {fn.shape}, base {base.shape}, scale {scale.shape}, "
+                         f"iters {iters}: expected [..., n, d] with d a power of two >= 16, fn [(2+n)n, n*d], "
+                         f"base [(2+n)n], scale [3], iters >= 1")
+    bd = block_d or min(d, 256)
+    if block_t < 16 or block_t & (block_t - 1) or bd < 16 or bd & (bd - 1) or d % bd:
+        raise ValueError(f"hc_pre: block_t={block_t} and block_d={bd} must be powers of two >= 16, "
+                         f"block_d dividing d={d}")
     flat = streams.reshape(-1, n * d)
-    T, P = flat.shape[0], sq.shape[0]
-    if (not supported(n, d) or raw.shape != (P, T, R) or sq.shape != (P, T) or P & (P - 1)
-            or base.shape != (R,) or scale.shape != (3,) or iters < 1):
-        raise ValueError(f"hc_pre: streams {streams.shape}, raw {raw.shape}, sq {sq.shape}, base {base.shape}, "
-                         f"scale {scale.shape}, iters {iters}: expected [..., n, d] with d a power of two >= 16, "
-                         f"raw [P, T, (2+n)n] and sq [P, T] with P a power of two, base [(2+n)n], scale [3], "
-                         f"iters >= 1")
-    bd = check_blocks("hc_pre", block_t, block_d or min(d, 256), d)
+    T = flat.shape[0]
+    mix = mix_logits(flat.reshape(T, n, d), fn, rms_eps)
     whole = lambda *shape: pl.BlockSpec(shape, lambda t, k: (0,) * len(shape))  # the kernel indexes its block
     x, post, comb = triton_call(
-        functools.partial(_kernel, n=n, d=d, iters=iters, rms_eps=rms_eps, hc_eps=hc_eps, block_t=block_t,
-                          block_d=bd),
-        [flat, raw.astype(jnp.float32), sq.astype(jnp.float32), base.astype(jnp.float32),
-         scale.astype(jnp.float32)],
+        functools.partial(_kernel, n=n, d=d, iters=iters, hc_eps=hc_eps, block_t=block_t, block_d=bd),
+        [flat, mix, base.astype(jnp.float32), scale.astype(jnp.float32)],
         grid=(pl.cdiv(T, block_t), d // bd),
-        in_specs=[whole(T, n * d), whole(P, T, R), whole(P, T), whole(R), whole(3)],
+        in_specs=[whole(T, n * d), whole(T, R), whole(R), whole(3)],
         out_shape=[jax.ShapeDtypeStruct((T, d), streams.dtype), jax.ShapeDtypeStruct((T, n), jnp.float32),
                    jax.ShapeDtypeStruct((T, n * n), jnp.float32)],
         out_specs=[whole(T, d), whole(T, n), whole(T, n * n)],
-        num_warps=4, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}_p{P}",
-        poison=poison_outputs)
+        num_warps=4, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}", poison=poison_outputs)
     return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)
 
 

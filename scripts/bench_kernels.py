@@ -1,8 +1,7 @@
 """Benchmark the Pallas kernels against their plain-JAX references (a benchmark, not a test).
 
     python -m scripts.bench_kernels
-        [--only sparse_attention indexer topk compressor hc_pre hc_post grouped_matmul grouped_gemv
-         expert_rows]
+        [--only sparse_attention indexer topk compressor hc_pre grouped_matmul grouped_gemv expert_rows]
         [--cases decode_B128] [--configs '[{}, {"block_h": 64, "num_warps": 8}]'] [--reps 50]
 
 Each kernel module's ``bench_cases()`` gives inputs, the minimal HBM bytes and the FLOPs. Both
@@ -28,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "hc_post", "grouped_matmul", "grouped_gemv",
-           "expert_rows")
+MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "grouped_matmul", "grouped_gemv", "expert_rows")
 
 
 def dependent_loop(fn, args, kwargs, inner: int):
