@@ -34,12 +34,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dsv4_jax.cache import init_cache
 from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.demo import demo_config
-from dsv4_jax.engine import DeviceSteps, default_prefill_chunk
+from dsv4_jax.engine import DeviceSteps, default_prefill_chunk, split_weights
 from dsv4_jax.random_weights import random_model
 from dsv4_jax.sampling import SamplingParams, sampling_args
 from scripts import roofline
@@ -63,8 +62,8 @@ def make_config(name: str, layers: str, experts: int | None) -> DeepseekV4Config
 
 def prefill_case(model, context: int, chunk: int, kernels: str) -> dict:
     cfg, dtype = model.config, model.dtype
-    graphdef, state = nnx.split(model)
-    chunk_step = DeviceSteps(graphdef, context).chunk
+    graphdef, state_def, weights = split_weights(model)
+    chunk_step = DeviceSteps(graphdef, state_def, context).chunk
     prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, context)).astype(np.int32)
 
     def prefill():
@@ -73,7 +72,7 @@ def prefill_case(model, context: int, chunk: int, kernels: str) -> dict:
             n = min(chunk, context - pos)
             ids = np.zeros((1, chunk), np.int32)
             ids[:, :n] = prompt[:, pos:pos + n]
-            logits, cache = chunk_step(state, cache, jnp.asarray(ids), jnp.full((1,), pos, jnp.int32),
+            logits, cache = chunk_step(weights, cache, jnp.asarray(ids), jnp.full((1,), pos, jnp.int32),
                                        jnp.full((1,), n, jnp.int32), last_only=True, kernels=kernels)
         return jax.block_until_ready((logits, cache))
 
@@ -119,9 +118,9 @@ def synthetic_cache(cfg, batch: int, capacity: int, dtype, key):
 
 def decode_case(model, batch: int, context: int, steps: int, kernels: str, profile: bool = False) -> dict:
     cfg, dtype = model.config, model.dtype
-    graphdef, state = nnx.split(model)
+    graphdef, state_def, weights = split_weights(model)
     capacity = context + 4 * steps + 8
-    decode_step = DeviceSteps(graphdef, capacity).decode
+    decode_step = DeviceSteps(graphdef, state_def, capacity).decode
     cache = synthetic_cache(cfg, batch, capacity, jnp.dtype(dtype), jax.random.PRNGKey(1))
     greedy = SamplingParams()  # the engine's default: its step skips the top-k / top-p sort
     params = sampling_args(greedy)
@@ -136,7 +135,7 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
         nonlocal cache, tokens, pos, key
         for _ in range(n):
             t0 = time.perf_counter()
-            tokens, pos, key, cache = decode_step(state, cache, tokens, pos, active, key, *params, kernels=kernels,
+            tokens, pos, key, cache = decode_step(weights, cache, tokens, pos, active, key, *params, kernels=kernels,
                                                   filters=greedy.filters)
             dispatch.append(time.perf_counter() - t0)
         jax.block_until_ready(cache)
@@ -159,7 +158,7 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     if profile:
         from scripts.profile_breakdown import breakdown
 
-        hlo = decode_step.lower(state, cache, tokens, pos, active, key, *params, kernels=kernels,
+        hlo = decode_step.lower(weights, cache, tokens, pos, active, key, *params, kernels=kernels,
                                 filters=greedy.filters).compile().as_text()
         row["profile"] = breakdown(lambda: run(steps), hlo, cfg.layer_types, steps)
     return row

@@ -36,7 +36,7 @@ def chunked_logits(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
     out = []
     for pos in range(0, S, chunk):
         n = min(chunk, S - pos)
-        logits, cache = engine.steps.chunk(engine.state, cache, jnp.asarray(ids[:, pos:pos + n]),
+        logits, cache = engine.steps.chunk(engine.weights, cache, jnp.asarray(ids[:, pos:pos + n]),
                                            jnp.full((B,), pos, jnp.int32), jnp.full((B,), n, jnp.int32),
                                            last_only=False)
         out.append(np.asarray(logits))
@@ -103,7 +103,7 @@ def test_padding_never_writes_cache(model):
     engine = Engine(model, capacity=32)
     cache = init_cache(CFG, B, 32, jnp.float32)
     ids = jnp.asarray(np.random.RandomState(3).randint(0, CFG.vocab_size, (B, 16)))
-    _, cache = engine.steps.chunk(engine.state, cache, ids, jnp.zeros(B, jnp.int32), jnp.array([16, 0], jnp.int32),
+    _, cache = engine.steps.chunk(engine.weights, cache, ids, jnp.zeros(B, jnp.int32), jnp.array([16, 0], jnp.int32),
                                   last_only=True)
     for leaf in jax.tree.leaves(cache):
         assert not np.asarray(leaf[1]).any()
@@ -205,7 +205,7 @@ def test_lookahead_decode_equals_one_step_at_a_time(model):
                     active[b], reasons[b] = False, "eos"
             if step == new - 1 or not active.any():
                 break
-            nxt, _, key, cache = engine.steps.decode(engine.state, cache, jnp.asarray(tokens), jnp.asarray(pos),
+            nxt, _, key, cache = engine.steps.decode(engine.weights, cache, jnp.asarray(tokens), jnp.asarray(pos),
                                                      jnp.asarray(active), key, *params, kernels=engine.kernels)
             pos, tokens = pos + active, np.asarray(nxt)
         return out, reasons

@@ -15,30 +15,30 @@ from conftest import tiny
 from dsv4_jax.cache import init_cache
 from dsv4_jax.checkpoint import abstract_model, param_table
 from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
-from dsv4_jax.engine import DeviceSteps, Engine
+from dsv4_jax.engine import DeviceSteps, Engine, split_weights
 from dsv4_jax.model import DeepseekV4ForCausalLM
 from dsv4_jax.random_weights import random_model
 from dsv4_jax.sampling import SamplingParams
 
 
 @functools.cache
-def device_steps(graphdef, capacity: int) -> DeviceSteps:
+def device_steps(graphdef, state_def, capacity: int) -> DeviceSteps:
     """One set of jitted steps per model structure and capacity, so the runs of one test (xla, pallas)
     share their compiled XLA prefill (a Flash-width slice compiles for tens of seconds on a GPU)."""
-    return DeviceSteps(graphdef, capacity)
+    return DeviceSteps(graphdef, state_def, capacity)
 
 
 def decode_logits(model, prompt: np.ndarray, steps: np.ndarray, capacity: int, kernels: str) -> np.ndarray:
     """Prefill ``prompt`` [B, P] (reference path), then one decode step per column of ``steps`` [B, T]."""
-    graphdef, state = nnx.split(model)
-    chunk_step = device_steps(graphdef, capacity).chunk
+    graphdef, state_def, weights = split_weights(model)
+    chunk_step = device_steps(graphdef, state_def, capacity).chunk
     B, P = prompt.shape
     cache = init_cache(model.config, B, capacity, model.dtype)
-    _, cache = chunk_step(state, cache, jnp.asarray(prompt), jnp.zeros(B, jnp.int32), jnp.full(B, P, jnp.int32),
+    _, cache = chunk_step(weights, cache, jnp.asarray(prompt), jnp.zeros(B, jnp.int32), jnp.full(B, P, jnp.int32),
                           last_only=True)
     out = []
     for t in range(steps.shape[1]):
-        logits, cache = chunk_step(state, cache, jnp.asarray(steps[:, t:t + 1]), jnp.full(B, P + t, jnp.int32),
+        logits, cache = chunk_step(weights, cache, jnp.asarray(steps[:, t:t + 1]), jnp.full(B, P + t, jnp.int32),
                                    jnp.ones(B, jnp.int32), last_only=True, kernels=kernels)
         out.append(np.asarray(logits, np.float32))
     return np.stack(out, 1)
@@ -62,8 +62,8 @@ def prefill_decode_run(model, prompts: list[np.ndarray], chunk: int, steps: np.n
     [B, T] for the rows ``active`` [B, T] marks (the others write nothing). Returns (list of (logits, n_new)
     per chunk or step, final caches); logits [B, C, V] at every position, or [B, V] at each row's last real
     token with ``last_only``."""
-    graphdef, state = nnx.split(model)
-    chunk_step = device_steps(graphdef, capacity).chunk
+    graphdef, state_def, weights = split_weights(model)
+    chunk_step = device_steps(graphdef, state_def, capacity).chunk
     B = len(prompts)
     lens = np.array([len(p) for p in prompts], np.int32)
     cache = init_cache(model.config, B, capacity, model.dtype)
@@ -73,13 +73,13 @@ def prefill_decode_run(model, prompts: list[np.ndarray], chunk: int, steps: np.n
         ids = np.zeros((B, chunk), np.int32)
         for b in range(B):
             ids[b, : n_new[b]] = prompts[b][done[b]: done[b] + n_new[b]]
-        logits, cache = chunk_step(state, cache, jnp.asarray(ids), jnp.asarray(done), jnp.asarray(n_new),
+        logits, cache = chunk_step(weights, cache, jnp.asarray(ids), jnp.asarray(done), jnp.asarray(n_new),
                                    last_only=last_only, kernels=kernels)
         out.append((np.asarray(logits, np.float32), n_new))
         done = done + n_new
     for t in range(steps.shape[1]):
         n_new = active[:, t].astype(np.int32)
-        logits, cache = chunk_step(state, cache, jnp.asarray(steps[:, t:t + 1]), jnp.asarray(done),
+        logits, cache = chunk_step(weights, cache, jnp.asarray(steps[:, t:t + 1]), jnp.asarray(done),
                                    jnp.asarray(n_new), last_only=last_only, kernels=kernels)
         out.append((np.asarray(logits, np.float32), n_new))
         done = done + n_new

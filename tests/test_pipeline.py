@@ -148,7 +148,7 @@ def reference(workers):
     engine = Engine(model, capacity=CAPACITY, prefill_chunk=CHUNK)
 
     def run_chunk(cache, ids, start, n_new, last_only):
-        return engine.steps.chunk(engine.state, cache, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(n_new),
+        return engine.steps.chunk(engine.weights, cache, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(n_new),
                                   last_only=last_only)
 
     logits = chunked_logits(run_chunk, engine._new_cache, prompts(), CHUNK)
