@@ -176,10 +176,11 @@ class Engine:
         return self.steps.chunk(self.weights, cache, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(n_new),
                                 last_only=last_only, kernels=self.kernels)
 
-    def _run_decode(self, cache, tokens, pos, active, key, sampling: SamplingParams):
-        """``DeviceSteps.decode``'s contract: (next tokens [B], pos + active, next key, caches)."""
-        return self.steps.decode(self.weights, cache, tokens, pos, active, key, *sampling_args(sampling),
-                                 kernels=self.kernels, filters=sampling.filters)
+    def _run_decode(self, cache, tokens, pos, active, key, temperature, top_k, top_p, filters: bool):
+        """``DeviceSteps.decode``'s contract: (next tokens [B], pos + active, next key, caches); the sampling
+        settings as ``sampling_args`` makes them (device scalars) and ``SamplingParams.filters``."""
+        return self.steps.decode(self.weights, cache, tokens, pos, active, key, temperature, top_k, top_p,
+                                 kernels=self.kernels, filters=filters)
 
     # ----- the two phases ------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], chunk: int | None = None):
@@ -216,7 +217,9 @@ class Engine:
         logits, cache, lens = self.prefill(prompts)
         key = jax.random.PRNGKey(seed)
         key, sub = jax.random.split(key)
-        step_tokens = sample(logits, sub, *sampling_args(sampling), filters=sampling.filters)  # [B] on the device
+        # The settings as device scalars once per generation: making them took ~0.15 ms of host time a step.
+        settings = sampling_args(sampling)
+        step_tokens = sample(logits, sub, *settings, filters=sampling.filters)  # [B] on the device
         tokens = np.asarray(step_tokens)
         stats.prefill_seconds = time.perf_counter() - t0
         active = np.ones(len(prompts), bool)
@@ -232,7 +235,8 @@ class Engine:
             t = time.perf_counter()
             if active_dev is None:
                 active_dev = jnp.asarray(active.copy())
-            next_tokens, pos, key, cache = self._run_decode(cache, step_tokens, pos, active_dev, key, sampling)
+            next_tokens, pos, key, cache = self._run_decode(cache, step_tokens, pos, active_dev, key, *settings,
+                                                            sampling.filters)
             stats.decode_dispatch_seconds += time.perf_counter() - t
             return next_tokens
 

@@ -85,7 +85,7 @@ from .cache import init_cache
 from .engine import Engine
 from .metadata import build_metadata, padded_chunk_len
 from .model import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError
-from .sampling import SamplingParams, sample, sampling_args
+from .sampling import sample
 
 PP_AXIS = "pp"
 STAGE_SCOPE = "pipeline_stage"
@@ -541,7 +541,7 @@ class PipelineEngine(Engine):
             microbatches=M, last_only=last_only)
         return np.asarray(logits)[:B], cache
 
-    def _run_decode(self, cache, tokens, pos, active, key, sampling: SamplingParams):
+    def _run_decode(self, cache, tokens, pos, active, key, temperature, top_k, top_p, filters: bool):
         """``Engine._run_decode``'s contract; the rows are padded and sent as global arrays each step."""
         B = tokens.shape[0]
         M, _ = self.layout(B)
@@ -549,6 +549,6 @@ class PipelineEngine(Engine):
         args = [self._global(self._pad_rows(np.asarray(a, dt))) for a, dt in
                 ((np.asarray(tokens)[:, None], np.int32), (pos, np.int32), (active, bool))]
         args += [self._global(np.asarray(a)) for a in (jax.random.key_data(sub) if jnp.issubdtype(
-            sub.dtype, jax.dtypes.prng_key) else sub, *sampling_args(sampling))]
-        next_tokens, cache = self._decode_fn(self.params, cache, *args, microbatches=M, filters=sampling.filters)
+            sub.dtype, jax.dtypes.prng_key) else sub, temperature, top_k, top_p)]
+        next_tokens, cache = self._decode_fn(self.params, cache, *args, microbatches=M, filters=filters)
         return np.asarray(next_tokens)[:B], pos + active, key, cache
