@@ -95,8 +95,6 @@ def test_lowers_for_h100(T, kw):
 @on_gpu
 @pytest.mark.parametrize("T", [1, 128, 16384, 1000])
 def test_gpu_matches_reference(T):
-    """Both mixing matmuls in full fp32: at the GPU's default (TF32) precision the kernel's un-normalised
-    input and the reference's normalised one round differently, which is not the kernel's error."""
     streams, fn, base, scale = inputs(T, (T,), 4, 4096, jnp.bfloat16)
     kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20)
     check(hp.hc_pre(streams, fn, base, scale, poison_outputs=True, **kw),
