@@ -73,8 +73,9 @@ def default_kernels() -> str:
     Flash-width slice (docs/performance.md, H200): decode 5.6 / 11.6 / 22.0 ms per step at batch 8 / 32 / 128
     (2026-11-29) against 11.8 / 40.0 / 119.8 ms for "xla" (2026-11-28), whose experts copy the picked matrices or
     run a dense ragged dot; prefill, where "xla" ran out of memory on a 4K prompt. At batch 1 "xla" measured
-    2.98 ms against 3.23 ms in one run; later "pallas" measured 2.35 ms with the Pallas top-k and 2.02 ms
-    with the mHC pre-step kernel (xla not re-measured), so no per-batch switch."""
+    2.98 ms against 3.23 ms in one run; later "pallas" measured 2.35 ms with the Pallas top-k, 2.02 ms with
+    the mHC pre-step kernel and 1.80 ms with the per-row expert kernel (xla not re-measured), so no
+    per-batch switch."""
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
