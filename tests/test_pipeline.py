@@ -45,6 +45,7 @@ CASES = {
     "pp8": (8, None, None),  # one layer per stage (default microbatches = min(pp, batch) = 3)
 }
 DETERMINISM_CASE, DETERMINISM_RUNS = "pp4", 20
+SAMPLED_CASE = "pp4"  # also generates with temperature and top-k, against the unpipelined engine
 # Logits at every prompt position (one more compile per case) for these; last-token logits, caches and
 # tokens for all cases.
 FULL_LOGITS_CASES = ("pp4", "pp8")
@@ -58,6 +59,13 @@ CLI_RUNS = (("cli_plain", 1, []), ("cli_pp3", 3, ["--pp", "3", "--pp-boundaries"
 def prompts() -> list[list[int]]:
     rng = np.random.RandomState(0)
     return [[int(t) for t in rng.randint(2, CFG.vocab_size, n)] for n in PROMPT_LENS]
+
+
+def sampled_tokens(engine) -> list[list[int]]:
+    """Tokens of a generation with temperature and top-k (the sampling settings reach the decode step)."""
+    from dsv4_jax.sampling import SamplingParams
+    return [r.tokens for r in engine.generate(prompts(), max_new_tokens=NEW_TOKENS, seed=3,
+                                              sampling=SamplingParams(temperature=0.9, top_k=6))]
 
 
 def build_model():
@@ -154,7 +162,8 @@ def reference(workers):
     logits = chunked_logits(run_chunk, engine._new_cache, prompts(), CHUNK)
     tokens = [r.tokens for r in engine.generate(prompts(), max_new_tokens=NEW_TOKENS)]
     last_logits, cache, _ = engine.prefill(prompts())
-    return dict(logits=logits, tokens=tokens, last_logits=np.asarray(last_logits), cache=flat_caches(cache))
+    return dict(logits=logits, tokens=tokens, last_logits=np.asarray(last_logits), cache=flat_caches(cache),
+                sampled_tokens=sampled_tokens(engine))
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +217,12 @@ def _expected_stages(pp, boundaries):
     starts = stage_starts(CFG.num_hidden_layers, pp, boundaries)
     ends = (*starts[1:], CFG.num_hidden_layers)
     return [range(a, b) for a, b in zip(starts, ends)]
+
+
+def test_sampled_tokens_equal_unpipelined(pipelined, reference):
+    summary, _ = pipelined
+    assert summary["sampled_tokens"] == reference["sampled_tokens"]
+    assert summary["sampled_tokens"] != reference["tokens"]  # the settings took effect: not greedy
 
 
 def test_pipelined_generation_is_bitwise_deterministic(pipelined):
@@ -405,6 +420,9 @@ def _worker_cases(out_dir: Path, names: list[str]):
             toks.add(json.dumps([r.tokens for r in eng.generate(prompts(), max_new_tokens=NEW_TOKENS)]))
             logits.add(np.asarray(eng.prefill(prompts())[0]).tobytes())
         summary["determinism"] = dict(runs=DETERMINISM_RUNS, distinct_tokens=len(toks), distinct_logits=len(logits))
+
+    if SAMPLED_CASE in engines:
+        summary["sampled_tokens"] = sampled_tokens(engines[SAMPLED_CASE])
 
     for name, eng in engines.items():
         if eng.pp > 1:
