@@ -1,4 +1,5 @@
-# Diagnostic (untracked): which side of the hc_post GPU test is off, the kernel or XLA's fp32 dot?
+# Run 15b's diagnostic, as it ran at 0903cd0 (it imports kernels_pallas/hc_post.py and tests/test_kernel_hc_post.py,
+# both removed by the revert 38fb664): which side of the hc_post GPU test was off, the kernel or XLA's fp32 dot?
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 from kernels_pallas import hc_post as hq
