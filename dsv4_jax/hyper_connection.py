@@ -6,6 +6,8 @@ where C is pushed towards a doubly stochastic matrix by Sinkhorn iterations. All
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,11 +16,19 @@ from .basic import FP32, linear, unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
+# Up to this many tokens (decode) the mixing logits are a product summed over vec(streams), which XLA runs as one
+# reduction kernel (fn, 1.5 MB at Flash width, stays in L2 across tokens); a GPU's fp32 matmul at full precision
+# is two or three small kernels there. Above it (prefill) the matmul, which does not re-read fn per token.
+MIX_AS_SUM_MAX_TOKENS = 16
+
+
 def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32 at full precision (``FP32``), as
     the reference computes them: the Sinkhorn and every later layer carry on their rounding."""
-    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-    return linear(unweighted_rms_norm(flat, eps), fn.astype(jnp.float32), precision=FP32)
+    flat = unweighted_rms_norm(streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32), eps)
+    if math.prod(flat.shape[:-1]) <= MIX_AS_SUM_MAX_TOKENS:
+        return jnp.sum(flat[..., None, :] * fn.astype(jnp.float32), axis=-1)
+    return linear(flat, fn.astype(jnp.float32), precision=FP32)
 
 
 def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -49,8 +59,12 @@ def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:
 
 
 def expand(streams: jax.Array, block_out: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
-    """X'_j = post_j * f + sum_i C[i, j] X_i: contracts C's *first* index (C is not symmetric)."""
-    mixed = jnp.einsum("...ij,...id->...jd", comb, streams.astype(jnp.float32), precision=FP32)
+    """X'_j = post_j * f + sum_i C[i, j] X_i: contracts C's *first* index (C is not symmetric).
+
+    The n-term sum is written out as fp32 multiply-adds, so XLA fuses the whole step into one elementwise
+    kernel; as an einsum it was a GPU dot plus separate add and convert kernels."""
+    s = streams.astype(jnp.float32)
+    mixed = sum(comb[..., i, :, None] * s[..., i, None, :] for i in range(streams.shape[-2]))
     return (post[..., None] * block_out.astype(jnp.float32)[..., None, :] + mixed).astype(streams.dtype)
 
 

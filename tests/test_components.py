@@ -25,7 +25,7 @@ from conftest import tiny
 from dsv4_jax import metadata, moe
 from dsv4_jax.cache import init_layer_cache
 from dsv4_jax.config import CSA, HCA, SLIDING, DeepseekV4Config, YarnScaling
-from dsv4_jax.hyper_connection import collapse, expand, hc_weights, hyper_head
+from dsv4_jax.hyper_connection import MIX_AS_SUM_MAX_TOKENS, collapse, expand, hc_weights, hyper_head
 from dsv4_jax.indexer import index_scores
 from dsv4_jax.rope import apply_rope, default_inv_freq, inv_freq_for, rope_angles
 from reference import hf_config
@@ -217,9 +217,15 @@ def test_inv_freq_matches_reference(name):
 
 # ----- 3. mHC ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path,comb_scale", [("model.layers.2.attn_hc", None), ("model.layers.3.ffn_hc", None),
-                                             ("model.layers.2.attn_hc", 10.0)])
-def test_hyper_connection_matches_reference(components, path, comb_scale):
+# Token counts (batch 2 x seq) on either side of MIX_AS_SUM_MAX_TOKENS: the mixing logits as a sum and as a matmul.
+MIX_SEQS = (5, MIX_AS_SUM_MAX_TOKENS // 2 + 3)
+
+
+@pytest.mark.parametrize("path,comb_scale,seq", [("model.layers.2.attn_hc", None, MIX_SEQS[0]),
+                                                 ("model.layers.3.ffn_hc", None, MIX_SEQS[1]),
+                                                 ("model.layers.2.attn_hc", 10.0, MIX_SEQS[0]),
+                                                 ("model.layers.2.attn_hc", 10.0, MIX_SEQS[1])])
+def test_hyper_connection_matches_reference(components, path, comb_scale, seq):
     """hc_weights + collapse vs DeepseekV4HyperConnection (post, comb, collapsed); expand vs the decoder
     layer's mixing formula post * out + comb^T X. With a large comb scale the comb logits are peaked and
     Sinkhorn is still far from converged after 20 iterations, so the iteration schedule is checked too."""
@@ -232,7 +238,7 @@ def test_hyper_connection_matches_reference(components, path, comb_scale):
             ref.scale[2] = comb_scale
         scale = jnp.asarray(to_np(ref.scale))
     rng = np.random.RandomState(1)
-    streams = random_streams(rng, cfg)
+    streams = random_streams(rng, cfg, seq=seq)
     with torch.no_grad():
         ref_post, ref_comb, ref_collapsed = ref(torch.tensor(streams))
     pre, post, comb = hc_weights(jnp.asarray(streams), ours.fn[...], ours.base[...], scale, n=cfg.hc_mult,
@@ -254,28 +260,40 @@ def test_fp32_products_ask_for_full_precision():
     """The fp32 products the reference computes in fp32 (router logits, mHC mixing logits, the mHC stream
     mix) ask XLA for full precision: a GPU's default rounds fp32 inputs to TF32 (10-bit mantissa), PyTorch's
     does not. A CPU computes fp32 either way, so the traced products are checked, traced at JAX's default
-    precision: under the suite's "highest" (conftest) every product would ask for it."""
-    T, n, d, E = 3, 4, 16, 8
-    streams, fn = jnp.ones((T, n, d)), jnp.ones(((2 + n) * n, n * d))
+    precision: under the suite's "highest" (conftest) every product would ask for it. The forms written as
+    fp32 multiply-adds (the mHC mix, decode-sized mixing logits) must contain no dot at all."""
+    n, d, E = 4, 16, 8
+    fn = jnp.ones(((2 + n) * n, n * d))
+
+    def mhc_weights(T):
+        return jax.make_jaxpr(lambda s: hc_weights(s, fn, jnp.zeros((2 + n) * n), jnp.ones(3), n=n, rms_eps=1e-6,
+                                                   hc_eps=1e-6, sinkhorn_iters=2))(jnp.ones((T, n, d)))
+
+    T_sum, T_dot = MIX_AS_SUM_MAX_TOKENS, MIX_AS_SUM_MAX_TOKENS + 1
     with jax.default_matmul_precision("default"):
-        traced = {
-            "router": jax.make_jaxpr(moe.router_scores)(jnp.ones((T, d), jnp.bfloat16),
-                                                        jnp.ones((E, d), jnp.bfloat16)),
-            "mHC weights": jax.make_jaxpr(lambda s: hc_weights(s, fn, jnp.zeros((2 + n) * n), jnp.ones(3), n=n,
-                                                              rms_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=2))(streams),
-            "mHC expand": jax.make_jaxpr(expand)(streams, jnp.ones((T, d)), jnp.ones((T, n)), jnp.ones((T, n, n))),
-        }
-    for what, jaxpr in traced.items():
-        dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-        assert dots, what
-        for e in dots:
+        matmuls = {"router": jax.make_jaxpr(moe.router_scores)(jnp.ones((3, d), jnp.bfloat16),
+                                                               jnp.ones((E, d), jnp.bfloat16)),
+                   "mHC weights (prefill)": mhc_weights(T_dot)}
+        sums = {"mHC weights (decode)": mhc_weights(T_sum),
+                "mHC expand": jax.make_jaxpr(expand)(jnp.ones((T_dot, n, d)), jnp.ones((T_dot, d)),
+                                                     jnp.ones((T_dot, n)), jnp.ones((T_dot, n, n)))}
+
+    def dots(jaxpr):
+        return [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+
+    for what, jaxpr in matmuls.items():
+        assert dots(jaxpr), what
+        for e in dots(jaxpr):
             assert e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2, (what, e.params["precision"])
+    for what, jaxpr in sums.items():
+        assert not dots(jaxpr), what
 
 
-def test_hyper_head_matches_reference(components):
+@pytest.mark.parametrize("seq", MIX_SEQS)
+def test_hyper_head_matches_reference(components, seq):
     comp = components("mixed")
     cfg, (ours, ref) = comp.cfg, comp.pair("model.hc_head")
-    streams = random_streams(np.random.RandomState(2), cfg)
+    streams = random_streams(np.random.RandomState(2), cfg, seq=seq)
     with torch.no_grad():
         ref_out = ref(torch.tensor(streams))
     ours_out = hyper_head(jnp.asarray(streams), ours.hc_fn[...], ours.hc_base[...], ours.hc_scale[...],
