@@ -16,19 +16,22 @@ from .basic import FP32, linear, unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
-# Up to this many tokens (decode) the mixing logits are a product summed over vec(streams), which XLA runs as one
-# reduction kernel (fn, 1.5 MB at Flash width, stays in L2 across tokens); a GPU's fp32 matmul at full precision
-# is two or three small kernels there. Above it (prefill) the matmul, which does not re-read fn per token.
+# Up to this many tokens (decode) the mixing logits are products summed over vec(streams), with the RMS factor
+# applied after: two reductions of the raw streams that XLA runs without a normalised copy or a GPU fp32 matmul
+# (at full precision, two or three small kernels). An H200 batch-1 step of the Flash-width slice took 1.664 ms
+# against 1.682 with the factor applied first and 1.686 with the matmul (docs/performance.md, run 21). Above
+# it (prefill) the matmul, which does not re-read fn (1.5 MB at Flash width) per token.
 MIX_AS_SUM_MAX_TOKENS = 16
 
 
 def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32 at full precision (``FP32``), as
     the reference computes them: the Sinkhorn and every later layer carry on their rounding."""
-    flat = unweighted_rms_norm(streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32), eps)
+    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
     if math.prod(flat.shape[:-1]) <= MIX_AS_SUM_MAX_TOKENS:
-        return jnp.sum(flat[..., None, :] * fn.astype(jnp.float32), axis=-1)
-    return linear(flat, fn.astype(jnp.float32), precision=FP32)
+        raw = jnp.sum(flat[..., None, :] * fn.astype(jnp.float32), axis=-1)
+        return raw * jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)
+    return linear(unweighted_rms_norm(flat, eps), fn.astype(jnp.float32), precision=FP32)
 
 
 def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:

@@ -12,7 +12,7 @@ Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 
 ~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
 step of the 6-layer Flash-width slice: 213 us and ~118 kernels of a 1.9 ms batch-1 decode step on an H200
 (docs/performance.md). Here XLA computes the mixing logits with the XLA path's own function
-(``mix_logits``: the RMS factor and the matmul with the 1.5 MB of ``fn``, so both paths see the same
+(``mix_logits``: the RMS factor and the products with the 1.5 MB of ``fn``, so both paths see the same
 logits), and one kernel does the rest.
 
 Backend: the Pallas **Triton** backend. Grid ``(token blocks, d / block_d)``: a program owns ``block_t``
