@@ -24,21 +24,31 @@ from .metadata import ForwardMetadata, WindowMeta
 from .rope import apply_rope, rope_kind_of
 
 
-def window_keys(ring: jax.Array, chunk_kv: jax.Array, window: WindowMeta, block: int) -> jax.Array:
-    """Key rows of each query block: ring [B, W, D] (slot order) + chunk [B, C, D] -> [B, C/Bq, W+Bq, D]."""
+def window_keys(ring: jax.Array, chunk_kv: jax.Array, window: WindowMeta,
+                block: int) -> tuple[jax.Array, jax.Array]:
+    """ring [B, W, D] (slot order), chunk_kv [B, C, D] -> (keys [B, C/Bq, Kw, D], ring after the chunk's write).
+
+    Kw and the key order are ``WindowMeta``'s: for C == 1 the written ring itself (Kw = W, slot order; no
+    gather or concatenate on the decode step), else W + Bq rows of concat(ring in position order, chunk)
+    per query block, read from the ring before the write.
+    """
+    written = ring.at[jnp.arange(ring.shape[0])[:, None], window.ring_write_slot].set(chunk_kv, mode="drop")
+    if chunk_kv.shape[1] == 1:
+        return written[:, None], written
     W = ring.shape[1]
     ordered = jnp.take_along_axis(ring, window.ring_order[..., None], axis=1)
     rows = jnp.concatenate([ordered, chunk_kv], axis=1)
     n_blocks = chunk_kv.shape[1] // block
     gather = np.arange(n_blocks)[:, None] * block + np.arange(W + block)[None, :]
-    return rows[:, gather]
+    return rows[:, gather], written
 
 
 def sink_attention(q: jax.Array, win_keys: jax.Array, win_mask: jax.Array, comp_keys: jax.Array | None,
                    comp_mask: jax.Array | None, sinks: jax.Array, scale: float) -> jax.Array:
     """One softmax over window keys, compressed keys and the sink; values are the keys (K = V).
 
-    q [B, C, H, D]; win_keys [B, C/Bq, W+Bq, D]; win_mask [B, C, W+Bq];
+    q [B, C, H, D]; win_keys [B, C/Bq, Kw, D]; win_mask [B, C, Kw] (Kw = W + Bq, or W when C == 1: see
+    ``WindowMeta``);
     comp_keys [B, N, D] (shared by all queries) or [B, C, K, D] (per query); comp_mask [B, C, N|K];
     sinks [H]. Returns [B, C, H, D] in q's dtype.
     """
@@ -135,10 +145,8 @@ class Attention(nnx.Module):
         kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
 
         block = C if C < c.sliding_window else c.sliding_window
-        win_keys = window_keys(cache.window_kv, kv, meta.window, block)
-        rows = jnp.arange(B)[:, None]
-        cache = dataclasses.replace(
-            cache, window_kv=cache.window_kv.at[rows, meta.window.ring_write_slot].set(kv, mode="drop"))
+        win_keys, ring = window_keys(cache.window_kv, kv, meta.window, block)
+        cache = dataclasses.replace(cache, window_kv=ring)
 
         # Compressed rows this layer may attend to, and each query's entry ids into them (-1 = none):
         # the indexer's top-k on CSA layers, every visible entry on HCA layers.

@@ -8,7 +8,8 @@ layer receives the result as a value and nothing downstream derives, caches or m
 Per-layer results (the indexer's top-k) are not metadata: they flow only into their own layer.
 
 Shapes: B batch rows, C chunk length (padded so the window blocks tile it), W sliding window,
-Bq = min(W, C) query block, nW windows that may close inside the chunk, R = rope dims.
+Bq = min(W, C) query block, Kw window keys per block (W + Bq; W for a one-token chunk, see ``WindowMeta``),
+nW windows that may close inside the chunk, R = rope dims.
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ from .rope import inv_freq_for, rope_angles
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class WindowMeta:
-    ring_order: jax.Array  # [B, W] ring slot that holds position start - W + j (window keys in order)
-    key_mask: jax.Array  # [B, C, W + Bq] key j of a query's block span is in its window and exists
+    """The sliding-window keys of a chunk (``attention.window_keys``), Kw per query block:
+
+    C > 1: block b's keys are rows b*Bq .. b*Bq + W + Bq - 1 of concat(ring in position order, chunk),
+      Kw = W + Bq, read before the ring is written (later tokens overwrite slots earlier queries need).
+    C == 1 (decode): the keys are the ring itself in slot order after the token is written, Kw = W; the
+      write evicts position t - W, so the ring then holds exactly t's window. ``ring_order`` is None.
+    """
+
+    ring_order: jax.Array | None  # [B, W] ring slot that holds position start - W + j; None when C == 1
+    key_mask: jax.Array  # [B, C, Kw] key j of a query's block is in its window and exists
     ring_write_slot: jax.Array  # [B, C] ring slot (pos % W) for the last W real tokens, W = do not write
 
 
@@ -59,7 +68,7 @@ class ForwardMetadata:
 
 
 def query_block(cfg: DeepseekV4Config, chunk_len: int) -> int:
-    """Window queries are processed in blocks of Bq; a block's keys span W + Bq ring/chunk rows."""
+    """Window queries are processed in blocks of Bq (see ``WindowMeta`` for their keys)."""
     return min(cfg.sliding_window, chunk_len)
 
 
@@ -71,6 +80,27 @@ def padded_chunk_len(cfg: DeepseekV4Config, chunk_len: int) -> int:
 def span_of(cfg: DeepseekV4Config, ratio: int) -> int:
     """Tokens pooled into one entry: 2m for the overlapping CSA compressor, m for HCA."""
     return 2 * ratio if ratio == cfg.csa_compress_rate else ratio
+
+
+def _window_meta(W: int, bq: int, start: jax.Array, end: jax.Array, positions: jax.Array,
+                 token_valid: jax.Array) -> WindowMeta:
+    """start, end [B]; positions, token_valid [B, C] -> the window layout of ``WindowMeta``."""
+    write_slot = jnp.where(token_valid & (positions >= end[:, None] - W), positions % W, W)
+    slot = jnp.arange(W, dtype=jnp.int32)
+    if positions.shape[1] == 1:
+        # After the token's write, slot s holds position start - ((start - s) mod W): t's window. Like the
+        # C > 1 mask this ignores token_valid (a padding row's output is never used).
+        slot_pos = start[:, None] - (start[:, None] - slot[None, :]) % W  # [B, W]
+        return WindowMeta(ring_order=None, key_mask=(slot_pos >= 0)[:, None, :], ring_write_slot=write_slot)
+    # query t = b*Bq + r sees rows b*Bq + j of concat(ring, chunk), j in [r + 1, r + W] (t - W + 1 .. t)
+    offs = jnp.arange(positions.shape[1], dtype=jnp.int32)
+    j = jnp.arange(W + bq, dtype=jnp.int32)
+    r = (offs % bq)[:, None]
+    band = (j[None, :] >= r + 1) & (j[None, :] <= r + W)  # [C, W+Bq]
+    key_row = (offs // bq * bq)[:, None] + j[None, :]  # row in concat(ring, chunk)
+    key_pos = start[:, None, None] - W + key_row[None]  # [B, C, W+Bq]
+    return WindowMeta(ring_order=(start[:, None] - W + slot[None, :]) % W, key_mask=band[None] & (key_pos >= 0),
+                      ring_write_slot=write_slot)
 
 
 def build_metadata(cfg: DeepseekV4Config, start: jax.Array, n_new: jax.Array, chunk_len: int,
@@ -91,18 +121,7 @@ def build_metadata(cfg: DeepseekV4Config, start: jax.Array, n_new: jax.Array, ch
 
     rope = {kind: rope_angles(positions, inv_freq_for(cfg, kind)) for kind in ("main", "compress")}
 
-    # Sliding window: the chunk's keys are concat(ordered ring [W], chunk [C]); query i = b*Bq + r
-    # sees ring/chunk rows b*Bq + j for j in [r + 1, r + W] (positions t - W + 1 .. t).
-    j = jnp.arange(W + bq, dtype=jnp.int32)
-    r = (offs % bq)[:, None]
-    band = (j[None, :] >= r + 1) & (j[None, :] <= r + W)  # [C, W+Bq]
-    key_row = (offs // bq * bq)[:, None] + j[None, :]  # row in concat(ring, chunk)
-    key_pos = start[:, None, None] - W + key_row[None]  # [B, C, W+Bq]
-    window = WindowMeta(
-        ring_order=(start[:, None] - W + jnp.arange(W, dtype=jnp.int32)[None, :]) % W,
-        key_mask=band[None] & (key_pos >= 0),
-        ring_write_slot=jnp.where(token_valid & (positions >= end[:, None] - W), positions % W, W),
-    )
+    window = _window_meta(W, bq, start, end, positions, token_valid)
 
     compression = {}
     for m in cfg.compress_rates:

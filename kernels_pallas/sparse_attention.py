@@ -3,7 +3,7 @@ prefill (a chunk of C query tokens per sequence), one kernel.
 
     sparse_attention_decode(q [B,H,D], window_kv [B,Wk,D], window_valid [B,Wk] bool, entries [B,N,D],
                             entry_idx [B,K] int32 (-1 = none), sinks [H] f32, scale) -> [B,H,D]
-    sparse_attention_prefill(q [B,C,H,D], win_keys [B,C/Bq,W+Bq,D], win_mask [B,C,W+Bq] bool, entries [B,N,D],
+    sparse_attention_prefill(q [B,C,H,D], win_keys [B,C/Bq,Kw,D], win_mask [B,C,Kw] bool, entries [B,N,D],
                              entry_ids [B,C,K] int32 (-1 = none), sinks [H] f32, scale) -> [B,C,H,D]
 
 Keys are the valid window rows plus ``entries[b, entry_idx[b, j]]`` for every ``entry_idx >= 0``; the
@@ -11,10 +11,12 @@ values are the keys (K = V, one KV head shared by all H query heads). Logits ``q
 softmax over all keys plus the raw sink logit ``sinks[h]`` (denominator only, zero value). A row without any
 valid key returns 0. ``reference`` below is the plain-jnp definition; ``sparse_attention_decode`` the kernel
 (``sparse_attention_prefill`` for a chunk).
-Prefill is the same per query token: token t of a chunk uses the window block ``win_keys[:, t // Bq]`` (the
-layout of ``dsv4_jax.attention.window_keys``: a query block's W + Bq ring/chunk rows) under its own mask row
-``win_mask[:, t]``, and its own id row ``entry_ids[:, t]``: the indexer's top-k picks on CSA layers,
-``arange(N)`` masked to -1 from the query's visible count on HCA layers (the model's layouts).
+Prefill is the same per query token: token t of a chunk uses the window block ``win_keys[:, t // Bq]`` under
+its own mask row ``win_mask[:, t]``, and its own id row ``entry_ids[:, t]``: the indexer's top-k picks on CSA
+layers, ``arange(N)`` masked to -1 from the query's visible count on HCA layers (the model's layouts). The
+window blocks are ``dsv4_jax.attention.window_keys``'s (``dsv4_jax.metadata.WindowMeta``): Kw = W + Bq
+ring/chunk rows per query block for a chunk of C > 1 tokens; for the model's decode step (C = 1) the written
+ring itself in slot order, Kw = W. The kernel takes any Kw the block and mask shapes agree on.
 ``reference_prefill`` is ``reference`` applied to every query token.
 
 Backend: the Pallas **Triton** backend (``jax.experimental.pallas.triton``). It is deprecated upstream but
@@ -89,7 +91,9 @@ Decode measured on one H200 (jax 0.11.2, triton 3.6; H=64, D=512, Wk=128, N=8192
 is per call inside one jitted chain of 20 dependent calls, median of 10; reference = ``reference`` under XLA;
 measured before prefill shared the kernel, whose only change for decode is the window walk's start bound;
 the figures of 2026-11-29, 88 / 134 us at B=128 and 52 / 69 us at B=32, are in docs/performance.md, where
-a sweep of block_h 16-64, block_k 32-128, 4-8 warps found nothing faster than the defaults):
+a sweep of block_h 16-64, block_k 32-128, 4-8 warps found nothing faster than the defaults; ``bench_cases``
+now runs decode as the model does, one query token through ``sparse_attention_prefill`` with the W = 128 ring
+rows as its window block, the same kernel call as ``sparse_attention_decode`` at these sizes):
 
     B    K     kernel (defaults)   reference    HBM bytes / time
     1    1024     14.6 us           18.8 us      0.09 TB/s   (latency: 18 key blocks over 18 splits)
@@ -160,7 +164,7 @@ def reference(q, window_kv, window_valid, entries, entry_idx, sinks, scale):
 def reference_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
     """``reference`` for every query token of a chunk.
 
-    q [B,C,H,D]; win_keys [B,C/Bq,W+Bq,D] (token t uses block t // Bq); win_mask [B,C,W+Bq] bool;
+    q [B,C,H,D]; win_keys [B,C/Bq,Kw,D] (token t uses block t // Bq); win_mask [B,C,Kw] bool;
     entries [B,N,D]; entry_ids [B,C,K] int32 (-1 none); sinks [H] f32. Returns [B,C,H,D] in q's dtype.
     """
     C = q.shape[1]
@@ -381,16 +385,20 @@ def sparse_attention_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, s
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _decode_inputs(key, B, H, D, Wk, K, N, dtype=jnp.bfloat16):
-    """Random decode inputs with full window and every entry_idx valid and distinct per row."""
+def decode_inputs(key, cfg: DeepseekV4Config, *, B: int, K: int, N: int, dtype=jnp.bfloat16):
+    """One decode step per row at batch B in the model's layout (``prefill_inputs`` for a chunk of one token),
+    with ``cfg``'s sizes: the window block is the ring (W rows, the mask row from ``build_metadata``: all
+    valid past the window), random q, ring and N compressed entries, K distinct random entry ids per row."""
+    H, D, W = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    start = N * cfg.csa_compress_rate  # the token after a context whose CSA cache holds N entries
+    meta = build_metadata(cfg, jnp.full((B,), start), jnp.ones((B,), jnp.int32), 1, start + 1)
     kq, kw, ke, ki, ks = jax.random.split(key, 5)
-    q = jax.random.normal(kq, (B, H, D), jnp.float32).astype(dtype)
-    window_kv = jax.random.normal(kw, (B, Wk, D), jnp.float32).astype(dtype)
-    window_valid = jnp.ones((B, Wk), bool)
+    q = jax.random.normal(kq, (B, 1, H, D), jnp.float32).astype(dtype)
+    win_keys = jax.random.normal(kw, (B, 1, W, D), jnp.float32).astype(dtype)
     entries = jax.random.normal(ke, (B, N, D), jnp.float32).astype(dtype)
-    idx = jax.vmap(lambda k: jax.random.permutation(k, N)[:K])(jax.random.split(ki, B)).astype(jnp.int32)
+    ids = jax.vmap(lambda k: jax.random.permutation(k, N)[:K])(jax.random.split(ki, B)).astype(jnp.int32)
     sinks = jax.random.normal(ks, (H,), jnp.float32)
-    return q, window_kv, window_valid, entries, idx, sinks
+    return q, win_keys, meta.window.key_mask, entries, ids[:, None], sinks
 
 
 def prefill_inputs(key, cfg: DeepseekV4Config, *, prompt: int, chunk: int, ratio: int, dtype=jnp.bfloat16):
@@ -405,7 +413,8 @@ def prefill_inputs(key, cfg: DeepseekV4Config, *, prompt: int, chunk: int, ratio
     n_visible = meta.compression[ratio].n_visible  # [1, C]
     kq, kw, ke, ki, ks = jax.random.split(key, 5)
     q = jax.random.normal(kq, (1, C, H, D), jnp.float32).astype(dtype)
-    win_keys = jax.random.normal(kw, (1, C // min(W, C), W + min(W, C), D), jnp.float32).astype(dtype)
+    mask = meta.window.key_mask  # [1, C, Kw]
+    win_keys = jax.random.normal(kw, (1, C // min(W, C), mask.shape[-1], D), jnp.float32).astype(dtype)
     entries = jax.random.normal(ke, (1, N, D), jnp.float32).astype(dtype)
     if ratio == cfg.csa_compress_rate:
         scores = jax.random.uniform(ki, (1, C, N), jnp.float32)
@@ -414,7 +423,7 @@ def prefill_inputs(key, cfg: DeepseekV4Config, *, prompt: int, chunk: int, ratio
         entry = jnp.arange(N, dtype=jnp.int32)
         entry_ids = jnp.where(entry < n_visible[..., None], entry, -1)
     sinks = jax.random.normal(ks, (H,), jnp.float32)
-    return q, win_keys, meta.window.key_mask, entries, entry_ids, sinks
+    return q, win_keys, mask, entries, entry_ids, sinks
 
 
 def model_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale, *, shared_entries: bool):
@@ -428,29 +437,31 @@ def model_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale, *, 
 
 
 def bench_cases():
-    """Decode at Flash sizes: H=64, D=512, window 128, N=8192 entries, top-k 512 / 1024, B=32 / 128.
+    """Decode at Flash sizes in the model's decode layout (one query token per row, its window block the
+    128-row ring): H=64, D=512, N=8192 entries, top-k 512 / 1024, B=32 / 128; against ``reference_prefill``.
     Prefill at Flash sizes: the last 2048-token chunk (scripts/bench_generate.py's default chunk) of an 8K
     and a 32K prompt, batch 1, on a CSA layer (128 window + 512 picked keys per query) and an HCA layer
     (128 window + every visible entry of the 64 / 256); against the model's XLA path."""
-    H, D, Wk, N = 64, 512, 128, 8192
+    cfg = DeepseekV4Config.flash()
+    H, D, W = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
     itemsize = 2
     cases = []
+    N = 8192
     for B in (32, 128):
         for K in (512, 1024):
-            T = Wk + K
+            T = W + K
             cases.append({
                 "name": f"decode_B{B}_K{K}",
-                "shapes": {"B": B, "H": H, "D": D, "Wk": Wk, "K": K, "N": N},
-                "args": functools.partial(_decode_inputs, B=B, H=H, D=D, Wk=Wk, K=K, N=N),
+                "shapes": {"B": B, "H": H, "D": D, "Wk": W, "K": K, "N": N},
+                "args": functools.partial(decode_inputs, cfg=cfg, B=B, K=K, N=N),
                 "kwargs": {"scale": D ** -0.5},
                 # q + each distinct key row once + indices + output
-                "bytes": B * (H * D * itemsize + T * D * itemsize + K * 4 + Wk + H * D * itemsize),
+                "bytes": B * (H * D * itemsize + T * D * itemsize + K * 4 + W + H * D * itemsize),
                 "flops": 4 * B * H * T * D,  # QK^T and PV
-                "pallas": sparse_attention_decode,
-                "reference": reference,
+                "pallas": sparse_attention_prefill,
+                "reference": reference_prefill,
             })
-    cfg = DeepseekV4Config.flash()
-    H, D, W, C = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window, 2048
+    C = 2048
     for kind, ratio in (("csa", cfg.csa_compress_rate), ("hca", cfg.hca_compress_rate)):
         for prompt in (8192, 32768):
             N = prompt // ratio

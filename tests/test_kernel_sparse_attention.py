@@ -149,7 +149,8 @@ def test_reference_matches_model_sink_attention():
 def make_prefill_inputs(key, B, C, H, D, W, K, N, *, starts, lens, hca_ratio=None, holes=0.0, drop=0.0,
                         garbage=False, dtype=jnp.bfloat16):
     """Random inputs for a prefill chunk in the model's layouts (window blocks and mask rows from
-    ``build_metadata`` with sliding window W, query block Bq = min(W, C)).
+    ``build_metadata`` with sliding window W, query block Bq = min(W, C): Kw = W + Bq keys per block, or
+    the W ring slots when C == 1, the model's decode step).
 
     Row b holds ``lens[b]`` real query tokens at positions starts[b] ..; the other query rows (padding) get no
     key at all (empty mask row, ids all -1), so their output must be exactly 0. A token at position p sees
@@ -161,15 +162,16 @@ def make_prefill_inputs(key, B, C, H, D, W, K, N, *, starts, lens, hca_ratio=Non
     cfg = tiny(sliding_window=W)
     bq = min(W, C)
     m = hca_ratio or cfg.csa_compress_rate
+    meta = build_metadata(cfg, jnp.asarray(starts), jnp.asarray(lens), C, 4096)
+    Kw = meta.window.key_mask.shape[-1]
     ks = jax.random.split(key, 5)
     q = jax.random.normal(ks[0], (B, C, H, D), jnp.float32).astype(dtype)
-    win_keys = jax.random.normal(ks[1], (B, C // bq, W + bq, D), jnp.float32).astype(dtype)
+    win_keys = jax.random.normal(ks[1], (B, C // bq, Kw, D), jnp.float32).astype(dtype)
     entries = jax.random.normal(ks[2], (B, N, D), jnp.float32).astype(dtype)
     sinks = jax.random.normal(ks[3], (H,), jnp.float32)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(ks[4])).ravel()[-1])
-    meta = build_metadata(cfg, jnp.asarray(starts), jnp.asarray(lens), C, 4096)
     real = np.asarray(meta.token_valid)
-    mask = np.asarray(meta.window.key_mask) & real[:, :, None] & (rng.random((B, C, W + bq)) >= drop)
+    mask = np.asarray(meta.window.key_mask) & real[:, :, None] & (rng.random((B, C, Kw)) >= drop)
     visible = np.minimum((np.asarray(meta.positions) + 1) // m, N) * real
     ids = np.full((B, C, K), -1, np.int32)
     for b in range(B):
@@ -183,7 +185,7 @@ def make_prefill_inputs(key, B, C, H, D, W, K, N, *, starts, lens, hca_ratio=Non
     if holes:
         ids[rng.random(ids.shape) < holes] = -1
     if garbage:
-        used_rows = mask.reshape(B, C // bq, bq, W + bq).any(axis=2)
+        used_rows = mask.reshape(B, C // bq, bq, Kw).any(axis=2)
         used = np.zeros((B, N), bool)
         for b in range(B):
             used[b, ids[b][ids[b] >= 0]] = True
@@ -213,6 +215,13 @@ PREFILL_CASES = {
     # two query blocks of the real window (C = 256 > W = 128) at head dim 64, block_h 32, one split.
     "hca_w128_two_blocks": (5, (1, 256, 32, 64, 128, 40, 40), dict(starts=[30], lens=[250], hca_ratio=8),
                             dict(block_h=32, num_splits=1)),
+    # decode steps (C = 1: the window block is the W ring slots in slot order): from position 0, a window not yet
+    # full, an inactive row, a ring that has wrapped several times; NaN in the slots no token may read.
+    "csa_decode_h5": (6, (4, 1, 5, 64, 8, 6, 12), dict(starts=[0, 3, 20, 43], lens=[1, 1, 0, 1], holes=0.2,
+                                                        garbage=True), dict(block_k=16)),
+    # decode at the real window 128 and head dim 512 (two 64-key window blocks), a full and a partial ring.
+    "hca_decode_w128_d512": (7, (2, 1, 64, 512, 128, 32, 32), dict(starts=[300, 40], lens=[1, 1], hca_ratio=8),
+                             {}),
 }
 
 
@@ -247,7 +256,8 @@ def test_reference_prefill_matches_model_attention(hca):
 def _prefill_abstract(B, C, H, D, W, K, N):
     sds = jax.ShapeDtypeStruct
     bq = min(W, C)
-    return (sds((B, C, H, D), jnp.bfloat16), sds((B, C // bq, W + bq, D), jnp.bfloat16), sds((B, C, W + bq), jnp.bool_),
+    Kw = W if C == 1 else W + bq  # the model's window layouts (dsv4_jax.metadata.WindowMeta)
+    return (sds((B, C, H, D), jnp.bfloat16), sds((B, C // bq, Kw, D), jnp.bfloat16), sds((B, C, Kw), jnp.bool_),
             sds((B, N, D), jnp.bfloat16), sds((B, C, K), jnp.int32), sds((H,), jnp.float32))
 
 
@@ -257,6 +267,7 @@ def _prefill_abstract(B, C, H, D, W, K, N):
     (1, 2048, 64, 256, 256),   # Flash HCA at 32K: arange(N) ids over all 256 entries
     (2, 512, 128, 1024, 4096),  # Pro head count and top-k
     (1, 16, 64, 512, 8192),    # a short chunk: block_h 16 and split-K
+    (32, 1, 64, 512, 8192),    # the model's Flash decode step: the 128-slot ring as the window block
 ])
 def test_prefill_lowers_for_h100(B, C, H, K, N):
     D, W = 512, 128
@@ -274,7 +285,7 @@ def _abstract(B, H, D, Wk, K, N):
 @pytest.mark.parametrize("B,H,K,Wk,splits", [
     (32, 64, 512, 128, None),   # Flash CSA decode (auto: block_h 16, one split)
     (128, 64, 1024, 128, None),  # Flash, large batch (block_h 32, one split, kernel writes the output)
-    (1, 64, 1024, 129, None),   # batch 1: split-K over 18 key blocks, window + 1
+    (1, 64, 1024, 129, None),   # batch 1: split-K over 19 key blocks, a window not a multiple of block_k
     (8, 128, 512, 128, None),   # Pro head count (5 splits)
     (4, 64, 8192, 128, 4),      # HCA: arange(N) index list over all 8192 entries
 ])
