@@ -54,6 +54,26 @@ def test_chunked_prefill_and_decode_equal_stateless(model, chunk):
     np.testing.assert_array_equal(got.argmax(-1), full.argmax(-1))
 
 
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])
+def test_decode_past_the_window_equals_stateless(model, kernels):
+    """A 5-token prompt in one chunk, then 19 one-token steps (the decode layout: the written ring is the
+    window) to position 23: the ring (8) wraps twice. Every logit against the stateless forward, on the XLA
+    path and through the Pallas kernels (interpret mode on the CPU)."""
+    ids = np.random.RandomState(9).randint(0, CFG.vocab_size, (2, 24))
+    engine = Engine(model, capacity=32, kernels=kernels)
+    cache = init_cache(CFG, 2, engine.capacity, engine.model.dtype)
+    out = []
+    for pos, n in [(0, 5)] + [(p, 1) for p in range(5, 24)]:
+        logits, cache = engine.steps.chunk(engine.weights, cache, jnp.asarray(ids[:, pos:pos + n]),
+                                           jnp.full((2,), pos, jnp.int32), jnp.full((2,), n, jnp.int32),
+                                           last_only=False, kernels=kernels)
+        out.append(np.asarray(logits))
+    full = np.asarray(model(ids))
+    got = np.concatenate(out, axis=1)
+    assert rel_err(got, full) < 1e-5
+    np.testing.assert_array_equal(got.argmax(-1), full.argmax(-1))
+
+
 def test_prefill_steps_shrink_to_the_prompts_left():
     """A long chunk does not pad a short prompt (or a long prompt's tail) to its length: powers of two >= 64."""
     assert [chunk_bucket(r, 8192) for r in (1, 64, 65, 300, 8192, 9000)] == [64, 64, 128, 512, 8192, 8192]
