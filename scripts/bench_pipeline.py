@@ -31,6 +31,13 @@ from dsv4_jax.sampling import SamplingParams
 from scripts.bench_generate import make_config
 
 GREEDY = SamplingParams(temperature=0.0)
+_START = time.perf_counter()
+
+
+def progress(phase: str, **fields) -> None:
+    """A JSON line per finished phase: a run stopped by its time limit shows how far it got (GPU run 23 printed
+    nothing in 320 s)."""
+    print(json.dumps({"progress": phase, "elapsed_s": round(time.perf_counter() - _START, 1), **fields}), flush=True)
 
 
 def engine_for(model, pp: int, capacity: int, chunk: int, microbatches: int | None):
@@ -54,15 +61,19 @@ def check_tokens(cfg, pps, batch, context, new_tokens, chunk) -> None:
 
 def _check_tokens(cfg, pps, batch, context, new_tokens, chunk) -> None:
     model = random_model(cfg, jnp.float32, seed=1)
+    progress("check: fp32 model built")
     ps = prompts(cfg, batch, context)
     ref_engine = engine_for(model, 1, context + new_tokens, chunk, None)
     want = [r.tokens for r in ref_engine.generate(ps, new_tokens, GREEDY)]
+    progress("check: pp=1 generated")
     want_logits, _, _ = ref_engine.prefill(ps)
+    progress("check: pp=1 prefill logits")
     for pp in pps:
         if pp == 1:
             continue
         eng = engine_for(model, pp, context + new_tokens, chunk, None)
         got = [r.tokens for r in eng.generate(ps, new_tokens, GREEDY)]
+        progress("check: generated", pp=pp)
         logits, _, _ = eng.prefill(ps)
         err = float(jnp.max(jnp.abs(logits - want_logits)) / jnp.max(jnp.abs(want_logits)))
         print(json.dumps({"check": "tokens_vs_1_gpu", "dtype": "float32", "pp": pp, "batch": batch,
@@ -73,11 +84,13 @@ def _check_tokens(cfg, pps, batch, context, new_tokens, chunk) -> None:
 
 def throughput(cfg, pps, batch, context, new_tokens, chunk, microbatches) -> None:
     model = random_model(cfg, jnp.bfloat16, seed=2)
+    progress("throughput: bf16 model built")
     ps = prompts(cfg, batch, context)
     base = None
     for pp in pps:
         eng = engine_for(model, pp, context + new_tokens, chunk, microbatches)
         eng.generate(ps, new_tokens, GREEDY)  # compile prefill + decode
+        progress("throughput: compiled", pp=pp)
         t0 = time.perf_counter()
         _, cache, _ = eng.prefill(ps)
         jax.block_until_ready(cache)
