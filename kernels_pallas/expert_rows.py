@@ -100,4 +100,19 @@ def bench_cases():
         return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E}", "args": args, "reference": reference,
                 "pallas": expert_rows, "bytes": 2 * (k * kk + k * n * kk + k * n), "flops": 2 * k * n * kk}
 
-    return [case(2 * F, d, "gate_up T=1"), case(d, F, "down T=1")]
+    def dense(n, kk, name):  # one matrix (G = 1) and one row: a dense layer's GEMV, against XLA's
+        def args(key):
+            kx, kw = jax.random.split(key)
+            x = jax.random.normal(kx, (1, kk), jnp.bfloat16)
+            w = (0.02 * jax.random.normal(kw, (1, n, kk))).astype(jnp.bfloat16)
+            return x, w, jnp.zeros((1,), jnp.int32)
+
+        return {"name": name, "shapes": f"M=1 N={n} K={kk} G=1", "args": args,
+                "reference": lambda x, w, ids: jnp.einsum("mk,nk->mn", x, w[0]), "pallas": expert_rows,
+                "bytes": 2 * (kk + n * kk + n), "flops": 2 * n * kk}
+
+    # The dense cases ask whether this kernel beats XLA's GEMVs of the decode step's dense layers (the
+    # shared expert's and q_a's ran at ~66-70% of copy rate in GPU run 22); sweep block_n down to 16 with
+    # --configs, since one row of N = 2048 gives only N / block_n programs.
+    return [case(2 * F, d, "gate_up T=1"), case(d, F, "down T=1"), dense(F, d, "dense shared gate T=1"),
+            dense(d, F, "dense shared down T=1"), dense(1024, d, "dense q_a T=1")]

@@ -41,6 +41,13 @@ def test_interpret_matches_reference(ids):
     assert_close(er.expert_rows(x, w, idx, interpret=True, poison_outputs=True, **SMALL), er.reference(x, w, idx))
 
 
+def test_one_matrix_one_row_at_the_smallest_blocks():
+    """G = 1, M = 1 (a dense layer's GEMV, the bench's "dense" cases) at block_n = block_k = 16."""
+    x, w, idx = inputs(9, [0], 1, 64, 96)
+    assert_close(er.expert_rows(x, w, idx, block_n=16, block_k=16, interpret=True, poison_outputs=True),
+                 er.reference(x, w, idx))
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_moe_one_token_path_matches_xla(seed):
     """routed_experts at T = 1 with kernels="pallas" (expert_rows) against the gathered XLA path; the bf16
