@@ -20,7 +20,7 @@ from .cache import LayerCache
 from .compressor import Compressor
 from .config import CSA, SLIDING, DeepseekV4Config
 from .indexer import Indexer
-from .metadata import ForwardMetadata, WindowMeta
+from .metadata import ForwardMetadata, WindowMeta, query_block
 from .rope import apply_rope, rope_kind_of
 
 
@@ -144,8 +144,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, cos_h, sin_h)
         kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
 
-        block = C if C < c.sliding_window else c.sliding_window
-        win_keys, ring = window_keys(cache.window_kv, kv, meta.window, block)
+        win_keys, ring = window_keys(cache.window_kv, kv, meta.window, query_block(c, C))
         cache = dataclasses.replace(cache, window_kv=ring)
 
         # Compressed rows this layer may attend to, and each query's entry ids into them (-1 = none):

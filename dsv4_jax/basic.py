@@ -15,17 +15,20 @@ class Buffer(nnx.Variable):
     """Checkpointed state that gradients do not train (hash table, routing bias)."""
 
 
+def rms_scale(xf: jax.Array, eps: float) -> jax.Array:
+    """xf [..., D] fp32 -> 1 / sqrt(mean(xf^2) + eps) [..., 1]: the factor every RMSNorm applies."""
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """Weighted RMSNorm over the last axis: fp32 compute, fp32 weight, one cast back at the end."""
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (weight.astype(jnp.float32) * xf).astype(x.dtype)
+    return (weight.astype(jnp.float32) * (xf * rms_scale(xf, eps))).astype(x.dtype)
 
 
 def unweighted_rms_norm(x: jax.Array, eps: float) -> jax.Array:
     """RMSNorm without a weight (per-head query norm, mHC input norm); the scale is taken in fp32."""
-    xf = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps).astype(x.dtype)
+    return x * rms_scale(x.astype(jnp.float32), eps).astype(x.dtype)
 
 
 # For the fp32 products the reference computes in fp32 (router logits, mHC mixing): a GPU's default

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import FP32, linear, unweighted_rms_norm
+from .basic import FP32, linear, rms_scale, unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
@@ -30,7 +30,7 @@ def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
     if math.prod(flat.shape[:-1]) <= MIX_AS_SUM_MAX_TOKENS:
         raw = jnp.sum(flat[..., None, :] * fn.astype(jnp.float32), axis=-1)
-        return raw * jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)
+        return raw * rms_scale(flat, eps)
     return linear(unweighted_rms_norm(flat, eps), fn.astype(jnp.float32), precision=FP32)
 
 
