@@ -16,7 +16,9 @@ bytes the step must read (scripts/roofline.py decode_step_bytes) over the copy b
 the same run, and the host time one step's call takes to return (``host_dispatch_ms``: a step is
 dispatch-bound when that exceeds its device time). ``--engine-cases B,PROMPT``: ``Engine.generate`` end
 to end (a real prefill, then 64 greedy tokens read back step by step, as a user runs it).
-``--profile B,CTX``: a device-time breakdown of that decode case by layer type and part, with the kernel
+``--xla-options`` (a JSON list of XLA option sets, each decode case compiled once per set) with ``--rounds``
+compares compiler settings in one process, alternating (separate processes on one machine differed by up to
+7%: docs/performance.md). ``--profile B,CTX``: a device-time breakdown of that decode case by layer type and part, with the kernel
 launches per step (scripts/profile_breakdown.py; run with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``
 so the trace names HLO instructions). Prints one JSON object per case.
 """
@@ -116,11 +118,14 @@ def synthetic_cache(cfg, batch: int, capacity: int, dtype, key):
                                      for k, x in zip(keys, leaves)])
 
 
-def decode_case(model, batch: int, context: int, steps: int, kernels: str, profile: bool = False) -> dict:
+def decode_case(model, batch: int, context: int, steps: int, kernels: str, profile: bool = False,
+                xla_options: dict | None = None) -> dict:
+    """xla_options: XLA debug options for this case's compile (``Compiled`` options, e.g.
+    ``{"xla_gpu_enable_pdl": True}``), so variants are compared in one process."""
     cfg, dtype = model.config, model.dtype
     graphdef, state_def, weights = split_weights(model)
     capacity = context + 4 * steps + 8
-    decode_step = DeviceSteps(graphdef, state_def, capacity).decode
+    jitted = DeviceSteps(graphdef, state_def, capacity).decode
     cache = synthetic_cache(cfg, batch, capacity, jnp.dtype(dtype), jax.random.PRNGKey(1))
     greedy = SamplingParams()  # the engine's default: its step skips the top-k / top-p sort
     params = sampling_args(greedy)
@@ -128,6 +133,8 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     active = jnp.ones((batch,), bool)
     pos = jnp.full((batch,), context, jnp.int32)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (batch,)), jnp.int32)
+    compiled = jitted.lower(weights, cache, tokens, pos, active, key, *params, kernels=kernels,
+                            filters=greedy.filters).compile(xla_options or {})
 
     dispatch = []
 
@@ -135,12 +142,11 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
         nonlocal cache, tokens, pos, key
         for _ in range(n):
             t0 = time.perf_counter()
-            tokens, pos, key, cache = decode_step(weights, cache, tokens, pos, active, key, *params, kernels=kernels,
-                                                  filters=greedy.filters)
+            tokens, pos, key, cache = compiled(weights, cache, tokens, pos, active, key, *params)
             dispatch.append(time.perf_counter() - t0)
         jax.block_until_ready(cache)
 
-    run(1)  # compile
+    run(1)  # warm-up
     dispatch.clear()
     times = []
     for _ in range(3):
@@ -158,9 +164,7 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     if profile:
         from scripts.profile_breakdown import breakdown
 
-        hlo = decode_step.lower(weights, cache, tokens, pos, active, key, *params, kernels=kernels,
-                                filters=greedy.filters).compile().as_text()
-        row["profile"] = breakdown(lambda: run(steps), hlo, cfg.layer_types, steps)
+        row["profile"] = breakdown(lambda: run(steps), compiled.as_text(), cfg.layer_types, steps)
     return row
 
 
@@ -193,7 +197,14 @@ def main(argv=None):
     p.add_argument("--kernels", nargs="+", default=["xla"], choices=("xla", "pallas"))
     p.add_argument("--profile", nargs="*", default=[], type=batch_context, help="decode cases B,CTX to profile")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the card's ceilings (CPU)")
+    p.add_argument("--xla-options", type=json.loads, default=[{}],
+                   help='JSON list of XLA option sets to compile each decode case with, compared in one process, '
+                        'e.g. \'[{}, {"xla_gpu_enable_pdl": true}]\'')
+    p.add_argument("--rounds", type=int, default=1, help="repeat the decode cases, alternating the option sets")
     args = p.parse_args(argv)
+    if not (isinstance(args.xla_options, list) and args.xla_options
+            and all(isinstance(o, dict) for o in args.xla_options)):
+        p.error(f"--xla-options {args.xla_options!r}: expected a JSON list of objects")
     t_start = time.perf_counter()
     cfg = make_config(args.model, args.layers, args.experts)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -208,12 +219,12 @@ def main(argv=None):
     else:
         decode_cases = [(b, ctx, k) for b, ctx, only in args.decode_cases for k in ([only] if only else args.kernels)]
 
-    def emit(fn, *a, **kw):
+    def emit(fn, *a, variant=None, **kw):
         try:
             row = fn(*a, **kw)
         except Exception as e:  # out of memory at large shapes: record it and go on
             row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        row = {**base, "kernels": kw.get("kernels", a[-1] if a else None), **row,
+        row = {**base, "kernels": kw.get("kernels", a[-1] if a else None), **(variant or {}), **row,
                "elapsed_s": round(time.perf_counter() - t_start, 1)}
         if ceil and "bytes_per_step_gb" in row:
             floor_ms = row["bytes_per_step_gb"] * 1e9 / (ceil["copy_2GB_TBps"] * 1e12) * 1e3
@@ -230,8 +241,13 @@ def main(argv=None):
     for b, prompt, only in args.engine_cases:
         for kernels in [only] if only else args.kernels:
             emit(engine_case, model, b, prompt, 64, kernels=kernels)
-    for b, ctx, kernels in decode_cases:
-        emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels, profile=(b, ctx) in profiled)
+    compared = args.rounds > 1 or args.xla_options != [{}]
+    for rnd in range(args.rounds):
+        for b, ctx, kernels in decode_cases:
+            for opts in args.xla_options:
+                emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels,
+                     profile=(b, ctx) in profiled and rnd == 0, xla_options=opts,
+                     **({"variant": {"round": rnd, "xla_options": opts}} if compared else {}))
     return 0
 
 
