@@ -124,7 +124,7 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     ``{"xla_gpu_enable_pdl": True}``), so variants are compared in one process."""
     cfg, dtype = model.config, model.dtype
     graphdef, state_def, weights = split_weights(model)
-    capacity = context + 4 * steps + 8
+    capacity = context + 5 * steps + 8  # warm-up, 3 timed groups, a profiled group
     jitted = DeviceSteps(graphdef, state_def, capacity).decode
     cache = synthetic_cache(cfg, batch, capacity, jnp.dtype(dtype), jax.random.PRNGKey(1))
     greedy = SamplingParams()  # the engine's default: its step skips the top-k / top-p sort
