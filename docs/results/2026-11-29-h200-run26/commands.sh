@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run 26 (2026-11-29, seventh session): the mHC boundary kernels (kernels_pallas/hc_pre.py: the mixing sums in
 # a kernel at decode sizes, the expand fused into them): GPU tests, busy time against XLA, and the batch-1
-# decode step with base / mid-layer / all boundaries fused, in one process (exp_mhc2.py beside this file);
+# decode step with base / mid-layer / all boundaries fused, in one process (exp_mhc2.py: the same file as in
+# run 27's folder);
 # a profile of the all-boundaries variant. At 1690350 plus the uncommitted kernels (not adopted; hc_pre.py
 # beside this file, reconstructed from the session's copy; the model change is run 27's diff), from the repo root.
 set -u
