@@ -18,7 +18,7 @@ dispatch-bound when that exceeds its device time). ``--engine-cases B,PROMPT``: 
 to end (a real prefill, then 64 greedy tokens read back step by step, as a user runs it).
 ``--xla-options`` (a JSON list of XLA option sets, each decode case compiled once per set) with ``--rounds``
 compares compiler settings in one process, alternating (separate processes on one machine differed by up to
-7%: docs/performance.md). ``--profile B,CTX``: a device-time breakdown of that decode case by layer type and part, with the kernel
+7%: docs/performance.md); ``--hlo-dir`` keeps each decode case's optimized HLO. ``--profile B,CTX``: a device-time breakdown of that decode case by layer type and part, with the kernel
 launches per step (scripts/profile_breakdown.py; run with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``
 so the trace names HLO instructions). Prints one JSON object per case.
 """
@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -119,9 +120,10 @@ def synthetic_cache(cfg, batch: int, capacity: int, dtype, key):
 
 
 def decode_case(model, batch: int, context: int, steps: int, kernels: str, profile: bool = False,
-                xla_options: dict | None = None) -> dict:
+                xla_options: dict | None = None, hlo_path: str | None = None) -> dict:
     """xla_options: XLA debug options for this case's compile (``Compiled`` options, e.g.
-    ``{"xla_gpu_enable_pdl": True}``), so variants are compared in one process."""
+    ``{"xla_gpu_enable_pdl": True}``), so variants are compared in one process. hlo_path: where to write the
+    step's optimized HLO."""
     cfg, dtype = model.config, model.dtype
     graphdef, state_def, weights = split_weights(model)
     capacity = context + 5 * steps + 8  # warm-up, 3 timed groups, a profiled group
@@ -135,6 +137,9 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (batch,)), jnp.int32)
     compiled = jitted.lower(weights, cache, tokens, pos, active, key, *params, kernels=kernels,
                             filters=greedy.filters).compile(xla_options or {})
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
 
     dispatch = []
 
@@ -203,6 +208,7 @@ def main(argv=None):
                    help='JSON list of XLA option sets to compile each decode case with, compared in one process, '
                         'e.g. \'[{}, {"xla_gpu_enable_pdl": true}]\'')
     p.add_argument("--rounds", type=int, default=1, help="repeat the decode cases, alternating the option sets")
+    p.add_argument("--hlo-dir", default=None, help="write each decode case's optimized HLO into this folder")
     args = p.parse_args(argv)
     if not (isinstance(args.xla_options, list) and args.xla_options
             and all(isinstance(o, dict) for o in args.xla_options)):
@@ -244,11 +250,15 @@ def main(argv=None):
         for kernels in [only] if only else args.kernels:
             emit(engine_case, model, b, prompt, 64, kernels=kernels)
     compared = args.rounds > 1 or args.xla_options != [{}]
+    if args.hlo_dir:
+        os.makedirs(args.hlo_dir, exist_ok=True)
     for rnd in range(args.rounds):
         for b, ctx, kernels in decode_cases:
-            for opts in args.xla_options:
+            for i, opts in enumerate(args.xla_options):
+                hlo = (os.path.join(args.hlo_dir, f"decode_B{b}_C{ctx}_{kernels}_options{i}.txt")
+                       if args.hlo_dir and rnd == 0 else None)
                 emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels,
-                     profile=(b, ctx) in profiled and rnd == 0, xla_options=opts,
+                     profile=(b, ctx) in profiled and rnd == 0, xla_options=opts, hlo_path=hlo,
                      **({"variant": {"round": rnd, "xla_options": opts}} if compared else {}))
     return 0
 
