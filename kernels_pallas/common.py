@@ -18,23 +18,26 @@ def interpret_default() -> bool:
 
 
 def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: list, num_warps: int, num_stages: int,
-                interpret: bool, name: str, poison: bool = False) -> list:
+                interpret: bool, name: str, poison: bool = False, aliases: dict[int, int] | None = None) -> list:
     """``pl.pallas_call`` on the Triton backend; returns the list of outputs.
 
-    ``poison`` (a testing aid): the outputs are NaN-filled (integers: INT_MIN-filled) buffers aliased as
+    ``aliases`` {input index: output index}: that output is the input's buffer (in place when the input is
+    donated), so the elements the kernel does not write keep the input's values.
+    ``poison`` (a testing aid): the other outputs are NaN-filled (integers: INT_MIN-filled) buffers aliased as
     extra inputs, so any element the kernel fails to write keeps that value. The kernel still sees only
     its inputs and outputs.
     """
-    aliases = {}
+    aliases = dict(aliases or {})
     if poison:
         n_in, n_out = len(args), len(out_shape)
-        aliases = {n_in + i: i for i in range(n_out)}
-        args = [*args, *(poison_like(o.shape, o.dtype) for o in out_shape)]
-        in_specs = [*in_specs, *out_specs]
+        poisoned = [i for i in range(n_out) if i not in aliases.values()]
+        aliases.update({n_in + j: i for j, i in enumerate(poisoned)})
+        args = [*args, *(poison_like(out_shape[i].shape, out_shape[i].dtype) for i in poisoned)]
+        in_specs = [*in_specs, *(out_specs[i] for i in poisoned)]
         inner = kernel
 
-        def kernel(*refs):  # drop the aliased input refs; the outputs are the same buffers
-            return inner(*refs[:n_in], *refs[n_in + n_out:])
+        def kernel(*refs):  # drop the poison input refs; those outputs are the same buffers
+            return inner(*refs[:n_in], *refs[n_in + len(poisoned):])
 
     return pl.pallas_call(
         kernel,

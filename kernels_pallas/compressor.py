@@ -334,10 +334,12 @@ def _prefill_kernel(kv_ref, g_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, *, m
               mask=jnp.broadcast_to(wvalid[:, None], (wb, d)))
 
 
-def _decode_kernel(pos_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, *,
-                   m: int, span: int, d: int, ts: int, overlap: bool, eps: float, rope_dim: int, slot_rows: bool):
+def _decode_kernel(pos_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, skv_out_ref,
+                   sg_out_ref, *, m: int, span: int, d: int, ts: int, overlap: bool, eps: float, rope_dim: int,
+                   slot_rows: bool):
     """One program: batch row b. pos_ref [1]; nkv_ref/ng_ref [1, coff*d]; skv_ref/sg_ref [span, coff*d];
-    cos_ref/sin_ref [1, R/2]; o_ref [1, d]."""
+    cos_ref/sin_ref [1, R/2]; o_ref [1, d]; skv_out_ref/sg_out_ref: the state buffers themselves (aliased),
+    into which the new token is written at ring slot pos % span."""
     pos = pos_ref[0]
     closes = lax.rem(pos + 1, m) == 0
     w = lax.div(pos + 1, m) - 1
@@ -373,6 +375,12 @@ def _decode_kernel(pos_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, co
     @pl.when(jnp.logical_not(closes))
     def _():
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+    # The ring write, after the pooling: the pooling reads the new token from nkv_ref / ng_ref, never from
+    # its slot, so whichever value that slot holds when read does not matter.
+    slot = pl.ds(lax.rem(pos, span), 1)
+    skv_out_ref[slot, :] = nkv_ref[...].astype(skv_out_ref.dtype)
+    sg_out_ref[slot, :] = ng_ref[...].astype(sg_out_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,8 +490,10 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
                          poison_outputs: bool = False):
     """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``.
 
-    The kernel pools the closing window from the old ring plus the new token; the ring write is a
-    per-row ``.at[row, pos % span].set`` here (in place when the state is donated).
+    The kernel pools the closing window from the old ring plus the new token and writes the new token into
+    the ring: the states are aliased to its outputs (in place when they are donated, as in the engine's
+    decode step). As a separate ``.at[row, slot].set`` per state the writes were two more kernels per
+    compressor: 12 of a batch-1 step's ~24 scatter kernels on the Flash-width slice.
     """
     m = ratio
     span = _span(m, overlap)
@@ -498,27 +508,28 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
     kernel = functools.partial(_decode_kernel, m=m, span=span, d=D, ts=ts, overlap=overlap, eps=eps,
                                rope_dim=R, slot_rows=slot_rows)
+    state_spec = pl.BlockSpec((None, span, C), lambda b: (b, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda b: (b,)),  # pos
         pl.BlockSpec((1, C), lambda b: (b, 0)),  # kv_new
         pl.BlockSpec((1, C), lambda b: (b, 0)),  # gate_new
-        pl.BlockSpec((None, span, C), lambda b: (b, 0, 0)),  # state_kv
-        pl.BlockSpec((None, span, C), lambda b: (b, 0, 0)),  # state_gate
+        state_spec,  # state_kv
+        state_spec,  # state_gate
         pl.BlockSpec((m, C), lambda b: (0, 0)),  # ape
         pl.BlockSpec((D,), lambda b: (0,)),  # norm weight
         pl.BlockSpec((1, R // 2), lambda b: (b, 0)),  # cos
         pl.BlockSpec((1, R // 2), lambda b: (b, 0)),  # sin
     ]
-    out_shape = [jax.ShapeDtypeStruct((B, D), out_dtype)]
-    out_specs = [pl.BlockSpec((1, D), lambda b: (b, 0))]
+    out_shape = [jax.ShapeDtypeStruct((B, D), out_dtype), jax.ShapeDtypeStruct(state_kv.shape, state_kv.dtype),
+                 jax.ShapeDtypeStruct(state_gate.shape, state_gate.dtype)]
+    out_specs = [pl.BlockSpec((1, D), lambda b: (b, 0)), state_spec, state_spec]
     args = [pos, kv_new, gate_new, state_kv, state_gate, ape.astype(jnp.float32),
             norm_weight.astype(jnp.float32), cos.astype(jnp.float32), sin.astype(jnp.float32)]
-    (entry,) = triton_call(kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
-                           num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                           name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}", poison=poison_outputs)
-    closes = (pos + 1) % m == 0
-    slot = pos % span
-    return entry, closes, _write_state(state_kv, kv_new, slot), _write_state(state_gate, gate_new, slot)
+    entry, new_kv, new_gate = triton_call(
+        kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret, name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
+        poison=poison_outputs, aliases={3: 1, 4: 2})
+    return entry, (pos + 1) % m == 0, new_kv, new_gate
 
 
 # ----------------------------------------------------------------------------------------------------------
