@@ -59,9 +59,9 @@ Design (memory bound: every kv/gate element is read from HBM once):
 * Decode grid ``(B,)``: the same pooling code on one window per row, with token rows taken from the ring:
   the closing window's b-half sits at ring slots ``(pos+1-m) % span ..`` (contiguous), the a-half at
   ``(pos+1) % span ..``. The new token (slot ``pos % span``, the window's last slot) comes from ``kv_new``/
-  ``gate_new`` inside the kernel, so the kernel reads the *old* state and the ring write is an independent
-  ``.at[row, slot].set`` in the wrapper (in place when the state is donated). Rows that do not close load
-  nothing (all loads masked) and produce exactly 0, so whatever their ring holds cannot leak.
+  ``gate_new`` inside the kernel, which then stores it into that slot of the state, aliased to the kernel's
+  outputs (in place when the state is donated). Rows that do not close load nothing (all loads masked)
+  and produce exactly 0, so whatever their ring holds cannot leak.
 
 Numerics: everything in fp32 (bf16 projections are upcast on load); output in ``out_dtype`` (fp32 default).
 Constraints: D and R powers of two with R <= D (Triton tiles are powers of two); the slot step is the
