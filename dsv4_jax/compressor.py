@@ -110,20 +110,20 @@ def pallas_chunk_entries(kv, gate, state: CompressorState, meta: CompressionMeta
     return entries[:, 1:] if overlap else entries
 
 
-def pallas_decode_entry(kv, gate, state: CompressorState, meta: CompressionMeta, positions, ape, norm_weight,
-                        eps: float, overlap: bool, out_dtype):
-    """A decode step's entry [B, 1, D] through the Pallas decode-step kernel: the closing window pooled from
-    the old state ring plus the new token (kv, gate [B, 1, coff * D] at ``positions`` [B, 1]); 0 where no
-    window closes. The kernel wrapper's own ring write is not used: it writes every row, and rows that are not
-    decoding must keep their ring (``write_state`` follows the metadata)."""
+def pallas_decode_step(kv, gate, state: CompressorState, meta: CompressionMeta, positions, ape, norm_weight,
+                       eps: float, overlap: bool, out_dtype) -> tuple[jax.Array, CompressorState]:
+    """A decode step through the Pallas decode-step kernel: (entry [B, 1, D], new state). The entry is the
+    closing window pooled from the old state ring plus the new token (kv, gate [B, 1, coff * D] at
+    ``positions`` [B, 1]), 0 where no window closes; the kernel also writes the new token into the ring at
+    the metadata's ``state_write_slot`` (rows that are not decoding keep their ring), as ``write_state``."""
     from kernels_pallas.common import interpret_default
     from kernels_pallas.compressor import compress_decode_step
 
-    entry = compress_decode_step(kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv,
-                                 state.gate, positions[:, 0], ape, norm_weight, meta.entry_cos[:, 0],
-                                 meta.entry_sin[:, 0], ratio=ape.shape[0], overlap=overlap, eps=eps,
-                                 out_dtype=out_dtype, interpret=interpret_default())[0]
-    return entry[:, None]
+    entry, _, new_kv, new_gate = compress_decode_step(
+        kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv, state.gate, positions[:, 0], ape,
+        norm_weight, meta.entry_cos[:, 0], meta.entry_sin[:, 0], ratio=ape.shape[0], overlap=overlap, eps=eps,
+        out_dtype=out_dtype, write_slot=meta.state_write_slot[:, 0], interpret=interpret_default())
+    return entry[:, None], CompressorState(kv=new_kv, gate=new_gate)
 
 
 def write_entries(cache_rows: jax.Array, entries: jax.Array, meta: CompressionMeta) -> jax.Array:
@@ -167,9 +167,10 @@ class Compressor(nnx.Module):
                                             cache_rows.dtype)
             return write_entries(cache_rows, entries, meta), state
         if x.shape[1] == 1:
-            entries = pallas_decode_entry(kv, gate, state, meta, positions, ape, norm_weight, self.eps, self.overlap,
-                                          cache_rows.dtype)
+            entries, state = pallas_decode_step(kv, gate, state, meta, positions, ape, norm_weight, self.eps,
+                                                self.overlap, cache_rows.dtype)
         else:
             entries = pallas_chunk_entries(kv, gate, state, meta, ape, norm_weight, self.eps, self.overlap,
                                            cache_rows.dtype)
-        return write_entries(cache_rows, entries, meta), write_state(state, kv, gate, meta)
+            state = write_state(state, kv, gate, meta)
+        return write_entries(cache_rows, entries, meta), state

@@ -334,12 +334,12 @@ def _prefill_kernel(kv_ref, g_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, *, m
               mask=jnp.broadcast_to(wvalid[:, None], (wb, d)))
 
 
-def _decode_kernel(pos_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, skv_out_ref,
-                   sg_out_ref, *, m: int, span: int, d: int, ts: int, overlap: bool, eps: float, rope_dim: int,
-                   slot_rows: bool):
-    """One program: batch row b. pos_ref [1]; nkv_ref/ng_ref [1, coff*d]; skv_ref/sg_ref [span, coff*d];
-    cos_ref/sin_ref [1, R/2]; o_ref [1, d]; skv_out_ref/sg_out_ref: the state buffers themselves (aliased),
-    into which the new token is written at ring slot pos % span."""
+def _decode_kernel(pos_ref, slot_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref,
+                   skv_out_ref, sg_out_ref, *, m: int, span: int, d: int, ts: int, overlap: bool, eps: float,
+                   rope_dim: int, slot_rows: bool):
+    """One program: batch row b. pos_ref [1]; slot_ref [1] (ring slot of the new token, span = no write);
+    nkv_ref/ng_ref [1, coff*d]; skv_ref/sg_ref [span, coff*d]; cos_ref/sin_ref [1, R/2]; o_ref [1, d];
+    skv_out_ref/sg_out_ref: the state buffers themselves (aliased), into which the new token is written."""
     pos = pos_ref[0]
     closes = lax.rem(pos + 1, m) == 0
     w = lax.div(pos + 1, m) - 1
@@ -378,9 +378,12 @@ def _decode_kernel(pos_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, co
 
     # The ring write, after the pooling: the pooling reads the new token from nkv_ref / ng_ref, never from
     # its slot, so whichever value that slot holds when read does not matter.
-    slot = pl.ds(lax.rem(pos, span), 1)
-    skv_out_ref[slot, :] = nkv_ref[...].astype(skv_out_ref.dtype)
-    sg_out_ref[slot, :] = ng_ref[...].astype(sg_out_ref.dtype)
+    slot = slot_ref[0]
+
+    @pl.when(slot < span)
+    def _():
+        skv_out_ref[pl.ds(slot, 1), :] = nkv_ref[...].astype(skv_out_ref.dtype)
+        sg_out_ref[pl.ds(slot, 1), :] = ng_ref[...].astype(sg_out_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,11 +487,13 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
                                              "slot_rows", "num_warps", "num_stages", "interpret",
                                              "poison_outputs"))
 def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_weight, cos, sin, *,
-                         ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32,
+                         ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32, write_slot=None,
                          slots_per_step: int | None = None, slot_rows: bool | None = None,
                          num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
                          poison_outputs: bool = False):
-    """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``.
+    """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``. write_slot [B]
+    (default ``pos % span``): each row's ring slot for the new token, ``span`` for none (a row that is not
+    decoding keeps its ring: the model passes its metadata's ``state_write_slot``).
 
     The kernel pools the closing window from the old ring plus the new token and writes the new token into
     the ring: the states are aliased to its outputs (in place when they are donated, as in the engine's
@@ -511,6 +516,7 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     state_spec = pl.BlockSpec((None, span, C), lambda b: (b, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda b: (b,)),  # pos
+        pl.BlockSpec((1,), lambda b: (b,)),  # write slot
         pl.BlockSpec((1, C), lambda b: (b, 0)),  # kv_new
         pl.BlockSpec((1, C), lambda b: (b, 0)),  # gate_new
         state_spec,  # state_kv
@@ -523,12 +529,13 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     out_shape = [jax.ShapeDtypeStruct((B, D), out_dtype), jax.ShapeDtypeStruct(state_kv.shape, state_kv.dtype),
                  jax.ShapeDtypeStruct(state_gate.shape, state_gate.dtype)]
     out_specs = [pl.BlockSpec((1, D), lambda b: (b, 0)), state_spec, state_spec]
-    args = [pos, kv_new, gate_new, state_kv, state_gate, ape.astype(jnp.float32),
+    slot = pos % span if write_slot is None else write_slot.astype(jnp.int32)
+    args = [pos, slot, kv_new, gate_new, state_kv, state_gate, ape.astype(jnp.float32),
             norm_weight.astype(jnp.float32), cos.astype(jnp.float32), sin.astype(jnp.float32)]
     entry, new_kv, new_gate = triton_call(
         kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs, num_warps=num_warps,
         num_stages=num_stages, interpret=interpret, name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
-        poison=poison_outputs, aliases={3: 1, 4: 2})
+        poison=poison_outputs, aliases={4: 1, 5: 2})
     return entry, (pos + 1) % m == 0, new_kv, new_gate
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny
 
 from dsv4_jax.cache import CompressorState
-from dsv4_jax.compressor import compress_chunk, pallas_chunk_entries, pallas_decode_entry
+from dsv4_jax.compressor import compress_chunk, pallas_chunk_entries, pallas_decode_step
 from dsv4_jax.metadata import build_metadata, padded_chunk_len, span_of
 from kernels_pallas import compressor as cp
 from kernels_pallas.testing import lower_for_h100
@@ -289,8 +289,9 @@ def test_model_kernel_path_matches_compress_chunk(kind, phase):
     """Ragged rows as the engine runs them, starting at every residue mod m (so a chunk's windows begin with
     tokens from the state ring, and the CSA a-half of window 0 does not exist). chunk: 12 tokens (padded to 16)
     with 0- and 1-token rows through ``pallas_chunk_entries``; decode: one token per row through
-    ``pallas_decode_entry``, rows that close a window and rows that do not, one closing row sitting out. The
-    entries of every window that closes equal ``compress_chunk``'s (1e-5); interpret mode off the GPU."""
+    ``pallas_decode_step``, rows that close a window and rows that do not, one closing row sitting out. The
+    entries of every window that closes equal ``compress_chunk``'s (1e-5), and the decode kernel's state
+    ring equals ``compress_chunk``'s exactly (the row sitting out keeps its ring); interpret mode off the GPU."""
     m, D, overlap = MODEL_KINDS[kind]
     span = span_of(TINY, m)
     C = 2 * D if overlap else D
@@ -304,13 +305,16 @@ def test_model_kernel_path_matches_compress_chunk(kind, phase):
     B = len(starts)
     kv, gate = randn(rng, (B, length, C)), randn(rng, (B, length, C), 2.0)
     state = CompressorState(kv=randn(rng, (B, span, C)), gate=randn(rng, (B, span, C), 2.0))
-    ref, _, meta = _model_chunk(kv, gate, state, starts, n_new, ape, w, m=m, overlap=overlap, capacity=256)
+    ref, ref_state, meta = _model_chunk(kv, gate, state, starts, n_new, ape, w, m=m, overlap=overlap, capacity=256)
     pad = ((0, 0), (0, padded_chunk_len(TINY, length) - length), (0, 0))
     kv, gate = jnp.pad(kv, pad), jnp.pad(gate, pad)
     if phase == "chunk":
         got = pallas_chunk_entries(kv, gate, state, meta, ape, w, EPS, overlap, jnp.float32)
     else:
-        got = pallas_decode_entry(kv, gate, state, meta, starts[:, None], ape, w, EPS, overlap, jnp.float32)
+        got, got_state = pallas_decode_step(kv, gate, state, meta, starts[:, None], ape, w, EPS, overlap,
+                                            jnp.float32)
+        np.testing.assert_array_equal(np.asarray(got_state.kv), np.asarray(ref_state.kv))
+        np.testing.assert_array_equal(np.asarray(got_state.gate), np.asarray(ref_state.gate))
     closes = np.asarray(meta.entry_write_index) < 256 // m
     assert closes.any() and not closes.all()
     assert max_rel_err(np.asarray(got)[closes], np.asarray(ref)[closes]) <= 1e-5
