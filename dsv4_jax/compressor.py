@@ -110,20 +110,22 @@ def pallas_chunk_entries(kv, gate, state: CompressorState, meta: CompressionMeta
     return entries[:, 1:] if overlap else entries
 
 
-def pallas_decode_step(kv, gate, state: CompressorState, meta: CompressionMeta, positions, ape, norm_weight,
-                       eps: float, overlap: bool, out_dtype) -> tuple[jax.Array, CompressorState]:
-    """A decode step through the Pallas decode-step kernel: (entry [B, 1, D], new state). The entry is the
-    closing window pooled from the old state ring plus the new token (kv, gate [B, 1, coff * D] at
-    ``positions`` [B, 1]), 0 where no window closes; the kernel also writes the new token into the ring at
-    the metadata's ``state_write_slot`` (rows that are not decoding keep their ring), as ``write_state``."""
+def pallas_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, positions, ape,
+                       norm_weight, eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
+    """A decode step through the Pallas decode-step kernel: (compressed cache [B, N, D], new state), as
+    ``write_entries`` and ``write_state`` after ``compress_chunk``, in one kernel: it pools the closing window
+    from the old state ring plus the new token (kv, gate [B, 1, coff * D] at ``positions`` [B, 1]) into cache
+    row ``entry_write_index``, and writes the new token into the ring at ``state_write_slot`` (rows that are
+    not decoding keep both)."""
     from kernels_pallas.common import interpret_default
     from kernels_pallas.compressor import compress_decode_step
 
-    entry, _, new_kv, new_gate = compress_decode_step(
+    _, _, new_kv, new_gate, cache_rows = compress_decode_step(
         kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv, state.gate, positions[:, 0], ape,
         norm_weight, meta.entry_cos[:, 0], meta.entry_sin[:, 0], ratio=ape.shape[0], overlap=overlap, eps=eps,
-        out_dtype=out_dtype, write_slot=meta.state_write_slot[:, 0], interpret=interpret_default())
-    return entry[:, None], CompressorState(kv=new_kv, gate=new_gate)
+        out_dtype=cache_rows.dtype, write_slot=meta.state_write_slot[:, 0], cache_rows=cache_rows,
+        entry_index=meta.entry_write_index[:, 0], interpret=interpret_default())
+    return cache_rows, CompressorState(kv=new_kv, gate=new_gate)
 
 
 def write_entries(cache_rows: jax.Array, entries: jax.Array, meta: CompressionMeta) -> jax.Array:
@@ -166,11 +168,9 @@ class Compressor(nnx.Module):
             entries, state = compress_chunk(kv, gate, state, meta, ape, norm_weight, self.eps, self.overlap,
                                             cache_rows.dtype)
             return write_entries(cache_rows, entries, meta), state
-        if x.shape[1] == 1:
-            entries, state = pallas_decode_step(kv, gate, state, meta, positions, ape, norm_weight, self.eps,
-                                                self.overlap, cache_rows.dtype)
-        else:
-            entries = pallas_chunk_entries(kv, gate, state, meta, ape, norm_weight, self.eps, self.overlap,
-                                           cache_rows.dtype)
-            state = write_state(state, kv, gate, meta)
-        return write_entries(cache_rows, entries, meta), state
+        if x.shape[1] == 1 and cache_rows.shape[1]:
+            return pallas_decode_step(kv, gate, state, cache_rows, meta, positions, ape, norm_weight, self.eps,
+                                      self.overlap)
+        entries = pallas_chunk_entries(kv, gate, state, meta, ape, norm_weight, self.eps, self.overlap,
+                                       cache_rows.dtype)
+        return write_entries(cache_rows, entries, meta), write_state(state, kv, gate, meta)

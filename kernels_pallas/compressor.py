@@ -334,12 +334,18 @@ def _prefill_kernel(kv_ref, g_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, *, m
               mask=jnp.broadcast_to(wvalid[:, None], (wb, d)))
 
 
-def _decode_kernel(pos_ref, slot_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref,
-                   skv_out_ref, sg_out_ref, *, m: int, span: int, d: int, ts: int, overlap: bool, eps: float,
-                   rope_dim: int, slot_rows: bool):
+def _decode_kernel(*refs, m: int, span: int, d: int, ts: int, overlap: bool, eps: float, rope_dim: int,
+                   slot_rows: bool, with_cache: bool):
     """One program: batch row b. pos_ref [1]; slot_ref [1] (ring slot of the new token, span = no write);
-    nkv_ref/ng_ref [1, coff*d]; skv_ref/sg_ref [span, coff*d]; cos_ref/sin_ref [1, R/2]; o_ref [1, d];
-    skv_out_ref/sg_out_ref: the state buffers themselves (aliased), into which the new token is written."""
+    nkv_ref/ng_ref [1, coff*d]; skv_ref/sg_ref [span, coff*d]; cos_ref/sin_ref [1, R/2]; with_cache:
+    index_ref [1] (the entry's row in the compressed cache, N = no write) and the cache [N, d]. Outputs: o_ref
+    [1, d]; skv_out_ref/sg_out_ref: the state buffers themselves (aliased), into which the new token is
+    written; with_cache, the cache itself (aliased), into which a closing window's entry is written."""
+    (pos_ref, slot_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref), rest = refs[:10], refs[10:]
+    if with_cache:
+        index_ref, _, o_ref, skv_out_ref, sg_out_ref, cache_out_ref = rest
+    else:
+        o_ref, skv_out_ref, sg_out_ref = rest
     pos = pos_ref[0]
     closes = lax.rem(pos + 1, m) == 0
     w = lax.div(pos + 1, m) - 1
@@ -371,6 +377,12 @@ def _decode_kernel(pos_ref, slot_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref,
         out = _norm_rope(carry, w_ref, cos_ref, sin_ref, zero1, jnp.ones((1,), jnp.bool_), d=d,
                          rope_dim=rope_dim, eps=eps)
         o_ref[...] = out.astype(o_ref.dtype)
+        if with_cache:
+            row = index_ref[0]
+
+            @pl.when(row < cache_out_ref.shape[0])
+            def _():
+                cache_out_ref[pl.ds(row, 1), :] = out.astype(cache_out_ref.dtype)
 
     @pl.when(jnp.logical_not(closes))
     def _():
@@ -488,12 +500,14 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
                                              "poison_outputs"))
 def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_weight, cos, sin, *,
                          ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32, write_slot=None,
-                         slots_per_step: int | None = None, slot_rows: bool | None = None,
-                         num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
-                         poison_outputs: bool = False):
+                         cache_rows=None, entry_index=None, slots_per_step: int | None = None,
+                         slot_rows: bool | None = None, num_warps: int | None = None, num_stages: int = 2,
+                         interpret: bool = False, poison_outputs: bool = False):
     """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``. write_slot [B]
     (default ``pos % span``): each row's ring slot for the new token, ``span`` for none (a row that is not
-    decoding keeps its ring: the model passes its metadata's ``state_write_slot``).
+    decoding keeps its ring: the model passes its metadata's ``state_write_slot``). cache_rows [B, N, D] with
+    entry_index [B]: also write each closing window's entry into that row of the compressed cache (N = no
+    write; the model's ``entry_write_index``), returned as a fifth result (aliased: in place when donated).
 
     The kernel pools the closing window from the old ring plus the new token and writes the new token into
     the ring: the states are aliased to its outputs (in place when they are donated, as in the engine's
@@ -511,8 +525,12 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     if num_warps is None:
         num_warps = _default_warps(ts * D, D)
     slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
+    with_cache = cache_rows is not None
+    if with_cache and (cache_rows.shape[::2] != (B, D) or entry_index is None or entry_index.shape != (B,)):
+        raise ValueError(f"compress_decode_step: cache_rows {cache_rows.shape}, entry_index "
+                         f"{None if entry_index is None else entry_index.shape}: expected [{B}, N, {D}] and [{B}]")
     kernel = functools.partial(_decode_kernel, m=m, span=span, d=D, ts=ts, overlap=overlap, eps=eps,
-                               rope_dim=R, slot_rows=slot_rows)
+                               rope_dim=R, slot_rows=slot_rows, with_cache=with_cache)
     state_spec = pl.BlockSpec((None, span, C), lambda b: (b, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda b: (b,)),  # pos
@@ -532,11 +550,19 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     slot = pos % span if write_slot is None else write_slot.astype(jnp.int32)
     args = [pos, slot, kv_new, gate_new, state_kv, state_gate, ape.astype(jnp.float32),
             norm_weight.astype(jnp.float32), cos.astype(jnp.float32), sin.astype(jnp.float32)]
-    entry, new_kv, new_gate = triton_call(
+    aliases = {4: 1, 5: 2}
+    if with_cache:
+        cache_spec = pl.BlockSpec((None, *cache_rows.shape[1:]), lambda b: (b, 0, 0))
+        args += [entry_index.astype(jnp.int32), cache_rows]
+        in_specs += [pl.BlockSpec((1,), lambda b: (b,)), cache_spec]
+        out_shape.append(jax.ShapeDtypeStruct(cache_rows.shape, cache_rows.dtype))
+        out_specs.append(cache_spec)
+        aliases[len(args) - 1] = 3
+    entry, new_kv, new_gate, *cache = triton_call(
         kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs, num_warps=num_warps,
         num_stages=num_stages, interpret=interpret, name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
-        poison=poison_outputs, aliases={4: 1, 5: 2})
-    return entry, (pos + 1) % m == 0, new_kv, new_gate
+        poison=poison_outputs, aliases=aliases)
+    return entry, (pos + 1) % m == 0, new_kv, new_gate, *cache
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -269,6 +269,33 @@ def test_decode_interpret_matches_reference(name):
     assert closes.any() and not closes.all()
 
 
+@pytest.mark.parametrize("m,overlap", [(4, True), (8, False)])
+def test_decode_interpret_writes_entries_into_cache(m, overlap):
+    """cache_rows / entry_index: each closing row's entry lands in its cache row (N = no write), every other
+    cache element is unchanged, and the other results are those of the call without a cache."""
+    B, D, R, N = 5, 64, 16, 12
+    args = list(cp.decode_inputs(jax.random.PRNGKey(m), B, m, D, R, overlap, all_close=False))
+    pos = np.asarray(args[4])
+    args[4] = jnp.asarray(np.where(np.arange(B) < 2, (np.arange(B) + 3) * m - 1, pos), jnp.int32)  # 2 rows close
+    closes = (np.asarray(args[4]) + 1) % m == 0
+    index = np.where(closes, np.arange(B) + 3, N).astype(np.int32)
+    index[0] = N  # a closing row that does not write (a row of the batch sitting out)
+    cache = jax.random.normal(jax.random.PRNGKey(7), (B, N, D), jnp.float32)
+    kw = dict(ratio=m, overlap=overlap, eps=EPS, interpret=True, poison_outputs=True)
+    plain = cp.compress_decode_step(*args, **kw)
+    *with_cache, new_cache = cp.compress_decode_step(*args, cache_rows=cache, entry_index=jnp.asarray(index), **kw)
+    for a, b in zip(plain, with_cache):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    want = np.asarray(cache).copy()
+    for b in range(B):
+        if index[b] < N:
+            want[b, index[b]] = np.asarray(plain[0])[b]
+    assert closes[:2].all() and (index < N).sum() == closes.sum() - 1
+    np.testing.assert_array_equal(np.asarray(new_cache), want)
+    with pytest.raises(ValueError, match=r"cache_rows \(5, 12, 64\), entry_index None"):
+        cp.compress_decode_step(*args, cache_rows=cache, **kw)
+
+
 def test_decode_interpret_all_rows_close_without_nan():
     """Every row closes; plain random ring (the bench layout)."""
     args = cp.decode_inputs(jax.random.PRNGKey(31), 4, 4, 64, 16, True)
@@ -290,8 +317,9 @@ def test_model_kernel_path_matches_compress_chunk(kind, phase):
     tokens from the state ring, and the CSA a-half of window 0 does not exist). chunk: 12 tokens (padded to 16)
     with 0- and 1-token rows through ``pallas_chunk_entries``; decode: one token per row through
     ``pallas_decode_step``, rows that close a window and rows that do not, one closing row sitting out. The
-    entries of every window that closes equal ``compress_chunk``'s (1e-5), and the decode kernel's state
-    ring equals ``compress_chunk``'s exactly (the row sitting out keeps its ring); interpret mode off the GPU."""
+    entries of every window that closes equal ``compress_chunk``'s (1e-5); decode writes them into the
+    compressed cache itself (every other cache row unchanged) and its state ring equals ``compress_chunk``'s
+    exactly (the row sitting out keeps its ring and its cache); interpret mode off the GPU."""
     m, D, overlap = MODEL_KINDS[kind]
     span = span_of(TINY, m)
     C = 2 * D if overlap else D
@@ -311,10 +339,17 @@ def test_model_kernel_path_matches_compress_chunk(kind, phase):
     if phase == "chunk":
         got = pallas_chunk_entries(kv, gate, state, meta, ape, w, EPS, overlap, jnp.float32)
     else:
-        got, got_state = pallas_decode_step(kv, gate, state, meta, starts[:, None], ape, w, EPS, overlap,
-                                            jnp.float32)
+        cache = randn(rng, (B, 256 // m, D))
+        got_cache, got_state = pallas_decode_step(kv, gate, state, cache, meta, starts[:, None], ape, w, EPS,
+                                                  overlap)
         np.testing.assert_array_equal(np.asarray(got_state.kv), np.asarray(ref_state.kv))
         np.testing.assert_array_equal(np.asarray(got_state.gate), np.asarray(ref_state.gate))
+        row = np.asarray(meta.entry_write_index)[:, 0]
+        written = np.zeros(cache.shape[:2], bool)
+        written[np.arange(B)[row < cache.shape[1]], row[row < cache.shape[1]]] = True
+        np.testing.assert_array_equal(np.asarray(got_cache)[~written], np.asarray(cache)[~written])
+        got = np.zeros((B, 1, D), np.float32)
+        got[row < cache.shape[1], 0] = np.asarray(got_cache)[written]
     closes = np.asarray(meta.entry_write_index) < 256 // m
     assert closes.any() and not closes.all()
     assert max_rel_err(np.asarray(got)[closes], np.asarray(ref)[closes]) <= 1e-5
