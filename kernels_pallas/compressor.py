@@ -59,9 +59,10 @@ Design (memory bound: every kv/gate element is read from HBM once):
 * Decode grid ``(B,)``: the same pooling code on one window per row, with token rows taken from the ring:
   the closing window's b-half sits at ring slots ``(pos+1-m) % span ..`` (contiguous), the a-half at
   ``(pos+1) % span ..``. The new token (slot ``pos % span``, the window's last slot) comes from ``kv_new``/
-  ``gate_new`` inside the kernel, which then stores it into that slot of the state, aliased to the kernel's
-  outputs (in place when the state is donated). Rows that do not close load nothing (all loads masked)
-  and produce exactly 0, so whatever their ring holds cannot leak.
+  ``gate_new`` inside the kernel, which then stores it into that slot of the state; given the compressed
+  cache, it also stores a closing window's entry into its row. State and cache are aliased to the kernel's
+  outputs (in place when donated). Rows that do not close load nothing (all loads masked) and produce
+  exactly 0, so whatever their ring holds cannot leak.
 
 Numerics: everything in fp32 (bf16 projections are upcast on load); output in ``out_dtype`` (fp32 default).
 Constraints: D and R powers of two with R <= D (Triton tiles are powers of two); the slot step is the
@@ -510,9 +511,9 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     write; the model's ``entry_write_index``), returned as a fifth result (aliased: in place when donated).
 
     The kernel pools the closing window from the old ring plus the new token and writes the new token into
-    the ring: the states are aliased to its outputs (in place when they are donated, as in the engine's
-    decode step). As a separate ``.at[row, slot].set`` per state the writes were two more kernels per
-    compressor: 12 of a batch-1 step's ~24 scatter kernels on the Flash-width slice.
+    the ring (and the entry into the cache): those buffers are aliased to its outputs (in place when they
+    are donated, as in the engine's decode step). As separate ``.at[row, slot].set`` scatters these writes
+    were three more kernels per compressor: 18 of a batch-1 step's 24 scatter kernels on the Flash-width slice.
     """
     m = ratio
     span = _span(m, overlap)
@@ -532,9 +533,10 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     kernel = functools.partial(_decode_kernel, m=m, span=span, d=D, ts=ts, overlap=overlap, eps=eps,
                                rope_dim=R, slot_rows=slot_rows, with_cache=with_cache)
     state_spec = pl.BlockSpec((None, span, C), lambda b: (b, 0, 0))
+    row_scalar = pl.BlockSpec((1,), lambda b: (b,))
     in_specs = [
-        pl.BlockSpec((1,), lambda b: (b,)),  # pos
-        pl.BlockSpec((1,), lambda b: (b,)),  # write slot
+        row_scalar,  # pos
+        row_scalar,  # write slot
         pl.BlockSpec((1, C), lambda b: (b, 0)),  # kv_new
         pl.BlockSpec((1, C), lambda b: (b, 0)),  # gate_new
         state_spec,  # state_kv
@@ -554,7 +556,7 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     if with_cache:
         cache_spec = pl.BlockSpec((None, *cache_rows.shape[1:]), lambda b: (b, 0, 0))
         args += [entry_index.astype(jnp.int32), cache_rows]
-        in_specs += [pl.BlockSpec((1,), lambda b: (b,)), cache_spec]
+        in_specs += [row_scalar, cache_spec]
         out_shape.append(jax.ShapeDtypeStruct(cache_rows.shape, cache_rows.dtype))
         out_specs.append(cache_spec)
         aliases[len(args) - 1] = 3
