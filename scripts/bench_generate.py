@@ -18,9 +18,10 @@ dispatch-bound when that exceeds its device time). ``--engine-cases B,PROMPT``: 
 to end (a real prefill, then 64 greedy tokens read back step by step, as a user runs it).
 ``--xla-options`` (a JSON list of XLA option sets, each decode case compiled once per set) with ``--rounds``
 compares compiler settings in one process, alternating (separate processes on one machine differed by up to
-7%: docs/performance.md); ``--hlo-dir`` keeps each decode case's optimized HLO. ``--profile B,CTX``: a device-time breakdown of that decode case by layer type and part, with the kernel
-launches per step (scripts/profile_breakdown.py; run with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``
-so the trace names HLO instructions). Prints one JSON object per case.
+7%: docs/performance.md); ``--hlo-dir`` keeps each decode case's optimized HLO. ``--profile B,CTX``: a
+device-time breakdown of that decode case by layer type and part, with the kernel launches per step
+(scripts/profile_breakdown.py; run with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so the trace names HLO
+instructions). Prints one JSON object per case.
 """
 
 from __future__ import annotations
@@ -213,6 +214,8 @@ def main(argv=None):
     if not (isinstance(args.xla_options, list) and args.xla_options
             and all(isinstance(o, dict) for o in args.xla_options)):
         p.error(f"--xla-options {args.xla_options!r}: expected a JSON list of objects")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: expected at least 1")
     t_start = time.perf_counter()
     cfg = make_config(args.model, args.layers, args.experts)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32

@@ -1,0 +1,40 @@
+"""scripts/bench_generate.py's option sets on the demo model (CPU): each decode case compiled once per XLA
+option set and round, its rows labelled with them, the optimized HLO written per case; bad option lists and
+round counts are one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from scripts import bench_generate
+
+
+def test_option_sets_and_rounds_label_rows_and_write_hlo(tmp_path, capsys):
+    opts = [{}, {"xla_backend_optimization_level": 1}]
+    assert bench_generate.main(["--model", "demo", "--no-ceilings", "--decode-cases", "1,64", "--decode-steps", "2",
+                                "--rounds", "2", "--xla-options", json.dumps(opts), "--hlo-dir",
+                                str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
+    assert [(r["round"], r["xla_options"]) for r in rows] == [(0, opts[0]), (0, opts[1]), (1, opts[0]), (1, opts[1])]
+    assert all(r["decode_ms_per_step"] > 0 and "error" not in r for r in rows)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["decode_B1_C64_xla_options0.txt", "decode_B1_C64_xla_options1.txt"]
+    assert "HloModule" in (tmp_path / written[0]).read_text()
+
+
+def test_unknown_xla_option_is_recorded_as_the_case_error(capsys):
+    assert bench_generate.main(["--model", "demo", "--no-ceilings", "--decode-cases", "1,64", "--decode-steps", "1",
+                                "--xla-options", '[{"xla_no_such_option": true}]']) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert "No such compile option" in row["error"] and "xla_no_such_option" in row["error"]
+
+
+def test_bad_option_lists_and_rounds_are_usage_errors():
+    for args, said in ((["--xla-options", '{"a": 1}'], "expected a JSON list of objects"),
+                       (["--xla-options", "[1]"], "expected a JSON list of objects"),
+                       (["--rounds", "0"], "--rounds 0: expected at least 1")):
+        run = subprocess.run([sys.executable, "-m", "scripts.bench_generate", "--model", "demo", "--no-ceilings",
+                              *args], capture_output=True, text=True)
+        assert run.returncode == 2 and said in run.stderr and "Traceback" not in run.stderr
