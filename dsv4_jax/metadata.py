@@ -148,5 +148,9 @@ def build_metadata(cfg: DeepseekV4Config, start: jax.Array, n_new: jax.Array, ch
     topk_len = None
     if cfg.csa_compress_rate in compression:
         topk_len = jnp.minimum(compression[cfg.csa_compress_rate].n_visible, cfg.index_topk)
-    return ForwardMetadata(positions=positions, token_valid=token_valid, start=start, end=end, rope=rope,
-                           window=window, compression=compression, topk_len=topk_len)
+    # The barrier makes the metadata buffers XLA computes once: without it XLA re-derives the RoPE cos/sin
+    # inside each consumer fusion (14 per Flash-slice decode step), and past position ~105K float32 cos/sin
+    # take their slow argument reduction, so those fusions grew with the context (GPU run 29).
+    return jax.lax.optimization_barrier(
+        ForwardMetadata(positions=positions, token_valid=token_valid, start=start, end=end, rope=rope,
+                        window=window, compression=compression, topk_len=topk_len))

@@ -42,3 +42,27 @@ def test_decode_window_is_the_written_ring_in_slot_order(start):
         np.testing.assert_array_equal(mask[b, 0], want, err_msg=f"t = {t}")
         np.testing.assert_array_equal(np.asarray(written)[b, :, 0], ring)
         np.testing.assert_array_equal(np.asarray(keys)[b, 0, :, 0], ring)
+
+
+def test_decode_step_computes_rope_tables_once():
+    """The metadata step's values are buffers the layers read, not expressions XLA re-derives inside each
+    consumer fusion: the compiled decode step evaluates cos once per RoPE table the metadata builds (main,
+    compress, and each compression rate's entry angles). Without the barrier that ends ``build_metadata``
+    this tiny model's step held 22."""
+    import re
+
+    import jax
+    from dsv4_jax.cache import init_cache
+    from dsv4_jax.engine import DeviceSteps, split_weights
+    from dsv4_jax.random_weights import random_model
+    from dsv4_jax.sampling import SamplingParams, sampling_args
+
+    cfg = tiny()
+    graphdef, state_def, weights = split_weights(random_model(cfg, jnp.float32))
+    B, capacity = 2, 32
+    greedy = SamplingParams()
+    hlo = DeviceSteps(graphdef, state_def, capacity).decode.lower(
+        weights, init_cache(cfg, B, capacity, jnp.float32), jnp.zeros((B,), jnp.int32), jnp.full((B,), 9, jnp.int32),
+        jnp.ones((B,), bool), jax.random.PRNGKey(0), *sampling_args(greedy), filters=greedy.filters).compile().as_text()
+    n_cos = len(re.findall(r"\bcosine\(", hlo))
+    assert n_cos == 2 + len(cfg.compress_rates), n_cos
