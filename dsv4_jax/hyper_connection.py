@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import FP32, linear, rms_scale, unweighted_rms_norm
+from .basic import FP32, RMSNorm, linear, rms_scale, unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
@@ -22,6 +22,13 @@ from .config import DeepseekV4Config
 # against 1.682 with the factor applied first and 1.686 with the matmul (docs/performance.md, run 21). Above
 # it (prefill) the matmul, which does not re-read fn (1.5 MB at Flash width) per token.
 MIX_AS_SUM_MAX_TOKENS = 16
+
+# Up to this many tokens the Pallas pre-step also applies the sub-block's RMSNorm (one program per token holds
+# whole rows), saving two XLA kernels per sub-block: on an H200 (run 31, one process) a Flash-width slice's
+# decode step took 1.692 against 1.713 ms at batch 1, 4.27 against 4.40 at batch 8, and tied at batch 32.
+# Above it (prefill) the kernel's column-split grid, then XLA's norm: a 4K prefill tied, and at 16384 tokens
+# the kernel with the norm was busy 1317 us against 1205 without.
+NORM_IN_KERNEL_MAX_TOKENS = 32
 
 
 def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
@@ -85,20 +92,25 @@ class HyperConnection(nnx.Module):
         return hc_weights(streams, self.fn[...], self.base[...], self.scale[...], n=c.hc_mult, rms_eps=c.rms_norm_eps,
                           hc_eps=c.hc_eps, sinkhorn_iters=c.hc_sinkhorn_iters)
 
-    def __call__(self, streams, kernels: str = "xla"):
-        """The step before a sub-block: streams [..., n, d] -> (its input sum_i pre_i X_i [..., d], post,
-        comb). ``kernels="pallas"``: the mixing logits, then one kernel (kernels_pallas/hc_pre.py) where XLA
-        runs ~10 small kernels."""
+    def __call__(self, streams, norm: RMSNorm, kernels: str = "xla"):
+        """The step before a sub-block: streams [..., n, d] -> (its input ``norm(sum_i pre_i X_i)`` [..., d],
+        post, comb). ``kernels="pallas"``: the mixing logits, then one kernel (kernels_pallas/hc_pre.py) where
+        XLA runs ~10 small kernels, which applies ``norm`` too up to ``NORM_IN_KERNEL_MAX_TOKENS`` tokens."""
         c = self.cfg
         if kernels == "pallas":
             from kernels_pallas import hc_pre
             from kernels_pallas.common import interpret_default
 
             if hc_pre.supported(c.hc_mult, streams.shape[-1]):
-                return hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...], rms_eps=c.rms_norm_eps,
-                                     hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters, interpret=interpret_default())
+                kw = dict(rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters,
+                          interpret=interpret_default())
+                if math.prod(streams.shape[:-2]) <= NORM_IN_KERNEL_MAX_TOKENS:
+                    return hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...],
+                                         norm_weight=norm.weight[...], norm_eps=norm.eps, **kw)
+                x, post, comb = hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...], **kw)
+                return norm(x), post, comb
         pre, post, comb = self.weights(streams)
-        return collapse(streams, pre), post, comb
+        return norm(collapse(streams, pre)), post, comb
 
 
 def hyper_head(streams, fn, base, scale, *, rms_eps: float, hc_eps: float) -> jax.Array:

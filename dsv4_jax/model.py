@@ -41,14 +41,12 @@ class DecoderLayer(nnx.Module):
         """streams [B, C, n, d] -> (streams, layer cache)."""
         # Named scopes let a profile attribute device time to attention, MoE and mHC per layer.
         with jax.named_scope("mhc"):
-            attn_in, post, comb = self.attn_hc(streams, kernels)
-            attn_in = self.input_layernorm(attn_in)
+            attn_in, post, comb = self.attn_hc(streams, self.input_layernorm, kernels)
         with jax.named_scope("attention"):
             attn_out, cache = self.self_attn(attn_in, meta, cache, kernels)
         with jax.named_scope("mhc"):
             streams = expand(streams, attn_out, post, comb)
-            ffn_in, post, comb = self.ffn_hc(streams, kernels)
-            ffn_in = self.post_attention_layernorm(ffn_in)
+            ffn_in, post, comb = self.ffn_hc(streams, self.post_attention_layernorm, kernels)
         with jax.named_scope("moe"):
             ffn_out = self.mlp(ffn_in, token_ids, kernels)
         with jax.named_scope("mhc"):

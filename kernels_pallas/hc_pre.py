@@ -1,12 +1,14 @@
 """The mHC step before each sub-block (DeepSeek-V4 §5) as one Pallas GPU kernel after the mixing logits.
 
     hc_pre(streams [T, n, d], fn [(2+n)n, n*d] f32, base [(2+n)n] f32, scale [3] f32, *, rms_eps, hc_eps,
-           iters) -> (x [T, d] in streams' dtype, post [T, n] f32, comb [T, n, n] f32)
+           iters, norm_weight [d] f32 = None, norm_eps) -> (x [T, d] in streams' dtype, post [T, n] f32,
+                                                           comb [T, n, n] f32)
 
 Meaning (``reference``: ``dsv4_jax.hyper_connection``'s ``hc_weights`` then ``collapse``): mixing logits
 ``fn @ RMS(vec(streams))``; ``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
 normalisation (row softmax + eps, a column normalisation, then ``iters - 1`` rounds of row and column
-normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i``.
+normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i``; with ``norm_weight``,
+the sub-block's RMSNorm of it (``dsv4_jax.basic.rms_norm`` of x rounded to the streams' dtype).
 
 Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as
 ~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
@@ -23,6 +25,10 @@ are elementwise arithmetic on those vectors: no reductions, reshapes or matmuls.
 ``pre`` for its sum; the programs of the first column block also compute and store ``post`` and ``comb``.
 The Sinkhorn rounds are a loop: unrolled, Triton took minutes to compile them. Tokens past the end are
 masked on load and store.
+
+With ``norm_weight`` a program owns whole rows (``block_d = d``, one token per program by default): the
+RMSNorm needs the row's sum of squares, and fused here it saves the two XLA kernels (a reduction, then the
+scaling) that followed the kernel at each of the step's 12 sub-blocks.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from dsv4_jax.basic import rms_norm
 from dsv4_jax.hyper_connection import collapse, hc_weights, mix_logits
 
 from .common import triton_call
@@ -42,11 +49,13 @@ from .common import triton_call
 __all__ = ["hc_pre", "reference", "sinkhorn_entries", "supported"]
 
 
-def reference(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int):
-    """The XLA path (``HyperConnection``'s): ``hc_weights``, then ``collapse``."""
+def reference(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, norm_weight=None,
+              norm_eps: float = 0.0):
+    """The XLA path (``HyperConnection``'s): ``hc_weights``, then ``collapse`` (then ``rms_norm``)."""
     pre, post, comb = hc_weights(streams, fn, base, scale, n=streams.shape[-2], rms_eps=rms_eps, hc_eps=hc_eps,
                                  sinkhorn_iters=iters)
-    return collapse(streams, pre), post, comb
+    x = collapse(streams, pre)
+    return (x if norm_weight is None else rms_norm(x, norm_weight, norm_eps)), post, comb
 
 
 def supported(n: int, d: int) -> bool:
@@ -79,10 +88,12 @@ def sinkhorn_entries(x: list[list], iters: int, eps: float) -> list[list]:
     return lax.fori_loop(0, iters - 1, lambda _, c: columns(rows(c)), columns(c))
 
 
-def _kernel(streams_ref, mix_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref, *, n: int, d: int,
-            iters: int, hc_eps: float, block_t: int, block_d: int):
+def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, iters: int, hc_eps: float,
+            block_t: int, block_d: int, norm_eps: float | None):
     """streams_ref [T, n*d]; mix_ref [T, (2+n)n] f32 mixing logits; base_ref [(2+n)n]; scale_ref [3];
-    x_ref [T, d]; post_ref [T, n]; comb_ref [T, n*n]. One program: ``block_t`` tokens x ``block_d`` columns."""
+    [norm_ref [d] f32 when norm_eps is not None;] x_ref [T, d]; post_ref [T, n]; comb_ref [T, n*n].
+    One program: ``block_t`` tokens x ``block_d`` columns (all d with the norm)."""
+    x_ref, post_ref, comb_ref = refs[-3:]
     T = streams_ref.shape[0]
     start = pl.program_id(0) * block_t
     k0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
@@ -98,6 +109,9 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref
 
     pre = [jax.nn.sigmoid(logit(i, 0)) + hc_eps for i in range(n)]
     acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i) for i in range(n)])
+    if norm_eps is not None:  # rms_norm of x as the XLA path rounds it: whole rows in this program
+        xf = acc.astype(x_ref.dtype).astype(jnp.float32)
+        acc = refs[0][...][None, :] * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + norm_eps))
     plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
 
     @pl.when(pl.program_id(1) == 0)
@@ -111,37 +125,47 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, x_ref, post_ref, comb_ref
                 plt.store(comb_ref.at[tokens, jnp.int32(i * n + j)], comb[i][j], mask=valid)
 
 
-@functools.partial(jax.jit, static_argnames=("rms_eps", "hc_eps", "iters", "block_t", "block_d", "interpret",
-                                             "poison_outputs"))
-def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, block_t: int = 16,
-           block_d: int | None = None, interpret: bool = False, poison_outputs: bool = False):
+@functools.partial(jax.jit, static_argnames=("rms_eps", "hc_eps", "iters", "norm_eps", "block_t", "block_d",
+                                             "num_warps", "interpret", "poison_outputs"))
+def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, norm_weight=None,
+           norm_eps: float = 0.0, block_t: int | None = None, block_d: int | None = None, num_warps: int = 4,
+           interpret: bool = False, poison_outputs: bool = False):
     """Pallas (Triton) mHC pre-step; same arguments (``n`` from the shape) and results as ``reference``, for
-    ``streams [..., n, d]``. block_t: tokens per program (power of two >= 16); block_d: stream columns per
-    program (power of two, divides d; default min(d, 256): n fp32 tiles of 16 x 256 in registers).
-    poison_outputs: testing aid (``common.triton_call``)."""
+    ``streams [..., n, d]``. block_t: tokens per program (a power of two; default 16, 1 with the norm);
+    block_d: stream columns per program (a power of two >= 16 dividing d; default min(d, 256): n fp32 tiles of
+    16 x 256 in registers; d with the norm, which needs whole rows). poison_outputs: testing aid
+    (``common.triton_call``)."""
     *lead, n, d = streams.shape
     R = (2 + n) * n
     if not supported(n, d) or fn.shape != (R, n * d) or base.shape != (R,) or scale.shape != (3,) or iters < 1:
         raise ValueError(f"hc_pre: streams {streams.shape}, fn {fn.shape}, base {base.shape}, scale {scale.shape}, "
                          f"iters {iters}: expected [..., n, d] with d a power of two >= 16, fn [(2+n)n, n*d], "
                          f"base [(2+n)n], scale [3], iters >= 1")
-    bd = block_d or min(d, 256)
-    if block_t < 16 or block_t & (block_t - 1) or bd < 16 or bd & (bd - 1) or d % bd:
-        raise ValueError(f"hc_pre: block_t={block_t} and block_d={bd} must be powers of two >= 16, "
-                         f"block_d dividing d={d}")
+    norm = norm_weight is not None
+    if norm and norm_weight.shape != (d,):
+        raise ValueError(f"hc_pre: norm_weight {norm_weight.shape}, expected [{d}] (the streams' width)")
+    bt = block_t or (1 if norm else 16)
+    bd = block_d or (d if norm else min(d, 256))
+    if bt < 1 or bt & (bt - 1) or bd < 16 or bd & (bd - 1) or d % bd or (norm and bd != d):
+        raise ValueError(f"hc_pre: block_t={bt} must be a power of two and block_d={bd} a power of two >= 16 "
+                         f"dividing d={d}" + (", equal to it with norm_weight" if norm else ""))
     flat = streams.reshape(-1, n * d)
     T = flat.shape[0]
     mix = mix_logits(flat.reshape(T, n, d), fn, rms_eps)
     whole = lambda *shape: pl.BlockSpec(shape, lambda t, k: (0,) * len(shape))  # the kernel indexes its block
+    args, in_specs = [flat, mix, base.astype(jnp.float32), scale.astype(jnp.float32)], [whole(T, n * d), whole(T, R),
+                                                                                          whole(R), whole(3)]
+    if norm:
+        args, in_specs = [*args, norm_weight.astype(jnp.float32)], [*in_specs, whole(d)]
     x, post, comb = triton_call(
-        functools.partial(_kernel, n=n, d=d, iters=iters, hc_eps=hc_eps, block_t=block_t, block_d=bd),
-        [flat, mix, base.astype(jnp.float32), scale.astype(jnp.float32)],
-        grid=(pl.cdiv(T, block_t), d // bd),
-        in_specs=[whole(T, n * d), whole(T, R), whole(R), whole(3)],
+        functools.partial(_kernel, n=n, d=d, iters=iters, hc_eps=hc_eps, block_t=bt, block_d=bd,
+                          norm_eps=norm_eps if norm else None),
+        args, grid=(pl.cdiv(T, bt), d // bd), in_specs=in_specs,
         out_shape=[jax.ShapeDtypeStruct((T, d), streams.dtype), jax.ShapeDtypeStruct((T, n), jnp.float32),
                    jax.ShapeDtypeStruct((T, n * n), jnp.float32)],
         out_specs=[whole(T, d), whole(T, n), whole(T, n * n)],
-        num_warps=4, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}", poison=poison_outputs)
+        num_warps=num_warps, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}" + "_norm" * norm,
+        poison=poison_outputs)
     return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)
 
 
@@ -150,24 +174,31 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _inputs(key, T, n, d):
-    k1, k2, k3 = jax.random.split(key, 3)
+def _inputs(key, T, n, d, norm=False):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
     R = (2 + n) * n
-    return (jax.random.normal(k1, (T, n, d), jnp.bfloat16), 0.02 * jax.random.normal(k2, (R, n * d), jnp.float32),
+    args = (jax.random.normal(k1, (T, n, d), jnp.bfloat16), 0.02 * jax.random.normal(k2, (R, n * d), jnp.float32),
             0.1 * jax.random.normal(k3, (R,), jnp.float32), jnp.ones((3,), jnp.float32))
+    return (*args, 1.0 + 0.1 * jax.random.normal(k4, (d,), jnp.float32)) if norm else args
+
+
+def _with_norm(fn):  # the norm weight as a fifth positional argument (the benchmark's inputs are positional)
+    return lambda streams, fn_w, base, scale, norm_weight, **kw: fn(streams, fn_w, base, scale,
+                                                                     norm_weight=norm_weight, **kw)
 
 
 def bench_cases():
     """Flash mHC (n = 4, d = 4096, 20 Sinkhorn iterations): a batch-1 and a batch-128 decode step's tokens,
-    and a 16384-token prefill chunk; against the XLA path. Bytes: fn once, the streams twice, x once."""
+    and a 16384-token prefill chunk, without and with the sub-block's RMSNorm; against the XLA path.
+    Bytes: fn once, the streams twice, x once (and the norm weight)."""
     n, d, iters = 4, 4096, 20
     return [{
-        "name": f"hc_pre_T{T}",
-        "shapes": {"T": T, "n": n, "d": d, "iters": iters},
-        "args": functools.partial(_inputs, T=T, n=n, d=d),
-        "kwargs": {"rms_eps": 1e-6, "hc_eps": 1e-6, "iters": iters},
-        "bytes": (2 + n) * n * n * d * 4 + T * (2 * n * d + d) * 2,
+        "name": f"hc_pre{'_norm' * norm}_T{T}",
+        "shapes": {"T": T, "n": n, "d": d, "iters": iters, "norm": norm},
+        "args": functools.partial(_inputs, T=T, n=n, d=d, norm=norm),
+        "kwargs": {"rms_eps": 1e-6, "hc_eps": 1e-6, "iters": iters, **({"norm_eps": 1e-6} if norm else {})},
+        "bytes": (2 + n) * n * n * d * 4 + T * (2 * n * d + d) * 2 + norm * d * 4,
         "flops": 2 * T * (2 + n) * n * n * d,
-        "pallas": hc_pre,
-        "reference": reference,
-    } for T in (1, 128, 16384)]
+        "pallas": _with_norm(hc_pre) if norm else hc_pre,
+        "reference": _with_norm(reference) if norm else reference,
+    } for norm in (False, True) for T in (1, 128, 16384)]

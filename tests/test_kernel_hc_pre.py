@@ -2,7 +2,7 @@
 
 CPU: interpret mode into poisoned outputs (token counts below, at and above one block; n = 2 and 4; 1, 3
 and 20 Sinkhorn iterations; bf16 and fp32 streams; tiles narrower than d; large mixing logits that the
-row softmax must shift), the in-register Sinkhorn against the reference's on plain arrays, bad arguments,
+row softmax must shift; with the sub-block's RMSNorm, one or several tokens per program), the in-register Sinkhorn against the reference's on plain arrays, bad arguments,
 and a CUDA cross-lowering check. GPU (skipped elsewhere): the compiled kernel at decode and prefill token
 counts with the Flash sizes.
 """
@@ -43,23 +43,31 @@ def check(got, want, *, what=""):
         assert err < tol, f"{what} {name}: max abs err / max |ref| = {err:.3g}"
 
 
-# name -> (seed, lead shape, n, d, dtype, iters, fn scale, block_t, block_d)
+def norm_weight(seed, d):
+    return 1.0 + 0.5 * jax.random.normal(jax.random.PRNGKey(100 + seed), (d,), jnp.float32)
+
+
+# name -> (seed, lead shape, n, d, dtype, iters, fn scale, block_t, block_d, with the RMSNorm)
 CASES = {
-    "decode_one_token": (1, (1, 1), 4, 128, jnp.bfloat16, 20, 0.02, 16, None),
-    "ragged_tokens_fp32": (2, (3, 15), 4, 64, jnp.float32, 20, 0.02, 16, 16),  # 45 tokens, d in 4 tiles
-    "n2_three_iters": (3, (7,), 2, 32, jnp.float32, 3, 0.02, 16, None),
-    "one_iteration_block32": (4, (70,), 4, 64, jnp.bfloat16, 1, 0.02, 32, 32),
-    "large_logits": (5, (2, 9), 4, 64, jnp.float32, 20, 3.0, 16, None),  # exp would overflow unshifted
+    "decode_one_token": (1, (1, 1), 4, 128, jnp.bfloat16, 20, 0.02, 16, None, False),
+    "ragged_tokens_fp32": (2, (3, 15), 4, 64, jnp.float32, 20, 0.02, 16, 16, False),  # 45 tokens, d in 4 tiles
+    "n2_three_iters": (3, (7,), 2, 32, jnp.float32, 3, 0.02, 16, None, False),
+    "one_iteration_block32": (4, (70,), 4, 64, jnp.bfloat16, 1, 0.02, 32, 32, False),
+    "large_logits": (5, (2, 9), 4, 64, jnp.float32, 20, 3.0, 16, None, False),  # exp would overflow unshifted
+    "norm_decode_one_token": (6, (1, 1), 4, 128, jnp.bfloat16, 20, 0.02, None, None, True),
+    "norm_ragged_tokens": (7, (3, 5), 4, 64, jnp.bfloat16, 20, 0.02, None, None, True),  # a program per token
+    "norm_four_tokens_per_program_fp32": (8, (11,), 2, 32, jnp.float32, 3, 0.02, 4, None, True),  # 3 ragged
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpret_matches_reference(name):
-    seed, lead, n, d, dtype, iters, fn_scale, bt, bd = CASES[name]
+    seed, lead, n, d, dtype, iters, fn_scale, bt, bd, norm = CASES[name]
     streams, fn, base, scale = inputs(seed, lead, n, d, dtype, fn_scale)
+    kw = dict(norm_weight=norm_weight(seed, d), norm_eps=EPS) if norm else {}
     got = hp.hc_pre(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, block_t=bt, block_d=bd,
-                    interpret=True, poison_outputs=True)
-    check(got, hp.reference(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters), what=name)
+                    interpret=True, poison_outputs=True, **kw)
+    check(got, hp.reference(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, **kw), what=name)
 
 
 @pytest.mark.parametrize("n,iters", [(4, 20), (2, 1), (3, 5)])
@@ -80,22 +88,34 @@ def test_bad_arguments_raise():
         hp.hc_pre(streams, fn[:, :-1], base, scale, **kw)
     with pytest.raises(ValueError, match="block_d=48"):
         hp.hc_pre(streams, fn, base, scale, block_d=48, **kw)
+    with pytest.raises(ValueError, match="block_t=3"):
+        hp.hc_pre(streams, fn, base, scale, block_t=3, **kw)
+    with pytest.raises(ValueError, match=r"norm_weight \(32,\), expected \[64\]"):
+        hp.hc_pre(streams, fn, base, scale, norm_weight=jnp.ones((32,)), **kw)
+    with pytest.raises(ValueError, match="block_d=32 .* equal to it with norm_weight"):
+        hp.hc_pre(streams, fn, base, scale, norm_weight=jnp.ones((64,)), block_d=32, **kw)
     assert not hp.supported(4, 48) and hp.supported(4, 4096)
 
 
-@pytest.mark.parametrize("T,kw", [(1, {}), (128, {}), (16384, {}), (100, dict(block_t=32, poison_outputs=True))])
-def test_lowers_for_h100(T, kw):
+@pytest.mark.parametrize("T,kw,norm", [(1, {}, False), (128, {}, False), (16384, {}, False),
+                                       (100, dict(block_t=32, poison_outputs=True), False), (1, {}, True),
+                                       (128, dict(poison_outputs=True), True)])
+def test_lowers_for_h100(T, kw, norm):
     n, d = 4, 4096
     fn = functools.partial(hp.hc_pre, rms_eps=EPS, hc_eps=EPS, iters=20, **kw)
     args = (jax.ShapeDtypeStruct((T, n, d), jnp.bfloat16), jax.ShapeDtypeStruct(((2 + n) * n, n * d), jnp.float32),
             jax.ShapeDtypeStruct(((2 + n) * n,), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.float32))
+    if norm:
+        fn = hp._with_norm(fn)
+        args = (*args, jax.ShapeDtypeStruct((d,), jnp.float32))
     assert "triton" in lower_for_h100(fn, *args).lower()
 
 
 @on_gpu
 @pytest.mark.parametrize("T", [1, 128, 16384, 1000])
-def test_gpu_matches_reference(T):
+@pytest.mark.parametrize("norm", [False, True])
+def test_gpu_matches_reference(T, norm):
     streams, fn, base, scale = inputs(T, (T,), 4, 4096, jnp.bfloat16)
-    kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20)
+    kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20, **(dict(norm_weight=norm_weight(T, 4096), norm_eps=EPS) if norm else {}))
     check(hp.hc_pre(streams, fn, base, scale, poison_outputs=True, **kw),
           jax.jit(functools.partial(hp.reference, **kw))(streams, fn, base, scale), what=f"T={T}")
