@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import FP32, RMSNorm, linear, rms_scale, unweighted_rms_norm
+from .basic import FP32, RMSNorm, linear, unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
@@ -31,13 +31,19 @@ MIX_AS_SUM_MAX_TOKENS = 16
 NORM_IN_KERNEL_MAX_TOKENS = 32
 
 
+def mix_sums(flat: jax.Array, fn: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """flat [..., n*d] fp32 -> (fn @ flat [..., fn_rows], sum(flat^2) [..., 1]): the few-token mixing logits
+    before their RMS factor ``rsqrt(sum / (n*d) + eps)`` (kernels_pallas.hc_pre applies it in its kernel)."""
+    return jnp.sum(flat[..., None, :] * fn.astype(jnp.float32), axis=-1), jnp.sum(flat * flat, axis=-1, keepdims=True)
+
+
 def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32 at full precision (``FP32``), as
     the reference computes them: the Sinkhorn and every later layer carry on their rounding."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
     if math.prod(flat.shape[:-1]) <= MIX_AS_SUM_MAX_TOKENS:
-        raw = jnp.sum(flat[..., None, :] * fn.astype(jnp.float32), axis=-1)
-        return raw * rms_scale(flat, eps)
+        raw, sum_squares = mix_sums(flat, fn)
+        return raw * jax.lax.rsqrt(sum_squares / flat.shape[-1] + eps)
     return linear(unweighted_rms_norm(flat, eps), fn.astype(jnp.float32), precision=FP32)
 
 

@@ -29,9 +29,30 @@ def normalise_weights(scores: jax.Array, idx: jax.Array, route_scale: float) -> 
     return w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20) * route_scale
 
 
+# Up to this many tokens the router's k largest are picked by rank (each expert counts the experts ranked
+# before it): two reductions, the first fused with the bias add, where lax.top_k on a GPU is a bias-add kernel,
+# a sort kernel and a slice kernel per MoE layer.
+RANK_TOP_K_MAX_TOKENS = 16
+
+
+def top_k_ids(x: jax.Array, k: int) -> jax.Array:
+    """x [T, E] -> ids of each row's k largest [T, k] int32, in lax.top_k's order (descending, ties to the
+    lower id)."""
+    T, E = x.shape
+    if T > RANK_TOP_K_MAX_TOKENS:
+        return jax.lax.top_k(x, k)[1]
+    ids = jnp.arange(E, dtype=jnp.int32)
+    xi, xj = x[:, :, None], x[:, None, :]
+    before = (xj > xi) | ((xj == xi) & (ids[None, None, :] < ids[None, :, None]))  # [T, i, j]: j ranks before i
+    rank = jnp.sum(before, axis=-1, dtype=jnp.int32)  # [T, E], a permutation of 0..E-1 for finite x
+    picked = rank[:, None, :] == jnp.arange(k, dtype=jnp.int32)[None, :, None]  # [T, k, E]
+    # NaN scores share rank 0; the clamp keeps the sum of their ids a valid expert id
+    return jnp.minimum(jnp.sum(jnp.where(picked, ids, 0), axis=-1), E - 1)
+
+
 def route_learned(scores: jax.Array, bias: jax.Array, k: int, route_scale: float):
     """Top-k over scores + bias; the bias (aux-loss-free balancing) only affects selection."""
-    _, idx = jax.lax.top_k(scores + bias.astype(jnp.float32), k)
+    idx = top_k_ids(scores + bias.astype(jnp.float32), k)
     return normalise_weights(scores, idx, route_scale), idx
 
 
@@ -68,9 +89,10 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
         from kernels_pallas.common import interpret_default
         from kernels_pallas.expert_rows import expert_rows
 
-        xs = jnp.broadcast_to(x.astype(gate_up.dtype), (k, x.shape[-1]))
         rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret_default())
-        y = _expert_mlp(xs, functools.partial(rows, w=gate_up), functools.partial(rows, w=down), limit)
+        # gate_up reads the token's one row for all k experts: [1, d] -> [k, 2F]
+        y = _expert_mlp(x.astype(gate_up.dtype), functools.partial(rows, w=gate_up), functools.partial(rows, w=down),
+                        limit)
         return jnp.einsum("kd,k->d", y, weights.reshape(-1))[None]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)

@@ -1,9 +1,10 @@
 """Each row against its own expert matrix: the routed experts of a one-token decode step without sorting.
 
-    expert_rows(x [M, K], w [G, N, K], ids [M] int32) -> [M, N] in x's dtype (fp32 accumulate)
+    expert_rows(x [M or 1, K], w [G, N, K], ids [M] int32) -> [M, N] in x's dtype (fp32 accumulate)
 
 Meaning (``reference``): ``out[r] = w[ids[r]] @ x[r]``, the product ``moe._gathered_experts`` forms by
-gathering the picked matrices.
+gathering the picked matrices; a one-row x is every row's (a token against its k experts, without an XLA
+kernel broadcasting it to k rows first).
 
 Why: at batch 1 a token's k experts are distinct (top-k, or the hash table's permutation), so each row's
 matrix is read once without grouping rows by expert. The grouped kernels need the rows sorted by expert
@@ -35,21 +36,22 @@ TILE_ROWS = 16  # Triton's smallest tensor-core tile
 
 
 def reference(x, w, ids):
-    """out[r] = w[ids[r]] @ x[r] in x's dtype, fp32 accumulation."""
+    """out[r] = w[ids[r]] @ x[r] (x[0] for a one-row x) in x's dtype, fp32 accumulation."""
+    x = jnp.broadcast_to(x, (ids.shape[0], x.shape[1]))
     return jnp.einsum("mk,mnk->mn", x, w[ids], preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _kernel(ids_ref, x_ref, w_ref, o_ref, *, block_k: int):
-    """ids_ref [M]; x_ref [M, K]; w_ref [G, bn, K] (this program's column block); o_ref [M, bn]."""
+    """ids_ref [M]; x_ref [M or 1, K]; w_ref [G, bn, K] (this program's column block); o_ref [M, bn]."""
     r = pl.program_id(1)
-    M, K = x_ref.shape
-    rows = r + jnp.arange(TILE_ROWS, dtype=jnp.int32)
-    own = rows == r
+    K = x_ref.shape[1]
+    own = jnp.arange(TILE_ROWS, dtype=jnp.int32) == 0  # output row r is tile row 0; the other 15 masked
+    xr = 0 if x_ref.shape[0] == 1 else r
     e = ids_ref[r]
 
     def step(i, acc):
         k0 = pl.multiple_of(i * block_k, block_k)
-        xs = plt.load(x_ref.at[pl.ds(r, TILE_ROWS), pl.ds(k0, block_k)], mask=own[:, None], other=0)
+        xs = plt.load(x_ref.at[pl.ds(xr, TILE_ROWS), pl.ds(k0, block_k)], mask=own[:, None], other=0)
         ws = w_ref[e, :, pl.ds(k0, block_k)]
         return acc + lax.dot_general(xs, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -62,17 +64,17 @@ def _kernel(ids_ref, x_ref, w_ref, o_ref, *, block_k: int):
 def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, block_n: int = 64, block_k: int = 128,
                 num_warps: int = 4, num_stages: int = 4, interpret: bool = False,
                 poison_outputs: bool = False) -> jax.Array:
-    """x [M, K], w [G, N, K], ids [M] int32 in [0, G) -> [M, N] in x's dtype. block_n / block_k: the weight
-    tile streamed per step (clipped to N / K). poison_outputs: testing aid (outputs start as NaN)."""
-    M, K = x.shape
-    G, N, _ = w.shape
-    if ids.shape != (M,):
-        raise ValueError(f"expert_rows: ids {ids.shape}: expected [M] for x {x.shape}")
+    """x [M or 1, K], w [G, N, K], ids [M] int32 in [0, G) -> [M, N] in x's dtype. block_n / block_k: the
+    weight tile streamed per step (clipped to N / K). poison_outputs: testing aid (outputs start as NaN)."""
+    G, N, K = w.shape
+    M = ids.shape[0] if ids.ndim == 1 else 0
+    if not M or x.ndim != 2 or x.shape[0] not in (1, M):
+        raise ValueError(f"expert_rows: ids {ids.shape}, x {x.shape}: expected ids [M] and x [M or 1, K]")
     block_n, block_k = expert_blocks("expert_rows", x, w, block_n, block_k)
     return triton_call(
         functools.partial(_kernel, block_k=block_k), [ids.astype(jnp.int32), x, w],
         grid=(N // block_n, M),
-        in_specs=[pl.BlockSpec((M,), lambda n, r: (0,)), pl.BlockSpec((M, K), lambda n, r: (0, 0)),
+        in_specs=[pl.BlockSpec((M,), lambda n, r: (0,)), pl.BlockSpec(x.shape, lambda n, r: (0, 0)),
                   pl.BlockSpec((G, block_n, K), lambda n, r: (0, n, 0))],
         out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, r: (0, n))],
@@ -86,19 +88,20 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, block_n: int = 64
 
 
 def bench_cases():
-    """A one-token decode step's 6 routed rows over 256 Flash-size experts (gate_up, then down), against the
-    gathered einsum; ``grouped_gemv``'s ``T=1`` cases time the sorted alternative (without its sort)."""
+    """A one-token decode step's 6 routed rows over 256 Flash-size experts as the MoE layer runs them (gate_up
+    from the token's one row, then down), against the gathered einsum; ``grouped_gemv``'s ``T=1`` cases time the sorted alternative (without its sort)."""
     E, d, F, k = 256, 4096, 2048, 6
 
-    def case(n, kk, name):
+    def case(n, kk, name, shared):
         def args(key):
             kx, kw, ke = jax.random.split(key, 3)
-            x = jax.random.normal(kx, (k, kk), jnp.bfloat16)
+            x = jax.random.normal(kx, (1 if shared else k, kk), jnp.bfloat16)
             w = (0.02 * jax.random.normal(kw, (E, n, kk))).astype(jnp.bfloat16)
             return x, w, jax.random.permutation(ke, E)[:k].astype(jnp.int32)
 
-        return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E}", "args": args, "reference": reference,
-                "pallas": expert_rows, "bytes": 2 * (k * kk + k * n * kk + k * n), "flops": 2 * k * n * kk}
+        return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E} x_rows={1 if shared else k}", "args": args, "reference": reference,
+                "pallas": expert_rows, "bytes": 2 * ((1 if shared else k) * kk + k * n * kk + k * n),
+                "flops": 2 * k * n * kk}
 
     def dense(n, kk, name):  # one matrix (G = 1) and one row: a dense layer's GEMV, against XLA's
         def args(key):
@@ -114,5 +117,5 @@ def bench_cases():
     # The dense cases ask whether this kernel beats XLA's GEMVs of the decode step's dense layers (the
     # shared expert's and q_a's ran at ~66-70% of copy rate in GPU run 22); sweep block_n down to 16 with
     # --configs, since one row of N = 2048 gives only N / block_n programs.
-    return [case(2 * F, d, "gate_up T=1"), case(d, F, "down T=1"), dense(F, d, "dense shared gate T=1"),
+    return [case(2 * F, d, "gate_up T=1", True), case(d, F, "down T=1", False), dense(F, d, "dense shared gate T=1"),
             dense(d, F, "dense shared down T=1"), dense(1024, d, "dense q_a T=1")]

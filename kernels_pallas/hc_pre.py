@@ -15,7 +15,8 @@ Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 
 step of the 6-layer Flash-width slice: 213 us and ~118 kernels of a 1.9 ms batch-1 decode step on an H200
 (docs/performance.md). Here XLA computes the mixing logits with the XLA path's own function
 (``mix_logits``: the RMS factor and the products with the 1.5 MB of ``fn``, so both paths see the same
-logits), and one kernel does the rest.
+logits), and one kernel does the rest. Up to ``MIX_AS_SUM_MAX_TOKENS`` tokens XLA forms only the products and
+the streams' sum of squares (``mix_sums``), and the kernel applies the RMS factor with the same operations.
 
 Backend: the Pallas **Triton** backend. Grid ``(token blocks, d / block_d)``: a program owns ``block_t``
 tokens and ``block_d`` columns of each stream, so a one-token decode step still spreads its stream reads
@@ -42,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsv4_jax.basic import rms_norm
-from dsv4_jax.hyper_connection import collapse, hc_weights, mix_logits
+from dsv4_jax.hyper_connection import MIX_AS_SUM_MAX_TOKENS, collapse, hc_weights, mix_logits, mix_sums
 
 from .common import triton_call
 
@@ -89,19 +90,27 @@ def sinkhorn_entries(x: list[list], iters: int, eps: float) -> list[list]:
 
 
 def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, iters: int, hc_eps: float,
-            block_t: int, block_d: int, norm_eps: float | None):
-    """streams_ref [T, n*d]; mix_ref [T, (2+n)n] f32 mixing logits; base_ref [(2+n)n]; scale_ref [3];
-    [norm_ref [d] f32 when norm_eps is not None;] x_ref [T, d]; post_ref [T, n]; comb_ref [T, n*n].
-    One program: ``block_t`` tokens x ``block_d`` columns (all d with the norm)."""
+            block_t: int, block_d: int, rms_eps: float | None, norm_eps: float | None):
+    """streams_ref [T, n*d]; mix_ref [T, (2+n)n] f32 mixing logits (before their RMS factor when rms_eps is
+    not None); base_ref [(2+n)n]; scale_ref [3]; [sum_squares_ref [T, 1] f32 of the streams when rms_eps is
+    not None;] [norm_ref [d] f32 when norm_eps is not None;] x_ref [T, d]; post_ref [T, n]; comb_ref
+    [T, n*n]. One program: ``block_t`` tokens x ``block_d`` columns (all d with the norm)."""
     x_ref, post_ref, comb_ref = refs[-3:]
+    extra = list(refs[:-3])
+    sum_squares_ref = extra.pop(0) if rms_eps is not None else None
+    norm_ref = extra.pop(0) if norm_eps is not None else None
     T = streams_ref.shape[0]
     start = pl.program_id(0) * block_t
     k0 = pl.multiple_of(pl.program_id(1) * block_d, block_d)
     valid = start + jnp.arange(block_t, dtype=jnp.int32) < T
     tokens = pl.ds(start, block_t)
 
+    rms = 1.0  # mix_logits' RMS factor, the same operations (None: already applied)
+    if sum_squares_ref is not None:
+        rms = lax.rsqrt(plt.load(sum_squares_ref.at[tokens, jnp.int32(0)], mask=valid, other=0.0) / (n * d) + rms_eps)
+
     def logit(j, s):
-        return plt.load(mix_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0) * scale_ref[s] + base_ref[j]
+        return plt.load(mix_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0) * rms * scale_ref[s] + base_ref[j]
 
     def tile(i):  # stream i, this program's columns and tokens, fp32
         return plt.load(streams_ref.at[tokens, pl.ds(i * d + k0, block_d)], mask=valid[:, None],
@@ -111,7 +120,7 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, it
     acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i) for i in range(n)])
     if norm_eps is not None:  # rms_norm of x as the XLA path rounds it: whole rows in this program
         xf = acc.astype(x_ref.dtype).astype(jnp.float32)
-        acc = refs[0][...][None, :] * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + norm_eps))
+        acc = norm_ref[...][None, :] * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + norm_eps))
     plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
 
     @pl.when(pl.program_id(1) == 0)
@@ -151,15 +160,20 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
                          f"dividing d={d}" + (", equal to it with norm_weight" if norm else ""))
     flat = streams.reshape(-1, n * d)
     T = flat.shape[0]
-    mix = mix_logits(flat.reshape(T, n, d), fn, rms_eps)
+    if T <= MIX_AS_SUM_MAX_TOKENS:  # the RMS factor is applied in the kernel: one XLA kernel fewer
+        mix, sum_squares = mix_sums(flat.astype(jnp.float32), fn)
+    else:
+        mix, sum_squares = mix_logits(flat.reshape(T, n, d), fn, rms_eps), None
     whole = lambda *shape: pl.BlockSpec(shape, lambda t, k: (0,) * len(shape))  # the kernel indexes its block
     args, in_specs = [flat, mix, base.astype(jnp.float32), scale.astype(jnp.float32)], [whole(T, n * d), whole(T, R),
                                                                                           whole(R), whole(3)]
+    if sum_squares is not None:
+        args, in_specs = [*args, sum_squares], [*in_specs, whole(T, 1)]
     if norm:
         args, in_specs = [*args, norm_weight.astype(jnp.float32)], [*in_specs, whole(d)]
     x, post, comb = triton_call(
         functools.partial(_kernel, n=n, d=d, iters=iters, hc_eps=hc_eps, block_t=bt, block_d=bd,
-                          norm_eps=norm_eps if norm else None),
+                          rms_eps=None if sum_squares is None else rms_eps, norm_eps=norm_eps if norm else None),
         args, grid=(pl.cdiv(T, bt), d // bd), in_specs=in_specs,
         out_shape=[jax.ShapeDtypeStruct((T, d), streams.dtype), jax.ShapeDtypeStruct((T, n), jnp.float32),
                    jax.ShapeDtypeStruct((T, n * n), jnp.float32)],

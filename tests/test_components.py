@@ -446,6 +446,20 @@ def test_sqrt_softplus_routing_is_underflow_safe():
     assert_close(dense_weights(w, idx, E), dense_weights(ref_w, ref_idx, E), "routing weights")
 
 
+@pytest.mark.parametrize("T", [1, 3, moe.RANK_TOP_K_MAX_TOKENS, moe.RANK_TOP_K_MAX_TOKENS + 1])
+def test_top_k_ids_is_lax_top_k(T):
+    """The rank-based pick (up to RANK_TOP_K_MAX_TOKENS tokens) returns lax.top_k's ids in its order, ties
+    included (scores drawn from 7 values over 256 experts, so most rows tie at the k-th place), and plain
+    random rows; NaN rows still give valid ids."""
+    E, k = 256, 6
+    tied = jax.random.randint(jax.random.PRNGKey(T), (T, E), 0, 7).astype(jnp.float32)
+    plain = jax.random.normal(jax.random.PRNGKey(100 + T), (T, E))
+    for x in (tied, plain):
+        np.testing.assert_array_equal(np.asarray(moe.top_k_ids(x, k)), np.asarray(jax.lax.top_k(x, k)[1]))
+    ids = np.asarray(moe.top_k_ids(plain.at[0, ::3].set(jnp.nan), k))
+    assert ((0 <= ids) & (ids < E)).all()
+
+
 # ----- 7. experts ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layer", [0, 3])  # hash MoE, learned MoE

@@ -2,7 +2,7 @@
 MoE layer's one-token path that uses it against the XLA path.
 
 CPU: Pallas interpret mode into poisoned outputs on fresh random inputs (6 distinct experts as in a decode
-step, repeated experts, a single row, rows past one 16-row tile), bad shapes, a CUDA lowering check at the
+step, repeated experts, a single row, rows past one 16-row tile; one x row for every output row), bad shapes, a CUDA lowering check at the
 Flash shapes. GPU (skipped elsewhere): the compiled kernel at the Flash sizes.
 """
 
@@ -36,8 +36,11 @@ def assert_close(got, want):
 
 
 @pytest.mark.parametrize("ids", [[3, 0, 7, 1, 6, 2], [4, 4, 1, 4], [5], list(range(8)) * 3])
-def test_interpret_matches_reference(ids):
-    x, w, idx = inputs(len(ids), ids, 8, 64, 96)
+@pytest.mark.parametrize("shared_x", [False, True])
+def test_interpret_matches_reference(ids, shared_x):
+    """shared_x: x has one row, every output row's (a token against its k experts)."""
+    x, w, idx = inputs(len(ids) + 10 * shared_x, ids, 8, 64, 96)
+    x = x[:1] if shared_x else x
     assert_close(er.expert_rows(x, w, idx, interpret=True, poison_outputs=True, **SMALL), er.reference(x, w, idx))
 
 
@@ -73,14 +76,14 @@ def test_bad_shapes_are_errors():
         er.expert_rows(x, w, idx, block_n=48, interpret=True)
     with pytest.raises(ValueError, match="expected x"):
         er.expert_rows(x.astype(jnp.float32), w, idx, interpret=True)
-    with pytest.raises(ValueError, match=r"ids \(1,\): expected \[M\]"):
+    with pytest.raises(ValueError, match=r"ids \(1,\), x \(2, 96\): expected ids \[M\] and x \[M or 1, K\]"):
         er.expert_rows(x, w, idx[:1], interpret=True)
 
 
-@pytest.mark.parametrize("N,K", [(4096, 4096), (4096, 2048)])
-def test_lowers_for_h100(N, K):
+@pytest.mark.parametrize("N,K,x_rows", [(4096, 4096, 1), (4096, 2048, 6)])
+def test_lowers_for_h100(N, K, x_rows):
     S = jax.ShapeDtypeStruct
-    assert "triton" in lower_for_h100(er.expert_rows, S((6, K), jnp.bfloat16), S((256, N, K), jnp.bfloat16),
+    assert "triton" in lower_for_h100(er.expert_rows, S((x_rows, K), jnp.bfloat16), S((256, N, K), jnp.bfloat16),
                                       S((6,), jnp.int32)).lower()
 
 
