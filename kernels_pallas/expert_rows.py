@@ -89,18 +89,21 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, block_n: int = 64
 
 def bench_cases():
     """A one-token decode step's 6 routed rows over 256 Flash-size experts as the MoE layer runs them (gate_up
-    from the token's one row, then down), against the gathered einsum; ``grouped_gemv``'s ``T=1`` cases time the sorted alternative (without its sort)."""
+    from the token's one row, then down), against the gathered einsum; ``grouped_gemv``'s ``T=1`` cases time
+    the sorted alternative (without its sort)."""
     E, d, F, k = 256, 4096, 2048, 6
 
     def case(n, kk, name, shared):
+        x_rows = 1 if shared else k
+
         def args(key):
             kx, kw, ke = jax.random.split(key, 3)
-            x = jax.random.normal(kx, (1 if shared else k, kk), jnp.bfloat16)
+            x = jax.random.normal(kx, (x_rows, kk), jnp.bfloat16)
             w = (0.02 * jax.random.normal(kw, (E, n, kk))).astype(jnp.bfloat16)
             return x, w, jax.random.permutation(ke, E)[:k].astype(jnp.int32)
 
-        return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E} x_rows={1 if shared else k}", "args": args, "reference": reference,
-                "pallas": expert_rows, "bytes": 2 * ((1 if shared else k) * kk + k * n * kk + k * n),
+        return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E} x_rows={x_rows}", "args": args,
+                "reference": reference, "pallas": expert_rows, "bytes": 2 * (x_rows * kk + k * n * kk + k * n),
                 "flops": 2 * k * n * kk}
 
     def dense(n, kk, name):  # one matrix (G = 1) and one row: a dense layer's GEMV, against XLA's

@@ -105,9 +105,10 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, it
     valid = start + jnp.arange(block_t, dtype=jnp.int32) < T
     tokens = pl.ds(start, block_t)
 
-    rms = 1.0  # mix_logits' RMS factor, the same operations (None: already applied)
+    rms = 1.0  # mix_logits' RMS factor by the same operations (1.0: XLA applied it already)
     if sum_squares_ref is not None:
-        rms = lax.rsqrt(plt.load(sum_squares_ref.at[tokens, jnp.int32(0)], mask=valid, other=0.0) / (n * d) + rms_eps)
+        sum_squares = plt.load(sum_squares_ref.at[tokens, jnp.int32(0)], mask=valid, other=0.0)
+        rms = lax.rsqrt(sum_squares / (n * d) + rms_eps)
 
     def logit(j, s):
         return plt.load(mix_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0) * rms * scale_ref[s] + base_ref[j]
@@ -165,12 +166,13 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
     else:
         mix, sum_squares = mix_logits(flat.reshape(T, n, d), fn, rms_eps), None
     whole = lambda *shape: pl.BlockSpec(shape, lambda t, k: (0,) * len(shape))  # the kernel indexes its block
-    args, in_specs = [flat, mix, base.astype(jnp.float32), scale.astype(jnp.float32)], [whole(T, n * d), whole(T, R),
-                                                                                          whole(R), whole(3)]
+    inputs = [(flat, whole(T, n * d)), (mix, whole(T, R)), (base.astype(jnp.float32), whole(R)),
+              (scale.astype(jnp.float32), whole(3))]
     if sum_squares is not None:
-        args, in_specs = [*args, sum_squares], [*in_specs, whole(T, 1)]
+        inputs.append((sum_squares, whole(T, 1)))
     if norm:
-        args, in_specs = [*args, norm_weight.astype(jnp.float32)], [*in_specs, whole(d)]
+        inputs.append((norm_weight.astype(jnp.float32), whole(d)))
+    args, in_specs = map(list, zip(*inputs))
     x, post, comb = triton_call(
         functools.partial(_kernel, n=n, d=d, iters=iters, hc_eps=hc_eps, block_t=bt, block_d=bd,
                           rms_eps=None if sum_squares is None else rms_eps, norm_eps=norm_eps if norm else None),

@@ -2,8 +2,8 @@
 MoE layer's one-token path that uses it against the XLA path.
 
 CPU: Pallas interpret mode into poisoned outputs on fresh random inputs (6 distinct experts as in a decode
-step, repeated experts, a single row, rows past one 16-row tile; one x row for every output row), bad shapes, a CUDA lowering check at the
-Flash shapes. GPU (skipped elsewhere): the compiled kernel at the Flash sizes.
+step, repeated experts, a single row, rows past one 16-row tile; one x row for every output row), bad
+shapes, a CUDA lowering check at the Flash shapes. GPU (skipped elsewhere): the compiled kernel at the Flash sizes.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 CPU: interpret mode into poisoned outputs (token counts below, at and above one block; n = 2 and 4; 1, 3
 and 20 Sinkhorn iterations; bf16 and fp32 streams; tiles narrower than d; large mixing logits that the
-row softmax must shift; with the sub-block's RMSNorm, one or several tokens per program), the in-register Sinkhorn against the reference's on plain arrays, bad arguments,
-and a CUDA cross-lowering check. GPU (skipped elsewhere): the compiled kernel at decode and prefill token
+row softmax must shift; with the sub-block's RMSNorm, one or several tokens per program), the in-register
+Sinkhorn against the reference's on plain arrays, bad arguments, and a CUDA cross-lowering check. GPU (skipped elsewhere): the compiled kernel at decode and prefill token
 counts with the Flash sizes.
 """
 
@@ -116,6 +116,8 @@ def test_lowers_for_h100(T, kw, norm):
 @pytest.mark.parametrize("norm", [False, True])
 def test_gpu_matches_reference(T, norm):
     streams, fn, base, scale = inputs(T, (T,), 4, 4096, jnp.bfloat16)
-    kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20, **(dict(norm_weight=norm_weight(T, 4096), norm_eps=EPS) if norm else {}))
+    kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20)
+    if norm:
+        kw.update(norm_weight=norm_weight(T, 4096), norm_eps=EPS)
     check(hp.hc_pre(streams, fn, base, scale, poison_outputs=True, **kw),
           jax.jit(functools.partial(hp.reference, **kw))(streams, fn, base, scale), what=f"T={T}")
