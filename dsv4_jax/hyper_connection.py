@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import FP32, RMSNorm, linear, unweighted_rms_norm
+from .basic import FP32, RMSNorm, linear, rms_scale, unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
@@ -42,8 +42,7 @@ def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     the reference computes them: the Sinkhorn and every later layer carry on their rounding."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
     if math.prod(flat.shape[:-1]) <= MIX_AS_SUM_MAX_TOKENS:
-        raw, sum_squares = mix_sums(flat, fn)
-        return raw * jax.lax.rsqrt(sum_squares / flat.shape[-1] + eps)
+        return mix_sums(flat, fn)[0] * rms_scale(flat, eps)
     return linear(unweighted_rms_norm(flat, eps), fn.astype(jnp.float32), precision=FP32)
 
 
@@ -108,13 +107,12 @@ class HyperConnection(nnx.Module):
             from kernels_pallas.common import interpret_default
 
             if hc_pre.supported(c.hc_mult, streams.shape[-1]):
-                kw = dict(rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters,
-                          interpret=interpret_default())
-                if math.prod(streams.shape[:-2]) <= NORM_IN_KERNEL_MAX_TOKENS:
-                    return hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...],
-                                         norm_weight=norm.weight[...], norm_eps=norm.eps, **kw)
-                x, post, comb = hc_pre.hc_pre(streams, self.fn[...], self.base[...], self.scale[...], **kw)
-                return norm(x), post, comb
+                fused = math.prod(streams.shape[:-2]) <= NORM_IN_KERNEL_MAX_TOKENS
+                x, post, comb = hc_pre.hc_pre(
+                    streams, self.fn[...], self.base[...], self.scale[...], rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps,
+                    iters=c.hc_sinkhorn_iters, interpret=interpret_default(),
+                    **(dict(norm_weight=norm.weight[...], norm_eps=norm.eps) if fused else {}))
+                return (x if fused else norm(x)), post, comb
         pre, post, comb = self.weights(streams)
         return norm(collapse(streams, pre)), post, comb
 
