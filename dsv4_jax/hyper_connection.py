@@ -57,7 +57,9 @@ def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:
 
 
 def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: float, sinkhorn_iters: int):
-    """streams [..., n, d] -> (pre [..., n], post [..., n], comb [..., n, n]), all fp32."""
+    """streams [..., n, d] -> (pre [..., n], post [..., n], comb [..., n, n]), all fp32, as buffers computed once
+    (an optimization barrier): otherwise XLA's GPU fusion pulls the Sinkhorn into ``expand``'s elementwise fusion,
+    recomputing its 20 iterations per output element, and a Flash-width decode step compiled for 162 s, not 31."""
     mix = mix_logits(streams, fn, rms_eps)
     pre_w, post_w, comb_w = mix[..., :n], mix[..., n : 2 * n], mix[..., 2 * n :]
     base = base.astype(jnp.float32)
@@ -65,7 +67,7 @@ def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: floa
     pre = jax.nn.sigmoid(pre_w * scale[0] + base[:n]) + hc_eps
     post = 2.0 * jax.nn.sigmoid(post_w * scale[1] + base[n : 2 * n])
     comb_logits = comb_w.reshape(*comb_w.shape[:-1], n, n) * scale[2] + base[2 * n :].reshape(n, n)
-    return pre, post, sinkhorn(comb_logits, sinkhorn_iters, hc_eps)
+    return jax.lax.optimization_barrier((pre, post, sinkhorn(comb_logits, sinkhorn_iters, hc_eps)))
 
 
 def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:

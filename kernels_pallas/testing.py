@@ -64,3 +64,38 @@ def compile_for_h100(fn, *args) -> dict[str, float]:
                            options={"num_warps": warps, "num_stages": stages})
             seconds[name] = time.perf_counter() - t0
     return seconds
+
+
+# XLA's description of an H100 SXM (its xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb): the target a compile-only
+# device stands for.
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 3 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def h100_compile_only_sharding():
+    """A sharding on a compile-only H100, or None without a CUDA plugin for JAX (the ``aot`` extra).
+
+    ``jax.jit(f).lower(*ShapeDtypeStructs with this sharding).compile()`` then runs XLA's whole GPU pipeline on
+    a CPU-only host (fusion, the Pallas Triton kernels, scheduling; no autotuning, which needs the device), so
+    a test can read the optimized GPU HLO. The GPU machines' plugin is jax-cuda13-plugin. On a host without a GPU,
+    run with ``JAX_PLATFORMS=cpu`` (tests/conftest.py sets it): otherwise the plugin fails to initialise and JAX
+    drops it."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):
+        return None
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
+    return jax.sharding.SingleDeviceSharding(topology.devices[0])

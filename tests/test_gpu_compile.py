@@ -1,0 +1,54 @@
+"""The model's jitted steps compiled by XLA for an H100 on a CPU-only host (a compile-only device; needs the
+``aot`` extra's CUDA plugin), to check what XLA's GPU pipeline makes of them: its fusion decisions differ from
+the CPU's, and a bad one costs minutes of compile or recomputes work in every element."""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import pytest
+
+from conftest import tiny
+from kernels_pallas.testing import h100_compile_only_sharding
+from scripts.compile_for_h100 import compiled_step_hlo
+
+H100 = h100_compile_only_sharding()
+pytestmark = pytest.mark.skipif(H100 is None, reason="needs a CUDA plugin for JAX (pip install -e '.[aot]')")
+
+
+def fused_computations(hlo: str) -> list[tuple[str, str]]:
+    """Optimized HLO text -> (root shape, body) of each fused computation."""
+    return [(re.search(r"ROOT \S+ = (\S+)", body).group(1), body)
+            for body in re.findall(r"^%[\w.-]+ \([^\n]*\{\n(.*?)^\}", hlo, re.M | re.S)]
+
+
+def step_hlo(cfg, T: int, kernels: str) -> str:
+    """The fp32 chunk step of 2 rows x T tokens, capacity 32, as XLA optimizes it for an H100."""
+    return compiled_step_hlo(cfg, jnp.float32, 2, T, 32, kernels, H100)[0]
+
+
+def test_decode_step_computes_each_sinkhorn_once():
+    """Each sub-block's Sinkhorn (2 x iters divides of [..., n, n]) is a fusion of its own that writes the
+    [..., n, n] matrix, not part of ``expand``'s elementwise fusion that writes the [..., n, d] streams, which
+    recomputed it for every element: there the Flash-width slice's XLA decode step compiled for 162 s (31 s
+    with the barrier that ends ``hc_weights``)."""
+    cfg = tiny()
+    n = cfg.hc_mult
+    sinkhorn_divides = re.compile(rf"= f32\[[\d,]*{n},{n}\]\S* divide\(")
+    roots = [root for root, body in fused_computations(step_hlo(cfg, 1, "xla"))
+             if len(sinkhorn_divides.findall(body)) >= 2 * cfg.hc_sinkhorn_iters - 1]
+    assert len(roots) == 2 * cfg.num_hidden_layers, roots  # one per sub-block
+    assert all(re.match(rf"f32\[[\d,]*{n},{n}\]", root) for root in roots), roots
+
+
+@pytest.mark.parametrize("T", [1, 8])
+def test_pallas_steps_compile_for_h100(T):
+    """The kernels path of a decode step (T=1) and of a prefill chunk compiles whole for an H100, with each
+    Pallas kernel of the attention path inside (the fp32 model's experts keep the XLA path): the kernels lower
+    in the model's step, and XLA's GPU pipeline takes the program around them."""
+    stage = "decode" if T == 1 else "prefill"
+    hlo = step_hlo(tiny(), T, "pallas")
+    kernels = set(re.findall(r"\b(dsv4_[a-z_]+?)(?:_[a-z]?\d|\b)", hlo))  # names without their size suffixes
+    want = {f"dsv4_compress_{stage}", "dsv4_hc_pre", f"dsv4_indexer_{stage}", "dsv4_sparse_attn", "dsv4_topk_select"}
+    assert want <= kernels, sorted(kernels)
