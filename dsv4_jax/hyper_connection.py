@@ -58,8 +58,9 @@ def sinkhorn(comb_logits: jax.Array, iters: int, eps: float) -> jax.Array:
 
 def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: float, sinkhorn_iters: int):
     """streams [..., n, d] -> (pre [..., n], post [..., n], comb [..., n, n]), all fp32, as buffers computed once
-    (an optimization barrier): otherwise XLA's GPU fusion pulls the Sinkhorn into ``expand``'s elementwise fusion,
-    recomputing its 20 iterations per output element, and a Flash-width decode step compiled for 162 s, not 31."""
+    (an optimization barrier): otherwise XLA's GPU fusion pulls the Sinkhorn into ``expand``'s elementwise
+    fusion, recomputing its 20 iterations per output element, and a Flash-width decode step compiled for an H100
+    in 162 s, not 31."""
     mix = mix_logits(streams, fn, rms_eps)
     pre_w, post_w, comb_w = mix[..., :n], mix[..., n : 2 * n], mix[..., 2 * n :]
     base = base.astype(jnp.float32)

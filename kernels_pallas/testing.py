@@ -90,6 +90,13 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 
+def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin (the ``aot`` extra, or a GPU machine's own) is installed."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12))
+
+
 def h100_compile_only_sharding():
     """A sharding on a compile-only H100, or None without a CUDA plugin for JAX (the ``aot`` extra).
 
@@ -98,9 +105,7 @@ def h100_compile_only_sharding():
     a test can read the optimized GPU HLO. The GPU machines' plugin is jax-cuda13-plugin. On a host without a GPU,
     run with ``JAX_PLATFORMS=cpu`` (tests/conftest.py sets it): otherwise the plugin fails to initialise and JAX
     drops it."""
-    import importlib.util
-
-    if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):
+    if not cuda_plugin_installed():
         return None
     from jax.experimental import topologies
 

@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import tiny
-from kernels_pallas.testing import h100_compile_only_sharding
+from kernels_pallas.testing import cuda_plugin_installed, h100_compile_only_sharding
 from scripts.compile_for_h100 import compiled_step_hlo
 
-H100 = h100_compile_only_sharding()
-pytestmark = pytest.mark.skipif(H100 is None, reason="needs a CUDA plugin for JAX (pip install -e '.[aot]')")
+pytestmark = pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (pip install -e '.[aot]')")
 
 
 def fused_computations(hlo: str) -> list[tuple[str, str]]:
@@ -25,7 +24,7 @@ def fused_computations(hlo: str) -> list[tuple[str, str]]:
 
 def step_hlo(cfg, T: int, kernels: str) -> str:
     """The fp32 chunk step of 2 rows x T tokens, capacity 32, as XLA optimizes it for an H100."""
-    return compiled_step_hlo(cfg, jnp.float32, 2, T, 32, kernels, H100)[0]
+    return compiled_step_hlo(cfg, jnp.float32, 2, T, 32, kernels, h100_compile_only_sharding())[0]
 
 
 def test_decode_step_computes_each_sinkhorn_once():
