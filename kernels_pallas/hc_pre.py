@@ -119,9 +119,8 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, it
 
     pre = [jax.nn.sigmoid(logit(i, 0)) + hc_eps for i in range(n)]
     acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i) for i in range(n)])
-    if norm_eps is not None:  # rms_norm of x as the XLA path rounds it: whole rows in this program
-        xf = acc.astype(x_ref.dtype).astype(jnp.float32)
-        acc = norm_ref[...][None, :] * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + norm_eps))
+    if norm_eps is not None:  # the XLA path's rms_norm of x rounded to its dtype: whole rows in this program
+        acc = rms_norm(acc.astype(x_ref.dtype), norm_ref[...], norm_eps)
     plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
 
     @pl.when(pl.program_id(1) == 0)

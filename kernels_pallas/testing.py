@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 from jax.sharding import AbstractMesh
 
 
 def abstract_h100():
-    """A context in which Pallas' Triton lowering, finding no GPU attached, targets an H100."""
+    """A context in which Pallas' Triton lowering, finding no GPU attached, targets an H100, and the model's
+    kernels lower for it rather than in interpret mode (``common.interpret_default``)."""
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     return jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=device))
 
@@ -112,15 +111,3 @@ def h100_compile_only_sharding():
     topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
     return jax.sharding.SingleDeviceSharding(topology.devices[0])
 
-
-@contextlib.contextmanager
-def compiled_kernels():
-    """While tracing for a compile-only GPU on a CPU host: the model's Pallas kernels lower for Triton on an
-    H100, as on a GPU, instead of in interpret mode (``common.interpret_default`` reads the host's backend; the
-    model imports it where it calls a kernel, so the patch reaches every call traced inside)."""
-    from unittest import mock
-
-    from kernels_pallas import common
-
-    with mock.patch.object(common, "interpret_default", lambda: False), abstract_h100():
-        yield

@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from dsv4_jax.cache import init_cache  # noqa: E402
 from dsv4_jax.checkpoint import abstract_model  # noqa: E402
 from dsv4_jax.engine import DeviceSteps, split_weights  # noqa: E402
-from kernels_pallas.testing import compiled_kernels, h100_compile_only_sharding  # noqa: E402
+from kernels_pallas.testing import abstract_h100, h100_compile_only_sharding  # noqa: E402
 from scripts.bench_generate import make_config  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def compiled_step_hlo(cfg, dtype, B: int, T: int, capacity: int, kernels: str, h
     graphdef, state_def, weights = split_weights(abstract_model(cfg, dtype))
     cache = jax.tree.map(on_h100, jax.eval_shape(lambda: init_cache(cfg, B, capacity, dtype)))
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=h100)
-    with compiled_kernels():  # the host's backend is the CPU, where the model would interpret them
+    with abstract_h100():  # the model's Pallas kernels lower for Triton, not in interpret as on the host's CPU
         lowered = DeviceSteps(graphdef, state_def, capacity).chunk.lower(
             [on_h100(w) for w in weights], cache, ints(B, T), ints(B), ints(B), last_only=True, kernels=kernels)
     t0 = time.perf_counter()
