@@ -4,7 +4,9 @@ the CPU's, and a bad one costs minutes of compile or recomputes work in every el
 
 from __future__ import annotations
 
+import json
 import re
+from unittest import mock
 
 import jax.numpy as jnp
 import pytest
@@ -53,3 +55,21 @@ def test_pallas_steps_compile_for_h100(T):
     kernels = {re.search(r'op_name="[^"]*/(dsv4_[a-z_]+?)_[a-z]?\d', line).group(1) for line in triton_calls}
     want = {f"dsv4_compress_{stage}", "dsv4_hc_pre", f"dsv4_indexer_{stage}", "dsv4_sparse_attn", "dsv4_topk_select"}
     assert kernels == want, sorted(kernels)
+
+
+def test_compile_for_h100_cli(tmp_path, capsys):
+    """The script's one JSON line per step, with the step's optimized HLO written where asked (its Pallas
+    kernels as Triton custom calls); without a CUDA plugin, a one-line error and exit code 2."""
+    from scripts import compile_for_h100
+
+    assert compile_for_h100.main(["--model", "demo", "--tokens", "1", "--kernels", "pallas",
+                                  "--hlo-dir", str(tmp_path)]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["step"] == "demo_pallas_b1_t1" and row["compile_s"] > 0 and row["fusions"] > 0
+    hlo = (tmp_path / "demo_pallas_b1_t1.hlo").read_text()
+    assert hlo.count("\n") == row["hlo_lines"] and 'custom_call_target="__gpu$xla.gpu.triton"' in hlo
+
+    with mock.patch.object(compile_for_h100, "h100_compile_only_sharding", lambda: None):
+        assert compile_for_h100.main(["--model", "demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA plugin" in err[0] and ".[aot]" in err[0]
