@@ -72,8 +72,11 @@ def hc_weights(streams, fn, base, scale, *, n: int, rms_eps: float, hc_eps: floa
 
 
 def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:
-    """[..., n, d] x [..., n] -> [..., d]: the sub-block input (fp32 product, cast back)."""
-    return jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
+    """[..., n, d] x [..., n] -> [..., d] fp32: the sub-block input before its norm. Not rounded to the
+    streams' dtype: the norm reads it in fp32 anyway, and XLA's GPU fusion drops that rounding on its own
+    (excess precision), so rounding here would make the kernel path (kernels_pallas/hc_pre.py) less accurate
+    than the XLA path on a GPU while equal on the CPU."""
+    return jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2)
 
 
 def expand(streams: jax.Array, block_out: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
@@ -115,16 +118,16 @@ class HyperConnection(nnx.Module):
                     streams, self.fn[...], self.base[...], self.scale[...], rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps,
                     iters=c.hc_sinkhorn_iters, interpret=interpret_default(),
                     **(dict(norm_weight=norm.weight[...], norm_eps=norm.eps) if fused else {}))
-                return (x if fused else norm(x)), post, comb
+                return (x if fused else norm(x).astype(streams.dtype)), post, comb
         pre, post, comb = self.weights(streams)
-        return norm(collapse(streams, pre)), post, comb
+        return norm(collapse(streams, pre)).astype(streams.dtype), post, comb
 
 
 def hyper_head(streams, fn, base, scale, *, rms_eps: float, hc_eps: float) -> jax.Array:
     """Final stream collapse [..., n, d] -> [..., d]: sigmoid weights, no Sinkhorn, no post."""
     mix = mix_logits(streams, fn, rms_eps)
     pre = jax.nn.sigmoid(mix * scale.astype(jnp.float32) + base.astype(jnp.float32)) + hc_eps
-    return collapse(streams, pre)
+    return collapse(streams, pre).astype(streams.dtype)
 
 
 class HyperHead(nnx.Module):

@@ -1,14 +1,13 @@
 """The mHC step before each sub-block (DeepSeek-V4 §5) as one Pallas GPU kernel after the mixing logits.
 
     hc_pre(streams [T, n, d], fn [(2+n)n, n*d] f32, base [(2+n)n] f32, scale [3] f32, *, rms_eps, hc_eps,
-           iters, norm_weight [d] f32 = None, norm_eps) -> (x [T, d] in streams' dtype, post [T, n] f32,
-                                                           comb [T, n, n] f32)
+           iters, norm_weight [d] f32 = None, norm_eps) -> (x [T, d], post [T, n] f32, comb [T, n, n] f32)
 
 Meaning (``reference``: ``dsv4_jax.hyper_connection``'s ``hc_weights`` then ``collapse``): mixing logits
 ``fn @ RMS(vec(streams))``; ``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
 normalisation (row softmax + eps, a column normalisation, then ``iters - 1`` rounds of row and column
-normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i``; with ``norm_weight``,
-the sub-block's RMSNorm of it (``dsv4_jax.basic.rms_norm`` of x rounded to the streams' dtype).
+normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i`` in fp32; with
+``norm_weight``, the sub-block's RMSNorm of that fp32 sum (``dsv4_jax.basic.rms_norm``) in the streams' dtype.
 
 Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as
 ~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
@@ -52,11 +51,12 @@ __all__ = ["hc_pre", "reference", "sinkhorn_entries", "supported"]
 
 def reference(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, norm_weight=None,
               norm_eps: float = 0.0):
-    """The XLA path (``HyperConnection``'s): ``hc_weights``, then ``collapse`` (then ``rms_norm``)."""
+    """The XLA path (``HyperConnection``'s): ``hc_weights``, then ``collapse`` (then ``rms_norm``, cast to the
+    streams' dtype)."""
     pre, post, comb = hc_weights(streams, fn, base, scale, n=streams.shape[-2], rms_eps=rms_eps, hc_eps=hc_eps,
                                  sinkhorn_iters=iters)
     x = collapse(streams, pre)
-    return (x if norm_weight is None else rms_norm(x, norm_weight, norm_eps)), post, comb
+    return (x if norm_weight is None else rms_norm(x, norm_weight, norm_eps).astype(streams.dtype)), post, comb
 
 
 def supported(n: int, d: int) -> bool:
@@ -119,8 +119,8 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, it
 
     pre = [jax.nn.sigmoid(logit(i, 0)) + hc_eps for i in range(n)]
     acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i) for i in range(n)])
-    if norm_eps is not None:  # the XLA path's rms_norm of x rounded to its dtype: whole rows in this program
-        acc = rms_norm(acc.astype(x_ref.dtype), norm_ref[...], norm_eps)
+    if norm_eps is not None:  # the XLA path's rms_norm of the unrounded sum: whole rows in this program
+        acc = rms_norm(acc, norm_ref[...], norm_eps)
     plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
 
     @pl.when(pl.program_id(1) == 0)
@@ -176,7 +176,8 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
         functools.partial(_kernel, n=n, d=d, iters=iters, hc_eps=hc_eps, block_t=bt, block_d=bd,
                           rms_eps=None if sum_squares is None else rms_eps, norm_eps=norm_eps if norm else None),
         args, grid=(pl.cdiv(T, bt), d // bd), in_specs=in_specs,
-        out_shape=[jax.ShapeDtypeStruct((T, d), streams.dtype), jax.ShapeDtypeStruct((T, n), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((T, d), streams.dtype if norm else jnp.float32),
+                   jax.ShapeDtypeStruct((T, n), jnp.float32),
                    jax.ShapeDtypeStruct((T, n * n), jnp.float32)],
         out_specs=[whole(T, d), whole(T, n), whole(T, n * n)],
         num_warps=num_warps, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}" + "_norm" * norm,
@@ -205,14 +206,14 @@ def _with_norm(fn):  # the norm weight as a fifth positional argument (the bench
 def bench_cases():
     """Flash mHC (n = 4, d = 4096, 20 Sinkhorn iterations): a batch-1 and a batch-128 decode step's tokens,
     and a 16384-token prefill chunk, without and with the sub-block's RMSNorm; against the XLA path.
-    Bytes: fn once, the streams twice, x once (and the norm weight)."""
+    Bytes: fn once, the streams twice, x once (fp32 without the norm; and the norm weight)."""
     n, d, iters = 4, 4096, 20
     return [{
         "name": f"hc_pre{'_norm' * norm}_T{T}",
         "shapes": {"T": T, "n": n, "d": d, "iters": iters, "norm": norm},
         "args": functools.partial(_inputs, T=T, n=n, d=d, norm=norm),
         "kwargs": {"rms_eps": 1e-6, "hc_eps": 1e-6, "iters": iters, **({"norm_eps": 1e-6} if norm else {})},
-        "bytes": (2 + n) * n * n * d * 4 + T * (2 * n * d + d) * 2 + norm * d * 4,
+        "bytes": (2 + n) * n * n * d * 4 + T * 2 * n * d * 2 + T * d * (2 if norm else 4) + norm * d * 4,
         "flops": 2 * T * (2 + n) * n * n * d,
         "pallas": _with_norm(hc_pre) if norm else hc_pre,
         "reference": _with_norm(reference) if norm else reference,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.hyper_connection import sinkhorn
+from dsv4_jax.hyper_connection import hc_weights, sinkhorn
 from kernels_pallas import hc_pre as hp
 from kernels_pallas.testing import lower_for_h100
 
@@ -34,6 +34,7 @@ def inputs(seed, lead, n, d, dtype, fn_scale=0.02):
 
 def check(got, want, *, what=""):
     for name, g, w, tol in zip(("x", "post", "comb"), got, want, (None, 1e-5, 1e-5)):
+        assert g.dtype == w.dtype, (what, name, g.dtype, w.dtype)
         g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
         assert g.shape == w.shape, (what, name, g.shape, w.shape)
         assert np.isfinite(g).all(), f"{what} {name}: {np.sum(~np.isfinite(g))} non-finite (unwritten) entries"
@@ -68,6 +69,31 @@ def test_interpret_matches_reference(name):
     got = hp.hc_pre(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, block_t=bt, block_d=bd,
                     interpret=True, poison_outputs=True, **kw)
     check(got, hp.reference(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, **kw), what=name)
+
+
+def test_norm_reads_the_unrounded_sum():
+    """With the norm fused, x is the norm of the fp32 sum rounded once to bf16, kernel and XLA path alike (as
+    XLA's GPU fusion computes the XLA path anyway; rounding the sum first made the kernel path's Flash-width
+    decode logits 1.3x as far from fp32 as the XLA path's on an H200, run 36). Checked against float64; rounding
+    the sum to bf16 first changes ~26% of the outputs here."""
+    streams, fn, base, scale = inputs(9, (64,), 4, 128, jnp.bfloat16)
+    weight = norm_weight(9, 128)
+    kw = dict(rms_eps=EPS, hc_eps=EPS, iters=20, norm_weight=weight, norm_eps=EPS)
+    pre, _, _ = hc_weights(streams, fn, base, scale, n=4, rms_eps=EPS, hc_eps=EPS, sinkhorn_iters=20)
+    total = (np.asarray(pre, np.float64)[..., None] * np.asarray(streams.astype(jnp.float32), np.float64)).sum(-2)
+
+    def normed_bf16(v):  # float64 RMSNorm, rounded once (via fp32) to bf16
+        v = np.asarray(weight, np.float64) * v / np.sqrt((v * v).mean(-1, keepdims=True) + EPS)
+        return np.asarray(jnp.asarray(v, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+
+    want = normed_bf16(total)
+    rounded_first = normed_bf16(np.asarray(jnp.asarray(total, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)))
+    assert (rounded_first != want).mean() > 0.1  # the check below tells the two apart
+    for what, x in (("kernel", hp.hc_pre(streams, fn, base, scale, interpret=True, **kw)[0]),
+                    ("reference", hp.reference(streams, fn, base, scale, **kw)[0])):
+        assert x.dtype == jnp.bfloat16
+        mismatched = (np.asarray(x.astype(jnp.float32)) != want).mean()
+        assert mismatched < 0.01, f"{what}: {mismatched:.1%} of x differ from the once-rounded norm"
 
 
 @pytest.mark.parametrize("n,iters", [(4, 20), (2, 1), (3, 5)])
