@@ -15,7 +15,8 @@ step of the 6-layer Flash-width slice: 213 us and ~118 kernels of a 1.9 ms batch
 (docs/performance.md). Here XLA computes the mixing logits with the XLA path's own function
 (``mix_logits``: the RMS factor and the products with the 1.5 MB of ``fn``, so both paths see the same
 logits), and one kernel does the rest. Up to ``MIX_AS_SUM_MAX_TOKENS`` tokens XLA forms only the products and
-the streams' sum of squares (``mix_sums``), and the kernel applies the RMS factor with the same operations.
+the kernel applies the RMS factor with the same operations, from the streams' sum of squares: its own when a
+program holds whole rows (with the norm), XLA's (``mix_sums``) otherwise.
 
 Backend: the Pallas **Triton** backend. Grid ``(token blocks, d / block_d)``: a program owns ``block_t``
 tokens and ``block_d`` columns of each stream, so a one-token decode step still spreads its stream reads
@@ -93,11 +94,12 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, it
             block_t: int, block_d: int, rms_eps: float | None, norm_eps: float | None):
     """streams_ref [T, n*d]; mix_ref [T, (2+n)n] f32 mixing logits (before their RMS factor when rms_eps is
     not None); base_ref [(2+n)n]; scale_ref [3]; [sum_squares_ref [T, 1] f32 of the streams when rms_eps is
-    not None;] [norm_ref [d] f32 when norm_eps is not None;] x_ref [T, d]; post_ref [T, n]; comb_ref
-    [T, n*n]. One program: ``block_t`` tokens x ``block_d`` columns (all d with the norm)."""
+    not None and a program holds only some columns (block_d < d; with whole rows it sums them itself);]
+    [norm_ref [d] f32 when norm_eps is not None;] x_ref [T, d]; post_ref [T, n]; comb_ref [T, n*n]. One
+    program: ``block_t`` tokens x ``block_d`` columns (all d with the norm)."""
     x_ref, post_ref, comb_ref = refs[-3:]
     extra = list(refs[:-3])
-    sum_squares_ref = extra.pop(0) if rms_eps is not None else None
+    sum_squares_ref = extra.pop(0) if rms_eps is not None and block_d < d else None
     norm_ref = extra.pop(0) if norm_eps is not None else None
     T = streams_ref.shape[0]
     start = pl.program_id(0) * block_t
@@ -105,20 +107,22 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, it
     valid = start + jnp.arange(block_t, dtype=jnp.int32) < T
     tokens = pl.ds(start, block_t)
 
+    # stream i, this program's columns and tokens, fp32
+    tiles = [plt.load(streams_ref.at[tokens, pl.ds(i * d + k0, block_d)], mask=valid[:, None],
+                      other=0).astype(jnp.float32) for i in range(n)]
     rms = 1.0  # mix_logits' RMS factor by the same operations (1.0: XLA applied it already)
-    if sum_squares_ref is not None:
-        sum_squares = plt.load(sum_squares_ref.at[tokens, jnp.int32(0)], mask=valid, other=0.0)
+    if rms_eps is not None:
+        if sum_squares_ref is not None:
+            sum_squares = plt.load(sum_squares_ref.at[tokens, jnp.int32(0)], mask=valid, other=0.0)
+        else:  # whole rows here: one XLA reduction kernel fewer per call
+            sum_squares = functools.reduce(jnp.add, [jnp.sum(t * t, axis=1) for t in tiles])
         rms = lax.rsqrt(sum_squares / (n * d) + rms_eps)
 
     def logit(j, s):
         return plt.load(mix_ref.at[tokens, jnp.int32(j)], mask=valid, other=0.0) * rms * scale_ref[s] + base_ref[j]
 
-    def tile(i):  # stream i, this program's columns and tokens, fp32
-        return plt.load(streams_ref.at[tokens, pl.ds(i * d + k0, block_d)], mask=valid[:, None],
-                        other=0).astype(jnp.float32)
-
     pre = [jax.nn.sigmoid(logit(i, 0)) + hc_eps for i in range(n)]
-    acc = functools.reduce(jnp.add, [pre[i][:, None] * tile(i) for i in range(n)])
+    acc = functools.reduce(jnp.add, [pre[i][:, None] * tiles[i] for i in range(n)])
     if norm_eps is not None:  # the XLA path's rms_norm of the unrounded sum: whole rows in this program
         acc = rms_norm(acc, norm_ref[...], norm_eps)
     plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
@@ -160,21 +164,22 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
                          f"dividing d={d}" + (", equal to it with norm_weight" if norm else ""))
     flat = streams.reshape(-1, n * d)
     T = flat.shape[0]
-    if T <= MIX_AS_SUM_MAX_TOKENS:  # the RMS factor is applied in the kernel: one XLA kernel fewer
+    rms_in_kernel = T <= MIX_AS_SUM_MAX_TOKENS  # one XLA kernel fewer; with whole rows, two
+    if rms_in_kernel:
         mix, sum_squares = mix_sums(flat.astype(jnp.float32), fn)
     else:
-        mix, sum_squares = mix_logits(flat.reshape(T, n, d), fn, rms_eps), None
+        mix = mix_logits(flat.reshape(T, n, d), fn, rms_eps)
     whole = lambda *shape: pl.BlockSpec(shape, lambda t, k: (0,) * len(shape))  # the kernel indexes its block
     inputs = [(flat, whole(T, n * d)), (mix, whole(T, R)), (base.astype(jnp.float32), whole(R)),
               (scale.astype(jnp.float32), whole(3))]
-    if sum_squares is not None:
+    if rms_in_kernel and bd < d:
         inputs.append((sum_squares, whole(T, 1)))
     if norm:
         inputs.append((norm_weight.astype(jnp.float32), whole(d)))
     args, in_specs = map(list, zip(*inputs))
     x, post, comb = triton_call(
         functools.partial(_kernel, n=n, d=d, iters=iters, hc_eps=hc_eps, block_t=bt, block_d=bd,
-                          rms_eps=None if sum_squares is None else rms_eps, norm_eps=norm_eps if norm else None),
+                          rms_eps=rms_eps if rms_in_kernel else None, norm_eps=norm_eps if norm else None),
         args, grid=(pl.cdiv(T, bt), d // bd), in_specs=in_specs,
         out_shape=[jax.ShapeDtypeStruct((T, d), streams.dtype if norm else jnp.float32),
                    jax.ShapeDtypeStruct((T, n), jnp.float32),

@@ -58,6 +58,8 @@ CASES = {
     "norm_decode_one_token": (6, (1, 1), 4, 128, jnp.bfloat16, 20, 0.02, None, None, True),
     "norm_ragged_tokens": (7, (3, 5), 4, 64, jnp.bfloat16, 20, 0.02, None, None, True),  # a program per token
     "norm_four_tokens_per_program_fp32": (8, (11,), 2, 32, jnp.float32, 3, 0.02, 4, None, True),  # 3 ragged
+    # few tokens over column blocks: the RMS factor from XLA's sum of squares (whole rows sum their own)
+    "few_tokens_column_blocks": (10, (5,), 4, 64, jnp.bfloat16, 20, 0.02, None, 16, False),
 }
 
 
