@@ -52,8 +52,8 @@ Design (flash-decoding over a gathered key list; decode is the prefill kernel wi
   warpgroup; not checked in the PTX); the matmul rate, not HBM, bounds the kernel at large batch (below).
 * The sink is folded into the online softmax of split 0 as its initial state (m = sink, l = 1, acc = 0), so
   no special case exists for "no valid key": that row ends with acc = 0, output 0.
-* Work skipping: the wrapper reduces the validity masks to per-token bounds (first and last valid window
-  row, last valid ``entry_idx`` + 1). The kernel only walks blocks between those, so a prefill query's window
+* Work skipping: each program reduces its token's validity rows to bounds (first and last valid window
+  row, last valid ``entry_idx`` + 1) and only walks blocks between those, so a prefill query's window
   walk starts at its band (row r + 1 of its block's W + Bq rows) instead of row 0, and HCA's ``arange(N)``
   masked to the visible count costs the visible entries, not N. -1 holes inside the bounds are masked, not
   skipped.
@@ -179,14 +179,20 @@ def reference_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _attention_kernel(lens_ref, q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out_refs,
+def _valid_bounds(valid, pos, size: int):
+    """valid, pos [L] (bool, int32; L may pad past ``size``) -> (first valid pos, last valid pos + 1), both
+    scalars; (0, 0) if none."""
+    end = jnp.max(jnp.where(valid, pos + 1, 0))
+    return jnp.minimum(jnp.min(jnp.where(valid, pos, size)), end), end
+
+
+def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out_refs,
                       block_k: int, num_splits: int, qk_scale: float):
     """One program: ``block_h`` heads of one query token, one split of its key blocks.
 
-    lens_ref [3] (first valid window row, last valid window row + 1, last valid entry + 1); q_ref [Bh,D];
-    wkv_ref [Wk,D] (the token's window block); wval_ref [Wk] int32 (the token's mask row); ent_ref [N,D];
-    idx_ref [K] int32; sink_ref [Bh] f32. Outputs: o_ref [Bh,D] (+ m_ref, l_ref [Bh] f32 when split).
-    Logits are in the log2 domain (qk_scale = scale * log2 e).
+    q_ref [Bh,D]; wkv_ref [Wk,D] (the token's window block); wval_ref [Wk] int32 (the token's mask row);
+    ent_ref [N,D]; idx_ref [K] int32; sink_ref [Bh] f32. Outputs: o_ref [Bh,D] (+ m_ref, l_ref [Bh] f32 when
+    split). Logits are in the log2 domain (qk_scale = scale * log2 e).
     """
     o_ref = out_refs[0]
     split = lax.rem(pl.program_id(1), num_splits)  # grid axis 1 is (query token, split)
@@ -195,9 +201,14 @@ def _attention_kernel(lens_ref, q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink
     K = idx_ref.shape[0]
     bh = q_ref.shape[0]
 
-    win_lo = lens_ref[0]
-    win_hi = lens_ref[1]
-    ent_len = lens_ref[2]
+    # The walk's bounds, from the token's whole mask and id rows (Triton vectors are a power of two long): an
+    # XLA reduction kernel and a stack before the call cost more than these loads.
+    rows = jnp.arange(pl.next_power_of_2(Wk), dtype=jnp.int32)
+    win_lo, win_hi = _valid_bounds(plt.load(wval_ref.at[pl.ds(0, rows.shape[0])], mask=rows < Wk, other=0) != 0,
+                                   rows, Wk)
+    cols = jnp.arange(pl.next_power_of_2(K), dtype=jnp.int32)
+    ids = plt.load(idx_ref.at[pl.ds(0, cols.shape[0])], mask=cols < K, other=-1)
+    _, ent_len = _valid_bounds((ids >= 0) & (ids < N), cols, K)
     n_win = (win_hi - win_lo + block_k - 1) // block_k
     n_blocks = n_win + (ent_len + block_k - 1) // block_k
     per = (n_blocks + num_splits - 1) // num_splits
@@ -251,15 +262,6 @@ def _attention_kernel(lens_ref, q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink
         out_refs[2][...] = l
 
 
-def _valid_bounds(valid):
-    """valid [..., L] bool -> (first valid index, last valid index + 1), both [...] int32; (0, 0) if none."""
-    L = valid.shape[-1]
-    pos = jnp.arange(L, dtype=jnp.int32)
-    end = jnp.max(jnp.where(valid, pos + 1, 0), axis=-1).astype(jnp.int32)
-    first = jnp.min(jnp.where(valid, pos, L), axis=-1).astype(jnp.int32)
-    return jnp.minimum(first, end), end
-
-
 def _auto_block_h(programs_per_head_block: int, heads: int) -> int:
     """32 heads per program (fastest per key on H200) unless that leaves over half the SMs without a program."""
     return 32 if programs_per_head_block * pl.cdiv(heads, 32) * 2 >= NUM_SMS else 16
@@ -299,9 +301,6 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
     sinks = sinks.astype(jnp.float32)
     n_hb = Hp // bh
     entry_ids = entry_ids.astype(jnp.int32)
-    win_lo, win_hi = _valid_bounds(win_valid)
-    _, ent_len = _valid_bounds((entry_ids >= 0) & (entry_ids < N))
-    lens = jnp.stack([win_lo, win_hi, ent_len], axis=-1)  # [B,T,3]
     wval = win_valid.astype(jnp.int32)
 
     S = num_splits or _auto_splits(B * T * n_hb, pl.cdiv(Wk, block_k) + pl.cdiv(K, block_k))
@@ -309,7 +308,6 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
 
     # grid (head block h, query token x split i, sequence b): token t = i // S, split s = i % S
     in_specs = [
-        pl.BlockSpec((None, None, 3), lambda h, i, b: (b, i // S, 0)),  # lens
         pl.BlockSpec((None, None, bh, D), lambda h, i, b: (b, i // S, h, 0)),  # q
         pl.BlockSpec((None, None, Wk, D), lambda h, i, b: (b, i // S // bq, 0, 0)),  # window block
         pl.BlockSpec((None, None, Wk), lambda h, i, b: (b, i // S, 0)),  # window mask row
@@ -327,7 +325,7 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
         out_specs = [pl.BlockSpec((None, None, None, bh, D), lambda h, i, b: (i % S, b, i // S, h, 0)),
                      pl.BlockSpec((None, None, None, bh), lambda h, i, b: (i % S, b, i // S, h)),
                      pl.BlockSpec((None, None, None, bh), lambda h, i, b: (i % S, b, i // S, h))]
-    args = [lens, q, win_keys, wval, entries, entry_ids, sinks]
+    args = [q, win_keys, wval, entries, entry_ids, sinks]
     outs = triton_call(kernel, args, grid=(n_hb, T * S, B), in_specs=in_specs, out_shape=out_shape,
                        out_specs=out_specs, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                        name=f"dsv4_sparse_attn_h{bh}_k{block_k}_s{S}", poison=poison_outputs)
