@@ -17,10 +17,14 @@ _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
+def router_logits(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
+    """x [T, d] -> W_g x [T, E] in fp32."""
+    return linear(x.astype(jnp.float32), gate_weight.astype(jnp.float32), precision=FP32)
+
+
 def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
     """x [T, d] -> sqrt(softplus(W_g x)) [T, E] in fp32 (softplus is the overflow-safe logaddexp form)."""
-    logits = linear(x.astype(jnp.float32), gate_weight.astype(jnp.float32), precision=FP32)
-    return jnp.sqrt(jax.nn.softplus(logits))
+    return jnp.sqrt(jax.nn.softplus(router_logits(x, gate_weight)))
 
 
 def normalise_weights(scores: jax.Array, idx: jax.Array, route_scale: float) -> jax.Array:
@@ -140,8 +144,17 @@ class Router(nnx.Module):
         else:
             self.e_score_correction_bias = Buffer(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
 
-    def __call__(self, x: jax.Array, token_ids: jax.Array):
-        """x [T, d], token_ids [T] -> (weights [T, k] fp32, expert ids [T, k])."""
+    def __call__(self, x: jax.Array, token_ids: jax.Array, kernels: str = "xla"):
+        """x [T, d], token_ids [T] -> (weights [T, k] fp32, expert ids [T, k]). ``kernels="pallas"``: a learned
+        router's choice for up to RANK_TOP_K_MAX_TOKENS tokens is one kernel after the matmul
+        (kernels_pallas/router.py) where XLA runs four."""
+        if kernels == "pallas" and not self.is_hash and x.shape[0] <= RANK_TOP_K_MAX_TOKENS:
+            from kernels_pallas.common import interpret_default
+            from kernels_pallas.router import route
+
+            return route(router_logits(x, self.weight[...]), self.e_score_correction_bias[...],
+                         k=self.cfg.num_experts_per_tok, route_scale=self.cfg.routed_scaling_factor,
+                         interpret=interpret_default())
         scores = router_scores(x, self.weight[...])
         if self.is_hash:
             return route_hash(scores, self.tid2eid[...], token_ids, self.cfg.routed_scaling_factor)
@@ -183,6 +196,6 @@ class MoE(nnx.Module):
         """x [B, C, d], token_ids [B, C] -> [B, C, d]."""
         B, C, d = x.shape
         flat = x.reshape(B * C, d)
-        weights, idx = self.gate(flat, token_ids.reshape(-1))
+        weights, idx = self.gate(flat, token_ids.reshape(-1), kernels)
         out = self.experts(flat, idx, weights, kernels) + self.shared_experts(flat)
         return out.astype(x.dtype).reshape(B, C, d)
