@@ -82,7 +82,8 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
     measured faster there on an H200 up to 768 rows over 256 experts, docs/performance.md) the Triton
     few-rows kernel (``grouped_gemv``: each used matrix streamed once per 16 rows), above that (prefill) the
     Mosaic GPU grouped matmul (64-128-row ``wgmma`` tiles). A single token's k rows skip the sort and the
-    scatter back: its experts are distinct, so ``expert_rows`` runs each row against its own matrix.
+    scatter back: its experts are distinct, so ``expert_rows`` runs each row against its own matrix (the
+    gate_up product ending in the SwiGLU).
     """
     T, k = idx.shape
     E = gate_up.shape[0]
@@ -94,10 +95,9 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
         from kernels_pallas.expert_rows import expert_rows
 
         rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret_default())
-        # gate_up reads the token's one row for all k experts: [1, d] -> [k, 2F]
-        y = _expert_mlp(x.astype(gate_up.dtype), functools.partial(rows, w=gate_up), functools.partial(rows, w=down),
-                        limit)
-        return jnp.einsum("kd,k->d", y, weights.reshape(-1))[None]
+        # gate_up reads the token's one row for all k experts and ends in the SwiGLU: [1, d] -> [k, F]
+        h = rows(x.astype(gate_up.dtype), w=gate_up, swiglu_limit=limit)
+        return jnp.einsum("kd,k->d", rows(h, w=down).astype(jnp.float32), weights.reshape(-1))[None]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
