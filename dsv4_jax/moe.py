@@ -22,15 +22,24 @@ def router_logits(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
     return linear(x.astype(jnp.float32), gate_weight.astype(jnp.float32), precision=FP32)
 
 
+def scores_from_logits(logits: jax.Array) -> jax.Array:
+    """sqrt(softplus(logits)), fp32 (softplus is the overflow-safe logaddexp form)."""
+    return jnp.sqrt(jax.nn.softplus(logits))
+
+
 def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
-    """x [T, d] -> sqrt(softplus(W_g x)) [T, E] in fp32 (softplus is the overflow-safe logaddexp form)."""
-    return jnp.sqrt(jax.nn.softplus(router_logits(x, gate_weight)))
+    """x [T, d] -> sqrt(softplus(W_g x)) [T, E] in fp32."""
+    return scores_from_logits(router_logits(x, gate_weight))
+
+
+def renormalise(w: jax.Array, route_scale: float) -> jax.Array:
+    """The picked experts' scores [..., k] -> weights summing to route_scale."""
+    return w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20) * route_scale
 
 
 def normalise_weights(scores: jax.Array, idx: jax.Array, route_scale: float) -> jax.Array:
     """Gather the picked experts' scores [T, k], renormalise to sum 1, scale by route_scale."""
-    w = jnp.take_along_axis(scores, idx, axis=-1)
-    return w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20) * route_scale
+    return renormalise(jnp.take_along_axis(scores, idx, axis=-1), route_scale)
 
 
 # Up to this many tokens the router's k largest are picked by rank (each expert counts the experts ranked

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv4_jax.moe import route_learned
+from dsv4_jax.moe import renormalise, route_learned, scores_from_logits
 
 from .common import triton_call
 
@@ -34,7 +34,7 @@ __all__ = ["route", "reference", "bench_cases"]
 
 def reference(logits, bias, *, k: int, route_scale: float):
     """The XLA path: ``moe.route_learned`` on sqrt(softplus(logits))."""
-    return route_learned(jnp.sqrt(jax.nn.softplus(logits)), bias, k, route_scale)
+    return route_learned(scores_from_logits(logits), bias, k, route_scale)
 
 
 def _kernel(logits_ref, bias_ref, w_ref, ids_ref, *, n_experts: int, k: int, route_scale: float, block_e: int):
@@ -45,7 +45,7 @@ def _kernel(logits_ref, bias_ref, w_ref, ids_ref, *, n_experts: int, k: int, rou
     def load(start, size):  # (expert ids, scores, scores + bias) of experts start..start+size, -inf past E
         e = start + jnp.arange(size, dtype=jnp.int32)
         inside = e < E
-        scores = jnp.sqrt(jax.nn.softplus(plt.load(logits_ref.at[t, pl.ds(start, size)], mask=inside, other=0.0)))
+        scores = scores_from_logits(plt.load(logits_ref.at[t, pl.ds(start, size)], mask=inside, other=0.0))
         biased = scores + plt.load(bias_ref.at[pl.ds(start, size)], mask=inside, other=0.0)
         return e, scores, jnp.where(inside, biased, -jnp.inf)
 
@@ -63,7 +63,7 @@ def _kernel(logits_ref, bias_ref, w_ref, ids_ref, *, n_experts: int, k: int, rou
         pick = jnp.minimum(jnp.sum(jnp.where(rank == r, e, 0)), E - 1)
         ids = jnp.where(slots == r, pick, ids)
         w = jnp.where(slots == r, jnp.sum(jnp.where(e == pick, scores, 0.0)), w)
-    w = w / (jnp.sum(w) + 1e-20) * route_scale
+    w = renormalise(w, route_scale)  # the slots past k hold 0
     plt.store(ids_ref.at[t, pl.ds(0, slots.shape[0])], ids, mask=slots < k)
     plt.store(w_ref.at[t, pl.ds(0, slots.shape[0])], w, mask=slots < k)
 

@@ -110,4 +110,3 @@ def h100_compile_only_sharding():
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
     return jax.sharding.SingleDeviceSharding(topology.devices[0])
-
