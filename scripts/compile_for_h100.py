@@ -1,7 +1,7 @@
 """Compile the engine's chunk step for an H100 on a host without a GPU: XLA's whole GPU pipeline (fusion, the
 Pallas Triton kernels, scheduling; no autotuning, which needs the device) on abstract weights, so no memory for
-them either. Needs JAX's CUDA plugin (``pip install -e '.[aot]'``). A measurement, not a test: the compile time
-and the optimized HLO's size per step, one JSON object per line.
+them either. Needs JAX's CUDA plugin (``pip install -e '.[aot]'``). A measurement, not a test: the compile time,
+the optimized HLO's size and the kernels it launches per step, one JSON object per line.
 
     python -m scripts.compile_for_h100 --model flash-slice --layers SWA,CSA,HCA --experts 64 --batch 4 \
         --tokens 2300 1 --kernels xla pallas --hlo-dir /tmp/hlo
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -47,6 +48,12 @@ def compiled_step_hlo(cfg, dtype, B: int, T: int, capacity: int, kernels: str, h
     t0 = time.perf_counter()
     compiled = lowered.compile()
     return compiled.as_text(), time.perf_counter() - t0
+
+
+def entry_kernels(hlo: str) -> int:
+    """The kernels a compiled step launches (before autotuning): fusions and custom calls of its entry
+    computation, the count docs/performance.md gives per batch-1 decode step."""
+    return len(re.findall(r"= .*(?:fusion|custom-call)\(", hlo[hlo.index("\nENTRY"):]))
 
 
 def main(argv=None) -> int:
@@ -83,7 +90,8 @@ def main(argv=None) -> int:
                 with open(os.path.join(args.hlo_dir, name + ".hlo"), "w") as f:
                     f.write(hlo)
             print(json.dumps({"step": name, "dtype": args.dtype, "compile_s": round(seconds, 1),
-                              "hlo_lines": hlo.count("\n"), "fusions": hlo.count(" fusion(")}), flush=True)
+                              "hlo_lines": hlo.count("\n"), "fusions": hlo.count(" fusion("),
+                              "entry_kernels": entry_kernels(hlo)}), flush=True)
     return 0
 
 

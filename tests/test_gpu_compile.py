@@ -70,6 +70,9 @@ def test_compile_for_h100_cli(tmp_path, capsys):
     assert row["step"] == "demo_pallas_b1_t1" and row["compile_s"] > 0 and row["fusions"] > 0
     hlo = (tmp_path / "demo_pallas_b1_t1.hlo").read_text()
     assert hlo.count("\n") == row["hlo_lines"] and 'custom_call_target="__gpu$xla.gpu.triton"' in hlo
+    # every Triton kernel is a launch; the entry computation launches no more than the HLO's fusions and calls
+    triton = hlo.count('custom_call_target="__gpu$xla.gpu.triton"')
+    assert triton < row["entry_kernels"] <= row["fusions"] + hlo.count(" custom-call(")
 
     with mock.patch.object(compile_for_h100, "h100_compile_only_sharding", lambda: None):
         assert compile_for_h100.main(["--model", "demo"]) == 2
