@@ -201,8 +201,8 @@ def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out
     K = idx_ref.shape[0]
     bh = q_ref.shape[0]
 
-    # The walk's bounds, from the token's whole mask and id rows (Triton vectors are a power of two long): an
-    # XLA reduction kernel and a stack before the call cost more than these loads.
+    # The walk's bounds, from the token's whole mask and id rows (Triton vectors are a power of two long), in
+    # place of an XLA reduction and a stack before the call: two launches fewer per layer (not yet timed).
     rows = jnp.arange(pl.next_power_of_2(Wk), dtype=jnp.int32)
     win_lo, win_hi = _valid_bounds(plt.load(wval_ref.at[pl.ds(0, rows.shape[0])], mask=rows < Wk, other=0) != 0,
                                    rows, Wk)
