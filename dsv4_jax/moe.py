@@ -17,29 +17,16 @@ _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
-def router_logits(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
-    """x [T, d] -> W_g x [T, E] in fp32."""
-    return linear(x.astype(jnp.float32), gate_weight.astype(jnp.float32), precision=FP32)
-
-
-def scores_from_logits(logits: jax.Array) -> jax.Array:
-    """sqrt(softplus(logits)), fp32 (softplus is the overflow-safe logaddexp form)."""
-    return jnp.sqrt(jax.nn.softplus(logits))
-
-
 def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
-    """x [T, d] -> sqrt(softplus(W_g x)) [T, E] in fp32."""
-    return scores_from_logits(router_logits(x, gate_weight))
-
-
-def renormalise(w: jax.Array, route_scale: float) -> jax.Array:
-    """The picked experts' scores [..., k] -> weights summing to route_scale."""
-    return w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20) * route_scale
+    """x [T, d] -> sqrt(softplus(W_g x)) [T, E] in fp32 (softplus is the overflow-safe logaddexp form)."""
+    logits = linear(x.astype(jnp.float32), gate_weight.astype(jnp.float32), precision=FP32)
+    return jnp.sqrt(jax.nn.softplus(logits))
 
 
 def normalise_weights(scores: jax.Array, idx: jax.Array, route_scale: float) -> jax.Array:
     """Gather the picked experts' scores [T, k], renormalise to sum 1, scale by route_scale."""
-    return renormalise(jnp.take_along_axis(scores, idx, axis=-1), route_scale)
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    return w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20) * route_scale
 
 
 # Up to this many tokens the router's k largest are picked by rank (each expert counts the experts ranked
@@ -91,8 +78,7 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
     measured faster there on an H200 up to 768 rows over 256 experts, docs/performance.md) the Triton
     few-rows kernel (``grouped_gemv``: each used matrix streamed once per 16 rows), above that (prefill) the
     Mosaic GPU grouped matmul (64-128-row ``wgmma`` tiles). A single token's k rows skip the sort and the
-    scatter back: its experts are distinct, so ``expert_rows`` runs each row against its own matrix (the
-    gate_up product ending in the SwiGLU).
+    scatter back: its experts are distinct, so ``expert_rows`` runs each row against its own matrix.
     """
     T, k = idx.shape
     E = gate_up.shape[0]
@@ -104,9 +90,10 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
         from kernels_pallas.expert_rows import expert_rows
 
         rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret_default())
-        # gate_up reads the token's one row for all k experts and ends in the SwiGLU: [1, d] -> [k, F]
-        h = rows(x.astype(gate_up.dtype), w=gate_up, swiglu_limit=limit)
-        return jnp.einsum("kd,k->d", rows(h, w=down).astype(jnp.float32), weights.reshape(-1))[None]
+        # gate_up reads the token's one row for all k experts: [1, d] -> [k, 2F]
+        y = _expert_mlp(x.astype(gate_up.dtype), functools.partial(rows, w=gate_up), functools.partial(rows, w=down),
+                        limit)
+        return jnp.einsum("kd,k->d", y, weights.reshape(-1))[None]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
@@ -153,17 +140,8 @@ class Router(nnx.Module):
         else:
             self.e_score_correction_bias = Buffer(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
 
-    def __call__(self, x: jax.Array, token_ids: jax.Array, kernels: str = "xla"):
-        """x [T, d], token_ids [T] -> (weights [T, k] fp32, expert ids [T, k]). ``kernels="pallas"``: a learned
-        router's choice for up to RANK_TOP_K_MAX_TOKENS tokens is one kernel after the matmul
-        (kernels_pallas/router.py) where XLA runs four."""
-        if kernels == "pallas" and not self.is_hash and x.shape[0] <= RANK_TOP_K_MAX_TOKENS:
-            from kernels_pallas.common import interpret_default
-            from kernels_pallas.router import route
-
-            return route(router_logits(x, self.weight[...]), self.e_score_correction_bias[...],
-                         k=self.cfg.num_experts_per_tok, route_scale=self.cfg.routed_scaling_factor,
-                         interpret=interpret_default())
+    def __call__(self, x: jax.Array, token_ids: jax.Array):
+        """x [T, d], token_ids [T] -> (weights [T, k] fp32, expert ids [T, k])."""
         scores = router_scores(x, self.weight[...])
         if self.is_hash:
             return route_hash(scores, self.tid2eid[...], token_ids, self.cfg.routed_scaling_factor)
@@ -205,6 +183,6 @@ class MoE(nnx.Module):
         """x [B, C, d], token_ids [B, C] -> [B, C, d]."""
         B, C, d = x.shape
         flat = x.reshape(B * C, d)
-        weights, idx = self.gate(flat, token_ids.reshape(-1), kernels)
+        weights, idx = self.gate(flat, token_ids.reshape(-1))
         out = self.experts(flat, idx, weights, kernels) + self.shared_experts(flat)
         return out.astype(x.dtype).reshape(B, C, d)

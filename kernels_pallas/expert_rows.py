@@ -1,13 +1,10 @@
 """Each row against its own expert matrix: the routed experts of a one-token decode step without sorting.
 
     expert_rows(x [M or 1, K], w [G, N, K], ids [M] int32) -> [M, N] in x's dtype (fp32 accumulate)
-    expert_rows(x, w [G, 2F, K], ids, swiglu_limit=L) -> [M, F]: the clamped SwiGLU of the two halves
 
 Meaning (``reference``): ``out[r] = w[ids[r]] @ x[r]``, the product ``moe._gathered_experts`` forms by
 gathering the picked matrices; a one-row x is every row's (a token against its k experts, without an XLA
-kernel broadcasting it to k rows first). With ``swiglu_limit`` w is an expert's gate rows then its up rows,
-and the result is ``moe.clamped_swiglu`` of the two fp32 products, as the XLA path computes the activation
-between the routed experts' two matmuls: one XLA kernel fewer per MoE layer, and no rounding of the products.
+kernel broadcasting it to k rows first).
 
 Why: at batch 1 a token's k experts are distinct (top-k, or the hash table's permutation), so each row's
 matrix is read once without grouping rows by expert. The grouped kernels need the rows sorted by expert
@@ -31,8 +28,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv4_jax.moe import clamped_swiglu
-
 from .common import expert_blocks, triton_call
 
 __all__ = ["expert_rows", "reference", "bench_cases"]
@@ -40,70 +35,51 @@ __all__ = ["expert_rows", "reference", "bench_cases"]
 TILE_ROWS = 16  # Triton's smallest tensor-core tile
 
 
-def reference(x, w, ids, swiglu_limit: float | None = None):
-    """out[r] = w[ids[r]] @ x[r] (x[0] for a one-row x) in x's dtype, fp32 accumulation; with swiglu_limit,
-    clamped_swiglu(gate half, up half) of the fp32 product."""
+def reference(x, w, ids):
+    """out[r] = w[ids[r]] @ x[r] (x[0] for a one-row x) in x's dtype, fp32 accumulation."""
     x = jnp.broadcast_to(x, (ids.shape[0], x.shape[1]))
-    out = jnp.einsum("mk,mnk->mn", x, w[ids], preferred_element_type=jnp.float32)
-    if swiglu_limit is not None:
-        F = out.shape[-1] // 2
-        out = clamped_swiglu(out[:, :F], out[:, F:], swiglu_limit)
-    return out.astype(x.dtype)
+    return jnp.einsum("mk,mnk->mn", x, w[ids], preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _kernel(ids_ref, x_ref, w_ref, *refs, block_k: int, swiglu_limit: float | None):
-    """ids_ref [M]; x_ref [M or 1, K]; w_ref [G, bn, K] (this program's column block) [and up_ref [G, bn, K],
-    the same columns of the up half, with swiglu_limit]; o_ref [M, bn]."""
-    *halves, o_ref = refs
-    halves = [w_ref, *halves]
+def _kernel(ids_ref, x_ref, w_ref, o_ref, *, block_k: int):
+    """ids_ref [M]; x_ref [M or 1, K]; w_ref [G, bn, K] (this program's column block); o_ref [M, bn]."""
     r = pl.program_id(1)
     K = x_ref.shape[1]
     own = jnp.arange(TILE_ROWS, dtype=jnp.int32) == 0  # output row r is tile row 0; the other 15 masked
     xr = 0 if x_ref.shape[0] == 1 else r
     e = ids_ref[r]
 
-    def step(i, accs):
+    def step(i, acc):
         k0 = pl.multiple_of(i * block_k, block_k)
         xs = plt.load(x_ref.at[pl.ds(xr, TILE_ROWS), pl.ds(k0, block_k)], mask=own[:, None], other=0)
-        return tuple(acc + lax.dot_general(xs, h[e, :, pl.ds(k0, block_k)], (((1,), (1,)), ((), ())),
-                                           preferred_element_type=jnp.float32) for acc, h in zip(accs, halves))
+        ws = w_ref[e, :, pl.ds(k0, block_k)]
+        return acc + lax.dot_general(xs, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-    accs = lax.fori_loop(0, K // block_k, step,
-                         tuple(jnp.zeros((TILE_ROWS, w_ref.shape[1]), jnp.float32) for _ in halves))
-    acc = accs[0] if swiglu_limit is None else clamped_swiglu(*accs, swiglu_limit)
+    acc = lax.fori_loop(0, K // block_k, step, jnp.zeros((TILE_ROWS, w_ref.shape[1]), jnp.float32))
     plt.store(o_ref.at[pl.ds(r, TILE_ROWS), :], acc.astype(o_ref.dtype), mask=own[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("swiglu_limit", "block_n", "block_k", "num_warps", "num_stages",
-                                             "interpret", "poison_outputs"))
-def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, swiglu_limit: float | None = None,
-                block_n: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 4,
-                interpret: bool = False, poison_outputs: bool = False) -> jax.Array:
-    """x [M or 1, K], w [G, N, K], ids [M] int32 in [0, G) -> [M, N] in x's dtype ([M, N / 2] with
-    swiglu_limit). block_n / block_k: the weight tile streamed per step (clipped to N / K; to N / 2 with
-    swiglu_limit, where a program streams that many columns of each half). poison_outputs: testing aid
-    (outputs start as NaN)."""
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages", "interpret",
+                                             "poison_outputs"))
+def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, block_n: int = 64, block_k: int = 128,
+                num_warps: int = 4, num_stages: int = 4, interpret: bool = False,
+                poison_outputs: bool = False) -> jax.Array:
+    """x [M or 1, K], w [G, N, K], ids [M] int32 in [0, G) -> [M, N] in x's dtype. block_n / block_k: the
+    weight tile streamed per step (clipped to N / K). poison_outputs: testing aid (outputs start as NaN)."""
     G, N, K = w.shape
     M = ids.shape[0] if ids.ndim == 1 else 0
     if not M or x.ndim != 2 or x.shape[0] not in (1, M):
         raise ValueError(f"expert_rows: ids {ids.shape}, x {x.shape}: expected ids [M] and x [M or 1, K]")
-    if swiglu_limit is not None and N % 2:
-        raise ValueError(f"expert_rows: w {w.shape} with swiglu_limit: expected an even N (gate rows, up rows)")
-    N_out = N if swiglu_limit is None else N // 2
-    block_n, block_k = expert_blocks("expert_rows", x, jax.ShapeDtypeStruct((G, N_out, K), w.dtype), block_n,
-                                     block_k)
-    halves = [pl.BlockSpec((G, block_n, K), lambda n, r: (0, n, 0))]
-    if swiglu_limit is not None:  # the same columns of the up half
-        halves.append(pl.BlockSpec((G, block_n, K), lambda n, r: (0, n + N_out // block_n, 0)))
+    block_n, block_k = expert_blocks("expert_rows", x, w, block_n, block_k)
     return triton_call(
-        functools.partial(_kernel, block_k=block_k, swiglu_limit=swiglu_limit),
-        [ids.astype(jnp.int32), x, *[w] * len(halves)], grid=(N_out // block_n, M),
-        in_specs=[pl.BlockSpec((M,), lambda n, r: (0,)), pl.BlockSpec(x.shape, lambda n, r: (0, 0)), *halves],
-        out_shape=[jax.ShapeDtypeStruct((M, N_out), x.dtype)],
+        functools.partial(_kernel, block_k=block_k), [ids.astype(jnp.int32), x, w],
+        grid=(N // block_n, M),
+        in_specs=[pl.BlockSpec((M,), lambda n, r: (0,)), pl.BlockSpec(x.shape, lambda n, r: (0, 0)),
+                  pl.BlockSpec((G, block_n, K), lambda n, r: (0, n, 0))],
+        out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, r: (0, n))],
         num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-        name=f"dsv4_expert_rows_n{block_n}_k{block_k}" + "_swiglu" * (swiglu_limit is not None),
-        poison=poison_outputs)[0]
+        name=f"dsv4_expert_rows_n{block_n}_k{block_k}", poison=poison_outputs)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,11 +89,11 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, swiglu_limit: flo
 
 def bench_cases():
     """A one-token decode step's 6 routed rows over 256 Flash-size experts as the MoE layer runs them (gate_up
-    from the token's one row, ending in the SwiGLU, then down; gate_up without it too), against the gathered
-    einsum; ``grouped_gemv``'s ``T=1`` cases time the sorted alternative (without its sort)."""
+    from the token's one row, then down), against the gathered einsum; ``grouped_gemv``'s ``T=1`` cases time
+    the sorted alternative (without its sort)."""
     E, d, F, k = 256, 4096, 2048, 6
 
-    def case(n, kk, name, shared, swiglu=False):
+    def case(n, kk, name, shared):
         x_rows = 1 if shared else k
 
         def args(key):
@@ -126,10 +102,9 @@ def bench_cases():
             w = (0.02 * jax.random.normal(kw, (E, n, kk))).astype(jnp.bfloat16)
             return x, w, jax.random.permutation(ke, E)[:k].astype(jnp.int32)
 
-        n_out = n // 2 if swiglu else n
         return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E} x_rows={x_rows}", "args": args,
-                "kwargs": {"swiglu_limit": 10.0} if swiglu else {}, "reference": reference, "pallas": expert_rows,
-                "bytes": 2 * (x_rows * kk + k * n * kk + k * n_out), "flops": 2 * k * n * kk}
+                "reference": reference, "pallas": expert_rows, "bytes": 2 * (x_rows * kk + k * n * kk + k * n),
+                "flops": 2 * k * n * kk}
 
     def dense(n, kk, name):  # one matrix (G = 1) and one row: a dense layer's GEMV, against XLA's
         def args(key):
@@ -145,6 +120,5 @@ def bench_cases():
     # The dense cases ask whether this kernel beats XLA's GEMVs of the decode step's dense layers (the
     # shared expert's and q_a's ran at ~66-70% of copy rate in GPU run 22); sweep block_n down to 16 with
     # --configs, since one row of N = 2048 gives only N / block_n programs.
-    return [case(2 * F, d, "gate_up T=1", True), case(2 * F, d, "gate_up swiglu T=1", True, swiglu=True),
-            case(d, F, "down T=1", False), dense(F, d, "dense shared gate T=1"),
+    return [case(2 * F, d, "gate_up T=1", True), case(d, F, "down T=1", False), dense(F, d, "dense shared gate T=1"),
             dense(d, F, "dense shared down T=1"), dense(1024, d, "dense q_a T=1")]

@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "grouped_matmul", "grouped_gemv", "expert_rows",
-           "router")
+MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "grouped_matmul", "grouped_gemv", "expert_rows")
 
 
 def dependent_loop(fn, args, kwargs, inner: int):

@@ -8,8 +8,6 @@ shapes, a CUDA lowering check at the Flash shapes. GPU (skipped elsewhere): the 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,20 +44,6 @@ def test_interpret_matches_reference(ids, shared_x):
     assert_close(er.expert_rows(x, w, idx, interpret=True, poison_outputs=True, **SMALL), er.reference(x, w, idx))
 
 
-@pytest.mark.parametrize("ids,shared_x", [([3, 0, 7, 1, 6, 2], True), ([4, 4, 1], False)])
-def test_swiglu_matches_reference(ids, shared_x):
-    """swiglu_limit: each program's gate and up columns, the clamped SwiGLU of their fp32 products; inputs
-    scaled so the clamp (limit 1.5) is active on both halves."""
-    x, w, idx = inputs(20 + len(ids), ids, 8, 64, 96)
-    x = (4 * x[:1] if shared_x else 4 * x).astype(jnp.bfloat16)
-    want = er.reference(x, w, idx, swiglu_limit=1.5)
-    got = er.expert_rows(x, w, idx, swiglu_limit=1.5, interpret=True, poison_outputs=True, **SMALL)
-    assert got.shape == (len(ids), 32) and got.dtype == jnp.bfloat16
-    products = np.asarray(er.reference(x, w, idx), np.float32)
-    assert (products[:, :32] > 1.5).any() and (np.abs(products[:, 32:]) > 1.5).any()  # the clamp is exercised
-    assert_close(got, want)
-
-
 def test_one_matrix_one_row_at_the_smallest_blocks():
     """G = 1, M = 1 (a dense layer's GEMV, the bench's "dense" cases) at block_n = block_k = 16."""
     x, w, idx = inputs(9, [0], 1, 64, 96)
@@ -69,8 +53,8 @@ def test_one_matrix_one_row_at_the_smallest_blocks():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_moe_one_token_path_matches_xla(seed):
-    """routed_experts at T = 1 with kernels="pallas" (expert_rows, the first ending in the SwiGLU) against the
-    gathered XLA path; the bf16 activation between the two products may round one ulp apart."""
+    """routed_experts at T = 1 with kernels="pallas" (expert_rows) against the gathered XLA path; the bf16
+    SwiGLU activation between the two products may round one ulp apart (3.4-3.7e-3 measured)."""
     E, d, F, k = 16, 64, 32, 6
     kx, ku, kd, kw = jax.random.split(jax.random.PRNGKey(seed), 4)
     x = jax.random.normal(kx, (1, d), jnp.float32).astype(jnp.bfloat16)
@@ -94,15 +78,12 @@ def test_bad_shapes_are_errors():
         er.expert_rows(x.astype(jnp.float32), w, idx, interpret=True)
     with pytest.raises(ValueError, match=r"ids \(1,\), x \(2, 96\): expected ids \[M\] and x \[M or 1, K\]"):
         er.expert_rows(x, w, idx[:1], interpret=True)
-    with pytest.raises(ValueError, match="even N"):
-        er.expert_rows(x, w[:, :63], idx, swiglu_limit=1.0, interpret=True)
 
 
-@pytest.mark.parametrize("N,K,x_rows,limit", [(4096, 4096, 1, None), (4096, 2048, 6, None), (4096, 4096, 1, 10.0)])
-def test_lowers_for_h100(N, K, x_rows, limit):
+@pytest.mark.parametrize("N,K,x_rows", [(4096, 4096, 1), (4096, 2048, 6)])
+def test_lowers_for_h100(N, K, x_rows):
     S = jax.ShapeDtypeStruct
-    fn = functools.partial(er.expert_rows, swiglu_limit=limit)
-    assert "triton" in lower_for_h100(fn, S((x_rows, K), jnp.bfloat16), S((256, N, K), jnp.bfloat16),
+    assert "triton" in lower_for_h100(er.expert_rows, S((x_rows, K), jnp.bfloat16), S((256, N, K), jnp.bfloat16),
                                       S((6,), jnp.int32)).lower()
 
 
