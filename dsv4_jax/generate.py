@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .checkpoint import CheckpointError
@@ -138,7 +139,20 @@ def run(argv=None) -> int:
     return 0
 
 
+class _PluginErrorInOneLine(logging.Filter):
+    """JAX logs a device plugin that fails to start (the CUDA plugin of the ``aot`` extra on a host without a GPU)
+    with its traceback, then runs on the devices it has: say it in one line, with the plugin's error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith("Jax plugin configuration error"):
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]} (JAX goes on without it)"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def main(argv=None) -> int:
+    logging.getLogger("jax._src.xla_bridge").addFilter(_PluginErrorInOneLine())
     try:
         return run(argv)
     except (InputError, CheckpointError, ConfigError, ValueError) as e:

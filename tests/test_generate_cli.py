@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,9 +20,9 @@ from dsv4_jax.generate import main
 from reference import build_reference
 
 
-def run_cli(*args, timeout=600):
+def run_cli(*args, timeout=600, env=None):
     proc = subprocess.run([sys.executable, "-m", "dsv4_jax.generate", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -75,6 +77,19 @@ def test_default_demo_generates_text():
         assert "RANDOM" in err  # says plainly that the demo weights are random
     result = json.loads(out.strip().splitlines()[-1])
     assert len(result["tokens"]) == 8 and isinstance(result["text"], str)
+
+
+def test_no_traceback_when_jax_picks_its_platform():
+    """Without JAX_PLATFORMS, JAX tries every installed plugin. On a host without a GPU the ``aot`` extra's CUDA
+    plugin fails to start: the CLI says so in one line (JAX logs a traceback) and generates on the CPU."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    rc, out, err = run_cli("--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--json", env=env)
+    assert rc == 0, err
+    assert "Traceback" not in err, err
+    assert len(json.loads(out.strip().splitlines()[-1])["tokens"]) == 2
+    if importlib.util.find_spec("jax_plugins.xla_cuda13") and not os.path.exists("/dev/nvidiactl"):
+        line = [ln for ln in err.splitlines() if "xla_cuda13.initialize()" in ln]
+        assert len(line) == 1, err
 
 
 def test_text_prompt_through_tokenizer_json(reference_case, tmp_path, capsys):
