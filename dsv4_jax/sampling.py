@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,8 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature {self.temperature} must be >= 0")
+        if not (0.0 <= self.temperature < math.inf):  # nan and inf included: inf would sample uniformly
+            raise ValueError(f"temperature {self.temperature} must be a finite number >= 0")
         if self.top_k < 0:
             raise ValueError(f"top_k {self.top_k} must be >= 0 (0 = off)")
         if not (0.0 < self.top_p <= 1.0):

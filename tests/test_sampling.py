@@ -67,8 +67,12 @@ def test_seed_reproducible_and_different_seeds_differ():
     assert (draw(1.0, seed=3) != draw(1.0, seed=4)).any()
 
 
-@pytest.mark.parametrize("kw, msg", [({"temperature": -1.0}, "temperature -1.0"), ({"top_k": -2}, "top_k -2"),
-                                     ({"top_p": 0.0}, "top_p 0.0"), ({"top_p": 1.5}, "top_p 1.5")])
+BAD_PARAMS = [({"temperature": -1.0}, "temperature -1.0"), ({"temperature": float("nan")}, "temperature nan"),
+              ({"temperature": float("inf")}, "temperature inf"), ({"top_k": -2}, "top_k -2"),
+              ({"top_p": 0.0}, "top_p 0.0"), ({"top_p": 1.5}, "top_p 1.5")]
+
+
+@pytest.mark.parametrize("kw, msg", BAD_PARAMS)
 def test_bad_sampling_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
