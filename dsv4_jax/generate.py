@@ -151,8 +151,11 @@ class _PluginErrorInOneLine(logging.Filter):
         return True
 
 
+_PLUGIN_ERROR_IN_ONE_LINE = _PluginErrorInOneLine()  # one instance: addFilter skips it when main runs again
+
+
 def main(argv=None) -> int:
-    logging.getLogger("jax._src.xla_bridge").addFilter(_PluginErrorInOneLine())
+    logging.getLogger("jax._src.xla_bridge").addFilter(_PLUGIN_ERROR_IN_ONE_LINE)
     try:
         return run(argv)
     except (InputError, CheckpointError, ConfigError, ValueError) as e:

@@ -202,7 +202,8 @@ def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out
     bh = q_ref.shape[0]
 
     # The walk's bounds, from the token's whole mask and id rows (Triton vectors are a power of two long), in
-    # place of an XLA reduction and a stack before the call: two launches fewer per layer (not yet timed).
+    # place of an XLA reduction and a stack before the call: two launches fewer per layer (the batch-1 step's
+    # time unchanged within noise, run 40).
     rows = jnp.arange(pl.next_power_of_2(Wk), dtype=jnp.int32)
     win_lo, win_hi = _valid_bounds(plt.load(wval_ref.at[pl.ds(0, rows.shape[0])], mask=rows < Wk, other=0) != 0,
                                    rows, Wk)
