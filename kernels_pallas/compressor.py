@@ -45,14 +45,19 @@ Design (memory bound: every kv/gate element is read from HBM once):
     programs at S = 8K / 32K. Wb = 2 (the default before 2026-11-29) measured 1.4x slower on an H200 at
     both lengths (device-timed sweep, docs/results/2026-11-29-h200-run5): twice the registers per program,
     half the programs in flight. The indexer's D = 128: Wb = 8, 8 warps (Wb = 1 measured the same).
-  - HCA (m = 128): Wb = 1 window per program, 4 steps (``fori_loop``) of a [1, 32, 512] tile reduced over its
-    slot axis, 16 warps. At S = 8K and B = 1 that is only 64 programs for 132 SMs, the weak spot: 16 warps
-    with 64 KB of loads per step keep bytes in flight on the SMs that have work. (Splitting channels over
-    programs would fill the machine but needs the norm in a second launch over an fp32 intermediate.)
+  - HCA (m = 128): Wb = 1 window per program, steps (``fori_loop``) of a [1, Ts, 512] tile reduced over its
+    slot axis. With at most half as many windows as SMs (S = 8K, B = 1: 64 programs for 132 SMs, the weak
+    spot) 4 steps of 32 slots at 16 warps, so that the SMs with work keep 64 KB of loads in flight; with more,
+    8 steps of 16 slots at 4 warps (``prefill_tiling``): at 16 warps Triton caps a thread at 128 registers and
+    the tiles spill (Nsight Compute on an H200, run 45: 128 registers, 327K local-memory requests at S = 32K),
+    and the 4-warp programs measured 50-54 against 69-73 us there, 33-35 against 36-40 us at 16K (runs
+    47-48). (Splitting channels over programs would fill the machine at 8K but needs the norm in a second
+    launch over an fp32 intermediate.)
   Offline compile of the lowered Triton IR for sm_90 (pip triton 3.8 + its ptxas, not jaxlib's bundled
-  Triton): CSA 128 registers/thread, HCA 123, indexer 62, decode 32-128; no spills, 16-byte kv/gate loads.
+  Triton): CSA 128 registers/thread, HCA 123, indexer 62, decode 32-128; no spills there, but jaxlib's
+  Triton spills the 16-warp HCA tiles (above), so the offline figures are indicative only.
   Triton does not software-pipeline these loops (no ``cp.async``: its pipeliner targets loads feeding dots),
-  so latency hiding comes from several resident programs (CSA) or the 64 KB step tiles (HCA).
+  so latency hiding comes from several resident programs (CSA) or the 32-64 KB step tiles (HCA).
 * RoPE on the full [Wb, D] row: the pair-swapped row (reshape [Wb, D/2, 2], unstack, stack swapped) times a
   signed sin, plus the row times cos, where the cos/sin values are gathered per channel (cos = 1, sin = 0 on
   the nope channels). One [Wb, D] store per program, masked only for windows >= S//m.
@@ -80,11 +85,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import triton_call
+from .common import NUM_SMS, triton_call
 
 NEG = -1e30  # finite "minus infinity" for the running max (exp(NEG - NEG) = 1 must never be used unmasked)
 TILE_ELEMS = 4096  # target elements of one [Wb, Ts, D] kv (or gate) tile when a window fits in one step (D < 512)
 MAX_STEP_ELEMS = 16384  # cap of a slot-step tile (HCA: 32 tokens x 512 channels)
+MANY_WINDOWS_STEP_ELEMS = 8192  # the cap with more windows than half the SMs (HCA: 16 tokens x 512 channels)
 SLOT_ROWS_MAX = 8  # slot steps up to this many tokens load one [Wb, D] tile per slot
 ELEMS_PER_THREAD = 32  # default warps: a tile spread as 32 elements per thread per array (D >= 512)
 
@@ -418,22 +424,48 @@ def _check_dims(C: int, overlap: bool, half_rope: int):
     return D, R
 
 
-def _slot_step(m: int, d: int, wb: int, slots_per_step: int | None) -> int:
-    """Largest power of two dividing m that keeps a [wb, Ts, d] tile within MAX_STEP_ELEMS (or the request)."""
+def _slot_step(m: int, d: int, wb: int, slots_per_step: int | None, cap: int = MAX_STEP_ELEMS) -> int:
+    """Largest power of two dividing m that keeps a [wb, Ts, d] tile within ``cap`` elements (or the request)."""
     if slots_per_step is not None:
         if m % slots_per_step or not _pow2(slots_per_step):
             raise ValueError(f"slots_per_step {slots_per_step} must be a power of two dividing m={m}")
         return slots_per_step
     ts = m & -m  # largest power-of-two divisor
-    while ts > 1 and wb * ts * d > MAX_STEP_ELEMS:
+    while ts > 1 and wb * ts * d > cap:
         ts //= 2
     return ts
 
 
-def _default_warps(tile_elems: int, d: int) -> int:
-    """32 tile elements per thread per array (16 for narrow rows, whose layouts replicate more), 4..16 warps."""
-    per_thread = ELEMS_PER_THREAD if d >= 512 else ELEMS_PER_THREAD // 2
+def _default_warps(tile_elems: int, d: int, many_windows: bool = False) -> int:
+    """32 tile elements per thread per array (64 with more windows than half the SMs; 16 for narrow rows,
+    whose layouts replicate more), 4..16 warps."""
+    per_thread = ELEMS_PER_THREAD // 2 if d < 512 else ELEMS_PER_THREAD * (2 if many_windows else 1)
     return max(4, min(16, tile_elems // (32 * per_thread)))
+
+
+def prefill_tiling(B: int, n_windows: int, m: int, d: int, windows_per_block: int | None = None,
+                   slots_per_step: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
+    """(windows per program Wb, slots per step Ts, warps) of ``compress_prefill``; None picks the default.
+
+    With more windows than half the SMs, HCA (m = 128, D = 512) pools 16-token steps at 4 warps instead of
+    32-token steps at 16. On an H200 (runs 47-48, B = 1, alternating in one process): 50-54 against 69-73 us
+    at S = 32K (256 windows), 33-35 against 36-40 us at 16K (128 windows, the engine's prefill chunk), a tie
+    at 8K (64 windows: 30-37 us either way; the 16 warps keep more bytes in flight on the SMs that have work).
+    At 16 warps Triton caps a thread at 128 registers and the step tiles spill (Nsight Compute, run 45).
+    """
+    many = 2 * B * n_windows > NUM_SMS
+    cap = MANY_WINDOWS_STEP_ELEMS if many else MAX_STEP_ELEMS
+    if windows_per_block is None:
+        ts0 = _slot_step(m, d, 1, slots_per_step, cap)
+        wide = ts0 < m or d >= 512  # measured: one window per program is faster for D = 512 (docstring)
+        wb = 1 if wide else max(1, min(TILE_ELEMS // (m * d), pl.next_power_of_2(n_windows)))
+        wb = 1 << (wb.bit_length() - 1)
+    else:
+        wb = windows_per_block
+        if not _pow2(wb):
+            raise ValueError(f"windows_per_block {wb} must be a power of two")
+    ts = _slot_step(m, d, wb, slots_per_step, cap)
+    return wb, ts, num_warps or _default_warps(wb * ts * d, d, many)
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "windows_per_block",
@@ -448,9 +480,10 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
 
     windows_per_block (Wb, power of two): windows per program; default 1 for D >= 512 (CSA, HCA), else
     Wb*m*D near TILE_ELEMS = 4K elements (8 for the indexer's D=128). slots_per_step (Ts): tokens
-    of a window per step (a power of two dividing m; default the largest with Ts*D <= 16K: 4 for CSA, 32
-    for HCA D=512). num_warps: default tile / (32 x 32 elements), 16 elements for D < 512, clipped to
-    [4, 16] (4 for CSA D=512, 8 for D=128, 16 for HCA).
+    of a window per step (a power of two dividing m; default the largest with Ts*D <= 16K, 8K once B * S//m
+    exceeds half the SM count: 4 for CSA, 32 or 16 for HCA D=512). num_warps: default tile / (32 x 32
+    elements), 64 elements once the windows exceed half the SMs, 16 for D < 512, clipped to [4, 16] (4 for
+    CSA D=512, 8 for D=128, 16 or 4 for HCA). ``prefill_tiling`` gives the choice for a shape.
     slot_rows: one [Wb, D] tile per slot (default for Ts <= 8) or one [Wb, Ts, D] tile per step.
     num_stages is passed to Triton (its pipeliner does not pipeline these loads).
     poison_outputs: testing aid (see ``common.triton_call``).
@@ -463,18 +496,7 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
     assert cos.shape == (B, nW, R // 2) and sin.shape == cos.shape, (cos.shape, (B, nW, R // 2))
     if nW == 0:
         return jnp.zeros((B, 0, D), out_dtype)
-    if windows_per_block is None:
-        ts0 = _slot_step(m, D, 1, slots_per_step)
-        wide = ts0 < m or D >= 512  # measured: one window per program is faster for D = 512 (docstring)
-        wb = 1 if wide else max(1, min(TILE_ELEMS // (m * D), pl.next_power_of_2(nW)))
-        wb = 1 << (wb.bit_length() - 1)
-    else:
-        wb = windows_per_block
-        if not _pow2(wb):
-            raise ValueError(f"windows_per_block {wb} must be a power of two")
-    ts = _slot_step(m, D, wb, slots_per_step)
-    if num_warps is None:
-        num_warps = _default_warps(wb * ts * D, D)
+    wb, ts, num_warps = prefill_tiling(B, nW, m, D, windows_per_block, slots_per_step, num_warps)
     slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
     kernel = functools.partial(_prefill_kernel, m=m, d=D, wb=wb, ts=ts, n_win=nW, overlap=overlap, eps=eps,
                                rope_dim=R, slot_rows=slot_rows)
@@ -630,12 +652,12 @@ def _decode_entry_reference(*args, **kwargs):
 
 
 def bench_cases():
-    """Prefill at Flash sizes (CSA m=4 / HCA m=128, D=512, R=64, S=8K/32K, B=1, bf16; plus the indexer's
+    """Prefill at Flash sizes (CSA m=4 / HCA m=128, D=512, R=64, S=8K/32K (HCA 16K too), B=1, bf16; plus the indexer's
     D=128 compressor) and the decode step at B=32 with every row closing a window (fp32 ring)."""
     R = 64
     cases = []
     for kind, m, D, overlap in (("csa", 4, 512, True), ("hca", 128, 512, False), ("indexer", 4, 128, True)):
-        for S in (8192, 32768):
+        for S in (8192, 16384, 32768) if kind == "hca" else (8192, 32768):  # HCA: the engine's 16K chunk too
             B, nW = 1, S // m
             it = 2
             # every kv/gate element a pooled slot needs, once: b-halves of nW windows (+ a-halves of nW-1)

@@ -192,6 +192,8 @@ PREFILL_CASES = {
     # real widths at small S: CSA D=512 (kv width 1024), HCA m=128 D=512 with its default 32-slot steps
     "csa_real_d512": (8, 1, 37, 4, 512, 64, True, jnp.bfloat16, {}),
     "hca_real_m128_d512": (9, 2, 300, 128, 512, 64, False, jnp.float32, {}),
+    # the 16-slot steps HCA takes once every SM has a window (prefill_tiling)
+    "hca_real_16_slot_steps": (12, 2, 300, 128, 512, 64, False, jnp.bfloat16, dict(slots_per_step=16)),
     # the indexer's compressor width D_I = 128
     "indexer_real_d128": (10, 2, 41, 4, 128, 64, True, jnp.float32, {}),
 }
@@ -205,6 +207,20 @@ def test_prefill_interpret_matches_reference(name):
     out = cp.compress_prefill(*args, ratio=m, overlap=overlap, eps=EPS, interpret=True, poison_outputs=True, **kw)
     assert out.shape == (B, S // m, D) and out.dtype == jnp.float32
     assert max_rel_err(out, ref) <= tol(dtype), name
+
+
+@pytest.mark.parametrize("B,S,m,D,expected", [
+    (1, 8192, 128, 512, (1, 32, 16)),    # HCA, 64 windows: not more than half the 132 SMs
+    (1, 16384, 128, 512, (1, 16, 4)),    # HCA, 128 windows (the engine's prefill chunk)
+    (1, 32768, 128, 512, (1, 16, 4)),    # HCA, 256 windows
+    (3, 2816, 128, 512, (1, 32, 16)),    # HCA, 3 x 22 = 66 windows: exactly half the SMs
+    (1, 8576, 128, 512, (1, 16, 4)),     # HCA, 67 windows
+    (1, 32768, 4, 512, (1, 4, 4)),       # CSA: unchanged by the window count
+    (1, 32768, 4, 128, (8, 4, 8)),       # the indexer's compressor
+])
+def test_prefill_tiling_defaults(B, S, m, D, expected):
+    """The measured choices (compressor.prefill_tiling's docstring) stay the defaults."""
+    assert cp.prefill_tiling(B, S // m, m, D) == expected
 
 
 def test_prefill_interpret_bf16_output():

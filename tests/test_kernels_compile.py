@@ -21,7 +21,8 @@ CASES = [
     ("sparse_attention", "decode_B128_K1024"), ("sparse_attention", "prefill_csa_S8192_C2048"),
     ("sparse_attention", "prefill_hca_S8192_C2048"), ("indexer", "decode_B32_N32768"),
     ("indexer", "prefill_S8192_N2048"), ("topk", "topk512_R32_N32768"), ("compressor", "prefill_csa_m4_d512_S8192"),
-    ("compressor", "prefill_hca_m128_d512_S8192"), ("compressor", "decode_csa_m4_d512_B32"),
+    ("compressor", "prefill_hca_m128_d512_S8192"), ("compressor", "prefill_hca_m128_d512_S32768"),
+    ("compressor", "decode_csa_m4_d512_B32"),
     ("hc_pre", "hc_pre_T1"), ("hc_pre", "hc_pre_norm_T1"), ("grouped_gemv", "gate_up T=1"),
     ("expert_rows", "gate_up T=1"), ("expert_rows", "down T=1"),
 ]
