@@ -48,8 +48,8 @@ Design (memory bound: every kv/gate element is read from HBM once):
   - HCA (m = 128): Wb = 1 window per program, steps (``fori_loop``) of a [1, Ts, 512] tile reduced over its
     slot axis. With at most half as many windows as SMs (S = 8K, B = 1: 64 programs for 132 SMs, the weak
     spot) 4 steps of 32 slots at 16 warps, so that the SMs with work keep 64 KB of loads in flight; with more,
-    8 steps of 16 slots at 4 warps (``prefill_tiling``): at 16 warps Triton caps a thread at 128 registers and
-    the tiles spill (Nsight Compute on an H200, run 45: 128 registers, 327K local-memory requests at S = 32K),
+    8 steps of 16 slots at 4 warps (``prefill_tiling``): at 16 warps (512 threads) a thread holds at most 128
+    registers and the tiles spill (Nsight Compute on an H200, run 45: 327K local-memory requests at S = 32K),
     and the 4-warp programs measured 50-54 against 69-73 us there, 33-35 against 36-40 us at 16K (runs
     47-48). (Splitting channels over programs would fill the machine at 8K but needs the norm in a second
     launch over an fp32 intermediate.)
@@ -451,7 +451,7 @@ def prefill_tiling(B: int, n_windows: int, m: int, d: int, windows_per_block: in
     32-token steps at 16. On an H200 (runs 47-48, B = 1, alternating in one process): 50-54 against 69-73 us
     at S = 32K (256 windows), 33-35 against 36-40 us at 16K (128 windows, the engine's prefill chunk), a tie
     at 8K (64 windows: 30-37 us either way; the 16 warps keep more bytes in flight on the SMs that have work).
-    At 16 warps Triton caps a thread at 128 registers and the step tiles spill (Nsight Compute, run 45).
+    At 16 warps a thread holds at most 128 registers and the step tiles spill (Nsight Compute, run 45).
     """
     many = 2 * B * n_windows > NUM_SMS
     cap = MANY_WINDOWS_STEP_ELEMS if many else MAX_STEP_ELEMS

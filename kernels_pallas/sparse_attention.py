@@ -104,9 +104,13 @@ rows as its window block, the same kernel call as ``sparse_attention_decode`` at
     128  512      70.4 us          135.1 us      1.43 TB/s
     128  1024    104.4 us          219.3 us      1.61 TB/s   (~185 TFLOP/s of QK + PV)
 
-so the large-batch cases run at ~1/3 of the HBM roofline (4.8 TB/s) and ~20 % of the bf16 tensor peak: the
-small-M tensor-core matmuls are the limit, not memory. Getting closer needs 64-row ``wgmma`` tiles
-with the 512-wide accumulator split over two warpgroups (FlashMLA-style), i.e. a Mosaic GPU kernel.
+so the large-batch cases run at ~1/3 of the HBM roofline (4.8 TB/s) and ~20 % of the bf16 tensor peak.
+Nsight Compute (2026-12-04, run 45, B=128 x 640 keys) says what bounds it: 255 registers a thread (the fp32
+[32, 512] accumulator alone is 128), so two 4-warp programs fit on an SM, and in 69% of cycles no warp can
+issue; DRAM runs at 29% of its peak, the tensor pipe at 31%. Triton's ``wgmma`` variant (64 heads, 8 warps)
+spills the [64, 512] accumulator and fits one program per SM (slower). Getting closer needs the 512-wide
+accumulator split over two warpgroups under an explicit register budget (FlashMLA-style), i.e. a Mosaic GPU
+kernel.
 
 Entries with ``entry_idx >= N`` are treated as invalid (never read) in both the kernel and the reference;
 callers should not pass them.
