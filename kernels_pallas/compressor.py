@@ -465,7 +465,9 @@ def prefill_tiling(B: int, n_windows: int, m: int, d: int, windows_per_block: in
         if not _pow2(wb):
             raise ValueError(f"windows_per_block {wb} must be a power of two")
     ts = _slot_step(m, d, wb, slots_per_step, cap)
-    return wb, ts, num_warps or _default_warps(wb * ts * d, d, many)
+    if num_warps is None:
+        num_warps = _default_warps(wb * ts * d, d, many)
+    return wb, ts, num_warps
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "windows_per_block",
@@ -652,8 +654,8 @@ def _decode_entry_reference(*args, **kwargs):
 
 
 def bench_cases():
-    """Prefill at Flash sizes (CSA m=4 / HCA m=128, D=512, R=64, S=8K/32K (HCA 16K too), B=1, bf16; plus the indexer's
-    D=128 compressor) and the decode step at B=32 with every row closing a window (fp32 ring)."""
+    """Prefill at Flash sizes (CSA m=4 / HCA m=128, D=512, R=64, S=8K/32K (HCA 16K too), B=1, bf16; plus the
+    indexer's D=128 compressor) and the decode step at B=32 with every row closing a window (fp32 ring)."""
     R = 64
     cases = []
     for kind, m, D, overlap in (("csa", 4, 512, True), ("hca", 128, 512, False), ("indexer", 4, 128, True)):

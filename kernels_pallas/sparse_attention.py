@@ -107,7 +107,7 @@ rows as its window block, the same kernel call as ``sparse_attention_decode`` at
 so the large-batch cases run at ~1/3 of the HBM roofline (4.8 TB/s) and ~20 % of the bf16 tensor peak.
 Nsight Compute (2026-12-04, run 45, B=128 x 640 keys) says what bounds it: 255 registers a thread (the fp32
 [32, 512] accumulator alone is 128), so two 4-warp programs fit on an SM, and in 69% of cycles no warp can
-issue; DRAM runs at 29% of its peak, the tensor pipe at 31%. Triton's ``wgmma`` variant (64 heads, 8 warps)
+issue; DRAM runs at 29% of its peak, the shared pipe (mostly its tensor part) at 31%. Triton's ``wgmma`` variant (64 heads, 8 warps)
 spills the [64, 512] accumulator and fits one program per SM (slower). Getting closer needs the 512-wide
 accumulator split over two warpgroups under an explicit register budget (FlashMLA-style), i.e. a Mosaic GPU
 kernel.

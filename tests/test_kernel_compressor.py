@@ -192,7 +192,7 @@ PREFILL_CASES = {
     # real widths at small S: CSA D=512 (kv width 1024), HCA m=128 D=512 with its default 32-slot steps
     "csa_real_d512": (8, 1, 37, 4, 512, 64, True, jnp.bfloat16, {}),
     "hca_real_m128_d512": (9, 2, 300, 128, 512, 64, False, jnp.float32, {}),
-    # the 16-slot steps HCA takes once every SM has a window (prefill_tiling)
+    # the 16-slot steps HCA takes with more windows than half the SMs (prefill_tiling)
     "hca_real_16_slot_steps": (12, 2, 300, 128, 512, 64, False, jnp.bfloat16, dict(slots_per_step=16)),
     # the indexer's compressor width D_I = 128
     "indexer_real_d128": (10, 2, 41, 4, 128, 64, True, jnp.float32, {}),
