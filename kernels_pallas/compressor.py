@@ -7,7 +7,7 @@
                          *, ratio, overlap, eps) -> (entry [B,D], closes [B], new_state_kv, new_state_gate)
 
 Meaning (``reference_prefill`` / ``reference_decode_step`` below are the plain-jnp definitions, and the tests
-check them against the model's ``dsv4_jax.compressor.compress_chunk``): entry w pools, per channel, the
+check them against the model's ``dsv4_jax.model.compressor.compress_chunk``): entry w pools, per channel, the
 slots of its window with a softmax over ``gate + ape`` in fp32 and a weighted sum of ``kv``. Without overlap
 (HCA, m = 128, coff = 1) the slots are tokens [w*m, (w+1)*m) with ``ape[j]``. With overlap (CSA m = 4 and the
 indexer's compressor, coff = 2) there are 2m slots: the a-halves (channels [:D]) of window w-1 with

@@ -3,11 +3,11 @@
     hc_pre(streams [T, n, d], fn [(2+n)n, n*d] f32, base [(2+n)n] f32, scale [3] f32, *, rms_eps, hc_eps,
            iters, norm_weight [d] f32 = None, norm_eps) -> (x [T, d], post [T, n] f32, comb [T, n, n] f32)
 
-Meaning (``reference``: ``dsv4_jax.hyper_connection``'s ``hc_weights`` then ``collapse``): mixing logits
+Meaning (``reference``: ``dsv4_jax.model.hyper_connection``'s ``hc_weights`` then ``collapse``): mixing logits
 ``fn @ RMS(vec(streams))``; ``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
 normalisation (row softmax + eps, a column normalisation, then ``iters - 1`` rounds of row and column
 normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i`` in fp32; with
-``norm_weight``, the sub-block's RMSNorm of that fp32 sum (``dsv4_jax.basic.rms_norm``) in the streams' dtype.
+``norm_weight``, the sub-block's RMSNorm of that fp32 sum (``dsv4_jax.model.layers.rms_norm``) in the streams' dtype.
 
 Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as
 ~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
@@ -42,8 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv4_jax.basic import rms_norm
-from dsv4_jax.hyper_connection import MIX_AS_SUM_MAX_TOKENS, collapse, hc_weights, mix_logits, mix_sums
+from dsv4_jax.model.layers import rms_norm
+from dsv4_jax.model.hyper_connection import MIX_AS_SUM_MAX_TOKENS, collapse, hc_weights, mix_logits, mix_sums
 
 from .common import triton_call
 

@@ -6,7 +6,7 @@
     index_scores_prefill(q [B,S,HI,DI], keys [B,N,DI], weights [B,S,HI], n_visible [B,S]) -> [B,S,N] f32
 
 ``weights`` already carry the D_I^-1/2 * H_I^-1/2 scale (the model's ``w``). ``reference_decode`` /
-``reference_prefill`` below are the plain-jnp definitions: ``dsv4_jax.indexer.index_scores`` plus the
+``reference_prefill`` below are the plain-jnp definitions: ``dsv4_jax.model.indexer.index_scores`` plus the
 visibility mask.
 
 Backend: the Pallas **Triton** backend (``jax.experimental.pallas.triton``). It is deprecated upstream but
@@ -62,7 +62,7 @@ from jax.experimental.pallas import triton as plt
 
 from .common import triton_call
 
-from dsv4_jax.indexer import index_scores
+from dsv4_jax.model.indexer import index_scores
 
 NEG_INF = float("-inf")
 

@@ -14,7 +14,7 @@ valid key returns 0. ``reference`` below is the plain-jnp definition; ``sparse_a
 Prefill is the same per query token: token t of a chunk uses the window block ``win_keys[:, t // Bq]`` under
 its own mask row ``win_mask[:, t]``, and its own id row ``entry_ids[:, t]``: the indexer's top-k picks on CSA
 layers, ``arange(N)`` masked to -1 from the query's visible count on HCA layers (the model's layouts). The
-window blocks are ``dsv4_jax.attention.window_keys``'s (``dsv4_jax.metadata.WindowMeta``): Kw = W + Bq
+window blocks are ``dsv4_jax.model.attention.window_keys``'s (``dsv4_jax.model.metadata.WindowMeta``): Kw = W + Bq
 ring/chunk rows per query block for a chunk of C > 1 tokens; for the model's decode step (C = 1) the written
 ring itself in slot order, Kw = W. The kernel takes any Kw the block and mask shapes agree on.
 ``reference_prefill`` is ``reference`` applied to every query token.
@@ -128,10 +128,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv4_jax.attention import gather_entries, sink_attention
-from dsv4_jax.config import DeepseekV4Config
-from dsv4_jax.indexer import select_topk
-from dsv4_jax.metadata import build_metadata
+from dsv4_jax.model.attention import gather_entries, sink_attention
+from dsv4_jax.model.config import DeepseekV4Config
+from dsv4_jax.model.indexer import select_topk
+from dsv4_jax.model.metadata import build_metadata
 
 from .common import NUM_SMS, triton_call
 
@@ -430,7 +430,7 @@ def prefill_inputs(key, cfg: DeepseekV4Config, *, prompt: int, chunk: int, ratio
 
 
 def model_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale, *, shared_entries: bool):
-    """What the model computes on its XLA path (``dsv4_jax.attention``) for ``reference_prefill``'s inputs:
+    """What the model computes on its XLA path (``dsv4_jax.model.attention``) for ``reference_prefill``'s inputs:
     CSA gathers each query's picks; HCA (``shared_entries``: ids are ``arange(N)`` masked to -1) attends to
     all entries under the per-query mask."""
     if shared_entries:

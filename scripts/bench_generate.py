@@ -39,12 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.cache import init_cache
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
-from dsv4_jax.demo import demo_config
-from dsv4_jax.engine import DeviceSteps, default_prefill_chunk, split_weights
-from dsv4_jax.random_weights import random_model
-from dsv4_jax.sampling import SamplingParams, sampling_args
+from dsv4_jax.model.cache import init_cache
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
+from dsv4_jax.runtime.demo import demo_config
+from dsv4_jax.runtime.engine import DeviceSteps, default_prefill_chunk, split_weights
+from dsv4_jax.weights.random_init import random_model
+from dsv4_jax.runtime.sampling import SamplingParams, sampling_args
 from scripts import roofline
 
 LAYER_NAMES = {"SWA": SLIDING, "CSA": CSA, "HCA": HCA}
@@ -95,7 +95,7 @@ def engine_case(model, batch: int, prompt: int, new_tokens: int, kernels: str) -
     on a second call (the first compiles). Its decode ms per token against ``decode_case``'s back-to-back
     jitted steps at the same shapes is what the host loop costs; of that host time, the row gives the
     part spent issuing steps and the part blocked on reading tokens back (``GenerationStats``)."""
-    from dsv4_jax.engine import Engine
+    from dsv4_jax.runtime.engine import Engine
 
     engine = Engine(model, capacity=prompt + new_tokens, kernels=kernels)
     prompts = np.random.RandomState(2).randint(0, model.config.vocab_size, (batch, prompt)).tolist()

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.engine import Engine
-from dsv4_jax.pipeline import PipelineEngine
-from dsv4_jax.random_weights import random_model
-from dsv4_jax.sampling import SamplingParams
+from dsv4_jax.runtime.engine import Engine
+from dsv4_jax.runtime.pipeline import PipelineEngine
+from dsv4_jax.weights.random_init import random_model
+from dsv4_jax.runtime.sampling import SamplingParams
 from scripts.bench_generate import make_config
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -14,8 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from dsv4_jax import checkpoint_orbax
-from dsv4_jax.checkpoint import from_pretrained
+from dsv4_jax.weights import orbax as checkpoint_orbax
+from dsv4_jax.weights.checkpoint import from_pretrained
 
 EXIT_USAGE = 2
 TOKENIZER_FILE = "tokenizer.json"

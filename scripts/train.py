@@ -6,11 +6,11 @@
 
 Batches are random crops of ``--seq-len`` tokens, each BOS + bytes (as the CLI tokenises a prompt), from
 the first 1 - ``--eval-fraction`` of the file; the held-out loss is taken on fixed crops of the rest.
-Training runs in ``--compute-dtype`` over fp32 master weights (dsv4_jax.training). Written to ``--out``:
+Training runs in ``--compute-dtype`` over fp32 master weights (dsv4_jax.train.trainer). Written to ``--out``:
 log.csv (one row per ``--log-every`` steps), log.json (arguments, rows, summary) and checkpoint/ (an
 orbax checkpoint of the fp32 model, every ``--ckpt-every`` steps and at the end; load it with
 ``python -m dsv4_jax.generate --checkpoint OUT/checkpoint``). The training curve goes to ``--plot``;
-``--export-demo`` writes the trained weights into the package (dsv4_jax/demo_weights/) for the CLI's
+``--export-demo`` writes the trained weights into the package (dsv4_jax/runtime/demo_weights/) for the CLI's
 default demo model. Bad arguments: a one-line error and exit code 2.
 """
 
@@ -39,7 +39,7 @@ class UsageError(ValueError):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m scripts.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("data/austen.txt"), help="UTF-8 text file")
-    p.add_argument("--config", default="demo", help="'demo' (dsv4_jax.demo.demo_config) or a config.json path")
+    p.add_argument("--config", default="demo", help="'demo' (dsv4_jax.runtime.demo.demo_config) or a config.json path")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--plot", type=Path, default=Path("docs/demo_training_curve.png"))
-    p.add_argument("--export-demo", action="store_true", help="write the weights to dsv4_jax/demo_weights/")
+    p.add_argument("--export-demo", action="store_true", help="write the weights to dsv4_jax/runtime/demo_weights/")
     p.add_argument("--sample-tokens", type=int, default=300, help="length of the closing sample (0: none)")
     return p.parse_args(argv)
 
@@ -91,10 +91,10 @@ def check_args(args) -> None:
 
 
 def model_config(name: str):
-    from dsv4_jax.checkpoint import CheckpointError
-    from dsv4_jax.config import ConfigError, DeepseekV4Config
-    from dsv4_jax.demo import demo_config
-    from dsv4_jax.tokenizer import ByteTokenizer
+    from dsv4_jax.weights.checkpoint import CheckpointError
+    from dsv4_jax.model.config import ConfigError, DeepseekV4Config
+    from dsv4_jax.runtime.demo import demo_config
+    from dsv4_jax.runtime.tokenizer import ByteTokenizer
 
     if name == "demo":
         return demo_config()
@@ -147,8 +147,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def sample_text(model, tokenizer, prompt: str, n: int, seed: int) -> str:
-    from dsv4_jax.engine import Engine
-    from dsv4_jax.sampling import SamplingParams
+    from dsv4_jax.runtime.engine import Engine
+    from dsv4_jax.runtime.sampling import SamplingParams
 
     engine = Engine(model, capacity=len(tokenizer.encode(prompt)) + n, tokenizer=tokenizer)
     (result,) = engine.generate([prompt], max_new_tokens=n, sampling=SamplingParams(temperature=0.8, top_p=0.95),
@@ -161,9 +161,11 @@ def train(args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from dsv4_jax import checkpoint_orbax, demo, training
-    from dsv4_jax.model import DeepseekV4ForCausalLM
-    from dsv4_jax.tokenizer import ByteTokenizer
+    from dsv4_jax.weights import orbax as checkpoint_orbax
+    from dsv4_jax.runtime import demo
+    from dsv4_jax.train import trainer as training
+    from dsv4_jax.model.transformer import DeepseekV4ForCausalLM
+    from dsv4_jax.runtime.tokenizer import ByteTokenizer
 
     cfg = model_config(args.config)
     tok = ByteTokenizer()

@@ -14,7 +14,7 @@ import pytest
 # True fp32 matmuls on every backend (on GPU JAX's default precision uses TF32-class products).
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config, YarnScaling
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config, YarnScaling
 
 
 def tiny(**overrides) -> DeepseekV4Config:
@@ -90,7 +90,7 @@ def reference_case(tmp_path_factory):
 def host_tensors_alive(monkeypatch):
     """Watches checkpoint.iter_tensors: returns a dict whose "read" counts the host arrays read and whose
     "most_alive" is the largest number of earlier ones still alive when the next was read (streaming: <= 1)."""
-    from dsv4_jax import checkpoint
+    from dsv4_jax.weights import checkpoint
 
     seen = {"read": 0, "most_alive": 0}
     live = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from dsv4_jax.config import DeepseekV4Config
+from dsv4_jax.model.config import DeepseekV4Config
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()  # our tiny YaRN configs trip a factor-mismatch warning

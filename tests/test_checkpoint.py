@@ -19,9 +19,9 @@ from safetensors.numpy import save_file
 
 import dsv4_jax
 from conftest import tiny
-from dsv4_jax import checkpoint
-from dsv4_jax.checkpoint import CheckpointError, canonical_name
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING
+from dsv4_jax.weights import checkpoint
+from dsv4_jax.weights.checkpoint import CheckpointError, canonical_name
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING
 
 CFG = tiny(num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA), mlp_layer_types=(HASH_MOE, MOE, MOE))
 SINGLE = "model.safetensors"

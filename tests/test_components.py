@@ -22,12 +22,13 @@ from transformers.activations import ACT2FN
 
 import dsv4_jax
 from conftest import tiny
-from dsv4_jax import metadata, moe
-from dsv4_jax.cache import init_layer_cache
-from dsv4_jax.config import CSA, HCA, SLIDING, DeepseekV4Config, YarnScaling
-from dsv4_jax.hyper_connection import MIX_AS_SUM_MAX_TOKENS, collapse, expand, hc_weights, hyper_head
-from dsv4_jax.indexer import index_scores
-from dsv4_jax.rope import apply_rope, default_inv_freq, inv_freq_for, rope_angles
+from dsv4_jax.model import metadata
+from dsv4_jax.model import moe
+from dsv4_jax.model.cache import init_layer_cache
+from dsv4_jax.model.config import CSA, HCA, SLIDING, DeepseekV4Config, YarnScaling
+from dsv4_jax.model.hyper_connection import MIX_AS_SUM_MAX_TOKENS, collapse, expand, hc_weights, hyper_head
+from dsv4_jax.model.indexer import index_scores
+from dsv4_jax.model.rope import apply_rope, default_inv_freq, inv_freq_for, rope_angles
 from reference import hf_config
 
 TOL = 1e-5

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from conftest import tiny
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, ConfigError, DeepseekV4Config, YarnScaling
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, ConfigError, DeepseekV4Config, YarnScaling
 
 
 def _ratios(first_two: list[int], n_layers: int) -> list[int]:

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 from conftest import tiny
-from dsv4_jax.cache import init_cache
-from dsv4_jax.config import CSA, HCA, SLIDING
-from dsv4_jax.engine import Engine, chunk_bucket
-from dsv4_jax.model import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError, run_chunk
+from dsv4_jax.model.cache import init_cache
+from dsv4_jax.model.config import CSA, HCA, SLIDING
+from dsv4_jax.runtime.engine import Engine, chunk_bucket
+from dsv4_jax.model.transformer import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError, run_chunk
 
 CFG = tiny()  # window 8, CSA m=4 (top-k 4), HCA m=8
 
@@ -206,7 +206,7 @@ def test_lookahead_decode_equals_one_step_at_a_time(model):
     """The engine issues step s + 1 before reading step s back. Against a plain loop that reads each step's
     tokens, checks EOS and only then issues the next (same prefill, same key splits): sampled tokens and
     finish reasons are equal, including a row that stops on EOS while the others go on."""
-    from dsv4_jax.sampling import SamplingParams, sample, sampling_args
+    from dsv4_jax.runtime.sampling import SamplingParams, sample, sampling_args
 
     engine = Engine(model, capacity=64, prefill_chunk=8)
     prompts = [list(range(3, 3 + n)) for n in (13, 6, 9)]

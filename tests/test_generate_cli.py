@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import tiny
-from dsv4_jax.demo import has_trained_weights
-from dsv4_jax.generate import main
+from dsv4_jax.runtime.demo import has_trained_weights
+from dsv4_jax.runtime.cli import main
 from reference import build_reference
 
 
@@ -156,7 +156,7 @@ his they from she which or we an there her were one do been all their has would 
 said who more about up them some could him into its then two out time my me than only very our did should""".split())
 
 
-@pytest.mark.skipif(not has_trained_weights(), reason="no trained demo weights in dsv4_jax/demo_weights")
+@pytest.mark.skipif(not has_trained_weights(), reason="no trained demo weights in dsv4_jax/runtime/demo_weights")
 def test_default_demo_writes_english():
     """The CLI's default (the shipped demo model, greedy) writes words: most are real, common ones abound."""
     rc, out, err = run_cli("Once upon a time", "--max-new-tokens", "96", "--greedy", "--json")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax import moe
+from dsv4_jax.model import moe
 from kernels_pallas import expert_rows as er
 from kernels_pallas.testing import lower_for_h100
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.moe import routed_experts
+from dsv4_jax.model.moe import routed_experts
 from kernels_pallas import grouped_matmul as gm
 from kernels_pallas.testing import lower_for_h100
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import tiny
 
-from dsv4_jax.attention import gather_entries, sink_attention
-from dsv4_jax.metadata import build_metadata
+from dsv4_jax.model.attention import gather_entries, sink_attention
+from dsv4_jax.model.metadata import build_metadata
 from kernels_pallas import sparse_attention as sa
 from kernels_pallas.testing import lower_for_h100
 
@@ -256,7 +256,7 @@ def test_reference_prefill_matches_model_attention(hca):
 def _prefill_abstract(B, C, H, D, W, K, N):
     sds = jax.ShapeDtypeStruct
     bq = min(W, C)
-    Kw = W if C == 1 else W + bq  # the model's window layouts (dsv4_jax.metadata.WindowMeta)
+    Kw = W if C == 1 else W + bq  # the model's window layouts (dsv4_jax.model.metadata.WindowMeta)
     return (sds((B, C, H, D), jnp.bfloat16), sds((B, C // bq, Kw, D), jnp.bfloat16), sds((B, C, Kw), jnp.bool_),
             sds((B, N, D), jnp.bfloat16), sds((B, C, K), jnp.int32), sds((H,), jnp.float32))
 

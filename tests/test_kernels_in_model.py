@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 
 from conftest import tiny
-from dsv4_jax.cache import init_cache
-from dsv4_jax.checkpoint import abstract_model, param_table
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
-from dsv4_jax.engine import DeviceSteps, Engine, split_weights
-from dsv4_jax.model import DeepseekV4ForCausalLM
-from dsv4_jax.random_weights import random_model
-from dsv4_jax.sampling import SamplingParams
+from dsv4_jax.model.cache import init_cache
+from dsv4_jax.weights.checkpoint import abstract_model, param_table
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
+from dsv4_jax.runtime.engine import DeviceSteps, Engine, split_weights
+from dsv4_jax.model.transformer import DeepseekV4ForCausalLM
+from dsv4_jax.weights.random_init import random_model
+from dsv4_jax.runtime.sampling import SamplingParams
 
 
 @functools.cache
@@ -129,7 +129,7 @@ def test_engine_pallas_tokens_match_xla_on_cpu_interpret():
 
 
 def test_engine_rejects_unknown_kernels():
-    from dsv4_jax.model import InputError
+    from dsv4_jax.model.transformer import InputError
 
     with pytest.raises(InputError, match="kernels 'cuda' is not one of"):
         Engine(DeepseekV4ForCausalLM(tiny(), rngs=nnx.Rngs(0)), kernels="cuda")

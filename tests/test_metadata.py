@@ -1,4 +1,4 @@
-"""Metadata: the sliding window's decode layout (``dsv4_jax.metadata.WindowMeta``, C == 1)."""
+"""Metadata: the sliding window's decode layout (``dsv4_jax.model.metadata.WindowMeta``, C == 1)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny
-from dsv4_jax.attention import window_keys
-from dsv4_jax.metadata import build_metadata
+from dsv4_jax.model.attention import window_keys
+from dsv4_jax.model.metadata import build_metadata
 
 W = 8
 
@@ -52,10 +52,10 @@ def test_decode_step_computes_rope_tables_once():
     import re
 
     import jax
-    from dsv4_jax.cache import init_cache
-    from dsv4_jax.engine import DeviceSteps, split_weights
-    from dsv4_jax.random_weights import random_model
-    from dsv4_jax.sampling import SamplingParams, sampling_args
+    from dsv4_jax.model.cache import init_cache
+    from dsv4_jax.runtime.engine import DeviceSteps, split_weights
+    from dsv4_jax.weights.random_init import random_model
+    from dsv4_jax.runtime.sampling import SamplingParams, sampling_args
 
     cfg = tiny()
     graphdef, state_def, weights = split_weights(random_model(cfg, jnp.float32))

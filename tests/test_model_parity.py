@@ -7,8 +7,8 @@ import pytest
 
 import dsv4_jax
 from conftest import PARITY_CASES, tiny
-from dsv4_jax.config import HASH_MOE
-from dsv4_jax.rope import default_inv_freq, inv_freq_for
+from dsv4_jax.model.config import HASH_MOE
+from dsv4_jax.model.rope import default_inv_freq, inv_freq_for
 
 
 def rel_err(ours, ref) -> float:

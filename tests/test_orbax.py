@@ -1,4 +1,4 @@
-"""Orbax checkpoints (dsv4_jax.checkpoint_orbax, scripts/convert_checkpoint.py): bitwise round trips,
+"""Orbax checkpoints (dsv4_jax.weights.orbax, scripts/convert_checkpoint.py): bitwise round trips,
 restored logits, shardings on a multi-device CPU mesh, overwrite rules, the converter and the CLI on
 an orbax directory, and the error messages.
 
@@ -31,8 +31,8 @@ import jax  # noqa: E402  (conftest.py, or the parent's environment for the subp
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import dsv4_jax  # noqa: E402
-from dsv4_jax import checkpoint_orbax  # noqa: E402
-from dsv4_jax.checkpoint import CheckpointError, param_table  # noqa: E402
+from dsv4_jax.weights import orbax as checkpoint_orbax  # noqa: E402
+from dsv4_jax.weights.checkpoint import CheckpointError, param_table  # noqa: E402
 
 DEVICES = 4
 MESH_AXES = ("rows", "cols")
@@ -294,7 +294,7 @@ def test_convert_script_usage_error_from_the_shell(source):
 
 def test_cli_greedy_tokens_from_orbax_equal_hf(source, orbax_dirs, capsys):
     """Same greedy tokens and text from the orbax copy as from the HF directory, and as the PyTorch reference."""
-    from dsv4_jax.generate import main
+    from dsv4_jax.runtime.cli import main
     from test_generate_cli import reference_greedy
 
     saved, hf, root = source

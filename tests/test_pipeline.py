@@ -1,4 +1,4 @@
-"""Pipeline parallelism (dsv4_jax.pipeline): parity with the unpipelined model for pp = 1, 2, 4, 8,
+"""Pipeline parallelism (dsv4_jax.runtime.pipeline): parity with the unpipelined model for pp = 1, 2, 4, 8,
 determinism, metadata built once, clear errors, and a 2-process multi-host run.
 
 The pipelined programs need several devices. XLA's fake CPU device count must be set before JAX
@@ -26,7 +26,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from conftest import tiny  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
 
 # 8 layers: every stage split below starts some stage on a sliding, a CSA and an HCA layer, and the
 # hash-routed layers (0-2) land on stages > 0 for pp >= 4. 3 Sinkhorn iterations keep compiles short.
@@ -63,7 +63,7 @@ def prompts() -> list[list[int]]:
 
 def sampled_tokens(engine) -> list[list[int]]:
     """Tokens of a generation with temperature and top-k (the sampling settings reach the decode step)."""
-    from dsv4_jax.sampling import SamplingParams
+    from dsv4_jax.runtime.sampling import SamplingParams
     return [r.tokens for r in engine.generate(prompts(), max_new_tokens=NEW_TOKENS, seed=3,
                                               sampling=SamplingParams(temperature=0.9, top_k=6))]
 
@@ -71,7 +71,7 @@ def sampled_tokens(engine) -> list[list[int]]:
 def build_model():
     from flax import nnx
 
-    from dsv4_jax.model import DeepseekV4ForCausalLM
+    from dsv4_jax.model.transformer import DeepseekV4ForCausalLM
     return DeepseekV4ForCausalLM(CFG, rngs=nnx.Rngs(SEED))
 
 
@@ -151,7 +151,7 @@ def reference(workers):
     """The unpipelined model (one device): ragged chunked logits, greedy tokens, caches after prefill."""
     import jax.numpy as jnp
 
-    from dsv4_jax.engine import Engine
+    from dsv4_jax.runtime.engine import Engine
     model = build_model()
     engine = Engine(model, capacity=CAPACITY, prefill_chunk=CHUNK)
 
@@ -213,7 +213,7 @@ def test_logits_and_tokens_equal_unpipelined(pipelined, reference, case):
 
 
 def _expected_stages(pp, boundaries):
-    from dsv4_jax.pipeline import stage_starts
+    from dsv4_jax.runtime.pipeline import stage_starts
     starts = stage_starts(CFG.num_hidden_layers, pp, boundaries)
     ends = (*starts[1:], CFG.num_hidden_layers)
     return [range(a, b) for a, b in zip(starts, ends)]
@@ -247,7 +247,7 @@ def test_metadata_built_once_before_any_stage_work(pipelined):
 
 
 def test_stage_assignment():
-    from dsv4_jax.pipeline import stage_of_layer, stage_starts
+    from dsv4_jax.runtime.pipeline import stage_of_layer, stage_starts
     assert stage_starts(8, 1) == (0,)
     assert stage_starts(8, 3) == (0, 3, 6)
     assert stage_of_layer(8, 3) == (0, 0, 0, 1, 1, 1, 2, 2)
@@ -266,8 +266,8 @@ def test_stage_assignment():
     (2, (2.5,), r"^boundary 2.5 in \[2.5\] is not an integer layer index$"),
 ])
 def test_bad_pipeline_arguments(pp, boundaries, message):
-    from dsv4_jax.model import InputError
-    from dsv4_jax.pipeline import PipelineEngine
+    from dsv4_jax.model.transformer import InputError
+    from dsv4_jax.runtime.pipeline import PipelineEngine
     with pytest.raises(InputError, match=message) as e:
         PipelineEngine(_small_model(), pp=pp, boundaries=boundaries)
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
@@ -276,8 +276,8 @@ def test_bad_pipeline_arguments(pp, boundaries, message):
 def test_more_stages_than_devices():
     import jax
 
-    from dsv4_jax.model import InputError
-    from dsv4_jax.pipeline import PipelineEngine
+    from dsv4_jax.model.transformer import InputError
+    from dsv4_jax.runtime.pipeline import PipelineEngine
     n = len(jax.devices())
     with pytest.raises(InputError, match=rf"^pp {n + 1} needs {n + 1} devices but {n} are available \(on CPU: "
                                          rf"XLA_FLAGS=--xla_force_host_platform_device_count={n + 1}\)$"):
@@ -290,7 +290,7 @@ def test_more_stages_than_devices():
 def _small_model():
     from flax import nnx
 
-    from dsv4_jax.model import DeepseekV4ForCausalLM
+    from dsv4_jax.model.transformer import DeepseekV4ForCausalLM
     return DeepseekV4ForCausalLM(CFG, rngs=nnx.Rngs(0))
 
 
@@ -326,7 +326,7 @@ def test_generate_cli_pp_errors(capsys, args, message):
     """Bad --pp input is one line on stderr and exit code 2 (checked before any weights are built)."""
     import jax
 
-    from dsv4_jax.generate import main
+    from dsv4_jax.runtime.cli import main
     if "needs 2 devices" in message and len(jax.devices()) >= 2:
         pytest.skip("this process has several devices")
     capsys.readouterr()
@@ -364,9 +364,9 @@ def _jaxpr_report(engine, batch: int, chunk: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from dsv4_jax.metadata import build_metadata
-    from dsv4_jax.model import METADATA_SCOPE
-    from dsv4_jax.pipeline import STAGE_SCOPE, pipeline_chunk
+    from dsv4_jax.model.metadata import build_metadata
+    from dsv4_jax.model.transformer import METADATA_SCOPE
+    from dsv4_jax.runtime.pipeline import STAGE_SCOPE, pipeline_chunk
     M, Bp = engine.layout(batch)
     fn = functools.partial(pipeline_chunk, engine.plan, microbatches=M, last_only=True)
     ids, vec = jnp.zeros((Bp, chunk), jnp.int32), jnp.zeros((Bp,), jnp.int32)
@@ -390,7 +390,7 @@ def _jaxpr_report(engine, batch: int, chunk: int) -> dict:
 def _worker_cases(out_dir: Path, names: list[str]):
     import jax
 
-    from dsv4_jax.pipeline import PipelineEngine
+    from dsv4_jax.runtime.pipeline import PipelineEngine
     assert len(jax.devices()) == 8, jax.devices()
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model()
@@ -435,7 +435,7 @@ def _worker_multihost(out_dir: Path, port: int, process_id: int):
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    from dsv4_jax.pipeline import PipelineEngine
+    from dsv4_jax.runtime.pipeline import PipelineEngine
     pp, boundaries, micro = CASES["pp4"]
     eng = PipelineEngine(build_model(), pp=pp, boundaries=boundaries, microbatches=micro, capacity=CAPACITY,
                          prefill_chunk=CHUNK)

@@ -22,11 +22,11 @@ from safetensors.numpy import save_file
 
 import dsv4_jax
 from conftest import tiny
-from dsv4_jax import checkpoint
-from dsv4_jax.checkpoint import CheckpointError, canonical_name, param_table
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING
-from dsv4_jax.mtp import DeepseekV4WithMTP, mtp_config, mtp_logits
-from dsv4_jax.quantization import (
+from dsv4_jax.weights import checkpoint
+from dsv4_jax.weights.checkpoint import CheckpointError, canonical_name, param_table
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING
+from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config, mtp_logits
+from dsv4_jax.weights.quantization import (
     E2M1_MAX, E4M3_MAX, dequantise_fp4, dequantise_fp8, quantise_fp4, quantise_fp8_blocks)
 from test_checkpoint import official_name, read_tensors
 

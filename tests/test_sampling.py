@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.sampling import SamplingParams, filter_logits, sample, sampling_args
+from dsv4_jax.runtime.sampling import SamplingParams, filter_logits, sample, sampling_args
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]], jnp.float32))
 

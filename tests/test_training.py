@@ -1,4 +1,4 @@
-"""dsv4_jax.training: gradients (float64 finite differences, the PyTorch reference's autograd), a short
+"""dsv4_jax.train.trainer: gradients (float64 finite differences, the PyTorch reference's autograd), a short
 training run, and the auxiliary-loss-free router bias update."""
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from flax import nnx
 
 import dsv4_jax
 from conftest import tiny
-from dsv4_jax import demo, training
-from dsv4_jax.checkpoint import canonical_name
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING
-from dsv4_jax.model import DeepseekV4ForCausalLM
-from dsv4_jax.tokenizer import ByteTokenizer
+from dsv4_jax.runtime import demo
+from dsv4_jax.train import trainer as training
+from dsv4_jax.weights.checkpoint import canonical_name
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING
+from dsv4_jax.model.transformer import DeepseekV4ForCausalLM
+from dsv4_jax.runtime.tokenizer import ByteTokenizer
 from reference import build_reference, topk_boundary_gap
 
 # Every attention type and both MoE kinds in three layers (compiling a train step is the slow part).
@@ -232,7 +233,7 @@ def test_demo_weight_export_is_a_hugging_face_checkpoint(tmp_path):
     assert np.abs(ours - ref_logits).max() / np.abs(ref_logits).max() < 1e-5
 
 
-@pytest.mark.skipif(not demo.has_trained_weights(), reason="no trained demo weights in dsv4_jax/demo_weights")
+@pytest.mark.skipif(not demo.has_trained_weights(), reason="no trained demo weights in dsv4_jax/runtime/demo_weights")
 def test_shipped_demo_model_predicts_english():
     """The shipped demo weights are trained: on an English sentence that is not in the training text the
     next-byte loss is far below a random model's ln(259) = 5.56 nats (the shipped weights: 1.36)."""

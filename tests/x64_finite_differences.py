@@ -1,4 +1,4 @@
-"""Float64 gradient check of dsv4_jax.training's loss, run by tests/test_training.py in a subprocess.
+"""Float64 gradient check of dsv4_jax.train.trainer's loss, run by tests/test_training.py in a subprocess.
 
 The model pins fp32 in many places (``astype(jnp.float32)``, ``preferred_element_type=jnp.float32``,
 fp32 norm / mHC weights), which would cap a finite-difference check at fp32 round-off. So this process
@@ -30,9 +30,9 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny  # noqa: E402
-from dsv4_jax import training  # noqa: E402
-from dsv4_jax.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
-from dsv4_jax.model import DeepseekV4ForCausalLM, stateless_forward  # noqa: E402
+from dsv4_jax.train import trainer as training  # noqa: E402
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
+from dsv4_jax.model.transformer import DeepseekV4ForCausalLM, stateless_forward  # noqa: E402
 
 EPS = 1e-4
 # Window 8, CSA m=4 with top-k 3 of up to 7 entries, HCA m=8; learned top-2 of 4 experts; one padded row.

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import Linear
+from .layers import Linear
 from .cache import CompressorState
 from .compressor import Compressor
 from .config import DeepseekV4Config

@@ -24,9 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from . import quantization
-from .config import ConfigError, DeepseekV4Config
-from .model import DeepseekV4ForCausalLM
-from .mtp import DeepseekV4WithMTP
+from ..model.config import ConfigError, DeepseekV4Config
+from ..model.transformer import DeepseekV4ForCausalLM
+from ..model.mtp import DeepseekV4WithMTP
 
 INDEX_FILE = "model.safetensors.index.json"
 # The multi-token-prediction block's tensors: loaded into a model built with it, skipped otherwise.
@@ -431,7 +431,7 @@ def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, shardin
     (call it on input_ids). ``mtp=True`` also loads the multi-token-prediction block (``mtp.0.*``) and
     returns an mtp.DeepseekV4WithMTP; otherwise those tensors are skipped. ``sharding`` / ``mesh`` +
     ``spec``: where each parameter lives (see ``target_shardings``); tensors are placed there one by one."""
-    from . import checkpoint_orbax  # imported here: it imports this module
+    from . import orbax as checkpoint_orbax  # imported here: it imports this module
 
     if checkpoint_orbax.is_orbax_checkpoint(path):
         if mtp:

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import Attention
-from .basic import Linear, RMSNorm
+from .layers import Linear, RMSNorm
 from .cache import LayerCache, init_cache
 from .config import DeepseekV4Config
 from .hyper_connection import HyperConnection, HyperHead, expand

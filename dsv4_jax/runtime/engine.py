@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .cache import init_cache
-from .model import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
+from ..model.cache import init_cache
+from ..model.transformer import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
 from .sampling import SamplingParams, sample, sampling_args
 
 
@@ -168,7 +168,7 @@ class Engine:
     def _check_capacity(self, prompts: list[list[int]], max_new_tokens: int):
         check_capacity(max(len(p) for p in prompts), max_new_tokens, self.capacity)
 
-    # ----- device steps (dsv4_jax.pipeline.PipelineEngine overrides these three) -------------
+    # ----- device steps (dsv4_jax.runtime.pipeline.PipelineEngine overrides these three) -------------
     def _new_cache(self, batch: int):
         return init_cache(self.config, batch, self.capacity, self.model.dtype)
 

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from .checkpoint import abstract_model
-from .config import MOE, DeepseekV4Config
-from .model import DeepseekV4ForCausalLM, stateless_forward
+from ..weights.checkpoint import abstract_model
+from ..model.config import MOE, DeepseekV4Config
+from ..model.transformer import DeepseekV4ForCausalLM, stateless_forward
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,10 +81,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .cache import init_cache
+from ..model.cache import init_cache
 from .engine import Engine
-from .metadata import build_metadata, padded_chunk_len
-from .model import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError
+from ..model.metadata import build_metadata, padded_chunk_len
+from ..model.transformer import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError
 from .sampling import sample
 
 PP_AXIS = "pp"

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .checkpoint import CheckpointError, abstract_model, checkpoint_config, from_pretrained, param_table
-from .config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config, YarnScaling
-from .model import DeepseekV4ForCausalLM
+from ..weights.checkpoint import CheckpointError, abstract_model, checkpoint_config, from_pretrained, param_table
+from ..model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config, YarnScaling
+from ..model.transformer import DeepseekV4ForCausalLM
 from .tokenizer import ByteTokenizer
 
 DEMO_SEED = 0

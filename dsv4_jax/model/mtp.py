@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import Linear, RMSNorm
+from .layers import Linear, RMSNorm
 from .cache import LayerCache, init_cache
 from .config import MOE, SLIDING, DeepseekV4Config
 from .hyper_connection import HyperHead
 from .metadata import ForwardMetadata, build_metadata, padded_chunk_len
-from .model import METADATA_SCOPE, DecoderLayer, DeepseekV4ForCausalLM, InputError, check_token_ids
+from .transformer import METADATA_SCOPE, DecoderLayer, DeepseekV4ForCausalLM, InputError, check_token_ids
 
 
 def mtp_config(cfg: DeepseekV4Config) -> DeepseekV4Config:

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from .indexer import index_scores
-from .model import DeepseekV4ForCausalLM, check_token_ids, stateless_forward
+from .transformer import DeepseekV4ForCausalLM, check_token_ids, stateless_forward
 
 
 @dataclasses.dataclass(frozen=True)

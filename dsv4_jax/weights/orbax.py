@@ -27,8 +27,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from .checkpoint import CheckpointError, _dtype, abstract_model, checkpoint_config, param_table, target_shardings
-from .config import DeepseekV4Config
-from .model import DeepseekV4ForCausalLM
+from ..model.config import DeepseekV4Config
+from ..model.transformer import DeepseekV4ForCausalLM
 
 ORBAX_DIR = "orbax"
 CONFIG_FILE = "config.json"

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import Linear, RMSNorm, rms_norm
+from .layers import Linear, RMSNorm, rms_norm
 from .cache import CompressorState
 from .config import DeepseekV4Config
 from .metadata import CompressionMeta

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .checkpoint import abstract_model, param_table
-from .config import DeepseekV4Config
-from .model import DeepseekV4ForCausalLM
+from ..model.config import DeepseekV4Config
+from ..model.transformer import DeepseekV4ForCausalLM
 
 
 def random_model(cfg: DeepseekV4Config, dtype=jnp.bfloat16, seed: int = 0) -> DeepseekV4ForCausalLM:

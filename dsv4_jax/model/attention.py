@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .basic import Linear, RMSNorm, unweighted_rms_norm
+from .layers import Linear, RMSNorm, unweighted_rms_norm
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import CSA, SLIDING, DeepseekV4Config

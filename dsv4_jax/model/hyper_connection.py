@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import FP32, RMSNorm, linear, rms_scale, unweighted_rms_norm
+from .layers import FP32, RMSNorm, linear, rms_scale, unweighted_rms_norm
 from .config import DeepseekV4Config
 
 
@@ -98,7 +98,7 @@ class HyperConnection(nnx.Module):
         self.scale = nnx.Param(jnp.ones((3,), jnp.float32))
 
     def weights(self, streams):
-        """streams [..., n, d] -> (pre, post, comb) by ``hc_weights`` (recorded by dsv4_jax.introspect)."""
+        """streams [..., n, d] -> (pre, post, comb) by ``hc_weights`` (recorded by dsv4_jax.model.introspect)."""
         c = self.cfg
         return hc_weights(streams, self.fn[...], self.base[...], self.scale[...], n=c.hc_mult, rms_eps=c.rms_norm_eps,
                           hc_eps=c.hc_eps, sinkhorn_iters=c.hc_sinkhorn_iters)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .basic import FP32, Buffer, Linear, linear
+from .layers import FP32, Buffer, Linear, linear
 from .config import HASH_MOE, DeepseekV4Config
 
 _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
