@@ -111,13 +111,18 @@ def engine_case(model, batch: int, prompt: int, new_tokens: int, kernels: str) -
             "decode_tokens_per_s": st.decode_tokens_per_s}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def synthetic_cache(cfg, batch: int, capacity: int, dtype, key):
-    """Caches as if full: every array random (window rows, compressed entries, index keys, states)."""
-    leaves, tree = jax.tree.flatten(init_cache(cfg, batch, capacity, dtype))
+def random_fill(cache, key):
+    """Every array of a cache pytree random (a decode step's cost depends on the caches' size, not values)."""
+    leaves, tree = jax.tree.flatten(cache)
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
                                      for k, x in zip(keys, leaves)])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def synthetic_cache(cfg, batch: int, capacity: int, dtype, key):
+    """Caches as if full: window rows, compressed entries, index keys and states all random."""
+    return random_fill(init_cache(cfg, batch, capacity, dtype), key)
 
 
 def decode_case(model, batch: int, context: int, steps: int, kernels: str, profile: bool = False,
