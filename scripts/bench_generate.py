@@ -157,8 +157,8 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
             dispatch.append(time.perf_counter() - t0)
         jax.block_until_ready(cache)
 
-    # Warm-up: a whole group. After one step, the first case of a process still ran ~0.1 ms slower than a
-    # later run of the same variant (GPU runs 22, 26, 27: 1.78 / 1.67, 1.90 / 1.79, 1.80 / 1.69 ms).
+    # Warm-up: a whole group. After one step, the first case of a process still ran slower than a later run
+    # of the same variant (H200, docs/performance.md).
     run(steps)
     dispatch.clear()
     times = []

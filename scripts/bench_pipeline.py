@@ -35,8 +35,8 @@ _START = time.perf_counter()
 
 
 def progress(phase: str, **fields) -> None:
-    """A JSON line per finished phase: a run stopped by its time limit shows how far it got (GPU run 23 printed
-    nothing in 320 s)."""
+    """A JSON line per finished phase: a run stopped by its time limit shows how far it got (a 2-GPU run
+    on 2026-11-29 printed nothing in 320 s)."""
     print(json.dumps({"progress": phase, "elapsed_s": round(time.perf_counter() - _START, 1), **fields}), flush=True)
 
 

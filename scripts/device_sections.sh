@@ -1,4 +1,4 @@
-# Sourced by a GPU run's script (docs/results/<date>-<card>-run<N>/commands.sh): each benchmark or test is a
+# Sourced by a GPU run's script (its commands.sh, writing under $OUT): each benchmark or test is a
 # section with its own time limit, so one slow case cannot eat the run, and every section's output is
 # appended to $OUT/NAME.txt with its exit status (the device tool returns at most 8 files from $OUT).
 #
