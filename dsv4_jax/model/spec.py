@@ -5,6 +5,10 @@ A parameter is built once, by ``param``, with one logical-axis name per dimensio
 metadata, so the abstract model (``nnx.eval_shape``) carries them at no cost. A cache field declares
 its axes on the dataclass field (``axes_field``). The names are the fields of
 ``dsv4_jax.weights.sharding.ShardingRules``, which maps them to mesh axes; nothing here knows a mesh.
+
+Own metadata keys rather than flax's ``out_sharding``: flax shards a variable carrying that key as it is
+created (so a mesh must exist then) and resolves logical names through a global rules context, whereas
+here placement is decided once, by the loader, from an explicit ShardingRules.
 """
 
 from __future__ import annotations
