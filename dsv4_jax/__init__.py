@@ -1,6 +1,7 @@
 """dsv4_jax: DeepSeek-V4 inference in JAX / Flax NNX."""
 
-from .weights.checkpoint import CheckpointError, from_pretrained
+from .weights.checkpoint import from_pretrained
+from .weights.errors import CheckpointError
 from .model.config import ConfigError, DeepseekV4Config
 from .runtime.engine import Engine, GenerationResult
 from .model.transformer import DeepseekV4ForCausalLM, InputError

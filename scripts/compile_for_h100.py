@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dsv4_jax.model.cache import init_cache  # noqa: E402
-from dsv4_jax.weights.checkpoint import abstract_model  # noqa: E402
+from dsv4_jax.weights.params import abstract_model  # noqa: E402
 from dsv4_jax.runtime.engine import DeviceSteps, split_weights  # noqa: E402
 from kernels_pallas.testing import abstract_h100, h100_compile_only_sharding  # noqa: E402
 from scripts.bench_generate import make_config  # noqa: E402

@@ -75,7 +75,7 @@ def decode_step_bytes(model, batch: int, context: int) -> dict:
     """HBM bytes one decode step must read: every non-expert weight once (embedding: B rows), the
     batch's distinct routed experts once, and per sequence the KV rows attention reads (window +
     top-k on CSA, every visible entry on HCA) and the indexer keys scored (CSA)."""
-    from dsv4_jax.weights.checkpoint import param_table
+    from dsv4_jax.weights.params import param_table
 
     cfg = model.config
     wbytes = expert_bytes = 0
@@ -108,7 +108,7 @@ def prefill_flops(model, tokens: int) -> float:
     """Matmul FLOPs of a causal prefill of ``tokens`` tokens: 2 x active parameters per token (all but
     the unrouted experts and the embedding table), plus attention over window + picks / visible
     entries and the indexer over the visible index keys (counting only causal pairs)."""
-    from dsv4_jax.weights.checkpoint import param_table
+    from dsv4_jax.weights.params import param_table
 
     cfg = model.config
     active = 0

@@ -91,7 +91,7 @@ def check_args(args) -> None:
 
 
 def model_config(name: str):
-    from dsv4_jax.weights.checkpoint import CheckpointError
+    from dsv4_jax.weights.errors import CheckpointError
     from dsv4_jax.model.config import ConfigError, DeepseekV4Config
     from dsv4_jax.runtime.demo import demo_config
     from dsv4_jax.runtime.tokenizer import ByteTokenizer

@@ -19,8 +19,10 @@ from safetensors.numpy import save_file
 
 import dsv4_jax
 from conftest import tiny
-from dsv4_jax.weights import checkpoint
-from dsv4_jax.weights.checkpoint import CheckpointError, canonical_name
+from dsv4_jax.weights.errors import CheckpointError
+from dsv4_jax.weights.names import canonical_name
+from dsv4_jax.weights.params import param_table
+from dsv4_jax.weights.safetensors_io import INDEX_FILE
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING
 
 CFG = tiny(num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA), mlp_layer_types=(HASH_MOE, MOE, MOE))
@@ -65,7 +67,7 @@ def write_checkpoint(path, saved: Saved, *shards: dict[str, np.ndarray], index: 
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / name))
     if index:
         weight_map = {k: name for name, tensors in zip(names, shards) for k in tensors}
-        (path / checkpoint.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
 
 
@@ -97,7 +99,7 @@ def test_save_pretrained_single_file(saved):
 def test_save_pretrained_sharded(saved, tmp_path, keep_index):
     saved.ref.save_pretrained(tmp_path, max_shard_size="20KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 3
-    index = tmp_path / checkpoint.INDEX_FILE
+    index = tmp_path / INDEX_FILE
     assert index.exists()
     if not keep_index:
         index.unlink()
@@ -132,8 +134,8 @@ def test_bf16_checkpoint(saved, tmp_path):
     path = write_checkpoint(tmp_path, saved, bf16)
     with safe_open(str(path / SINGLE), framework="numpy") as f:
         assert f.get_slice("model.layers.0.attn.wq_a.weight").get_dtype() == "BF16"
-    ours = checkpoint.param_table(dsv4_jax.from_pretrained(path, "bfloat16"))
-    wide = checkpoint.param_table(dsv4_jax.from_pretrained(path, "float32"))
+    ours = param_table(dsv4_jax.from_pretrained(path, "bfloat16"))
+    wide = param_table(dsv4_jax.from_pretrained(path, "float32"))
     assert ours["model.layers.0.self_attn.q_a_proj.weight"].get_value().dtype == np.dtype(ml_dtypes.bfloat16)
     assert ours["model.norm.weight"].get_value().dtype == np.float32
     for name, var in ours.items():
@@ -307,7 +309,7 @@ def test_torch_written_fp8_checkpoint_loads(saved, tmp_path):
     tensors["model.layers.1.attn.wq_a.scale"] = torch.full((1, 1), 0.25).to(torch.float8_e8m0fnu)
     path = write_checkpoint(tmp_path, saved, {})
     save_torch(tensors, str(path / SINGLE))
-    loaded = checkpoint.param_table(dsv4_jax.from_pretrained(path, "float32"))
+    loaded = param_table(dsv4_jax.from_pretrained(path, "float32"))
     np.testing.assert_array_equal(np.asarray(loaded["model.layers.1.self_attn.q_a_proj.weight"].get_value()),
                                   fp8.float().numpy() * 0.25)
 
@@ -324,7 +326,7 @@ def _truncate(path):
 
 
 def _index_names_missing_shard(path):
-    (path / checkpoint.INDEX_FILE).write_text(json.dumps(
+    (path / INDEX_FILE).write_text(json.dumps(
         {"weight_map": {"head.weight": SINGLE, "model.norm.weight": "model-00002-of-00002.safetensors"}}))
 
 
@@ -334,7 +336,7 @@ FILE_ERRORS = {
     "index-names-missing-shard": (_index_names_missing_shard, CheckpointError,
                                   r"index .*model\.safetensors\.index\.json names model-00002-of-00002\.safetensors, "
                                   r"which does not exist"),
-    "corrupt-index": (lambda p: (p / checkpoint.INDEX_FILE).write_text("{not json"), CheckpointError,
+    "corrupt-index": (lambda p: (p / INDEX_FILE).write_text("{not json"), CheckpointError,
                       r"checkpoint index .*index\.json is corrupt"),
     "no-config": (lambda p: (p / "config.json").unlink(), CheckpointError, r"checkpoint directory .* has no config\.json"),
     "bad-config": (lambda p: (p / "config.json").write_text('{"model_type": "deepseek_v4"}'), CheckpointError,

@@ -13,7 +13,7 @@ from flax import nnx
 
 from conftest import tiny
 from dsv4_jax.model.cache import init_cache
-from dsv4_jax.weights.checkpoint import abstract_model, param_table
+from dsv4_jax.weights.params import abstract_model, param_table
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.runtime.engine import DeviceSteps, Engine, split_weights
 from dsv4_jax.model.transformer import DeepseekV4ForCausalLM

@@ -7,7 +7,7 @@ there against the PyTorch reference); every claim here is equality with what ``f
 loads from that source. Fake CPU devices must be configured before JAX starts, and conftest.py
 imports JAX first, so the multi-device restore runs this file as a script in a subprocess
 (``python tests/test_orbax.py sharded ORBAX_CKPT HF_CKPT OUT``), which also loads the safetensors
-checkpoint onto the mesh with ``from_pretrained(..., mesh=, spec=)``.
+checkpoint onto the mesh with ``from_pretrained(..., mesh=, rules=)``.
 """
 
 from __future__ import annotations
@@ -31,21 +31,27 @@ import jax  # noqa: E402  (conftest.py, or the parent's environment for the subp
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import dsv4_jax  # noqa: E402
+from dsv4_jax.model.spec import axes_of  # noqa: E402
 from dsv4_jax.weights import orbax as checkpoint_orbax  # noqa: E402
-from dsv4_jax.weights.checkpoint import CheckpointError, param_table  # noqa: E402
+from dsv4_jax.weights.errors import CheckpointError  # noqa: E402
+from dsv4_jax.weights.params import param_table  # noqa: E402
+from dsv4_jax.weights.sharding import ShardingRules  # noqa: E402
 
 DEVICES = 4
 MESH_AXES = ("rows", "cols")
 PROMPT = "w5 w17 w42 w9 w200 w3 w77 w120 w8 w64 w33"  # longer than the window (8), two HCA windows (8)
 
 
-def mesh_spec(name: str, shape: tuple[int, ...]) -> P:
-    """Matrices split over both mesh axes where they divide, vectors over all 4 devices, the rest replicated."""
-    if len(shape) >= 2 and shape[-2] % 2 == 0 and shape[-1] % 2 == 0:
-        return P(*[None] * (len(shape) - 2), *MESH_AXES)
-    if len(shape) == 1 and shape[0] % DEVICES == 0:
-        return P(MESH_AXES)
-    return P()
+# Logical axis -> mesh axes: "embed" on rows, most axes that meet it in a matrix on cols (the rest
+# replicated), so matrices split over both mesh axes and vectors over one; heads over both (sinks [4]).
+MESH_RULES = dict(embed="rows", vocab="cols", kv="cols", mlp="cols", o_lora="cols", o_in="rows", ratio="rows",
+                  index_heads="cols", heads=MESH_AXES, hc_embed="cols")
+RULES = ShardingRules(**MESH_RULES)
+
+
+def mesh_spec(axes: tuple[str, ...]) -> P:
+    """What RULES make of a parameter's logical axes, read off MESH_RULES."""
+    return P(*(MESH_RULES.get(a) for a in axes))
 
 
 def values(model) -> dict[str, np.ndarray]:
@@ -140,11 +146,13 @@ def sharded_restores(ckpt: str, hf: str, out: str):
     assert len(jax.devices()) == DEVICES, jax.devices()
     mesh = jax.make_mesh((2, 2), MESH_AXES)
     report = {}
-    for key, model in (("mesh", checkpoint_orbax.restore(ckpt, mesh=mesh, spec=mesh_spec)),
-                       ("hf_mesh", dsv4_jax.from_pretrained(hf, "float32", mesh=mesh, spec=mesh_spec))):
-        arrays = {name: var.get_value() for name, var in param_table(model).items()}
+    for key, model in (("mesh", checkpoint_orbax.restore(ckpt, mesh=mesh, rules=RULES)),
+                       ("hf_mesh", dsv4_jax.from_pretrained(hf, "float32", mesh=mesh, rules=RULES))):
+        table = param_table(model)
+        arrays = {name: var.get_value() for name, var in table.items()}
         report[key] = {name: {"spec": repr(a.sharding.spec), "mesh": dict(a.sharding.mesh.shape),
-                              "shards": sorted(list(s.data.shape) for s in a.addressable_shards)}
+                              "shards": sorted(list(s.data.shape) for s in a.addressable_shards),
+                              "axes": axes_of(table[name])}
                        for name, a in arrays.items()}
         np.savez(Path(out) / f"{key}_arrays.npz", **{name: np.asarray(a) for name, a in arrays.items()})
     per_param = {name: jax.sharding.SingleDeviceSharding(jax.devices()[i % DEVICES])
@@ -176,17 +184,13 @@ def test_load_into_mesh_shardings_on_4_devices(loaded, sharded_out, placed):
     want = values(loaded["float32"])
     split = 0
     for name, w in want.items():
-        spec = mesh_spec(name, w.shape)
         got = report[placed][name]
+        spec = mesh_spec(tuple(got["axes"]))
         assert got["spec"] == repr(spec) and got["mesh"] == {"rows": 2, "cols": 2}, (name, got)
-        if spec == P():
-            shard = list(w.shape)
-        elif w.ndim == 1:
-            shard = [w.shape[0] // DEVICES]
-        else:
-            shard = [*w.shape[:-2], w.shape[-2] // 2, w.shape[-1] // 2]
+        parts = [1 if entry is None else 2 if isinstance(entry, str) else DEVICES for entry in spec]
+        shard = [size // n for size, n in zip(w.shape, [*parts, *[1] * (w.ndim - len(parts))])]
         assert got["shards"] == [shard] * DEVICES, (name, got)
-        split += spec != P()
+        split += any(entry is not None for entry in spec)
     assert split > len(want) // 2, f"only {split} of {len(want)} arrays were split"
     with np.load(sharded_out / f"{placed}_arrays.npz") as restored:
         assert_bitwise_equal(dict(restored), want)
@@ -394,7 +398,7 @@ def test_neither_orbax_nor_hf_directory(source, tmp_path):
     (dict(sharding={"lm_head.weight": None}), r"sharding has no entry for 'model\.\S+' \(\d+ parameter\(s\) missing\)"),
     (dict(sharding={"bogus.weight": None}), r"sharding names 'bogus\.weight', which is not a parameter of this model"),
     (dict(sharding="cpu:0"), r"sharding must be a jax Sharding or a mapping of parameter name to Sharding, got str"),
-    (dict(spec=mesh_spec), r"give either sharding, or mesh together with spec\(name, shape\) -> PartitionSpec"),
+    (dict(rules=RULES), r"give either sharding, or mesh with optional rules \(a ShardingRules\)"),
     (dict(dtype="float16"), r"dtype 'float16' is not supported; expected 'bfloat16' or 'float32'"),
 ])
 def test_bad_restore_arguments(orbax_dirs, kwargs, message):

@@ -22,8 +22,10 @@ from safetensors.numpy import save_file
 
 import dsv4_jax
 from conftest import tiny
-from dsv4_jax.weights import checkpoint
-from dsv4_jax.weights.checkpoint import CheckpointError, canonical_name, param_table
+from dsv4_jax.weights.errors import CheckpointError
+from dsv4_jax.weights.names import canonical_name
+from dsv4_jax.weights.params import abstract_model, param_table
+from dsv4_jax.weights.safetensors_io import INDEX_FILE, catalog
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING
 from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config, mtp_logits
 from dsv4_jax.weights.quantization import (
@@ -174,7 +176,7 @@ def test_fp4_ties_round_to_the_even_code():
 CFG = tiny(hidden_size=160, num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA),
            mlp_layer_types=(HASH_MOE, MOE, MOE))
 N = CFG.num_hidden_layers
-ABSTRACT_WITH_MTP = checkpoint.abstract_model(CFG, np.float32, mtp=True)
+ABSTRACT_WITH_MTP = abstract_model(CFG, np.float32, mtp=True)
 FP8_SUFFIXES = tuple(f"{p}.weight" for p in (
     "self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_proj", "self_attn.o_a_proj", "self_attn.o_b_proj",
     "indexer.q_b_proj", "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj",
@@ -344,7 +346,7 @@ def write(path, config: dict, *shards: dict[str, np.ndarray]):
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / name))
     if len(shards) > 1:
         weight_map = {k: name for name, tensors in zip(names, shards) for k in tensors}
-        (path / checkpoint.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
 
 
@@ -394,7 +396,7 @@ def test_canonical_mtp_names(name, canonical):
 
 def test_the_fixture_is_in_the_released_format(rel, tmp_path):
     """Names, dtypes and shapes as spec §11 lists them (read back from the file headers)."""
-    stored = checkpoint.catalog([write(tmp_path, rel.config, rel.tensors) / "model.safetensors"])
+    stored = catalog([write(tmp_path, rel.config, rel.tensors) / "model.safetensors"])
     d, F = CFG.hidden_size, CFG.moe_intermediate_size
     want = {
         "layers.1.attn.wq_a.weight": ("F8_E4M3", (CFG.q_lora_rank, d)),
@@ -507,7 +509,7 @@ def test_torch_float4_and_float8_tensors(rel, tmp_path):
     path = write(tmp_path, rel.config, {})
     torch_tensors = {k: to_torch(k, np.ascontiguousarray(v)) for k, v in rel.tensors.items()}
     save_torch(torch_tensors, str(path / "model.safetensors"))
-    stored = checkpoint.catalog([path / "model.safetensors"])
+    stored = catalog([path / "model.safetensors"])
     assert stored["layers.1.ffn.experts.0.w1.weight"].dtype == "F4"
     assert stored["layers.1.ffn.experts.0.w1.weight"].shape == (CFG.moe_intermediate_size, CFG.hidden_size)
     assert_values(dsv4_jax.from_pretrained(path, "float32", mtp=True), rel.expected)

@@ -20,7 +20,7 @@ import dsv4_jax
 from conftest import tiny
 from dsv4_jax.runtime import demo
 from dsv4_jax.train import trainer as training
-from dsv4_jax.weights.checkpoint import canonical_name
+from dsv4_jax.weights.names import canonical_name
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING
 from dsv4_jax.model.transformer import DeepseekV4ForCausalLM
 from dsv4_jax.runtime.tokenizer import ByteTokenizer
@@ -33,7 +33,7 @@ PAD = 2  # the byte tokenizer's padding id
 
 
 def named(state: nnx.State) -> dict[str, np.ndarray]:
-    """Canonical name (checkpoint.param_table's spelling) -> array, for a state tree."""
+    """Canonical name (params.param_table's spelling) -> array, for a state tree."""
     return {".".join(map(str, path)): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
 
 

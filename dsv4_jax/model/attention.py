@@ -22,6 +22,7 @@ from .config import CSA, SLIDING, DeepseekV4Config
 from .indexer import Indexer
 from .metadata import ForwardMetadata, WindowMeta, query_block
 from .rope import apply_rope, rope_kind_of
+from .spec import Storage, param
 
 
 def window_keys(ring: jax.Array, chunk_kv: jax.Array, window: WindowMeta,
@@ -100,7 +101,8 @@ class GroupedLinear(nnx.Module):
 
     def __init__(self, in_per_group: int, out_features: int, groups: int, *, dtype, rngs: nnx.Rngs):
         self.groups = groups
-        self.weight = nnx.Param((0.02 * jax.random.normal(rngs.params(), (out_features, in_per_group))).astype(dtype))
+        self.weight = param(0.02 * jax.random.normal(rngs.params(), (out_features, in_per_group)), ("o_lora", "o_in"),
+                            Storage.FP8, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., G, in_per_group] -> [..., G, r_o]."""
@@ -114,15 +116,16 @@ class Attention(nnx.Module):
         self.layer_type = cfg.layer_types[layer]
         self.rope_kind = rope_kind_of(self.layer_type)
         H, D = cfg.num_attention_heads, cfg.head_dim
-        self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype=dtype, rngs=rngs)
-        self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.q_b_proj = Linear(cfg.q_lora_rank, H * D, dtype=dtype, rngs=rngs)
-        self.kv_proj = Linear(cfg.hidden_size, D, dtype=dtype, rngs=rngs)
-        self.kv_norm = RMSNorm(D, cfg.rms_norm_eps)
+        fp8 = dict(storage=Storage.FP8, dtype=dtype, rngs=rngs)
+        self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, axes=("q_lora", "embed"), **fp8)
+        self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, "q_lora")
+        self.q_b_proj = Linear(cfg.q_lora_rank, H * D, axes=("heads", "q_lora"), **fp8)
+        self.kv_proj = Linear(cfg.hidden_size, D, axes=("kv", "embed"), **fp8)
+        self.kv_norm = RMSNorm(D, cfg.rms_norm_eps, "kv")
         self.o_a_proj = GroupedLinear(H * D // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, cfg.o_groups,
                                       dtype=dtype, rngs=rngs)
-        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.sinks = nnx.Param(jax.random.normal(rngs.params(), (H,), jnp.float32))
+        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, axes=("embed", "o_lora"), **fp8)
+        self.sinks = param(jax.random.normal(rngs.params(), (H,), jnp.float32), ("heads",), Storage.FP32)
         compressor = None
         if self.layer_type != SLIDING:
             is_csa = self.layer_type == CSA

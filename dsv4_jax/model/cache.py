@@ -5,6 +5,7 @@ Every layer keeps its sliding window as a ring of post-norm, post-RoPE K=V rows 
 compressor state: the raw kv/gate projections of the last ``span`` tokens (ring by
 ``position % span``), which covers the open window and, for the overlapping CSA compressor,
 the previous window's a-half. CSA layers add the indexer's keys and its compressor state.
+Every array field declares its logical axes (model/spec.py ``axes_field``).
 """
 
 from __future__ import annotations
@@ -16,22 +17,24 @@ import jax.numpy as jnp
 
 from .config import CSA, SLIDING, DeepseekV4Config
 from .metadata import span_of
+from .spec import axes_field
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CompressorState:
-    kv: jax.Array  # [B, span, coff * D] fp32 raw projections
-    gate: jax.Array  # [B, span, coff * D] fp32 raw gate logits (position bias added when pooling)
+    kv: jax.Array = axes_field("batch", "span", "kv")  # [B, span, coff * D] fp32 raw projections
+    # [B, span, coff * D] fp32 raw gate logits (position bias added when pooling)
+    gate: jax.Array = axes_field("batch", "span", "kv")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-    window_kv: jax.Array  # [B, W, D]
-    compressed_kv: jax.Array | None = None  # [B, capacity // m, D]
+    window_kv: jax.Array = axes_field("batch", "window", "kv")  # [B, W, D]
+    compressed_kv: jax.Array | None = axes_field("batch", "cache_seq", "kv", default=None)  # [B, capacity // m, D]
     compressor: CompressorState | None = None
-    index_keys: jax.Array | None = None  # [B, capacity // 4, D_I]
+    index_keys: jax.Array | None = axes_field("batch", "cache_seq", "kv", default=None)  # [B, capacity // 4, D_I]
     indexer: CompressorState | None = None
 
 

@@ -16,6 +16,7 @@ from .cache import CompressorState
 from .config import DeepseekV4Config
 from .metadata import CompressionMeta
 from .rope import apply_rope
+from .spec import Storage, param
 
 
 def pool_windows(values: jax.Array, logits: jax.Array, ape: jax.Array, overlap: bool) -> jax.Array:
@@ -147,10 +148,12 @@ class Compressor(nnx.Module):
         self.ratio = ratio
         self.overlap = overlap
         self.eps = cfg.rms_norm_eps
-        self.kv_proj = Linear(cfg.hidden_size, coff * head_dim, dtype=dtype, rngs=rngs)
-        self.gate_proj = Linear(cfg.hidden_size, coff * head_dim, dtype=dtype, rngs=rngs)
-        self.position_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (ratio, coff * head_dim), jnp.float32))
-        self.kv_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+        bf16 = dict(axes=("kv", "embed"), storage=Storage.MODEL, dtype=dtype, rngs=rngs)
+        self.kv_proj = Linear(cfg.hidden_size, coff * head_dim, **bf16)
+        self.gate_proj = Linear(cfg.hidden_size, coff * head_dim, **bf16)
+        self.position_bias = param(0.02 * jax.random.normal(rngs.params(), (ratio, coff * head_dim), jnp.float32),
+                                   ("ratio", "kv"), Storage.FP32)
+        self.kv_norm = RMSNorm(head_dim, cfg.rms_norm_eps, "kv")
         self.indexer = nnx.data(indexer)
 
     def compress(self, x, state: CompressorState, cache_rows: jax.Array, meta: CompressionMeta, kernels: str = "xla",

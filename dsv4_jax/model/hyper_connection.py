@@ -14,6 +14,7 @@ from flax import nnx
 
 from .layers import FP32, RMSNorm, linear, rms_scale, unweighted_rms_norm
 from .config import DeepseekV4Config
+from .spec import Storage, param
 
 
 # Up to this many tokens (decode) the mixing logits are products summed over vec(streams), with the RMS factor
@@ -93,9 +94,10 @@ class HyperConnection(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, *, rngs: nnx.Rngs):
         n = cfg.hc_mult
         self.cfg = cfg
-        self.fn = nnx.Param(0.02 * jax.random.normal(rngs.params(), ((2 + n) * n, n * cfg.hidden_size), jnp.float32))
-        self.base = nnx.Param(jnp.zeros(((2 + n) * n,), jnp.float32))
-        self.scale = nnx.Param(jnp.ones((3,), jnp.float32))
+        self.fn = param(0.02 * jax.random.normal(rngs.params(), ((2 + n) * n, n * cfg.hidden_size), jnp.float32),
+                        ("hc", "hc_embed"), Storage.FP32)
+        self.base = param(jnp.zeros(((2 + n) * n,), jnp.float32), ("hc",), Storage.FP32)
+        self.scale = param(jnp.ones((3,), jnp.float32), ("hc",), Storage.FP32)
 
     def weights(self, streams):
         """streams [..., n, d] -> (pre, post, comb) by ``hc_weights`` (recorded by dsv4_jax.model.introspect)."""
@@ -134,9 +136,10 @@ class HyperHead(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, *, rngs: nnx.Rngs):
         n = cfg.hc_mult
         self.cfg = cfg
-        self.hc_fn = nnx.Param(0.02 * jax.random.normal(rngs.params(), (n, n * cfg.hidden_size), jnp.float32))
-        self.hc_base = nnx.Param(jnp.zeros((n,), jnp.float32))
-        self.hc_scale = nnx.Param(jnp.ones((1,), jnp.float32))
+        self.hc_fn = param(0.02 * jax.random.normal(rngs.params(), (n, n * cfg.hidden_size), jnp.float32),
+                           ("hc", "hc_embed"), Storage.FP32)
+        self.hc_base = param(jnp.zeros((n,), jnp.float32), ("hc",), Storage.FP32)
+        self.hc_scale = param(jnp.ones((1,), jnp.float32), ("hc",), Storage.FP32)
 
     def __call__(self, streams):
         return hyper_head(streams, self.hc_fn[...], self.hc_base[...], self.hc_scale[...],

@@ -17,6 +17,7 @@ from .compressor import Compressor
 from .config import DeepseekV4Config
 from .metadata import CompressionMeta
 from .rope import apply_rope
+from .spec import Storage
 
 
 def index_scores(q: jax.Array, keys: jax.Array, head_weights: jax.Array) -> jax.Array:
@@ -41,7 +42,8 @@ def select_topk(scores: jax.Array, n_visible: jax.Array, k: int) -> jax.Array:
 
 class Scorer(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
-        self.weights_proj = Linear(cfg.hidden_size, cfg.index_n_heads, dtype=dtype, rngs=rngs)
+        self.weights_proj = Linear(cfg.hidden_size, cfg.index_n_heads, axes=("index_heads", "embed"),
+                                   storage=Storage.MODEL, dtype=dtype, rngs=rngs)
 
 
 class Indexer(Compressor):
@@ -50,7 +52,8 @@ class Indexer(Compressor):
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
         super().__init__(cfg, cfg.csa_compress_rate, cfg.index_head_dim, True, dtype=dtype, rngs=rngs)
         self.cfg = cfg
-        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, dtype=dtype, rngs=rngs)
+        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, axes=("index_heads", "q_lora"),
+                               storage=Storage.FP8, dtype=dtype, rngs=rngs)
         self.scorer = Scorer(cfg, dtype=dtype, rngs=rngs)
 
     def queries(self, x, q_latent, cos, sin) -> tuple[jax.Array, jax.Array]:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .spec import Storage, param
+
 
 class Buffer(nnx.Variable):
     """Checkpointed state that gradients do not train (hash table, routing bias)."""
@@ -42,23 +44,27 @@ def linear(x: jax.Array, weight: jax.Array, out_dtype=None, precision=None) -> j
                       precision=precision)
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
-    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+def _normal(rngs: nnx.Rngs, shape, std=0.02):
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), dtype))
+    """``axes``: the weight's logical axes, [out, in] (model/spec.py); ``storage``: its storage precision."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], storage: Storage, dtype,
+                 rngs: nnx.Rngs):
+        self.weight = param(_normal(rngs, (out_features, in_features)), axes, storage, dtype)
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         return linear(x, self.weight[...], out_dtype)
 
 
 class RMSNorm(nnx.Module):
-    """Weighted RMSNorm; the weight is held in fp32 whatever the model dtype (checkpoints store bf16)."""
+    """Weighted RMSNorm; the weight is held in fp32 whatever the model dtype (checkpoints store bf16).
+    ``axis``: the logical axis of the normed dimension (model/spec.py)."""
 
-    def __init__(self, size: int, eps: float):
-        self.weight = nnx.Param(jnp.ones((size,), jnp.float32))
+    def __init__(self, size: int, eps: float, axis: str):
+        self.weight = param(jnp.ones((size,)), (axis,), Storage.FP32)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ from flax import nnx
 
 from .layers import FP32, Buffer, Linear, linear
 from .config import HASH_MOE, DeepseekV4Config
+from .spec import Storage, param
 
 _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -132,13 +133,15 @@ class Router(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, is_hash: bool, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.is_hash = is_hash
-        self.weight = nnx.Param((0.02 * jax.random.normal(rngs.params(), (cfg.n_routed_experts, cfg.hidden_size)))
-                                .astype(dtype))
+        self.weight = param(0.02 * jax.random.normal(rngs.params(), (cfg.n_routed_experts, cfg.hidden_size)),
+                            ("experts", "embed"), Storage.MODEL, dtype)
         if is_hash:
             perm = jax.vmap(lambda k: jax.random.permutation(k, cfg.n_routed_experts)[: cfg.num_experts_per_tok])
-            self.tid2eid = Buffer(perm(jax.random.split(rngs.params(), cfg.vocab_size)).astype(jnp.int32))
+            self.tid2eid = param(perm(jax.random.split(rngs.params(), cfg.vocab_size)), ("vocab", "topk"),
+                                 Storage.INT32, kind=Buffer)
         else:
-            self.e_score_correction_bias = Buffer(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+            self.e_score_correction_bias = param(jnp.zeros((cfg.n_routed_experts,), jnp.float32), ("experts",),
+                                                 Storage.FP32, kind=Buffer)
 
     def __call__(self, x: jax.Array, token_ids: jax.Array):
         """x [T, d], token_ids [T] -> (weights [T, k] fp32, expert ids [T, k])."""
@@ -153,8 +156,10 @@ class Experts(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
         E, F, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.limit = cfg.swiglu_limit
-        self.gate_up_proj = nnx.Param((0.02 * jax.random.normal(rngs.params(), (E, 2 * F, d))).astype(dtype))
-        self.down_proj = nnx.Param((0.02 * jax.random.normal(rngs.params(), (E, d, F))).astype(dtype))
+        self.gate_up_proj = param(0.02 * jax.random.normal(rngs.params(), (E, 2 * F, d)), ("experts", "mlp", "embed"),
+                                  Storage.FP4, dtype)
+        self.down_proj = param(0.02 * jax.random.normal(rngs.params(), (E, d, F)), ("experts", "embed", "mlp"),
+                               Storage.FP4, dtype)
 
     def __call__(self, x, idx, weights, kernels: str = "xla"):
         return routed_experts(x, idx, weights, self.gate_up_proj[...], self.down_proj[...], self.limit, kernels)
@@ -164,9 +169,10 @@ class SharedExpert(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
         d, F = cfg.hidden_size, cfg.moe_intermediate_size
         self.limit = cfg.swiglu_limit
-        self.gate_proj = Linear(d, F, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, F, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(F, d, dtype=dtype, rngs=rngs)
+        fp8 = dict(storage=Storage.FP8, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(d, F, axes=("mlp", "embed"), **fp8)
+        self.up_proj = Linear(d, F, axes=("mlp", "embed"), **fp8)
+        self.down_proj = Linear(F, d, axes=("embed", "mlp"), **fp8)
 
     def __call__(self, x):
         h = clamped_swiglu(self.gate_proj(x, jnp.float32), self.up_proj(x, jnp.float32), self.limit)

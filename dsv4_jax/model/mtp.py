@@ -27,6 +27,7 @@ from .config import MOE, SLIDING, DeepseekV4Config
 from .hyper_connection import HyperHead
 from .metadata import ForwardMetadata, build_metadata, padded_chunk_len
 from .transformer import METADATA_SCOPE, DecoderLayer, DeepseekV4ForCausalLM, InputError, check_token_ids
+from .spec import Storage
 
 
 def mtp_config(cfg: DeepseekV4Config) -> DeepseekV4Config:
@@ -40,11 +41,12 @@ class MTPBlock(DecoderLayer):
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
         super().__init__(mtp_config(cfg), cfg.num_hidden_layers, dtype=dtype, rngs=rngs)
         d, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.e_proj = Linear(d, d, dtype=dtype, rngs=rngs)
-        self.h_proj = Linear(d, d, dtype=dtype, rngs=rngs)
-        self.enorm = RMSNorm(d, eps)
-        self.hnorm = RMSNorm(d, eps)
-        self.norm = RMSNorm(d, eps)
+        fp8 = dict(axes=("embed", "embed_in"), storage=Storage.FP8, dtype=dtype, rngs=rngs)
+        self.e_proj = Linear(d, d, **fp8)
+        self.h_proj = Linear(d, d, **fp8)
+        self.enorm = RMSNorm(d, eps, "embed")
+        self.hnorm = RMSNorm(d, eps, "embed")
+        self.norm = RMSNorm(d, eps, "embed")
         self.hc_head = HyperHead(cfg, rngs=rngs)
 
     def __call__(self, streams: jax.Array, next_embeds: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,

@@ -22,6 +22,7 @@ from .config import DeepseekV4Config
 from .hyper_connection import HyperConnection, HyperHead, expand
 from .metadata import ForwardMetadata, build_metadata, padded_chunk_len
 from .moe import MoE
+from .spec import Storage, param
 
 
 class InputError(ValueError):
@@ -32,8 +33,8 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, layer: int, *, dtype, rngs: nnx.Rngs):
         self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
         self.mlp = MoE(cfg, layer, dtype=dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
         self.attn_hc = HyperConnection(cfg, rngs=rngs)
         self.ffn_hc = HyperConnection(cfg, rngs=rngs)
 
@@ -55,7 +56,8 @@ class DecoderLayer(nnx.Module):
 
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param((0.02 * jax.random.normal(rngs.params(), (vocab, dim))).astype(dtype))
+        self.weight = param(0.02 * jax.random.normal(rngs.params(), (vocab, dim)), ("vocab", "embed"), Storage.MODEL,
+                            dtype)
 
     def __call__(self, ids):
         return self.weight[...][ids]
@@ -65,7 +67,7 @@ class DeepseekV4Model(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
         self.hc_head = HyperHead(cfg, rngs=rngs)
 
 
@@ -75,7 +77,8 @@ class DeepseekV4ForCausalLM(nnx.Module):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.model = DeepseekV4Model(cfg, dtype=self.dtype, rngs=rngs)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=self.dtype, rngs=rngs)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"), storage=Storage.MODEL,
+                              dtype=self.dtype, rngs=rngs)
 
     def forward(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...],
                 logits_at: jax.Array | None = None, kernels: str = "xla"):

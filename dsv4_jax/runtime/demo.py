@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..weights.checkpoint import CheckpointError, abstract_model, checkpoint_config, from_pretrained, param_table
+from ..weights.checkpoint import from_pretrained
+from ..weights.errors import CheckpointError
+from ..weights.params import abstract_model, checkpoint_config, param_table
 from ..model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config, YarnScaling
 from ..model.transformer import DeepseekV4ForCausalLM
 from .tokenizer import ByteTokenizer

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ..weights.checkpoint import abstract_model
+from ..weights.params import abstract_model
 from ..model.config import MOE, DeepseekV4Config
 from ..model.transformer import DeepseekV4ForCausalLM, stateless_forward
 

@@ -9,7 +9,7 @@ A checkpoint directory holds::
 
 config.json is the Hugging Face spelling, so ``checkpoint_config`` and ``load_tokenizer`` read this
 directory as they read a Hugging Face one; ``checkpoint.from_pretrained`` picks the format by the
-``orbax/`` folder.
+``orbax/`` folder. Target shardings come from the parameters' logical axes and a ``sharding.ShardingRules``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from .checkpoint import CheckpointError, _dtype, abstract_model, checkpoint_config, param_table, target_shardings
+from .errors import CheckpointError
+from .params import abstract_model, checkpoint_config, model_dtype, param_table
+from .sharding import ShardingRules, target_shardings
 from ..model.config import DeepseekV4Config
 from ..model.transformer import DeepseekV4ForCausalLM
 
@@ -97,7 +99,7 @@ def saved_dtype(path) -> str:
     config_file = Path(path) / CONFIG_FILE
     try:
         name = json.loads(config_file.read_text()).get(DTYPE_KEY)
-        _dtype(name)
+        model_dtype(name)
     except (OSError, json.JSONDecodeError, AttributeError, ValueError, TypeError):
         raise CheckpointError(f"orbax checkpoint {path}: {config_file.name} has no valid {DTYPE_KEY!r} "
                               "(expected 'bfloat16' or 'float32')") from None
@@ -167,12 +169,12 @@ def _check_shapes(path: Path, stored: dict[str, tuple[int, ...]], want: dict[str
 
 
 def restore(path, dtype: str | None = None, *, config: DeepseekV4Config | None = None, sharding=None,
-            mesh: Mesh | None = None, spec=None) -> DeepseekV4ForCausalLM:
+            mesh: Mesh | None = None, rules: ShardingRules | None = None) -> DeepseekV4ForCausalLM:
     """Restore an orbax checkpoint into a new model, each array placed with its target sharding.
 
     ``dtype``: the model dtype, default the saved one (another one casts, like ``from_pretrained``; fp32
     parameters stay fp32). ``config``: when given, the checkpoint's config must equal it.
-    ``sharding`` / ``mesh`` + ``spec``: see ``target_shardings``.
+    ``mesh`` + ``rules`` / ``sharding``: see ``sharding.target_shardings``.
     """
     path = Path(path)
     if not is_orbax_checkpoint(path):
@@ -182,11 +184,11 @@ def restore(path, dtype: str | None = None, *, config: DeepseekV4Config | None =
     if config is not None and config != cfg:
         raise CheckpointError(f"orbax checkpoint {path} does not match the requested config: "
                               f"{_config_mismatch(cfg, config)}")
-    model = abstract_model(cfg, _dtype(dtype or saved_dtype(path)))
+    model = abstract_model(cfg, model_dtype(dtype or saved_dtype(path)))
     table = param_table(model)
     want = {name: tuple(var.get_value().shape) for name, var in table.items()}
     _check_shapes(path, _stored_shapes(path), want)
-    shardings = target_shardings(want, sharding, mesh, spec)
+    shardings = target_shardings(table, sharding, mesh, rules)
     target = {name: jax.ShapeDtypeStruct(want[name], var.get_value().dtype, sharding=shardings[name])
               for name, var in table.items()}
     with _reading(path), ocp.StandardCheckpointer() as ckptr:

@@ -1,4 +1,5 @@
-"""DeepSeek's released weight formats (spec §11.1) and the project's own quantisers for them, in numpy.
+"""DeepSeek's released weight formats (spec §11.1) and the project's own quantisers for them, in numpy;
+the dequantisers also run in jax.numpy (``xp=jnp``), for quant_array.QuantArray.
 
 * FP8 linears: e4m3 weight [..., out, in] with one ue8m0 scale (a power of two, 2^(byte - 127)) per
   128 x 128 block, scale [..., ceil(out/128), ceil(in/128)]; W = Wq * scale (multiply, even where
@@ -17,6 +18,8 @@ import numpy as np
 
 FP8_BLOCK = 128
 FP4_BLOCK = 32
+FP8_BLOCK_SHAPE = (FP8_BLOCK, FP8_BLOCK)  # (rows, columns) one scale covers
+FP4_BLOCK_SHAPE = (1, FP4_BLOCK)
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 # e2m1 magnitudes for codes 0-7; codes 8-15 are the same values negated (bit 3 is the sign).
@@ -37,22 +40,33 @@ def fp4_scale_shape(weight_shape) -> tuple[int, ...]:
     return (*lead, out, cols // FP4_BLOCK)
 
 
-def _block_scales(scale: np.ndarray, rows: int, cols: int, block_rows: int, block_cols: int) -> np.ndarray:
+def _block_scales(scale: np.ndarray, rows: int, cols: int, block_rows: int, block_cols: int, xp=np) -> np.ndarray:
     """One scale per block [..., R, C] -> one per element [..., rows, cols], fp32."""
-    s = np.asarray(scale).astype(np.float32)
-    return np.repeat(np.repeat(s, block_rows, axis=-2), block_cols, axis=-1)[..., :rows, :cols]
+    s = xp.asarray(scale).astype(xp.float32)
+    return xp.repeat(xp.repeat(s, block_rows, axis=-2), block_cols, axis=-1)[..., :rows, :cols]
 
 
-def dequantise_fp8(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def scale_blocks(values: np.ndarray, scale: np.ndarray, block: tuple[int, int], xp=np) -> np.ndarray:
+    """values fp32 [..., out, in] times their block's scale, scale [..., ceil(out/br), ceil(in/bc)] for
+    ``block`` (br, bc) -> fp32 [..., out, in]."""
+    out, cols = values.shape[-2:]
+    return values * _block_scales(scale, out, cols, *block, xp=xp)
+
+
+def dequantise_fp8(weight: np.ndarray, scale: np.ndarray, xp=np) -> np.ndarray:
     """weight e4m3 [..., out, in], scale [..., ceil(out/128), ceil(in/128)] (ue8m0 or fp32) -> fp32 [..., out, in]."""
-    out, cols = weight.shape[-2:]
-    return weight.astype(np.float32) * _block_scales(scale, out, cols, FP8_BLOCK, FP8_BLOCK)
+    return scale_blocks(weight.astype(xp.float32), scale, FP8_BLOCK_SHAPE, xp)
 
 
-def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+def unpack_fp4(packed: np.ndarray, xp=np) -> np.ndarray:
     """int8 [..., out, in/2] -> e2m1 codes uint8 [..., out, in]; the low nibble is the even column."""
-    b = np.asarray(packed).view(np.uint8)
-    return np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
+    b = xp.asarray(packed).view(xp.uint8)
+    return xp.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
+
+
+def e2m1_values(packed: np.ndarray, xp=np) -> np.ndarray:
+    """int8 [..., out, in/2] -> the e2m1 values fp32 [..., out, in], before scaling."""
+    return xp.asarray(E2M1_LUT)[unpack_fp4(packed, xp)]
 
 
 def pack_fp4(codes: np.ndarray) -> np.ndarray:
@@ -61,11 +75,9 @@ def pack_fp4(codes: np.ndarray) -> np.ndarray:
     return (c[..., 0::2] | (c[..., 1::2] << 4)).view(np.int8)
 
 
-def dequantise_fp4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def dequantise_fp4(packed: np.ndarray, scale: np.ndarray, xp=np) -> np.ndarray:
     """packed int8 [..., out, in/2], scale ue8m0 [..., out, in/32] -> fp32 [..., out, in]."""
-    values = E2M1_LUT[unpack_fp4(packed)]
-    out, cols = values.shape[-2:]
-    return values * _block_scales(scale, out, cols, 1, FP4_BLOCK)
+    return scale_blocks(e2m1_values(packed, xp), scale, FP4_BLOCK_SHAPE, xp)
 
 
 def power_of_two_exponents(amax: np.ndarray, max_code: float) -> np.ndarray:

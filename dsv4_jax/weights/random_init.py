@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoint import abstract_model, param_table
+from .params import abstract_model, param_table
 from ..model.config import DeepseekV4Config
 from ..model.transformer import DeepseekV4ForCausalLM
 

@@ -1,0 +1,86 @@
+"""Dequantisation at load: each quantised weight paired with its scale (checked from the headers before any
+data is read) and streamed back as fp32, one stored tensor at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import quantization
+from .errors import CheckpointError
+from .names import weight_of_scale
+from .safetensors_io import StoredTensor, catalog, read_tensor
+
+FP8_DTYPE = "F8_E4M3"
+FP4_DTYPES = ("I8", "F4")  # released FP4 experts are int8; F4 is the same bytes under torch's float4 dtype
+SCALE_DTYPES = ("F8_E8M0", "F32", "BF16")  # ue8m0 (DeepSeek); fp32 (transformers' weight_scale_inv)
+
+
+def _expected_scale_shape(w: StoredTensor) -> tuple[int, ...]:
+    if w.dtype == FP8_DTYPE:
+        return quantization.fp8_scale_shape(w.shape)
+    logical = w.shape if w.dtype == "F4" else (*w.shape[:-1], 2 * w.shape[-1])
+    if logical[-1] % quantization.FP4_BLOCK:
+        raise CheckpointError(f"FP4 weight {w.name} in {w.file.name} has {logical[-1]} input columns, not a "
+                              f"multiple of the {quantization.FP4_BLOCK}-column scale block")
+    return quantization.fp4_scale_shape(logical)
+
+
+def pair_scales(stored: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
+    """Quantised weight name -> its scale, checked from the headers before any data is read.
+
+    Errors: a scale without its weight, a scale of an unquantised weight, two scales for one weight,
+    a quantised weight without a scale, a scale of the wrong shape or dtype, ue8m0 bytes used as a weight.
+    """
+    scale_of: dict[str, StoredTensor] = {}
+    for name, s in stored.items():
+        weight = weight_of_scale(name)
+        if weight is None:
+            continue
+        where = f"{name} in {s.file.name}"
+        w = stored.get(weight)
+        if w is None:
+            raise CheckpointError(f"quantisation scale {where} has no weight {weight} in the checkpoint")
+        if w.dtype != FP8_DTYPE and w.dtype not in FP4_DTYPES:
+            raise CheckpointError(f"quantisation scale {where} belongs to {weight}, which is stored as {w.dtype}, "
+                                  f"not quantised ({FP8_DTYPE} or FP4 {'/'.join(FP4_DTYPES)})")
+        if weight in scale_of:
+            raise CheckpointError(f"weight {weight} has two quantisation scales: {scale_of[weight].name} and {name}")
+        if s.dtype not in SCALE_DTYPES:
+            raise CheckpointError(f"quantisation scale {where} has dtype {s.dtype}; expected one of "
+                                  f"{', '.join(SCALE_DTYPES)}")
+        want = _expected_scale_shape(w)
+        if s.shape != want:
+            raise CheckpointError(f"quantisation scale {where} has shape {s.shape} but its {w.dtype} weight "
+                                  f"{weight} {w.shape} needs {want}")
+        scale_of[weight] = s
+    for name, w in stored.items():
+        if name in scale_of or weight_of_scale(name) is not None:
+            continue
+        if w.dtype == FP8_DTYPE or w.dtype in FP4_DTYPES:
+            raise CheckpointError(f"quantised weight {name} ({w.dtype}) in {w.file.name} has no scale "
+                                  f"({name.removesuffix('.weight')}.scale or {name}_scale_inv)")
+        if w.dtype == "F8_E8M0":
+            raise CheckpointError(f"tensor {name} in {w.file.name} has the scale dtype F8_E8M0 but is not named "
+                                  "as a quantisation scale (X.scale or X.weight_scale_inv)")
+    return scale_of
+
+
+def iter_tensors(files: list[Path], skip=lambda name: False):
+    """Yield (name, array, file) one stored tensor at a time, in file order, except names ``skip`` accepts.
+
+    A quantised weight comes back dequantised (fp32, same [out, in] as the parameter), read together
+    with its scale wherever that is stored; scales themselves are not yielded.
+    """
+    stored = {name: t for name, t in catalog(files).items() if not skip(name)}
+    scale_of = pair_scales(stored)
+    for name, t in stored.items():
+        if weight_of_scale(name) is not None:
+            continue
+        array = read_tensor(t)
+        if name in scale_of:
+            scale = read_tensor(scale_of[name])
+            if t.dtype == FP8_DTYPE:
+                array = quantization.dequantise_fp8(array, scale)
+            else:
+                array = quantization.dequantise_fp4(array, scale)
+        yield name, array, t.file

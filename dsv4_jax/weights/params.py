@@ -1,0 +1,48 @@
+"""The model a checkpoint fills: its config (a directory's config.json), dtype, abstract model (shapes only)
+and parameter table (canonical name -> nnx variable, each declaring its logical axes and storage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from .errors import CheckpointError
+from ..model.config import ConfigError, DeepseekV4Config
+from ..model.mtp import DeepseekV4WithMTP
+from ..model.transformer import DeepseekV4ForCausalLM
+
+
+def model_dtype(name: str):
+    """A model dtype by name ('bfloat16' / 'bf16', 'float32' / 'fp32')."""
+    dtypes = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
+    if name not in dtypes:
+        raise ValueError(f"dtype {name!r} is not supported; expected 'bfloat16' or 'float32'")
+    return dtypes[name]
+
+
+def abstract_model(cfg: DeepseekV4Config, dtype, mtp: bool = False) -> DeepseekV4ForCausalLM:
+    """The model's structure with ShapeDtypeStruct leaves: no memory, no initialisation work.
+    ``mtp``: with the multi-token-prediction block (mtp.DeepseekV4WithMTP)."""
+    cls = DeepseekV4WithMTP if mtp else DeepseekV4ForCausalLM
+    return nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def param_table(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Canonical name -> variable, e.g. ``model.layers.0.self_attn.q_a_proj.weight`` (transformers' names)."""
+    return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+def checkpoint_config(path) -> DeepseekV4Config:
+    """The config of a checkpoint directory (cheap: reads config.json only)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"checkpoint directory {path} has no config.json")
+    try:
+        return DeepseekV4Config.from_json(config_file)
+    except ConfigError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None

@@ -1,0 +1,139 @@
+"""Where arrays live on a device mesh: ``ShardingRules`` maps the logical axes that parameters and cache fields
+declare (model/spec.py) to mesh axes, and every placement (the safetensors import, the orbax restore, a
+cache) is derived from it. The rules are the one table to change for another layout; the default splits
+nothing, and a preset splitting heads or experts is a ``ShardingRules(...)`` of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from ..model.spec import axes_of, field_axes
+
+# One mesh axis, several (the dimension is split over their product, in order), or None (not split).
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> the mesh axes that split it. The fields are the logical-axis vocabulary."""
+
+    # parameters
+    vocab: MeshAxes = None  # token vocabulary (embedding and head rows, the hash router's table)
+    embed: MeshAxes = None  # model width d
+    embed_in: MeshAxes = None  # model width on the input side of the MTP block's square d -> d projections
+    q_lora: MeshAxes = None  # query low-rank width r_q
+    heads: MeshAxes = None  # attention heads; a flattened heads x head_dim axis splits by whole heads
+    kv: MeshAxes = None  # one key/value row: head_dim, index_head_dim, twice that for the overlapping compressor
+    o_lora: MeshAxes = None  # grouped output projection: o_groups x o_lora_rank, flattened
+    o_in: MeshAxes = None  # one output group's input: (heads / o_groups) x head_dim
+    ratio: MeshAxes = None  # the m token positions of one compression window (compressor position bias)
+    index_heads: MeshAxes = None  # lightning-indexer heads (flattened with index_head_dim likewise)
+    experts: MeshAxes = None  # routed experts
+    mlp: MeshAxes = None  # expert hidden width F (gate and up stacked: 2F)
+    topk: MeshAxes = None  # experts picked per token (the hash router's table)
+    hc: MeshAxes = None  # mHC mixing coefficients
+    hc_embed: MeshAxes = None  # mHC streams x model width, flattened (the mixing input)
+    # cache fields
+    batch: MeshAxes = None  # sequences of a batch
+    window: MeshAxes = None  # sliding-window ring of the last W tokens
+    span: MeshAxes = None  # compressor ring of the last span tokens' raw projections
+    cache_seq: MeshAxes = None  # compressed entries along the context
+
+
+LOGICAL_AXES = tuple(f.name for f in dataclasses.fields(ShardingRules))
+
+
+def _mesh_axes(entry: MeshAxes) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def logical_to_spec(axes: Sequence[str], rules: ShardingRules) -> PartitionSpec:
+    """Logical axes, one per dimension -> the PartitionSpec ``rules`` give them.
+
+    Errors: an axis that is not a ShardingRules field, a mesh axis that would split two dimensions.
+    """
+    unknown = [a for a in axes if a not in LOGICAL_AXES]
+    if unknown:
+        raise ValueError(f"logical axis {unknown[0]!r} is not one of ShardingRules' axes: {', '.join(LOGICAL_AXES)}")
+    spec = [getattr(rules, a) for a in axes]
+    used = [m for entry in spec for m in _mesh_axes(entry)]
+    twice = sorted({m for m in used if used.count(m) > 1})
+    if twice:
+        raise ValueError(f"ShardingRules put mesh axis {twice[0]!r} on two dimensions of logical axes {tuple(axes)} "
+                         f"({PartitionSpec(*spec)}); a mesh axis can split one dimension only")
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(what: str, axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+                     rules: ShardingRules) -> NamedSharding:
+    """The NamedSharding of an array of ``shape`` with logical ``axes``; ``what`` names it in errors (a mesh
+    axis the mesh lacks, a dimension its mesh axes do not divide)."""
+    spec = logical_to_spec(axes, rules)
+    for size, axis, entry in zip(shape, axes, spec):
+        names = _mesh_axes(entry)
+        for name in names:
+            if name not in mesh.shape:
+                raise ValueError(f"ShardingRules map {axis!r} to mesh axis {name!r}, which the mesh (axes "
+                                 f"{', '.join(mesh.axis_names)}) does not have")
+        parts = math.prod(mesh.shape[name] for name in names)
+        if size % parts:
+            raise ValueError(f"{what} {tuple(shape)}: its {axis!r} dimension of {size} does not split evenly over "
+                             f"mesh axes {names} ({parts} parts)")
+    return NamedSharding(mesh, spec)
+
+
+def target_shardings(table: Mapping[str, nnx.Variable], sharding=None, mesh: Mesh | None = None,
+                     rules: ShardingRules | None = None) -> dict[str, Sharding]:
+    """Canonical name -> sharding for every variable of a parameter table (params.param_table).
+
+    ``mesh`` (+ ``rules``, default ShardingRules(): replicated): each variable split as the rules map its
+    logical axes; or ``sharding``: one Sharding for all, or {canonical name: Sharding} naming every
+    variable; default: the default device.
+    """
+    if mesh is not None or rules is not None:
+        if mesh is None or sharding is not None:
+            raise ValueError("give either sharding, or mesh with optional rules (a ShardingRules)")
+        rules = ShardingRules() if rules is None else rules
+        if not isinstance(rules, ShardingRules):
+            raise ValueError(f"rules must be a ShardingRules, got {type(rules).__name__}")
+        return {name: logical_sharding(f"parameter {name}", axes_of(var), var.get_value().shape, mesh, rules)
+                for name, var in table.items()}
+    if sharding is None:
+        sharding = SingleDeviceSharding(jax.devices()[0])
+    if isinstance(sharding, Sharding):
+        return {name: sharding for name in table}
+    if not isinstance(sharding, Mapping):
+        raise ValueError(f"sharding must be a jax Sharding or a mapping of parameter name to Sharding, "
+                         f"got {type(sharding).__name__}")
+    unknown = sorted(set(sharding) - set(table))
+    if unknown:
+        raise ValueError(f"sharding names {unknown[0]!r}, which is not a parameter of this model")
+    missing = sorted(set(table) - set(sharding))
+    if missing:
+        raise ValueError(f"sharding has no entry for {missing[0]!r} ({len(missing)} parameter(s) missing)")
+    return dict(sharding)
+
+
+def cache_shardings(cache, mesh: Mesh, rules: ShardingRules | None = None):
+    """A cache pytree (model/cache.py: a tuple of LayerCache, or one) -> the same tree with the NamedSharding
+    of each array in its place, from the axes its field declares (for ``jax.device_put`` or ``out_shardings``)."""
+    rules = ShardingRules() if rules is None else rules
+    if isinstance(cache, (tuple, list)):
+        return type(cache)(cache_shardings(c, mesh, rules) for c in cache)
+    axes = field_axes(type(cache))
+    placed = {}
+    for f in dataclasses.fields(cache):
+        value = getattr(cache, f.name)
+        if value is None:
+            continue
+        placed[f.name] = (logical_sharding(f"cache field {type(cache).__name__}.{f.name}", axes[f.name], value.shape,
+                                           mesh, rules)
+                          if f.name in axes else cache_shardings(value, mesh, rules))
+    return dataclasses.replace(cache, **placed)
