@@ -3,7 +3,8 @@
     hc_pre(streams [T, n, d], fn [(2+n)n, n*d] f32, base [(2+n)n] f32, scale [3] f32, *, rms_eps, hc_eps,
            iters, norm_weight [d] f32 = None, norm_eps) -> (x [T, d], post [T, n] f32, comb [T, n, n] f32)
 
-Meaning (``reference``; the model's XLA path computes the same): mixing logits ``fn @ RMS(vec(streams))``; ``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
+Meaning (``reference``; the model's XLA path computes the same): mixing logits ``fn @ RMS(vec(streams))``;
+``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
 normalisation (row softmax + eps, a column normalisation, then ``iters - 1`` rounds of row and column
 normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i`` in fp32; with
 ``norm_weight``, the sub-block's RMSNorm of that fp32 sum in the streams' dtype.

@@ -16,10 +16,10 @@ def module_name(path: Path) -> str:
 
 
 def imported(source: str, name: str, is_package: bool, modules: set[str]) -> set[str]:
-    """The modules of ``modules`` that module ``name`` (its ``source``) imports anywhere in its body: ``import a.b``, ``from a import
-    b`` (b a module or a name in a), relative forms resolved, and the packages an import runs on the way
-    (importing ``a.b.c`` runs ``a.b``'s ``__init__``) except the top-level ones: ``dsv4_jax``'s is the
-    public API facade, which every import runs first."""
+    """The modules of ``modules`` that module ``name`` (its ``source``) imports anywhere in its body:
+    ``import a.b``, ``from a import b`` (b a module or a name in a), relative forms resolved, and the packages
+    an import runs on the way (importing ``a.b.c`` runs ``a.b``'s ``__init__``) except the top-level ones:
+    ``dsv4_jax``'s is the public API facade, which every import runs first."""
     package = name if is_package else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(source)):

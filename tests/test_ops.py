@@ -16,6 +16,7 @@ from flax import nnx
 
 from dsv4_jax import ops
 from dsv4_jax.model.cache import CompressorState
+from dsv4_jax.model.config import CSA, HASH_MOE
 from dsv4_jax.model.metadata import build_metadata, span_of
 from dsv4_jax.model.transformer import DeepseekV4ForCausalLM, _stateless_logits
 from kernels_pallas import compressor as cp
@@ -82,8 +83,8 @@ def test_an_override_keeps_that_op_on_xla():
 def test_stateless_forward_traces_per_choice():
     """``model(input_ids)`` takes the current choice as a static argument: a forward under another choice
     is another trace (never a stale one), and its jaxpr runs that choice's kernels."""
-    model = DeepseekV4ForCausalLM(tiny(num_hidden_layers=1, layer_types=("compressed_sparse_attention",),
-                                       mlp_layer_types=("hash_moe",)), rngs=nnx.Rngs(0))
+    model = DeepseekV4ForCausalLM(tiny(num_hidden_layers=1, layer_types=(CSA,), mlp_layer_types=(HASH_MOE,)),
+                                  rngs=nnx.Rngs(0))
     ids = np.random.RandomState(0).randint(0, 256, (1, 9))
     before = _stateless_logits._cache_size()
     xla = np.asarray(model(ids))
@@ -138,7 +139,8 @@ def test_indexer_scores_and_topk(choice, C):
     got_visible = np.where(visible, np.asarray(scores), 0.0)
     assert_close(got_visible, np.where(visible, np.asarray(want), 0.0), 1e-5)
     assert picks.shape == (B, C, k) and picks.dtype == jnp.int32
-    np.testing.assert_array_equal(np.sort(np.asarray(picks), -1), np.sort(np.asarray(tk.reference(want, n_visible, k)), -1))
+    want_picks = tk.reference(want, n_visible, k)
+    np.testing.assert_array_equal(np.sort(np.asarray(picks), -1), np.sort(np.asarray(want_picks), -1))
 
 
 @pytest.mark.parametrize("choice", CHOICES)

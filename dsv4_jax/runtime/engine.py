@@ -32,6 +32,9 @@ class DeviceSteps:
     next key, caches). The key is split inside (``split(key) = (next key, sampling key)``, as a host loop
     would); inactive rows write nothing. Caches are donated.
 
+    Both take ``kernels`` (static: an ``ops.Kernels`` or an implementation name for every op) and trace the
+    model under ``ops.use(kernels)``, so each choice compiles its own step.
+
     Both take the model's weights first, as a list of arrays (``split_weights``), and close over the graph
     definition and the state's tree structure: a batch-1 step on an H200 is bound by the host's time to
     issue it (docs/performance.md). Hashing the graph definition as a static argument cost ~0.7 ms per
