@@ -3,20 +3,12 @@ SM count the launch heuristics aim at."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
 NUM_SMS = 132  # H100 SXM and H200
-
-
-def interpret_default() -> bool:
-    """How the model runs a Pallas kernel: compiled on a GPU, or when traced for an abstract GPU (a compile-only
-    H100 on a CPU host: kernels_pallas.testing.abstract_h100); in interpret mode elsewhere (the CPU tests)."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return jax.default_backend() != "gpu" and getattr(device, "platform", None) != "gpu"
 
 
 def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: list, num_warps: int, num_stages: int,

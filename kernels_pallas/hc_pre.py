@@ -3,16 +3,16 @@
     hc_pre(streams [T, n, d], fn [(2+n)n, n*d] f32, base [(2+n)n] f32, scale [3] f32, *, rms_eps, hc_eps,
            iters, norm_weight [d] f32 = None, norm_eps) -> (x [T, d], post [T, n] f32, comb [T, n, n] f32)
 
-Meaning (``reference``: ``dsv4_jax.model.hyper_connection``'s ``hc_weights`` then ``collapse``): mixing logits
-``fn @ RMS(vec(streams))``; ``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
+Meaning (``reference``; the model's XLA path computes the same): mixing logits ``fn @ RMS(vec(streams))``;
+``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``, ``comb`` = the Sinkhorn
 normalisation (row softmax + eps, a column normalisation, then ``iters - 1`` rounds of row and column
 normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i`` in fp32; with
-``norm_weight``, the sub-block's RMSNorm of that fp32 sum (``dsv4_jax.model.layers.rms_norm``) in the streams' dtype.
+``norm_weight``, the sub-block's RMSNorm of that fp32 sum in the streams' dtype.
 
 Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as
 ~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
 step of the 6-layer Flash-width slice: 213 us and ~118 kernels of a 1.9 ms batch-1 decode step on an H200
-(docs/performance.md). Here XLA computes the mixing logits with the XLA path's own function
+(docs/performance.md). Here XLA computes the mixing logits with the function the XLA path uses too
 (``mix_logits``: the RMS factor and the products with the 1.5 MB of ``fn``, so both paths see the same
 logits), and one kernel does the rest. Up to ``MIX_AS_SUM_MAX_TOKENS`` tokens XLA forms only the products and
 the kernel applies the RMS factor with the same operations, from the streams' sum of squares: its own when a
@@ -35,6 +35,7 @@ scaling) that followed the kernel at each of the step's 12 sub-blocks.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,22 +43,62 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv4_jax.model.layers import rms_norm
-from dsv4_jax.model.hyper_connection import MIX_AS_SUM_MAX_TOKENS, collapse, hc_weights, mix_logits, mix_sums
-
 from .common import triton_call
 
-__all__ = ["hc_pre", "reference", "sinkhorn_entries", "supported"]
+__all__ = ["MIX_AS_SUM_MAX_TOKENS", "hc_pre", "mix_logits", "mix_sums", "reference", "sinkhorn_entries", "supported"]
+
+# Up to this many tokens (decode) the mixing logits are products summed over vec(streams), with the RMS factor
+# applied after: two reductions of the raw streams that XLA runs without a normalised copy or a GPU fp32 matmul
+# (at full precision, two or three small kernels). An H200 batch-1 step of the Flash-width slice took 1.664 ms
+# against 1.682 with the factor applied first and 1.686 with the matmul (docs/performance.md, run 21). Above
+# it (prefill) the matmul, which does not re-read fn (1.5 MB at Flash width) per token.
+MIX_AS_SUM_MAX_TOKENS = 16
+
+
+def _rms_scale(xf, eps: float):
+    """xf [..., D] fp32 -> 1 / sqrt(mean(xf^2) + eps) [..., 1]."""
+    return lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def _rms_norm(x, weight, eps: float):
+    """x [..., D] fp32 -> weight * x * _rms_scale(x), fp32."""
+    return weight.astype(jnp.float32) * (x * _rms_scale(x, eps))
+
+
+def mix_sums(flat: jax.Array, fn: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """flat [..., n*d] fp32 -> (fn @ flat [..., fn_rows], sum(flat^2) [..., 1]): the few-token mixing logits
+    before their RMS factor ``rsqrt(sum / (n*d) + eps)`` (``hc_pre`` applies it in its kernel)."""
+    return jnp.sum(flat[..., None, :] * fn.astype(jnp.float32), axis=-1), jnp.sum(flat * flat, axis=-1, keepdims=True)
+
+
+def mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
+    """streams [..., n, d] -> fn @ RMS(vec(streams)) [..., fn_rows], fp32 at full precision, as
+    the PyTorch reference computes them: the Sinkhorn and every later layer carry on their rounding."""
+    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
+    if math.prod(flat.shape[:-1]) <= MIX_AS_SUM_MAX_TOKENS:
+        return mix_sums(flat, fn)[0] * _rms_scale(flat, eps)
+    # fp32 at HIGHEST: a GPU's default precision would round the inputs to TF32
+    return jnp.einsum("...i,oi->...o", flat * _rms_scale(flat, eps), fn.astype(jnp.float32),
+                      precision=lax.Precision.HIGHEST)
 
 
 def reference(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, norm_weight=None,
               norm_eps: float = 0.0):
-    """The XLA path (``HyperConnection``'s): ``hc_weights``, then ``collapse`` (then ``rms_norm``, cast to the
-    streams' dtype)."""
-    pre, post, comb = hc_weights(streams, fn, base, scale, n=streams.shape[-2], rms_eps=rms_eps, hc_eps=hc_eps,
-                                 sinkhorn_iters=iters)
-    x = collapse(streams, pre)
-    return (x if norm_weight is None else rms_norm(x, norm_weight, norm_eps).astype(streams.dtype)), post, comb
+    """The meaning in plain jnp, all fp32: mixing logits, pre / post / the Sinkhorn comb, the weighted sum of
+    the streams (then its RMSNorm, cast to the streams' dtype)."""
+    n = streams.shape[-2]
+    mix = mix_logits(streams, fn, rms_eps)
+    base, scale = base.astype(jnp.float32), scale.astype(jnp.float32)
+    pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2.0 * jax.nn.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    comb = jax.nn.softmax(mix[..., 2 * n :].reshape(*mix.shape[:-1], n, n) * scale[2]
+                          + base[2 * n :].reshape(n, n), axis=-1) + hc_eps
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + hc_eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + hc_eps)
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + hc_eps)
+    x = jnp.sum(pre[..., None] * streams.astype(jnp.float32), axis=-2)
+    return (x if norm_weight is None else _rms_norm(x, norm_weight, norm_eps).astype(streams.dtype)), post, comb
 
 
 def supported(n: int, d: int) -> bool:
@@ -124,7 +165,7 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, it
     pre = [jax.nn.sigmoid(logit(i, 0)) + hc_eps for i in range(n)]
     acc = functools.reduce(jnp.add, [pre[i][:, None] * tiles[i] for i in range(n)])
     if norm_eps is not None:  # the XLA path's rms_norm of the unrounded sum: whole rows in this program
-        acc = rms_norm(acc, norm_ref[...], norm_eps)
+        acc = _rms_norm(acc, norm_ref[...], norm_eps)
     plt.store(x_ref.at[tokens, pl.ds(k0, block_d)], acc.astype(x_ref.dtype), mask=valid[:, None])
 
     @pl.when(pl.program_id(1) == 0)

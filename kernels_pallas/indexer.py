@@ -6,7 +6,7 @@
     index_scores_prefill(q [B,S,HI,DI], keys [B,N,DI], weights [B,S,HI], n_visible [B,S]) -> [B,S,N] f32
 
 ``weights`` already carry the D_I^-1/2 * H_I^-1/2 scale (the model's ``w``). ``reference_decode`` /
-``reference_prefill`` below are the plain-jnp definitions: ``dsv4_jax.model.indexer.index_scores`` plus the
+``reference_prefill`` below are the plain-jnp definitions: the model's XLA scores plus the
 visibility mask.
 
 Backend: the Pallas **Triton** backend (``jax.experimental.pallas.triton``). It is deprecated upstream but
@@ -62,8 +62,6 @@ from jax.experimental.pallas import triton as plt
 
 from .common import triton_call
 
-from dsv4_jax.model.indexer import index_scores
-
 NEG_INF = float("-inf")
 
 
@@ -77,7 +75,8 @@ def reference_prefill(q, keys, weights, n_visible):
 
     Materialises the per-head scores [B,S,HI,N] (that is what runs out of memory at 32K).
     """
-    scores = index_scores(q, keys, weights)
+    dots = jnp.einsum("bshd,bnd->bshn", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bshn,bsh->bsn", jnp.maximum(dots, 0.0), weights.astype(jnp.float32))
     entry = jnp.arange(keys.shape[1], dtype=jnp.int32)
     return jnp.where(entry < n_visible[..., None], scores, NEG_INF)
 

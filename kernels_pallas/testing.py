@@ -8,7 +8,7 @@ from jax.sharding import AbstractMesh
 
 def abstract_h100():
     """A context in which Pallas' Triton lowering, finding no GPU attached, targets an H100, and the model's
-    kernels lower for it rather than in interpret mode (``common.interpret_default``)."""
+    kernels lower for it rather than in interpret mode (``dsv4_jax.ops.choice.interpret``)."""
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     return jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=device))
 

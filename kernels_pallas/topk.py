@@ -3,7 +3,7 @@
     topk_indices(scores [..., N] f32, n_visible [...] int, k) -> ids [..., k] int32
 
 The ids of the ``k`` largest visible, finite scores (``entry < n_visible``), in **ascending entry order**,
-then -1 where fewer than ``k`` are pickable. ``reference`` below (``dsv4_jax.model.indexer.select_topk``, one
+then -1 where fewer than ``k`` are pickable. ``reference`` below (a stable sort; the model's XLA path is one
 ``lax.top_k``) is the definition of the set; ties at the k-th value go to the lower entry ids, as in
 ``lax.top_k``. The order is ascending ids, not descending scores, because every consumer (the sparse
 attention) is order-free and gathers its key rows in memory order.
@@ -53,8 +53,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv4_jax.model.indexer import select_topk
-
 from .common import NUM_SMS, triton_call
 
 NEG_INF = float("-inf")
@@ -68,10 +66,11 @@ MAX_BLOCK = 65536  # scores per row kept in registers: 64 per thread at 32 warps
 
 
 def reference(scores, n_visible, k: int):
-    """``dsv4_jax.model.indexer.select_topk`` (one ``lax.top_k``; ids by descending score) for [B,N] or [B,S,N]."""
-    if scores.ndim == 2:
-        return select_topk(scores[:, None], n_visible[:, None], k)[:, 0]
-    return select_topk(scores, n_visible, k)
+    """scores [..., N], n_visible [...] -> ids [..., k] int32 of the k largest visible finite scores by
+    descending score (ties to the lower id, as ``lax.top_k``), then -1 where fewer than k are pickable."""
+    pickable = (jnp.arange(scores.shape[-1]) < n_visible[..., None]) & jnp.isfinite(scores)
+    order = jnp.argsort(-jnp.where(pickable, scores, -jnp.inf), axis=-1, stable=True)[..., :k]
+    return jnp.where(jnp.take_along_axis(pickable, order, axis=-1), order, -1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
         [--only sparse_attention indexer topk compressor hc_pre grouped_matmul grouped_gemv expert_rows]
         [--cases decode_B128] [--configs '[{}, {"block_h": 64, "num_warps": 8}]'] [--reps 50]
 
-Each kernel module's ``bench_cases()`` gives inputs, the minimal HBM bytes and the FLOPs. Both
+Each kernel's cases (scripts/kernel_cases.py ``bench_cases``) give inputs, the minimal HBM bytes and the FLOPs. Both
 implementations are timed the same way: the median of ``--reps`` runs of one jitted loop of ``--inner``
 dependent calls, after a warm-up (device time: the host dispatches once per loop; see ``time_fn``), or with
 ``--busy`` the kernels' own execution time from a profiler trace of those loops (``busy_time_fn``). The roofline uses
@@ -17,7 +17,6 @@ name contains one of the given strings.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import sys
@@ -98,6 +97,7 @@ def main(argv=None) -> int:
                    help="time kernel execution from a profiler trace instead of the loop (busy_time_fn)")
     args = p.parse_args(argv)
     sys.path.insert(0, ".")
+    from scripts.kernel_cases import bench_cases
     from scripts.roofline import torch_ceilings
 
     ceil = torch_ceilings()
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
     bw, mm = ceil["copy_2GB_TBps"] * 1e12, ceil["bf16_matmul_8192_TFLOPs"] * 1e12
     print(json.dumps({"roofline": ceil}), flush=True)
     for name in args.only:
-        mod = importlib.import_module(f"kernels_pallas.{name}")
-        for case in mod.bench_cases():
+        for case in bench_cases(name):
             if args.cases and not any(c in case["name"] for c in args.cases):
                 continue
             inputs = case["args"](jax.random.PRNGKey(0))

@@ -23,11 +23,14 @@ from transformers.activations import ACT2FN
 import dsv4_jax
 from conftest import tiny
 from dsv4_jax.model import metadata
+from dsv4_jax import ops
 from dsv4_jax.model import moe
 from dsv4_jax.model.cache import init_layer_cache
 from dsv4_jax.model.config import CSA, HCA, SLIDING, DeepseekV4Config, YarnScaling
-from dsv4_jax.model.hyper_connection import MIX_AS_SUM_MAX_TOKENS, collapse, expand, hc_weights, hyper_head
-from dsv4_jax.model.indexer import index_scores
+from dsv4_jax.model.hyper_connection import expand, hyper_head
+from dsv4_jax.ops.hyper_connection import collapse, hc_weights
+from kernels_pallas.hc_pre import MIX_AS_SUM_MAX_TOKENS
+from dsv4_jax.ops.indexer import index_scores
 from dsv4_jax.model.rope import apply_rope, default_inv_freq, inv_freq_for, rope_angles
 from reference import hf_config
 
@@ -485,7 +488,7 @@ def test_moe_block_matches_reference(components, layer):
     assert (gate_up[..., :F] > limit).any() and (gate_up[..., F:].abs() > limit).any() and (shared_gate > limit).any()
 
     # Experts on the reference's own routing (isolates them from the selection), then the whole block.
-    routed = moe.routed_experts(jnp.asarray(flat), jnp.asarray(to_np(ref_idx), jnp.int32), jnp.asarray(to_np(ref_w)),
+    routed = ops.routed_experts(jnp.asarray(flat), jnp.asarray(to_np(ref_idx), jnp.int32), jnp.asarray(to_np(ref_w)),
                                 ours.experts.gate_up_proj[...], ours.experts.down_proj[...], limit)
     assert_close(routed, ref_routed, "routed experts")
     shared = ours.shared_experts(jnp.asarray(flat))

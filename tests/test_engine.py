@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny
+from dsv4_jax import ops
 from dsv4_jax.model.cache import init_cache
 from dsv4_jax.model.config import CSA, HCA, SLIDING
 from dsv4_jax.runtime.engine import Engine, chunk_bucket
@@ -258,5 +259,5 @@ def test_engine_rejects_bad_input(model):
 
 def test_kernel_choice(model):
     """Off the GPU the engine defaults to the reference; an explicit choice is kept."""
-    assert Engine(model, capacity=16).kernels == "xla"
-    assert Engine(model, capacity=16, kernels="pallas").kernels == "pallas"
+    assert Engine(model, capacity=16).kernels == ops.Kernels("xla")
+    assert Engine(model, capacity=16, kernels="pallas").kernels == ops.Kernels("pallas")

@@ -2,7 +2,7 @@
 
 CPU: the references against the model's ``compress_chunk`` (so the kernels compute what the model computes),
 the Pallas kernels in interpret mode on fresh random inputs written into NaN-poisoned aliased outputs, the
-model's kernel path (``dsv4_jax.model.compressor.pallas_*``, used with ``kernels="pallas"``) against
+model's kernel path (``dsv4_jax.ops.compressor.pallas_*``, used under ``ops.use("pallas")``) against
 ``compress_chunk`` on ragged engine-style chunks, and a CUDA cross-lowering check at the real Flash shapes. GPU (skipped elsewhere): the compiled kernels against the
 references at real sizes.
 """
@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny
 
 from dsv4_jax.model.cache import CompressorState
-from dsv4_jax.model.compressor import compress_chunk, pallas_chunk_entries, pallas_decode_step
+from dsv4_jax.ops.compressor import compress_chunk, pallas_chunk_entries, pallas_decode_step
 from dsv4_jax.model.metadata import build_metadata, padded_chunk_len, span_of
 from kernels_pallas import compressor as cp
 from kernels_pallas.testing import lower_for_h100
@@ -322,7 +322,7 @@ def test_decode_interpret_all_rows_close_without_nan():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The model's kernel path (dsv4_jax.model.compressor.pallas_*) against compress_chunk
+# The model's kernel path (dsv4_jax.ops.compressor.pallas_*) against compress_chunk
 # ------------------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.model import moe
+from dsv4_jax import ops
 from kernels_pallas import expert_rows as er
 from kernels_pallas.testing import lower_for_h100
 
@@ -53,7 +53,7 @@ def test_one_matrix_one_row_at_the_smallest_blocks():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_moe_one_token_path_matches_xla(seed):
-    """routed_experts at T = 1 with kernels="pallas" (expert_rows) against the gathered XLA path; the bf16
+    """routed_experts at T = 1 under ops.use("pallas") (expert_rows) against the gathered XLA path; the bf16
     SwiGLU activation between the two products may round one ulp apart (3.4-3.7e-3 measured)."""
     E, d, F, k = 16, 64, 32, 6
     kx, ku, kd, kw = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -62,8 +62,10 @@ def test_moe_one_token_path_matches_xla(seed):
     down = (jax.random.normal(kd, (E, d, F)) / np.sqrt(F)).astype(jnp.bfloat16)
     idx = jax.random.permutation(kw, E)[None, :k].astype(jnp.int32)
     weights = jax.nn.softmax(jax.random.normal(kw, (1, k)))
-    got = moe.routed_experts(x, idx, weights, gate_up, down, 7.0, kernels="pallas")
-    want = moe.routed_experts(x, idx, weights, gate_up, down, 7.0, kernels="xla")
+    with ops.use("pallas"):
+        got = ops.routed_experts(x, idx, weights, gate_up, down, 7.0)
+    with ops.use("xla"):
+        want = ops.routed_experts(x, idx, weights, gate_up, down, 7.0)
     assert got.shape == want.shape == (1, d)
     assert_close(got, want)
 

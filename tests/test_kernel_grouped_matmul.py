@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.model.moe import routed_experts
+from dsv4_jax import ops
+from dsv4_jax.ops.moe import routed_experts
 from kernels_pallas import grouped_matmul as gm
 from kernels_pallas.testing import lower_for_h100
 
@@ -69,7 +70,7 @@ def test_lowers_for_h100(M, N, K):
     (2, 3, 8, 64, 32, 5),    # under 1 row per expert (decode): the few-rows kernel; XLA gathers matrices
 ])
 def test_moe_kernel_paths_match_xla_in_interpret_mode(T, k, E, d, F, seed):
-    """routed_experts with kernels="pallas" (interpret mode on CPU) equals the XLA path, on both sides of
+    """routed_experts under ops.use("pallas") (interpret mode on CPU) equals the XLA path, on both sides of
     the rows-per-expert rule that picks grouped_matmul or grouped_gemv."""
     key = jax.random.split(jax.random.PRNGKey(seed), 4)
     x = jax.random.normal(key[0], (T, d), jnp.float32).astype(jnp.bfloat16)
@@ -78,7 +79,8 @@ def test_moe_kernel_paths_match_xla_in_interpret_mode(T, k, E, d, F, seed):
     gate_up = (0.1 * jax.random.normal(key[3], (E, 2 * F, d))).astype(jnp.bfloat16)
     down = (0.1 * jax.random.normal(key[0], (E, d, F))).astype(jnp.bfloat16)
     want = routed_experts(x, idx, weights, gate_up, down, 10.0)
-    got = routed_experts(x, idx, weights, gate_up, down, 10.0, kernels="pallas")
+    with ops.use("pallas"):
+        got = routed_experts(x, idx, weights, gate_up, down, 10.0)
     assert_close(got, want)
 
 

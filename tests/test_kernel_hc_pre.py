@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.model.hyper_connection import hc_weights, sinkhorn
+from dsv4_jax.ops.hyper_connection import hc_weights, sinkhorn
 from kernels_pallas import hc_pre as hp
 from kernels_pallas.testing import lower_for_h100
 

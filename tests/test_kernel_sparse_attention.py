@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from conftest import tiny
 
-from dsv4_jax.model.attention import gather_entries, sink_attention
+from dsv4_jax.ops.attention import gather_entries, sink_attention
 from dsv4_jax.model.metadata import build_metadata
 from kernels_pallas import sparse_attention as sa
 from kernels_pallas.testing import lower_for_h100
+from scripts import kernel_cases
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 
@@ -249,7 +250,7 @@ def test_reference_prefill_matches_model_attention(hca):
                                                      lens=[16, 11, 2], hca_ratio=8 if hca else None, holes=0.1,
                                                      dtype=jnp.float32)
     ref = sa.reference_prefill(q, wk, wm, ent, ids, sinks, 0.3)
-    model = sa.model_attention(q, wk, wm, ent, ids, sinks, 0.3, shared_entries=hca)
+    model = kernel_cases.model_attention(q, wk, wm, ent, ids, sinks, 0.3, shared_entries=hca)
     np.testing.assert_allclose(np.asarray(ref), np.asarray(model), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
@@ -302,7 +303,7 @@ def test_lowers_for_h100(B, H, K, Wk, splits):
 
 
 @on_gpu
-@pytest.mark.parametrize("case", sa.bench_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", kernel_cases.bench_cases("sparse_attention"), ids=lambda c: c["name"])
 def test_gpu_bench_shapes_match_reference(case):
     inputs = case["args"](jax.random.PRNGKey(11))
     ref = jax.jit(functools.partial(case["reference"], **case["kwargs"]))(*inputs)

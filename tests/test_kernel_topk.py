@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.model.indexer import select_topk
+from dsv4_jax.ops.indexer import select_topk
 from kernels_pallas import indexer as ix
 from kernels_pallas import topk as tk
 from kernels_pallas.testing import lower_for_h100

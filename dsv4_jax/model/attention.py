@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .layers import Linear, RMSNorm, unweighted_rms_norm
+from .. import ops
+from ..ops.dense import unweighted_rms_norm
+from .layers import Linear, RMSNorm
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import CSA, SLIDING, DeepseekV4Config
@@ -42,58 +44,6 @@ def window_keys(ring: jax.Array, chunk_kv: jax.Array, window: WindowMeta,
     n_blocks = chunk_kv.shape[1] // block
     gather = np.arange(n_blocks)[:, None] * block + np.arange(W + block)[None, :]
     return rows[:, gather], written
-
-
-def sink_attention(q: jax.Array, win_keys: jax.Array, win_mask: jax.Array, comp_keys: jax.Array | None,
-                   comp_mask: jax.Array | None, sinks: jax.Array, scale: float) -> jax.Array:
-    """One softmax over window keys, compressed keys and the sink; values are the keys (K = V).
-
-    q [B, C, H, D]; win_keys [B, C/Bq, Kw, D]; win_mask [B, C, Kw] (Kw = W + Bq, or W when C == 1: see
-    ``WindowMeta``);
-    comp_keys [B, N, D] (shared by all queries) or [B, C, K, D] (per query); comp_mask [B, C, N|K];
-    sinks [H]. Returns [B, C, H, D] in q's dtype.
-    """
-    B, C, H, D = q.shape
-    nb, span = win_keys.shape[1], win_keys.shape[2]
-    qb = q.reshape(B, nb, C // nb, H, D)
-    lw = jnp.einsum("bnqhd,bnkd->bnqhk", qb, win_keys, preferred_element_type=jnp.float32) * scale
-    lw = jnp.where(win_mask.reshape(B, nb, C // nb, 1, span), lw, -jnp.inf).reshape(B, C, H, span)
-    parts = [lw]
-    if comp_keys is not None:
-        spec = "bchd,bnd->bchn" if comp_keys.ndim == 3 else "bchd,bckd->bchk"
-        lc = jnp.einsum(spec, q, comp_keys, preferred_element_type=jnp.float32) * scale
-        parts.append(jnp.where(comp_mask[:, :, None, :], lc, -jnp.inf))
-    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, None, :, None], (B, C, H, 1))
-    logits = jnp.concatenate(parts + [sink], axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1)
-    pw = probs[..., :span].reshape(B, nb, C // nb, H, span).astype(q.dtype)
-    out = jnp.einsum("bnqhk,bnkd->bnqhd", pw, win_keys, preferred_element_type=jnp.float32).reshape(B, C, H, D)
-    if comp_keys is not None:
-        pc = probs[..., span:-1].astype(q.dtype)
-        spec = "bchn,bnd->bchd" if comp_keys.ndim == 3 else "bchk,bckd->bchd"
-        out = out + jnp.einsum(spec, pc, comp_keys, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
-
-
-def gather_entries(compressed: jax.Array, picks: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """compressed [B, N, D], picks [B, C, k] (-1 = none) -> (entries [B, C, k, D], valid [B, C, k])."""
-    B, C, k = picks.shape
-    rows = jnp.take_along_axis(compressed, jnp.maximum(picks, 0).reshape(B, C * k, 1), axis=1)
-    return rows.reshape(B, C, k, -1), picks >= 0
-
-
-def _pallas_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
-    """A chunk (a decode step is a chunk of one) through the Pallas kernel (kernels_pallas/sparse_attention.py):
-    window rows + entries picked by id per query (-1 = none)."""
-    from kernels_pallas.common import interpret_default
-    from kernels_pallas.sparse_attention import sparse_attention_prefill
-
-    B, C, H, D = q.shape
-    if entries is None:  # sliding-window-only layer: no compressed entries
-        entries = jnp.zeros((B, 1, D), q.dtype)
-        entry_ids = jnp.full((B, C, 1), -1, jnp.int32)
-    return sparse_attention_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale,
-                                    interpret=interpret_default())
 
 
 class GroupedLinear(nnx.Module):
@@ -133,8 +83,7 @@ class Attention(nnx.Module):
                                     indexer=Indexer(cfg, dtype=dtype, rngs=rngs) if is_csa else None)
         self.compressor = nnx.data(compressor)
 
-    def __call__(self, x: jax.Array, meta: ForwardMetadata, cache: LayerCache,
-                 kernels: str = "xla") -> tuple[jax.Array, LayerCache]:
+    def __call__(self, x: jax.Array, meta: ForwardMetadata, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         """x [B, C, d] (normed) -> (out [B, C, d], updated layer cache)."""
         c = self.cfg
         B, C, _ = x.shape
@@ -155,30 +104,21 @@ class Attention(nnx.Module):
         entries = entry_ids = None
         if self.compressor is not None:
             cm = meta.compression[self.compressor.ratio]
-            compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm, kernels,
-                                                         meta.positions)
+            compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm, meta.positions)
             cache = dataclasses.replace(cache, compressed_kv=compressed, compressor=state)
             if compressed.shape[1] == 0:
                 pass  # capacity below one window: no entry can ever exist
             elif self.compressor.indexer is not None:
                 entry_ids, keys, istate = self.compressor.indexer(x, q_latent, cos, sin, cache.indexer,
-                                                                  cache.index_keys, cm, kernels, meta.positions)
+                                                                  cache.index_keys, cm, meta.positions)
                 cache = dataclasses.replace(cache, index_keys=keys, indexer=istate)
                 entries = compressed
             else:
                 entry = jnp.arange(compressed.shape[1], dtype=jnp.int32)
                 entries, entry_ids = compressed, jnp.where(entry < cm.n_visible[..., None], entry, -1)
 
-        scale = D**-0.5
-        if kernels == "pallas":
-            o = _pallas_attention(q, win_keys, meta.window.key_mask, entries, entry_ids, self.sinks[...], scale)
-        elif entries is None:
-            o = sink_attention(q, win_keys, meta.window.key_mask, None, None, self.sinks[...], scale)
-        elif self.compressor.indexer is not None:  # CSA: gather each query's picks
-            picked, valid = gather_entries(entries, entry_ids)
-            o = sink_attention(q, win_keys, meta.window.key_mask, picked, valid, self.sinks[...], scale)
-        else:  # HCA: all rows, masked to the visible prefix
-            o = sink_attention(q, win_keys, meta.window.key_mask, entries, entry_ids >= 0, self.sinks[...], scale)
+        o = ops.sparse_attention(q, win_keys, meta.window.key_mask, entries, entry_ids, self.sinks[...], D**-0.5,
+                                 shared_entries=self.compressor is not None and self.compressor.indexer is None)
         o = apply_rope(o, cos_h, sin_h, inverse=True)
         grouped = self.o_a_proj(o.reshape(B, C, c.o_groups, -1)).reshape(B, C, -1)
         return self.o_b_proj(grouped), cache

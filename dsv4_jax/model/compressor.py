@@ -11,128 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import Linear, RMSNorm, rms_norm
+from .. import ops
+from .layers import Linear, RMSNorm
 from .cache import CompressorState
 from .config import DeepseekV4Config
 from .metadata import CompressionMeta
-from .rope import apply_rope
 from .spec import Storage, param
-
-
-def pool_windows(values: jax.Array, logits: jax.Array, ape: jax.Array, overlap: bool) -> jax.Array:
-    """Softmax-pool gathered windows.
-
-    values, logits: [B, nW, span, coff * D] fp32 (logits already -inf where a token does not exist);
-    ape: [m, coff * D]. Returns [B, nW, D] fp32.
-    """
-    if overlap:
-        m, width = ape.shape
-        d = width // 2
-        values = jnp.concatenate([values[:, :, :m, :d], values[:, :, m:, d:]], axis=2)
-        logits = jnp.concatenate([logits[:, :, :m, :d] + ape[:, :d], logits[:, :, m:, d:] + ape[:, d:]], axis=2)
-    else:
-        logits = logits + ape
-    weights = jax.nn.softmax(logits, axis=2)
-    return jnp.sum(weights * values, axis=2)
-
-
-def compress_chunk(kv: jax.Array, gate: jax.Array, state: CompressorState, meta: CompressionMeta, ape: jax.Array,
-                   norm_weight: jax.Array, eps: float, overlap: bool, out_dtype):
-    """Emit the entries of the windows that close in this chunk and update the compressor state.
-
-    kv, gate: [B, C, coff * D] raw projections of the chunk. Returns (entries [B, nW, D], new state);
-    only rows with ``meta.entry_write_index < capacity`` are real entries.
-    """
-    B, nW, span = meta.source_index.shape
-    kv = kv.astype(jnp.float32)
-    gate = gate.astype(jnp.float32)
-    src_kv = jnp.concatenate([state.kv, kv], axis=1)
-    src_gate = jnp.concatenate([state.gate, gate], axis=1)
-    idx = meta.source_index.reshape(B, nW * span, 1)
-    valid = meta.source_valid[..., None]
-    g_kv = jnp.take_along_axis(src_kv, idx, axis=1).reshape(B, nW, span, -1)
-    g_gate = jnp.take_along_axis(src_gate, idx, axis=1).reshape(B, nW, span, -1)
-    pooled = pool_windows(jnp.where(valid, g_kv, 0.0), jnp.where(valid, g_gate, -jnp.inf),
-                          ape.astype(jnp.float32), overlap)
-    entries = apply_rope(rms_norm(pooled, norm_weight, eps), meta.entry_cos, meta.entry_sin).astype(out_dtype)
-    return entries, write_state(state, kv, gate, meta)
-
-
-def write_state(state: CompressorState, kv: jax.Array, gate: jax.Array, meta: CompressionMeta) -> CompressorState:
-    """Keep the chunk's raw fp32 projections [B, C, coff * D] of the last ``span`` real tokens in the state ring."""
-    rows = jnp.arange(kv.shape[0])[:, None]
-    return CompressorState(
-        kv=state.kv.at[rows, meta.state_write_slot].set(kv, mode="drop"),
-        gate=state.gate.at[rows, meta.state_write_slot].set(gate, mode="drop"),
-    )
-
-
-def window_tokens(meta: CompressionMeta, overlap: bool) -> tuple[jax.Array, jax.Array]:
-    """The tokens of the chunk's windows once each, in position order: (rows of concat(state ring, chunk),
-    exists) [B, L]. ``meta.source_index`` lists every window's span; with the overlap a window's a-half is the
-    previous window's b-half, so L = (nW + 1) * m starting with the first window's a-half, else L = nW * m."""
-    B, nW, span = meta.source_index.shape
-    if not overlap:
-        return meta.source_index.reshape(B, nW * span), meta.source_valid.reshape(B, nW * span)
-    m = span // 2
-
-    def tokens(x):
-        return jnp.concatenate([x[:, 0, :m], x[:, :, m:].reshape(B, nW * m)], axis=1)
-
-    return tokens(meta.source_index), tokens(meta.source_valid)
-
-
-ABSENT_GATE = -1e30  # gate of a token that does not exist: weight exactly 0 next to any real token, and finite,
-# so a window without real tokens pools to 0 instead of NaN
-
-
-def pallas_chunk_entries(kv, gate, state: CompressorState, meta: CompressionMeta, ape, norm_weight, eps: float,
-                         overlap: bool, out_dtype):
-    """``compress_chunk``'s entries through the Pallas prefill kernel (kernels_pallas/compressor.py).
-
-    The kernel pools consecutive windows of a token sequence that starts at a window boundary, with no a-half
-    for its first window. It gets the chunk's window tokens in order (``window_tokens``; missing ones with a
-    zero kv and ``ABSENT_GATE``); with the overlap its first window is the a-half source of the chunk's first
-    window, and its entry is dropped. Returns entries [B, nW, D].
-    """
-    from kernels_pallas.common import interpret_default
-    from kernels_pallas.compressor import compress_prefill
-
-    idx, exists = window_tokens(meta, overlap)
-    src_kv = jnp.concatenate([state.kv, kv.astype(jnp.float32)], axis=1)
-    src_gate = jnp.concatenate([state.gate, gate.astype(jnp.float32)], axis=1)
-    tok_kv = jnp.where(exists[..., None], jnp.take_along_axis(src_kv, idx[..., None], axis=1), 0.0)
-    tok_gate = jnp.where(exists[..., None], jnp.take_along_axis(src_gate, idx[..., None], axis=1), ABSENT_GATE)
-    cos, sin = meta.entry_cos, meta.entry_sin
-    if overlap:  # the dropped leading window's angle is never used
-        cos, sin = jnp.concatenate([cos[:, :1], cos], axis=1), jnp.concatenate([sin[:, :1], sin], axis=1)
-    entries = compress_prefill(tok_kv, tok_gate, ape, norm_weight, cos, sin, ratio=ape.shape[0], overlap=overlap,
-                               eps=eps, out_dtype=out_dtype, interpret=interpret_default())
-    return entries[:, 1:] if overlap else entries
-
-
-def pallas_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, positions, ape,
-                       norm_weight, eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
-    """A decode step through the Pallas decode-step kernel: (compressed cache [B, N, D], new state), as
-    ``write_entries`` and ``write_state`` after ``compress_chunk``, in one kernel: it pools the closing window
-    from the old state ring plus the new token (kv, gate [B, 1, coff * D] at ``positions`` [B, 1]) into cache
-    row ``entry_write_index``, and writes the new token into the ring at ``state_write_slot`` (rows that are
-    not decoding keep both)."""
-    from kernels_pallas.common import interpret_default
-    from kernels_pallas.compressor import compress_decode_step
-
-    _, _, new_kv, new_gate, cache_rows = compress_decode_step(
-        kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv, state.gate, positions[:, 0], ape,
-        norm_weight, meta.entry_cos[:, 0], meta.entry_sin[:, 0], ratio=ape.shape[0], overlap=overlap, eps=eps,
-        out_dtype=cache_rows.dtype, write_slot=meta.state_write_slot[:, 0], cache_rows=cache_rows,
-        entry_index=meta.entry_write_index[:, 0], interpret=interpret_default())
-    return cache_rows, CompressorState(kv=new_kv, gate=new_gate)
-
-
-def write_entries(cache_rows: jax.Array, entries: jax.Array, meta: CompressionMeta) -> jax.Array:
-    """Scatter closing windows' entries into the compressed cache [B, N, D] at row w."""
-    rows = jnp.arange(cache_rows.shape[0])[:, None]
-    return cache_rows.at[rows, meta.entry_write_index].set(entries.astype(cache_rows.dtype), mode="drop")
 
 
 class Compressor(nnx.Module):
@@ -156,24 +40,11 @@ class Compressor(nnx.Module):
         self.kv_norm = RMSNorm(head_dim, cfg.rms_norm_eps, "kv")
         self.indexer = nnx.data(indexer)
 
-    def compress(self, x, state: CompressorState, cache_rows: jax.Array, meta: CompressionMeta, kernels: str = "xla",
-                 positions: jax.Array | None = None):
-        """x [B, C, d] -> (updated cache rows [B, N, D], new state).
-
-        ``kernels="pallas"`` pools with kernels_pallas/compressor.py: a chunk (C > 1) through the prefill
-        kernel, a decode step (C = 1) through the decode-step kernel, which needs the token ``positions`` [B, C]
-        (``ForwardMetadata.positions``). The state ring is written the same way on both paths.
-        """
+    def compress(self, x, state: CompressorState, cache_rows: jax.Array, meta: CompressionMeta,
+                 positions: jax.Array):
+        """x [B, C, d] at token ``positions`` [B, C] (``ForwardMetadata.positions``) -> (updated cache rows
+        [B, N, D], new state)."""
         kv = self.kv_proj(x, out_dtype=jnp.float32)
         gate = self.gate_proj(x, out_dtype=jnp.float32)
-        ape, norm_weight = self.position_bias[...], self.kv_norm.weight[...]
-        if kernels != "pallas":
-            entries, state = compress_chunk(kv, gate, state, meta, ape, norm_weight, self.eps, self.overlap,
-                                            cache_rows.dtype)
-            return write_entries(cache_rows, entries, meta), state
-        if x.shape[1] == 1 and cache_rows.shape[1]:
-            return pallas_decode_step(kv, gate, state, cache_rows, meta, positions, ape, norm_weight, self.eps,
-                                      self.overlap)
-        entries = pallas_chunk_entries(kv, gate, state, meta, ape, norm_weight, self.eps, self.overlap,
-                                       cache_rows.dtype)
-        return write_entries(cache_rows, entries, meta), write_state(state, kv, gate, meta)
+        return ops.compress(kv, gate, state, cache_rows, meta, positions, self.position_bias[...],
+                            self.kv_norm.weight[...], eps=self.eps, overlap=self.overlap)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .. import ops
 from .layers import Linear
 from .cache import CompressorState
 from .compressor import Compressor
@@ -18,26 +19,6 @@ from .config import DeepseekV4Config
 from .metadata import CompressionMeta
 from .rope import apply_rope
 from .spec import Storage
-
-
-def index_scores(q: jax.Array, keys: jax.Array, head_weights: jax.Array) -> jax.Array:
-    """q [B, C, H_I, D_I], keys [B, N, D_I], head_weights [B, C, H_I] (scales folded in) -> [B, C, N] fp32."""
-    dots = jnp.einsum("bchd,bnd->bchn", q, keys, preferred_element_type=jnp.float32)
-    return jnp.einsum("bchn,bch->bcn", jax.nn.relu(dots), head_weights.astype(jnp.float32))
-
-
-def select_topk(scores: jax.Array, n_visible: jax.Array, k: int) -> jax.Array:
-    """scores [B, C, N], n_visible [B, C] -> entry ids [B, C, k] int32, -1 where fewer than k are visible.
-
-    Invisible and non-finite scores are masked before the selection, so a NaN can never be picked.
-    """
-    entry = jnp.arange(scores.shape[-1], dtype=jnp.int32)
-    visible = entry < n_visible[..., None]
-    masked = jnp.where(visible & jnp.isfinite(scores), scores, -jnp.inf)
-    _, idx = jax.lax.top_k(masked, k)
-    picked = jnp.take_along_axis(masked, idx, axis=-1)
-    ok = (idx < n_visible[..., None]) & (picked > -jnp.inf)
-    return jnp.where(ok, idx, -1).astype(jnp.int32)
 
 
 class Scorer(nnx.Module):
@@ -67,27 +48,11 @@ class Indexer(Compressor):
         return q, w
 
     def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta,
-                 kernels: str = "xla", positions: jax.Array | None = None):
-        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state).
-
-        With ``kernels="pallas"`` the scores come from the Pallas indexer kernels (a decode step, C = 1, and a
-        chunk) and the selection from the Pallas top-k, which returns the same set in ascending id order
-        (every consumer is order-free); both are tested against this module's functions. The compressor
-        follows ``kernels`` too (``positions`` [B, C] as in ``Compressor.compress``).
-        """
-        keys, state = self.compress(x, state, keys, meta, kernels, positions)
+                 positions: jax.Array):
+        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state); ``positions``
+        [B, C] as in ``Compressor.compress``. The ids are a set: Pallas' top-k returns them in ascending id
+        order, the XLA path by descending score (every consumer is order-free)."""
+        keys, state = self.compress(x, state, keys, meta, positions)
         q, w = self.queries(x, q_latent, cos, sin)
         k = min(self.cfg.index_topk, keys.shape[1])
-        if kernels != "pallas":
-            return select_topk(index_scores(q, keys, w), meta.n_visible, k), keys, state
-        from kernels_pallas import indexer as pallas_indexer
-        from kernels_pallas.common import interpret_default
-        from kernels_pallas.topk import topk_indices
-
-        interpret = interpret_default()
-        if x.shape[1] == 1:
-            n_valid = meta.n_visible[:, 0]
-            scores = pallas_indexer.index_scores_decode(q[:, 0], keys, w[:, 0], n_valid, interpret=interpret)
-            return topk_indices(scores, n_valid, k, interpret=interpret)[:, None], keys, state
-        scores = pallas_indexer.index_scores_prefill(q, keys, w, meta.n_visible, interpret=interpret)
-        return topk_indices(scores, meta.n_visible, k, interpret=interpret), keys, state
+        return ops.topk(ops.indexer_scores(q, keys, w, meta.n_visible), meta.n_visible, k), keys, state

@@ -3,7 +3,7 @@
 ``trace_forward`` runs the real stateless forward (``model.stateless_forward``) unchanged and eagerly
 under ``nnx.capture(..., method_outputs=nnx.Intermediate)``: flax records what each module method
 returned, so nothing here re-implements a layer. The only value computed here is the indexer's score
-matrix, from the captured indexer queries and keys through ``indexer.index_scores``. Running op by op,
+matrix, from the captured indexer queries and keys through ``ops.indexer.index_scores``. Running op by op,
 it is meant for small models and short prompts (the notebooks, the demo model).
 """
 
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .indexer import index_scores
+from ..ops.indexer import index_scores
 from .transformer import DeepseekV4ForCausalLM, check_token_ids, stateless_forward
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .. import ops
 from .layers import Linear, RMSNorm
 from .cache import LayerCache, init_cache
 from .config import MOE, SLIDING, DeepseekV4Config
@@ -50,11 +51,11 @@ class MTPBlock(DecoderLayer):
         self.hc_head = HyperHead(cfg, rngs=rngs)
 
     def __call__(self, streams: jax.Array, next_embeds: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,
-                 cache: LayerCache, kernels: str = "xla"):
+                 cache: LayerCache):
         """streams [B, C, n, d] (main model, before hc_head); next_embeds [B, C, d] = Embed(next_ids);
         next_ids [B, C] -> (normed hidden state [B, C, d] for the shared lm_head, layer cache)."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds))[:, :, None, :]
-        x, cache = super().__call__(x, next_ids, meta, cache, kernels)
+        x, cache = super().__call__(x, next_ids, meta, cache)
         return self.norm(self.hc_head(x)), cache
 
 
@@ -67,16 +68,15 @@ class DeepseekV4WithMTP(DeepseekV4ForCausalLM):
         self.model.mtp = nnx.List([MTPBlock(cfg, dtype=self.dtype, rngs=rngs)])
 
     def forward_mtp(self, token_ids: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,
-                    cache: tuple[LayerCache, ...], kernels: str = "xla"):
+                    cache: tuple[LayerCache, ...]):
         """token_ids, next_ids [B, C] (next_ids[:, t] is token t+1) -> (logits [B, C, V] for token t+1,
         MTP logits [B, C, V] for token t+2, both fp32; new caches). ``cache`` holds the model's layers and
         then the MTP block's (``init_cache(mtp_config(cfg), ...)``)."""
         n = self.config.num_hidden_layers
-        streams, main_cache = self.residual_streams(token_ids, meta, cache[:n], kernels)
+        streams, main_cache = self.residual_streams(token_ids, meta, cache[:n])
         logits = self.lm_head(self.model.norm(self.model.hc_head(streams)), jnp.float32)
         with jax.named_scope("mtp"):
-            h, mtp_cache = self.model.mtp[0](streams, self.model.embed_tokens(next_ids), next_ids, meta, cache[n],
-                                             kernels)
+            h, mtp_cache = self.model.mtp[0](streams, self.model.embed_tokens(next_ids), next_ids, meta, cache[n])
         return logits, self.lm_head(h, jnp.float32), main_cache + (mtp_cache,)
 
 
@@ -89,12 +89,16 @@ def mtp_logits(model: DeepseekV4WithMTP, input_ids, next_ids) -> tuple[jax.Array
         raise InputError(f"next_ids has shape {tuple(nxt.shape)} but input_ids has {tuple(ids.shape)}; "
                          "expected one next token per position")
     graphdef, state = nnx.split(model)
-    return _stateless_mtp(graphdef, state, ids, nxt)
+    return _stateless_mtp(graphdef, state, ids, nxt, ops.current())
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _stateless_mtp(graphdef, state, ids, next_ids):
-    model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _stateless_mtp(graphdef, state, ids, next_ids, kernels: ops.Kernels):
+    with ops.use(kernels):
+        return _mtp_forward(nnx.merge(graphdef, state), ids, next_ids)
+
+
+def _mtp_forward(model, ids, next_ids):
     cfg = model.config
     B, S = ids.shape
     C = padded_chunk_len(cfg, S)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import ops
 from .attention import Attention
 from .layers import Linear, RMSNorm
 from .cache import LayerCache, init_cache
@@ -38,18 +39,18 @@ class DecoderLayer(nnx.Module):
         self.attn_hc = HyperConnection(cfg, rngs=rngs)
         self.ffn_hc = HyperConnection(cfg, rngs=rngs)
 
-    def __call__(self, streams, token_ids, meta: ForwardMetadata, cache: LayerCache, kernels: str = "xla"):
+    def __call__(self, streams, token_ids, meta: ForwardMetadata, cache: LayerCache):
         """streams [B, C, n, d] -> (streams, layer cache)."""
         # Named scopes let a profile attribute device time to attention, MoE and mHC per layer.
         with jax.named_scope("mhc"):
-            attn_in, post, comb = self.attn_hc(streams, self.input_layernorm, kernels)
+            attn_in, post, comb = self.attn_hc(streams, self.input_layernorm)
         with jax.named_scope("attention"):
-            attn_out, cache = self.self_attn(attn_in, meta, cache, kernels)
+            attn_out, cache = self.self_attn(attn_in, meta, cache)
         with jax.named_scope("mhc"):
             streams = expand(streams, attn_out, post, comb)
-            ffn_in, post, comb = self.ffn_hc(streams, self.post_attention_layernorm, kernels)
+            ffn_in, post, comb = self.ffn_hc(streams, self.post_attention_layernorm)
         with jax.named_scope("moe"):
-            ffn_out = self.mlp(ffn_in, token_ids, kernels)
+            ffn_out = self.mlp(ffn_in, token_ids)
         with jax.named_scope("mhc"):
             return expand(streams, ffn_out, post, comb), cache
 
@@ -81,20 +82,19 @@ class DeepseekV4ForCausalLM(nnx.Module):
                               dtype=self.dtype, rngs=rngs)
 
     def forward(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...],
-                logits_at: jax.Array | None = None, kernels: str = "xla"):
+                logits_at: jax.Array | None = None):
         """token_ids [B, C] (C padded as the metadata says) -> (logits, new caches).
 
         Logits are fp32 [B, C, V], or [B, V] at chunk offsets ``logits_at`` [B] (the engine only needs
         each row's last real token, and the vocabulary projection is the largest matmul of a step).
         """
-        streams, new_cache = self.residual_streams(token_ids, meta, cache, kernels)
+        streams, new_cache = self.residual_streams(token_ids, meta, cache)
         if logits_at is not None:
             streams = jnp.take_along_axis(streams, logits_at[:, None, None, None], axis=1)[:, 0]
         h = self.model.norm(self.model.hc_head(streams))
         return self.lm_head(h, jnp.float32), tuple(new_cache)
 
-    def residual_streams(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...],
-                         kernels: str = "xla"):
+    def residual_streams(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...]):
         """token_ids [B, C] -> (the n residual streams after the last layer, before hc_head [B, C, n, d],
         new caches of the model's layers); the MTP block reads these streams too."""
         cfg = self.config
@@ -103,7 +103,7 @@ class DeepseekV4ForCausalLM(nnx.Module):
         new_cache = []
         for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache)):
             with jax.named_scope(f"layer_{i}"):
-                streams, layer_cache = layer(streams, token_ids, meta, layer_cache, kernels)
+                streams, layer_cache = layer(streams, token_ids, meta, layer_cache)
             new_cache.append(layer_cache)
         return streams, tuple(new_cache)
 
@@ -111,20 +111,19 @@ class DeepseekV4ForCausalLM(nnx.Module):
         """Stateless forward: input_ids int [B, S] -> logits [B, S, V] (fp32)."""
         ids = check_token_ids(input_ids, self.config.vocab_size)
         graphdef, state = nnx.split(self)
-        return _stateless_logits(graphdef, state, ids)
+        return _stateless_logits(graphdef, state, ids, ops.current())
 
 
 METADATA_SCOPE = "forward_metadata"
 
 
 def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: jax.Array, n_new: jax.Array,
-              capacity: int, last_only: bool = False, kernels: str = "xla"):
+              capacity: int, last_only: bool = False):
     """One forward over a chunk: the metadata step once, then every layer.
 
     token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
-    already cached. ``kernels`` picks the implementation of attention, compressor, indexer, top-k, the mHC
-    pre-step and the routed experts: "xla" (the plain-JAX reference, any backend) or "pallas" (the GPU
-    kernels in kernels_pallas/).
+    already cached. The ops run the implementations of the current ``ops.use`` setting (plain XLA unless
+    set).
     Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
     """
     cfg = model.config
@@ -134,7 +133,7 @@ def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: 
     with jax.named_scope(METADATA_SCOPE):
         meta = build_metadata(cfg, start, n_new, C, capacity)
     logits_at = jnp.maximum(n_new - 1, 0).astype(jnp.int32) if last_only else None
-    logits, cache = model.forward(token_ids, meta, cache, logits_at, kernels)
+    logits, cache = model.forward(token_ids, meta, cache, logits_at)
     return (logits if last_only else logits[:, :S]), cache
 
 
@@ -146,9 +145,11 @@ def stateless_forward(model: DeepseekV4ForCausalLM, ids: jax.Array) -> jax.Array
     return logits
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _stateless_logits(graphdef, state, ids):
-    return stateless_forward(nnx.merge(graphdef, state), ids)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _stateless_logits(graphdef, state, ids, kernels: ops.Kernels):
+    """The stateless forward, traced under ``kernels`` (static: another choice is another trace)."""
+    with ops.use(kernels):
+        return stateless_forward(nnx.merge(graphdef, state), ids)
 
 
 def check_token_ids(input_ids, vocab_size: int) -> jax.Array:

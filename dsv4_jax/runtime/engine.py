@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import ops
 from ..model.cache import init_cache
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
 from .sampling import SamplingParams, sample, sampling_args
@@ -31,6 +32,9 @@ class DeviceSteps:
     next key, caches). The key is split inside (``split(key) = (next key, sampling key)``, as a host loop
     would); inactive rows write nothing. Caches are donated.
 
+    Both take ``kernels`` (static: an ``ops.Kernels`` or an implementation name for every op) and trace the
+    model under ``ops.use(kernels)``, so each choice compiles its own step.
+
     Both take the model's weights first, as a list of arrays (``split_weights``), and close over the graph
     definition and the state's tree structure: a batch-1 step on an H200 is bound by the host's time to
     issue it (docs/performance.md). Hashing the graph definition as a static argument cost ~0.7 ms per
@@ -42,14 +46,16 @@ class DeviceSteps:
         def model(weights):
             return nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
 
-        def chunk(weights, cache, token_ids, start, n_new, *, last_only: bool, kernels: str = "xla"):
-            return run_chunk(model(weights), cache, token_ids, start, n_new, capacity, last_only, kernels)
+        def chunk(weights, cache, token_ids, start, n_new, *, last_only: bool, kernels: ops.Kernels = ops.Kernels()):
+            with ops.use(kernels):
+                return run_chunk(model(weights), cache, token_ids, start, n_new, capacity, last_only)
 
         def decode(weights, cache, tokens, pos, active, key, temperature, top_k, top_p, *,
-                   kernels: str = "xla", filters: bool = True):
+                   kernels: ops.Kernels = ops.Kernels(), filters: bool = True):
             key, sub = jax.random.split(key)
-            logits, cache = run_chunk(model(weights), cache, tokens[:, None], pos, active.astype(jnp.int32),
-                                      capacity, last_only=True, kernels=kernels)
+            with ops.use(kernels):
+                logits, cache = run_chunk(model(weights), cache, tokens[:, None], pos, active.astype(jnp.int32),
+                                          capacity, last_only=True)
             return sample(logits, sub, temperature, top_k, top_p, filters=filters), pos + active, key, cache
 
         self.chunk = jax.jit(chunk, static_argnames=("last_only", "kernels"), donate_argnames=("cache",))
@@ -64,7 +70,13 @@ def split_weights(model) -> tuple:
     return graphdef, state_def, weights
 
 
-KERNELS = ("xla", "pallas")
+def parse_kernels(kernels: str | ops.Kernels | None) -> ops.Kernels:
+    """The engine's ``kernels`` argument: a ``Kernels``, an implementation name for every op, or None
+    (``default_kernels``); raises InputError naming a bad value."""
+    try:
+        return ops.Kernels.parse(kernels or default_kernels())
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def default_kernels() -> str:
@@ -129,14 +141,12 @@ class Engine:
     """
 
     def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int | None = None,
-                 tokenizer=None, kernels: str | None = None):
+                 tokenizer=None, kernels: str | ops.Kernels | None = None):
         if prefill_chunk is None:
             prefill_chunk = default_prefill_chunk()
         if capacity <= 0 or prefill_chunk <= 0:
             raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
-        if kernels is not None and kernels not in KERNELS:
-            raise InputError(f"kernels {kernels!r} is not one of {KERNELS}")
-        self.kernels = kernels or default_kernels()
+        self.kernels = parse_kernels(kernels)
         self.model = model
         self.config = model.config
         self.capacity = capacity

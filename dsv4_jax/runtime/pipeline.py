@@ -81,8 +81,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .. import ops
 from ..model.cache import init_cache
-from .engine import Engine
+from .engine import Engine, parse_kernels
 from ..model.metadata import build_metadata, padded_chunk_len
 from ..model.transformer import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError
 from .sampling import sample
@@ -170,7 +171,7 @@ class PipelinePlan:
     """Static description of a split: stages, positions, variants, stacking groups, index tables."""
 
     def __init__(self, model: DeepseekV4ForCausalLM, starts: Sequence[int], devices, capacity: int,
-                 kernels: str = "xla"):
+                 kernels: ops.Kernels = ops.Kernels()):
         cfg = model.config
         L = cfg.num_hidden_layers
         self.cfg, self.dtype, self.capacity, self.kernels = cfg, model.dtype, capacity, kernels
@@ -416,7 +417,7 @@ class PipelinePlan:
                 layer_cache = jax.tree_util.tree_unflatten(
                     var.cache_treedef, [old_trunk[k] if g == TRUNK else old_groups[g][k] for g, k in var.cache_sources])
                 with jax.named_scope(f"layer_{var.name}"):
-                    streams, layer_cache = layer(streams, ids, meta_m, layer_cache, self.kernels)
+                    streams, layer_cache = layer(streams, ids, meta_m, layer_cache)
                 new_trunk, new_groups = dict(old_trunk), {g: dict(c) for g, c in old_groups.items()}
                 for (g, k), leaf in zip(var.cache_sources, jax.tree.leaves(layer_cache)):
                     if g == TRUNK:
@@ -469,9 +470,10 @@ def pipeline_chunk(plan: PipelinePlan, params, cache, token_ids, start, n_new, *
         raise ValueError(f"metadata fields without a leading batch axis of {B}: {bad}")
     logits_at = jnp.maximum(n_new - 1, 0).astype(jnp.int32)
     body = functools.partial(plan.stage_program, microbatches, last_only)
-    ys, cache = jax.shard_map(body, mesh=plan.mesh, in_specs=(P(PP_AXIS), P(PP_AXIS), P(), P(), P()),
-                              out_specs=(P(PP_AXIS), P(PP_AXIS)), check_vma=False)(
-        params, cache, token_ids, meta, logits_at)
+    with ops.use(plan.kernels):
+        ys, cache = jax.shard_map(body, mesh=plan.mesh, in_specs=(P(PP_AXIS), P(PP_AXIS), P(), P(), P()),
+                                  out_specs=(P(PP_AXIS), P(PP_AXIS)), check_vma=False)(
+            params, cache, token_ids, meta, logits_at)
     # The last stage finishes microbatch m at tick m + pp - 1.
     logits = ys[pp - 1, pp - 1:].reshape(B, *ys.shape[3:])
     logits = lax.with_sharding_constraint(logits, NamedSharding(plan.mesh, P()))
@@ -494,7 +496,7 @@ class PipelineEngine(Engine):
     ``boundaries``: first layer of stages 1..pp-1 (default: an even split). ``microbatches``: GPipe
     microbatches per step (default min(pp, batch)); the batch is padded with empty rows to a multiple.
     ``devices``: the pipeline's devices in stage order (default: the first pp of ``jax.devices()``,
-    which spans all processes after ``jax.distributed.initialize``). ``kernels``: "xla" (default) or "pallas"
+    which spans all processes after ``jax.distributed.initialize``). ``kernels``: as ``Engine``'s, default "xla",
     for both phases.
     """
 
@@ -508,7 +510,7 @@ class PipelineEngine(Engine):
         self.pp, self.microbatches = pp, microbatches
         # The given implementation, else the reference: the pipeline has not been measured on GPUs with
         # the kernels that are Engine's GPU default.
-        self.kernels = kernels or "xla"
+        self.kernels = parse_kernels(kernels or "xla")
         self.plan = PipelinePlan(model, starts, devs, capacity, self.kernels)
         self.params = self.plan.place_params()
         self._chunk_fn = jax.jit(functools.partial(pipeline_chunk, self.plan),

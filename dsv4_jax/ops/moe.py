@@ -1,0 +1,79 @@
+"""The routed experts of a MoE layer: the clamped SwiGLU MLP of each token's picked experts.
+
+XLA: gathered matrices or ``ragged_dot_general``; Pallas: kernels_pallas/expert_rows.py, grouped_gemv.py and
+grouped_matmul.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from kernels_pallas.expert_rows import expert_rows
+from kernels_pallas.grouped_gemv import grouped_gemv
+from kernels_pallas.grouped_matmul import grouped_matmul
+
+from .choice import interpret, pallas
+
+_RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
+    """silu(min(gate, L)) * clip(up, -L, L): the gate is clamped from above only."""
+    return jax.nn.silu(jnp.minimum(gate, limit)) * jnp.clip(up, -limit, limit)
+
+
+def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
+                   limit: float) -> jax.Array:
+    """x [T, d]; idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F] -> [T, d] fp32.
+
+    Only the picked experts' weights are read. XLA: with fewer assignments than experts (decode) the picked
+    matrices gathered per assignment, since XLA's GPU ragged dot is dense; else the assignments sorted by
+    expert through two ``ragged_dot_general``. Pallas (bf16/fp16 weights; fp32 weights keep XLA):
+    a single token's k rows (T = 1) skip the sort and the scatter back: its experts are distinct, so
+    ``expert_rows`` runs each row against its own matrix; up to 3 assignments per expert (decode; measured
+    faster there on an H200 up to 768 rows over 256 experts, docs/performance.md) the Triton few-rows kernel
+    (``grouped_gemv``: each used matrix streamed once per 16 rows); above that (prefill) the Mosaic GPU
+    grouped matmul (64-128-row ``wgmma`` tiles).
+    """
+    T, k = idx.shape
+    E = gate_up.shape[0]
+    use_kernel = pallas("routed_experts") and gate_up.dtype != jnp.float32
+    if T * k < E and not use_kernel:
+        return _gathered_experts(x, idx, weights, gate_up, down, limit)
+    if use_kernel and T == 1:  # one token's experts are distinct: no sorting, no scatter back
+        rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret())
+        # gate_up reads the token's one row for all k experts: [1, d] -> [k, 2F]
+        y = _expert_mlp(x.astype(gate_up.dtype), functools.partial(rows, w=gate_up), functools.partial(rows, w=down),
+                        limit)
+        return jnp.einsum("kd,k->d", y, weights.reshape(-1))[None]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = x[token].astype(gate_up.dtype)
+    if use_kernel:
+        matmul = functools.partial(grouped_gemv if T * k <= 3 * E else grouped_matmul, interpret=interpret())
+    else:
+        matmul = functools.partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=_RAGGED_DN,
+                                   preferred_element_type=jnp.float32)
+    y = _expert_mlp(xs, lambda a: matmul(a, gate_up, group_sizes), lambda a: matmul(a, down, group_sizes), limit)
+    y = y * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((T, x.shape[-1]), jnp.float32).at[token].add(y)
+
+
+def _expert_mlp(xs, up, down, limit):
+    """The routed expert MLP in the weights' dtype xs: ``up`` -> [..., 2F] (gate | up halves), the clamped
+    SwiGLU in fp32, cast back to xs' dtype, ``down`` -> [..., d]; returns fp32."""
+    h = up(xs).astype(jnp.float32)
+    F = h.shape[-1] // 2
+    return down(clamped_swiglu(h[..., :F], h[..., F:], limit).astype(xs.dtype)).astype(jnp.float32)
+
+
+def _gathered_experts(x, idx, weights, gate_up, down, limit):
+    y = _expert_mlp(x.astype(gate_up.dtype),
+                    lambda a: jnp.einsum("td,tkfd->tkf", a, gate_up[idx], preferred_element_type=jnp.float32),
+                    lambda h: jnp.einsum("tkf,tkdf->tkd", h, down[idx], preferred_element_type=jnp.float32), limit)
+    return jnp.einsum("tkd,tk->td", y, weights)
