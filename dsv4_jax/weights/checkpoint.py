@@ -421,8 +421,18 @@ def checkpoint_config(path) -> DeepseekV4Config:
         raise CheckpointError(f"checkpoint directory {path} has no config.json")
     try:
         return DeepseekV4Config.from_json(config_file)
-    except ConfigError as e:
-        raise CheckpointError(f"{config_file}: {e}") from None
+    except ConfigError as e:  # its message names the file
+        raise CheckpointError(str(e)) from None
+
+
+def checkpoint_dtype(path) -> str:
+    """The model dtype of ``dtype="auto"``: the one config.json states (``dtype``, or transformers' older
+    ``torch_dtype``), as transformers reads it: "float32" for float32, else "bfloat16" (the released FP8 / FP4
+    checkpoints state bfloat16); "bfloat16" where it states none."""
+    checkpoint_config(path)  # the directory and its config.json exist and parse
+    d = json.loads((Path(path) / "config.json").read_text())
+    stated = d.get("dtype") or d.get("torch_dtype")
+    return "float32" if stated in ("float32", "fp32") else "bfloat16"
 
 
 def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, sharding=None, mesh: Mesh | None = None,
@@ -430,8 +440,12 @@ def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, shardin
     """Load a DeepSeek-V4 directory, Hugging Face format or orbax (checkpoint_orbax), and return the model
     (call it on input_ids). ``mtp=True`` also loads the multi-token-prediction block (``mtp.0.*``) and
     returns an mtp.DeepseekV4WithMTP; otherwise those tensors are skipped. ``sharding`` / ``mesh`` +
-    ``spec``: where each parameter lives (see ``target_shardings``); tensors are placed there one by one."""
+    ``spec``: where each parameter lives (see ``target_shardings``); tensors are placed there one by one.
+    ``dtype="auto"``: the checkpoint's own (``checkpoint_dtype``)."""
     from . import orbax as checkpoint_orbax  # imported here: it imports this module
+
+    if dtype == "auto":
+        dtype = checkpoint_dtype(path)
 
     if checkpoint_orbax.is_orbax_checkpoint(path):
         if mtp:
