@@ -293,3 +293,11 @@ def test_missing_required_key_is_one_line_naming_key_and_file(tmp_path, key):
     want = (f"config has neither {names[0]!r} nor {names[1]!r}" if len(names) == 2
             else f"config is missing the required key {key!r}")
     assert str(e.value) == f"{path}: {want}"
+
+
+def test_every_missing_required_key_is_named_at_once():
+    with pytest.raises(ConfigError) as e:
+        DeepseekV4Config.from_hf_dict({k: v for k, v in FLASH_JSON.items() if k not in ("hidden_size", "head_dim",
+                                                                                       "compress_ratios")})
+    assert str(e.value) == ("config has neither 'layer_types' nor 'compress_ratios'; config is missing the required "
+                            "keys 'hidden_size', 'head_dim'")

@@ -36,10 +36,11 @@ REQUIRED = "required"
 # value would only fail later on a tensor's shape). A tuple: alternative spellings, one of which must be there.
 # Not listed: the rope scaling (``rope_parameters`` / ``rope_scaling`` / ``rope_factor``; absent: no YaRN).
 CONFIG_KEYS: dict[str | tuple[str, ...], Any] = {
+    ("layer_types", "compress_ratios"): REQUIRED, ("qk_rope_head_dim", "partial_rotary_factor"): REQUIRED,
     "vocab_size": REQUIRED, "hidden_size": REQUIRED, "num_hidden_layers": REQUIRED,
-    "num_attention_heads": REQUIRED, "head_dim": REQUIRED, ("qk_rope_head_dim", "partial_rotary_factor"): REQUIRED,
+    "num_attention_heads": REQUIRED, "head_dim": REQUIRED,
     "q_lora_rank": REQUIRED, "o_groups": REQUIRED, "o_lora_rank": REQUIRED, "sliding_window": REQUIRED,
-    ("layer_types", "compress_ratios"): REQUIRED, "index_n_heads": REQUIRED, "index_head_dim": REQUIRED,
+    "index_n_heads": REQUIRED, "index_head_dim": REQUIRED,
     "index_topk": REQUIRED, "n_routed_experts": REQUIRED, "num_experts_per_tok": REQUIRED,
     "moe_intermediate_size": REQUIRED,
     "model_type": "deepseek_v4", "compress_rate_csa": 4, "compress_rate_hca": 128, "num_hash_layers": 3,
@@ -229,10 +230,14 @@ def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
     }
     d = {aliases.get(k, k): v for k, v in d.items()}
 
-    for key, default in CONFIG_KEYS.items():
-        if default == REQUIRED and all(d.get(k) is None for k in (key if isinstance(key, tuple) else (key,))):
-            raise ConfigError(f"config has neither {key[0]!r} nor {key[1]!r}" if isinstance(key, tuple)
-                              else f"config is missing the required key {key!r}")
+    missing = [key for key, default in CONFIG_KEYS.items() if default == REQUIRED
+               and all(d.get(k) is None for k in (key if isinstance(key, tuple) else (key,)))]
+    if missing:  # all of them at once, in one line
+        either = [f"config has neither {a!r} nor {b!r}" for a, b in (k for k in missing if isinstance(k, tuple))]
+        keys = [repr(k) for k in missing if not isinstance(k, tuple)]
+        if keys:
+            either.append(f"config is missing the required key{'s' if len(keys) > 1 else ''} {', '.join(keys)}")
+        raise ConfigError("; ".join(either))
 
     def get(key):
         v = d.get(key)
