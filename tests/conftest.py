@@ -6,6 +6,9 @@ import os
 import weakref
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache (dsv4_jax.runtime.compile_cache) in tests, CLI subprocesses included: tests
+# that time compilation must compile, and tests must not share state through a cache directory.
+os.environ["DSV4_JAX_COMPILE_CACHE"] = "0"
 
 import jax
 import numpy as np

@@ -247,3 +247,57 @@ def test_bad_config_file(tmp_path, content, message):
     path = tmp_path / "config.json" if content is None else _write(tmp_path, content)
     with pytest.raises(ConfigError, match=message):
         DeepseekV4Config.from_json(path)
+
+
+# ----- the table of required keys and published defaults ----------------------------------------------
+
+from dsv4_jax.model.config import CONFIG_KEYS, REQUIRED  # noqa: E402
+
+REQUIRED_KEYS = [k for k, v in CONFIG_KEYS.items() if v == REQUIRED]
+DEFAULTED_KEYS = {k: v for k, v in CONFIG_KEYS.items() if v != REQUIRED}
+
+
+def test_config_keys_table():
+    """The sizes and the schedule are required; everything else has DeepSeek-V4's published value, which is
+    the Flash preset's."""
+    assert set(REQUIRED_KEYS) == {
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+        ("qk_rope_head_dim", "partial_rotary_factor"), "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",
+        ("layer_types", "compress_ratios"), "index_n_heads", "index_head_dim", "index_topk", "n_routed_experts",
+        "num_experts_per_tok", "moe_intermediate_size"}
+    flash = DeepseekV4Config.flash()
+    field = {"compress_rate_csa": "csa_compress_rate", "compress_rate_hca": "hca_compress_rate"}
+    for key, value in DEFAULTED_KEYS.items():
+        if key == "eos_token_id":
+            assert flash.eos_token_ids == (value,)
+        elif key == "num_hash_layers":
+            assert flash.mlp_layer_types.count(HASH_MOE) == value
+        elif hasattr(flash, field.get(key, key)):
+            assert getattr(flash, field.get(key, key)) == value, key
+    assert FLASH_JSON["scoring_func"] == DEFAULTED_KEYS["scoring_func"]
+    assert FLASH_JSON["n_shared_experts"] == DEFAULTED_KEYS["n_shared_experts"]
+    assert FLASH_JSON["num_key_value_heads"] == DEFAULTED_KEYS["num_key_value_heads"]
+
+
+def test_defaulted_keys_may_be_left_out():
+    _assert_same(DeepseekV4Config.from_hf_dict({k: v for k, v in FLASH_JSON.items() if k not in DEFAULTED_KEYS}),
+                 DeepseekV4Config.flash())
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS, ids=str)
+def test_missing_required_key_is_one_line_naming_key_and_file(tmp_path, key):
+    names = key if isinstance(key, tuple) else (key,)
+    path = _write(tmp_path, {k: v for k, v in FLASH_JSON.items() if k not in names})
+    with pytest.raises(ConfigError) as e:
+        DeepseekV4Config.from_json(path)
+    want = (f"config has neither {names[0]!r} nor {names[1]!r}" if len(names) == 2
+            else f"config is missing the required key {key!r}")
+    assert str(e.value) == f"{path}: {want}"
+
+
+def test_every_missing_required_key_is_named_at_once():
+    with pytest.raises(ConfigError) as e:
+        DeepseekV4Config.from_hf_dict({k: v for k, v in FLASH_JSON.items() if k not in ("hidden_size", "head_dim",
+                                                                                       "compress_ratios")})
+    assert str(e.value) == ("config has neither 'layer_types' nor 'compress_ratios'; config is missing the required "
+                            "keys 'hidden_size', 'head_dim'")

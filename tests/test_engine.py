@@ -15,7 +15,7 @@ from conftest import tiny
 from dsv4_jax import ops
 from dsv4_jax.model.cache import init_cache
 from dsv4_jax.model.config import CSA, HCA, SLIDING
-from dsv4_jax.runtime.engine import Engine, chunk_bucket
+from dsv4_jax.runtime.engine import Engine, batch_bucket, chunk_bucket
 from dsv4_jax.model.transformer import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError, run_chunk
 
 CFG = tiny()  # window 8, CSA m=4 (top-k 4), HCA m=8
@@ -191,6 +191,19 @@ def test_per_sequence_stop_on_eos(model):
     assert stopped[0].tokens == free[0].tokens[: first + 1] and stopped[0].finish_reason == "eos"
     if eos not in free[1].tokens:
         assert stopped[1].tokens == free[1].tokens and stopped[1].finish_reason == "length"
+
+
+def test_batch_sizes_share_a_bucket_and_padding_rows_never_emit(model):
+    """Batch 3 runs at 4: no new compilation after batch 4, and the padding row yields nothing."""
+    engine = Engine(model, capacity=64)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    four = engine.generate(prompts, max_new_tokens=5, eos_token_ids=[])
+    compiled = (engine.steps.chunk._cache_size(), engine.steps.decode._cache_size())
+    three = engine.generate(prompts[:3], max_new_tokens=5, eos_token_ids=[])
+    assert (engine.steps.chunk._cache_size(), engine.steps.decode._cache_size()) == compiled
+    assert [r.tokens for r in three] == [r.tokens for r in four[:3]]
+    assert engine.stats.generated_tokens == 15 and len(engine.finish_reasons) == 3
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
 
 
 def test_generation_stats_account_for_the_decode_time(model):

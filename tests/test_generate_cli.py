@@ -165,3 +165,141 @@ def test_default_demo_writes_english():
     assert len(words) >= 10, words
     share = sum(w in COMMON_WORDS for w in words) / len(words)
     assert share >= 0.3, (share, words)
+
+
+# ----- first contact: help, argparse's errors, flags named in messages, --dtype auto, hub ids ----------------
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_help_describes_every_flag_with_its_default(capsys):
+    from dsv4_jax.runtime.cli import build_parser
+
+    parser = build_parser()
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "``" not in out
+    for shown in ("tokens to generate at most (0: none) (default: 64)", "(0: off) (default: 0)",
+                  "(1.0: off) (default: 1.0)", "random seed of the sampler (default: 0)", "(default: auto)"):
+        assert shown in out, shown
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "x"], "error: argument --max-new-tokens: invalid int value: 'x'"),
+    (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16' (choose from 'auto', "
+                             "'bfloat16', 'float32')"),
+    (["--bogus"], "error: unrecognized arguments: --bogus"),
+    (["hi", "--temperature", "-1"], "error: --temperature -1.0 must be a finite number >= 0"),
+    (["hi", "--top-p", "0"], "error: --top-p 0.0 must be in (0, 1]"),
+    (["hi", "--top-k", "-2"], "error: --top-k -2 must be >= 0 (0 = off)"),
+    (["abc\udcff"], "error: the prompt is not valid UTF-8 text (at character 3); expected UTF-8, or --prompt-ids"),
+])
+def test_usage_errors_are_one_line_naming_the_flag(capsys, args, message):
+    capsys.readouterr()
+    assert main(args) == 2
+    assert _err_line(capsys) == message
+
+
+def test_zero_new_tokens_prints_nothing_and_runs_no_prefill(capsys, monkeypatch):
+    from dsv4_jax.runtime import demo
+
+    monkeypatch.setattr(demo, "demo_model", lambda *a: pytest.fail("weights loaded for --max-new-tokens 0"))
+    capsys.readouterr()
+    assert main(["Once upon a time", "--max-new-tokens", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == "dsv4_jax: --max-new-tokens 0: nothing generated\n"
+
+
+def _invalid_json(path):
+    (path / "config.json").write_text('{"hidden_size": 64,')
+
+
+def _no_hidden_size(path):
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["hidden_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_invalid_json, "error: config file {cfg} is not valid JSON: Expecting property name enclosed in double "
+                    "quotes: line 1 column 20 (char 19)"),
+    (_no_hidden_size, "error: {cfg}: config is missing the required key 'hidden_size'"),
+])
+def test_config_errors_name_the_file_once(reference_case, tmp_path, capsys, damage, message):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference_case("mixed").path, ckpt)
+    damage(ckpt)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(ckpt), "--prompt-ids", "1,2"]) == 2
+    assert _err_line(capsys) == message.format(cfg=ckpt / "config.json")
+
+
+def test_load_tokenizer_without_tokenizer_json_is_an_error(tmp_path):
+    from dsv4_jax import InputError, load_tokenizer
+
+    with pytest.raises(InputError, match=rf"^checkpoint directory {tmp_path} has no tokenizer.json; pass token ids"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("stated, want", [({"dtype": "float32"}, "float32"), ({"torch_dtype": "float32"}, "float32"),
+                                          ({"torch_dtype": "bfloat16"}, "bfloat16"), ({"dtype": "fp8"}, "bfloat16"),
+                                          ({}, "bfloat16")])
+def test_dtype_auto_is_the_checkpoints_own(reference_case, tmp_path, stated, want):
+    from dsv4_jax import from_pretrained
+    from dsv4_jax.weights.checkpoint import checkpoint_dtype
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference_case("mixed").path, ckpt)
+    cfg = {k: v for k, v in json.loads((ckpt / "config.json").read_text()).items() if k not in ("dtype", "torch_dtype")}
+    (ckpt / "config.json").write_text(json.dumps({**cfg, **stated}))
+    assert checkpoint_dtype(ckpt) == want
+    if stated == {"dtype": "float32"}:
+        assert from_pretrained(ckpt, dtype="auto").dtype.name == "float32"
+
+
+def _hub_cache(root, repo_id: str, checkpoint) -> None:
+    """A Hugging Face hub cache as huggingface_hub lays it out: models--ORG--NAME/{snapshots/REV/, refs/main}."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(checkpoint, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+
+
+def test_hub_id_resolves_offline_from_the_cache(reference_case, tmp_path, monkeypatch, capsys):
+    hub = pytest.importorskip("huggingface_hub")
+    case = reference_case("mixed")
+    _hub_cache(tmp_path / "hub", "tiny-org/tiny-v4", case.path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # no local folder tiny-org/tiny-v4
+    prompt = [int(t) for t in case.ids[0, :9]]
+    capsys.readouterr()
+    assert main(["--checkpoint", "tiny-org/tiny-v4", "--prompt-ids", ",".join(map(str, prompt)),
+                 "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == reference_greedy(case.ref,
+                                                                                                      prompt, 3)
+    assert main(["--checkpoint", "tiny-org/missing", "--prompt-ids", "1,2"]) == 2
+    assert _err_line(capsys) == ("error: tiny-org/missing is neither a local directory nor in the Hugging Face "
+                                 "cache, and downloading it is off (HF_HUB_OFFLINE) or failed")
+
+
+def test_cli_demo_run_imports_only_what_it_needs_and_reports_its_times():
+    """The demo path imports no torch, transformers, orbax, matplotlib or huggingface_hub; the stats line
+    gives load, compile, first-token time and decode speed apart."""
+    code = ("import sys; from dsv4_jax.runtime.cli import main; main(['Once upon a time', '--max-new-tokens', '3']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'orbax', 'matplotlib', "
+            "'huggingface_hub'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    stats = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"load: \d+\.\d\d s \| compile: \d+\.\d\d s \| prefill: 17 tokens, first token after "
+                        r"\d+\.\d\d s \| decode: 3 tokens, \d+\.\d tok/s", stats), stats

@@ -29,6 +29,28 @@ class ConfigError(ValueError):
     """An inconsistent or unsupported DeepSeek-V4 configuration."""
 
 
+REQUIRED = "required"
+# Every config.json key read below (Hugging Face names; DeepSeek's inference names are mapped onto them first)
+# with its published DeepSeek-V4 value, used when the key is absent, or REQUIRED: the sizes and the attention
+# schedule, for which no default could fit another model (a missing one is an error naming it, where Flash's
+# value would only fail later on a tensor's shape). A tuple: alternative spellings, one of which must be there.
+# Not listed: the rope scaling (``rope_parameters`` / ``rope_scaling`` / ``rope_factor``; absent: no YaRN).
+CONFIG_KEYS: dict[str | tuple[str, ...], Any] = {
+    ("layer_types", "compress_ratios"): REQUIRED, ("qk_rope_head_dim", "partial_rotary_factor"): REQUIRED,
+    "vocab_size": REQUIRED, "hidden_size": REQUIRED, "num_hidden_layers": REQUIRED,
+    "num_attention_heads": REQUIRED, "head_dim": REQUIRED,
+    "q_lora_rank": REQUIRED, "o_groups": REQUIRED, "o_lora_rank": REQUIRED, "sliding_window": REQUIRED,
+    "index_n_heads": REQUIRED, "index_head_dim": REQUIRED,
+    "index_topk": REQUIRED, "n_routed_experts": REQUIRED, "num_experts_per_tok": REQUIRED,
+    "moe_intermediate_size": REQUIRED,
+    "model_type": "deepseek_v4", "compress_rate_csa": 4, "compress_rate_hca": 128, "num_hash_layers": 3,
+    "rope_theta": 10000.0, "compress_rope_theta": 160000.0, "scoring_func": "sqrtsoftplus", "n_shared_experts": 1,
+    "num_key_value_heads": 1, "routed_scaling_factor": 1.5, "swiglu_limit": 10.0, "hc_mult": 4,
+    "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "rms_norm_eps": 1e-6, "num_nextn_predict_layers": 1,
+    "bos_token_id": 0, "eos_token_id": 1,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class YarnScaling:
     """YaRN frequency bending used by compressed (CSA/HCA) layers; no attention mscale."""
@@ -111,7 +133,10 @@ class DeepseekV4Config:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config file {path} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_hf_dict(d)
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The current Hugging Face spelling, readable by transformers' ``DeepseekV4Config``."""
@@ -192,7 +217,7 @@ class DeepseekV4Config:
 
 
 def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
-    model_type = d.get("model_type", "deepseek_v4")
+    model_type = d.get("model_type", CONFIG_KEYS["model_type"])
     if model_type != "deepseek_v4":
         raise ConfigError(f"model_type {model_type!r} is not supported; expected 'deepseek_v4'")
     # DeepSeek's inference config uses its own names; map them onto the HF ones first.
@@ -205,13 +230,21 @@ def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
     }
     d = {aliases.get(k, k): v for k, v in d.items()}
 
-    def get(key, default):
-        v = d.get(key)
-        return default if v is None else v
+    missing = [key for key, default in CONFIG_KEYS.items() if default == REQUIRED
+               and all(d.get(k) is None for k in (key if isinstance(key, tuple) else (key,)))]
+    if missing:  # all of them at once, in one line
+        either = [f"config has neither {a!r} nor {b!r}" for a, b in (k for k in missing if isinstance(k, tuple))]
+        keys = [repr(k) for k in missing if not isinstance(k, tuple)]
+        if keys:
+            either.append(f"config is missing the required key{'s' if len(keys) > 1 else ''} {', '.join(keys)}")
+        raise ConfigError("; ".join(either))
 
-    base = DeepseekV4Config.__dataclass_fields__
-    n = int(get("num_hidden_layers", base["num_hidden_layers"].default))
-    head_dim = int(get("head_dim", base["head_dim"].default))
+    def get(key):
+        v = d.get(key)
+        return CONFIG_KEYS[key] if v is None else v
+
+    n = int(get("num_hidden_layers"))
+    head_dim = int(get("head_dim"))
 
     if d.get("partial_rotary_factor") is not None:
         rope_dim = head_dim * float(d["partial_rotary_factor"])
@@ -221,15 +254,13 @@ def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
             )
         rope_dim = int(round(rope_dim))
     else:
-        rope_dim = int(get("qk_rope_head_dim", base["qk_rope_head_dim"].default))
+        rope_dim = int(d["qk_rope_head_dim"])
 
     rates = dict(d.get("compress_rates") or {})
-    csa_rate = int(rates.get(CSA, get("compress_rate_csa", 4)))
-    hca_rate = int(rates.get(HCA, get("compress_rate_hca", 128)))
+    csa_rate = int(rates.get(CSA, get("compress_rate_csa")))
+    hca_rate = int(rates.get(HCA, get("compress_rate_hca")))
 
-    if d.get("layer_types") is not None:
-        layer_types = tuple(d["layer_types"])
-    elif d.get("compress_ratios") is not None:
+    if d.get("layer_types") is None:
         ratio_map = {0: SLIDING, csa_rate: CSA, hca_rate: HCA}
         bad = [r for r in d["compress_ratios"] if r not in ratio_map]
         if bad:
@@ -242,16 +273,16 @@ def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
         # Real checkpoints list one extra ratio for the MTP block; the main model keeps the first n.
         layer_types = tuple(ratio_map[r] for r in d["compress_ratios"][:n])
     else:
-        raise ConfigError("config has neither 'layer_types' nor 'compress_ratios': the attention schedule is unknown")
+        layer_types = tuple(d["layer_types"])
 
     if d.get("mlp_layer_types") is not None:
         mlp_layer_types = tuple(d["mlp_layer_types"])
     else:
-        n_hash = int(get("num_hash_layers", 3))
+        n_hash = int(get("num_hash_layers"))
         mlp_layer_types = tuple([HASH_MOE] * min(n, n_hash) + [MOE] * max(0, n - n_hash))
 
-    rope_theta = float(get("rope_theta", 10000.0))
-    compress_theta = float(get("compress_rope_theta", 160000.0))
+    rope_theta = float(get("rope_theta"))
+    compress_theta = float(get("compress_rope_theta"))
     rp = d.get("rope_parameters")
     if isinstance(rp, dict) and isinstance(rp.get("compress"), dict):
         scaling = rp["compress"]
@@ -284,17 +315,17 @@ def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
     else:
         raise ConfigError(f"rope type {rope_type!r} is not supported; expected 'yarn' or 'default'")
 
-    scoring = get("scoring_func", "sqrtsoftplus")
+    scoring = get("scoring_func")
     if scoring != "sqrtsoftplus":
         raise ConfigError(f"scoring_func {scoring!r} is not supported; DeepSeek-V4 uses 'sqrtsoftplus'")
-    if int(get("n_shared_experts", 1)) != 1:
+    if int(get("n_shared_experts")) != 1:
         raise ConfigError(f"n_shared_experts {d['n_shared_experts']} is not supported; expected 1")
-    if int(get("num_key_value_heads", 1)) != 1:
+    if int(get("num_key_value_heads")) != 1:
         raise ConfigError(f"num_key_value_heads {d['num_key_value_heads']} is not supported; expected 1 (K=V MQA)")
     if d.get("tie_word_embeddings"):
         raise ConfigError("tie_word_embeddings=true is not supported: DeepSeek-V4 has an untied lm_head")
 
-    eos = d.get("eos_token_id", 1)
+    eos = d.get("eos_token_id", CONFIG_KEYS["eos_token_id"])  # null: no EOS token
     eos = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
 
     fields = dict(
@@ -306,13 +337,10 @@ def _fields_from_hf_dict(d: dict[str, Any]) -> dict[str, Any]:
                  "sliding_window", "index_n_heads", "index_head_dim", "index_topk", "n_routed_experts",
                  "num_experts_per_tok", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters",
                  "num_nextn_predict_layers"):
-        if d.get(name) is not None:
-            fields[name] = int(d[name])
+        fields[name] = int(get(name))
     for name in ("routed_scaling_factor", "swiglu_limit", "hc_eps", "rms_norm_eps"):
-        if d.get(name) is not None:
-            fields[name] = float(d[name])
-    if "bos_token_id" in d:
-        fields["bos_token_id"] = d["bos_token_id"]
+        fields[name] = float(get(name))
+    fields["bos_token_id"] = d.get("bos_token_id", CONFIG_KEYS["bos_token_id"])  # null: no BOS token
     return fields
 
 

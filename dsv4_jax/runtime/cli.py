@@ -1,7 +1,8 @@
 """Command line generation: ``python -m dsv4_jax.generate [--checkpoint DIR] --prompt TEXT``.
 
-Streams the new text to stdout as it is generated, reports prefill and decode tokens/s on stderr.
-Bad input is one line on stderr and exit code 2, never a traceback.
+Streams the new text to stdout as it is generated; on stderr reports load and compile time, the time to the
+first token and the decode speed. Bad input is one line on stderr and exit code 2, never a traceback.
+Imports only what generating needs (no torch, transformers or orbax on the demo path).
 """
 
 from __future__ import annotations
@@ -9,38 +10,69 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
+import time
 
 from ..weights.checkpoint import CheckpointError
 from ..model.config import ConfigError
 from ..model.transformer import InputError, check_capacity, check_vocab
 
 EXIT_USAGE = 2
+DESCRIPTION = ("Generate text with a DeepSeek-V4 model: a Hugging Face format or orbax checkpoint directory, a "
+               "Hugging Face hub id, or (with no --checkpoint) the built-in demo model. Compiled steps are kept in "
+               "a cache on disk, so a second run does not compile again.")
 
 
-def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m dsv4_jax.generate", description=__doc__.split("\n\n")[0])
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" where there is a default to show and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors as ours: one line, no usage block (``main`` prints it, exit 2)."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m dsv4_jax.generate", description=DESCRIPTION,
+                formatter_class=_HelpFormatter)
     p.add_argument("prompt_text", nargs="?", help="prompt text (same as --prompt)")
-    p.add_argument("--checkpoint", help="Hugging Face format or orbax (scripts/convert_checkpoint.py) "
-                   "directory; default: the built-in demo model")
+    p.add_argument("--checkpoint", help="Hugging Face format or orbax (scripts/convert_checkpoint.py) directory, "
+                   "or a Hugging Face hub id (ORG/NAME, through huggingface_hub and its cache); "
+                   "default: the built-in demo model")
     p.add_argument("--prompt", help="prompt text, tokenised with the checkpoint's tokenizer.json")
-    p.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 0,17,42")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 0,17,42 (instead of text)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (0: none)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default without --temperature)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                   help="parameter dtype (default bfloat16 for checkpoints, float32 for the demo)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, > 0 samples; unset or 0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample within the smallest set of tokens holding this probability mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="parameter dtype; auto: the checkpoint's own (dtype / torch_dtype in its config.json; "
+                   "bfloat16 where it states none), float32 for the demo model")
     p.add_argument("--capacity", type=int, default=None, help="cache capacity in tokens (default: prompt + new)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--kernels", choices=("xla", "pallas"), default=None,
-                   help="attention/indexer implementation (default: the engine's, see docs/performance.md)")
+                   help="attention/indexer implementation (default: pallas on a GPU, xla elsewhere)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages, one device each (on CPU set "
                    "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--pp-boundaries", help="first layer of stages 1..pp-1, comma-separated (default: even split)")
-    return p.parse_args(argv)
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile every step again instead of using the compilation cache on disk "
+                   "($XDG_CACHE_HOME/dsv4_jax or ~/.cache/dsv4_jax; also DSV4_JAX_COMPILE_CACHE=0)")
+    return p
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
@@ -61,26 +93,54 @@ def _prompt_ids(args, tokenizer) -> list[int]:
         raise InputError("give the prompt once, either positionally or with --prompt")
     if not texts[0]:
         raise InputError("empty prompt; expected some text")
+    try:
+        texts[0].encode("utf-8")
+    except UnicodeEncodeError as e:  # the shell passed bytes that are not UTF-8 (Python keeps them as surrogates)
+        raise InputError(f"the prompt is not valid UTF-8 text (at character {e.start}); "
+                         "expected UTF-8, or --prompt-ids") from None
     if tokenizer is None:
         raise InputError("this checkpoint has no tokenizer.json; pass --prompt-ids instead of text")
     return tokenizer.encode(texts[0])
 
 
-def run(argv=None) -> int:
-    args = _parse_args(argv)
-    from . import demo
-    from ..weights.checkpoint import checkpoint_config, from_pretrained
-    from .engine import Engine
-    from .sampling import SamplingParams
-    from .tokenizer import load_tokenizer
+_SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
+
+def _sampling(args):
+    """SamplingParams of the flags; its errors name the flags."""
+    from .sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=0.0 if args.greedy or args.temperature is None else args.temperature,
+                              top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:
+        raise InputError(re.sub(r"^\w+", lambda m: _SAMPLING_FLAGS.get(m.group(), m.group()), str(e))) from None
+
+
+def run(argv=None) -> int:
+    t_start = time.time()
+    args = build_parser().parse_args(argv)
+    if args.no_compile_cache:
+        os.environ["DSV4_JAX_COMPILE_CACHE"] = "0"  # read by Engine (and enable_compile_cache below)
+    from . import demo
+    from .compile_cache import compile_seconds, enable_compile_cache, watch_compilation
+    from ..weights.checkpoint import checkpoint_config, from_pretrained
+    from ..weights.hub import resolve_checkpoint
+    from .engine import Engine
+    from .tokenizer import has_tokenizer, load_tokenizer
+
+    enable_compile_cache()  # before the first compilation: loading compiles too
+    watch_compilation()
     if args.max_new_tokens < 0:  # before any file is read
         check_capacity(0, args.max_new_tokens, 0, "--max-new-tokens")
+    sampling = _sampling(args)
     # Everything about the request is checked against the config before any weights are loaded.
     if args.checkpoint is None:
         cfg, tokenizer = demo.demo_config(), demo.ByteTokenizer()
     else:
-        cfg, tokenizer = checkpoint_config(args.checkpoint), load_tokenizer(args.checkpoint)
+        path = resolve_checkpoint(args.checkpoint)
+        cfg = checkpoint_config(path)
+        tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
     ids = _prompt_ids(args, tokenizer)
     check_vocab(ids, cfg.vocab_size)
     capacity = args.capacity or len(ids) + max(args.max_new_tokens, 1)
@@ -94,9 +154,13 @@ def run(argv=None) -> int:
     if args.pp != 1 or boundaries is not None:
         from .pipeline import check_pipeline
         check_pipeline(cfg.num_hidden_layers, args.pp, boundaries)
-    sampling = SamplingParams(temperature=0.0 if args.greedy or args.temperature is None else args.temperature,
-                              top_k=args.top_k, top_p=args.top_p)
+    if args.max_new_tokens == 0:  # nothing to generate: no weights loaded, no prefill run
+        if args.json:
+            print(json.dumps({"tokens": [], "finish_reason": "length", **({"text": ""} if tokenizer else {})}))
+        print("dsv4_jax: --max-new-tokens 0: nothing generated", file=sys.stderr)
+        return 0
 
+    t_load = time.time()
     if args.checkpoint is None:
         if demo.has_trained_weights():
             print("dsv4_jax: no --checkpoint given; running the built-in demo model (a tiny byte-level model "
@@ -104,19 +168,22 @@ def run(argv=None) -> int:
         else:
             print("dsv4_jax: no --checkpoint given; running the built-in demo model with fixed-seed RANDOM "
                   "weights (no trained demo checkpoint exists yet), so its text is noise", file=sys.stderr)
-        model, _ = demo.demo_model(args.dtype or "float32")
+        model, _ = demo.demo_model("float32" if args.dtype == "auto" else args.dtype)
     else:
-        model = from_pretrained(args.checkpoint, dtype=args.dtype or "bfloat16")
+        model = from_pretrained(path, dtype=args.dtype)
     if args.pp != 1 or boundaries is not None:
         from .pipeline import PipelineEngine
         engine = PipelineEngine(model, pp=args.pp, boundaries=boundaries, capacity=capacity, tokenizer=tokenizer,
                                 kernels=args.kernels)
     else:
         engine = Engine(model, capacity=capacity, tokenizer=tokenizer, kernels=args.kernels)
+    t_gen = time.time()
 
     new: list[int] = []
     printed = ""
+    t_first = None
     for _, tok in engine.stream([ids], args.max_new_tokens, sampling, seed=args.seed):
+        t_first = t_first or time.time()
         new.append(tok)
         if tokenizer is not None:
             text = tokenizer.decode(new)
@@ -128,15 +195,28 @@ def run(argv=None) -> int:
     if text is not None and text != printed:
         sys.stdout.write(text[len(printed):])
     sys.stdout.write("\n")
-    s = engine.stats
-    print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | "
-          f"decode: {s.generated_tokens} tokens, {s.decode_tokens_per_s:.1f} tok/s (first calls include compilation)", file=sys.stderr)
+    sys.stdout.flush()
+    t_end = time.time()
+    print(stats_line(load=t_gen - t_load - compile_seconds(t_load, t_gen), compile=compile_seconds(t_start, t_end),
+                     first_token=t_first - t_gen, prompt_tokens=len(ids), generated=len(new),
+                     decode=t_end - t_first - compile_seconds(t_first, t_end)), file=sys.stderr)
     if args.json:
         out = {"tokens": new, "finish_reason": engine.finish_reasons[0]}
         if text is not None:
             out["text"] = text
         print(json.dumps(out))
     return 0
+
+
+def stats_line(load: float, compile: float, first_token: float, prompt_tokens: int, generated: int,
+               decode: float) -> str:
+    """The stderr summary. Seconds: ``load`` the weights (without compiling), ``compile`` (tracing, compiling
+    or loading from the cache, anywhere in the run), ``first_token`` from the start of generation (prefill and
+    its compilation included), ``decode`` from the first token to the last, without compilation: the tokens
+    after the first at that rate."""
+    rate = f"{(generated - 1) / decode:.1f} tok/s" if generated > 1 and decode > 0 else "n/a"
+    return (f"load: {load:.2f} s | compile: {compile:.2f} s | prefill: {prompt_tokens} tokens, first token after "
+            f"{first_token:.2f} s | decode: {generated} tokens, {rate}")
 
 
 class _PluginErrorInOneLine(logging.Filter):

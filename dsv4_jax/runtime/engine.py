@@ -9,6 +9,7 @@ out of bounds, where they are dropped).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterator, Sequence
 
@@ -20,6 +21,7 @@ from flax import nnx
 from .. import ops
 from ..model.cache import init_cache
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
+from .compile_cache import enable_compile_cache
 from .sampling import SamplingParams, sample, sampling_args
 
 
@@ -106,6 +108,21 @@ def chunk_bucket(remaining: int, chunk: int) -> int:
     return min(chunk, max(64, 1 << (remaining - 1).bit_length()))
 
 
+def batch_bucket(batch: int) -> int:
+    """The batch a generation of ``batch`` prompts runs at: the next power of two, so that a new batch size
+    mostly reuses a step already compiled (the padding rows never emit a token)."""
+    return 1 << (batch - 1).bit_length()
+
+
+@functools.partial(jax.jit, static_argnames="filters")
+def first_token(logits, lens, seed, temperature, top_k, top_p, *, filters: bool):
+    """The prefill's last logits [B, V] -> (first tokens [B], positions [B] = lens, the decode loop's key),
+    as one jitted step: the decode loop's inputs then sit where its outputs will (committed to the logits'
+    devices), so its step compiles once rather than again from the second call."""
+    key, sub = jax.random.split(jax.random.PRNGKey(seed))
+    return sample(logits, sub, temperature, top_k, top_p, filters=filters), lens, key
+
+
 @dataclasses.dataclass
 class GenerationResult:
     tokens: list[int]  # the new tokens (EOS included when it stopped the sequence)
@@ -141,7 +158,9 @@ class Engine:
     """
 
     def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int | None = None,
-                 tokenizer=None, kernels: str | ops.Kernels | None = None):
+                 tokenizer=None, kernels: str | ops.Kernels | None = None, compile_cache: bool = True):
+        if compile_cache:  # (dsv4_jax.runtime.compile_cache): a second run loads its steps from disk
+            enable_compile_cache()
         if prefill_chunk is None:
             prefill_chunk = default_prefill_chunk()
         if capacity <= 0 or prefill_chunk <= 0:
@@ -225,19 +244,19 @@ class Engine:
         if max_new_tokens == 0:
             return
         t0 = time.perf_counter()
-        logits, cache, lens = self.prefill(prompts)
-        key = jax.random.PRNGKey(seed)
-        key, sub = jax.random.split(key)
+        # Padding rows: one token each, inactive from the start, so they never yield a token.
+        padded = prompts + [prompts[0][:1]] * (batch_bucket(len(prompts)) - len(prompts))
+        logits, cache, lens = self.prefill(padded)
         # The settings as device scalars once per generation: making them took ~0.15 ms of host time a step.
         settings = sampling_args(sampling)
-        step_tokens = sample(logits, sub, *settings, filters=sampling.filters)  # [B] on the device
+        step_tokens, pos, key = first_token(logits, lens, seed, *settings, filters=sampling.filters)
         tokens = np.asarray(step_tokens)
         stats.prefill_seconds = time.perf_counter() - t0
-        active = np.ones(len(prompts), bool)
+        active = np.arange(len(padded)) < len(prompts)
         # Positions, the key and the active mask stay on the device from step to step; the mask is sent
         # again only after an EOS has changed it (as a copy: the host edits ``active`` while a step may
         # still be reading the device array, which on a CPU can share its memory).
-        pos, active_dev = jnp.asarray(lens), None
+        active_dev = None
         t0 = time.perf_counter()
 
         def dispatch(step_tokens):

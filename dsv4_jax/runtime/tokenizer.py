@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..model.transformer import InputError
+
 
 class ByteTokenizer:
     """Byte-level tokenizer of the built-in demo model: 0 = BOS, 1 = EOS, 2 = pad, byte b -> b + 3."""
@@ -34,7 +36,16 @@ class HFTokenizer:
         return self._tok.decode(list(ids))
 
 
-def load_tokenizer(checkpoint_dir: str | Path):
-    """The checkpoint's tokenizer, or None when it ships no ``tokenizer.json``."""
-    path = Path(checkpoint_dir) / "tokenizer.json"
-    return HFTokenizer(path) if path.exists() else None
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def has_tokenizer(checkpoint_dir: str | Path) -> bool:
+    return (Path(checkpoint_dir) / TOKENIZER_FILE).exists()
+
+
+def load_tokenizer(checkpoint_dir: str | Path) -> HFTokenizer:
+    """The checkpoint's ``tokenizer.json``; a checkpoint without one is an InputError (pass token ids)."""
+    if not has_tokenizer(checkpoint_dir):
+        raise InputError(f"checkpoint directory {checkpoint_dir} has no {TOKENIZER_FILE}; pass token ids "
+                         "instead of text (the demo model's tokenizer: dsv4_jax.runtime.demo.demo_model())")
+    return HFTokenizer(Path(checkpoint_dir) / TOKENIZER_FILE)

@@ -24,7 +24,7 @@ from . import orbax as checkpoint_orbax
 from .dequantise import iter_tensors
 from .errors import CheckpointError
 from .names import IGNORED_SUFFIXES, MTP_PREFIXES, canonical_name
-from .params import abstract_model, checkpoint_config, model_dtype, param_table
+from .params import abstract_model, checkpoint_config, checkpoint_dtype, model_dtype, param_table
 from .safetensors_io import checkpoint_files
 from .sharding import ShardingRules, target_shardings
 from ..model.mtp import DeepseekV4WithMTP
@@ -116,7 +116,10 @@ def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, shardin
     input_ids). ``mtp=True`` also loads the multi-token-prediction block (``mtp.0.*``) and returns an
     mtp.DeepseekV4WithMTP; otherwise those tensors are skipped. ``mesh`` + ``rules`` (a
     sharding.ShardingRules, default replicated) or ``sharding``: where each parameter lives (see
-    ``sharding.target_shardings``); tensors are placed there one by one."""
+    ``sharding.target_shardings``); tensors are placed there one by one.
+    ``dtype="auto"``: the checkpoint's own (params.checkpoint_dtype)."""
+    if dtype == "auto":
+        dtype = checkpoint_dtype(path)
     if checkpoint_orbax.is_orbax_checkpoint(path):
         if mtp:
             raise CheckpointError(f"{path} is an orbax checkpoint, which holds no MTP block; load the "

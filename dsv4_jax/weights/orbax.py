@@ -23,7 +23,6 @@ import uuid
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from .errors import CheckpointError
@@ -37,6 +36,14 @@ CONFIG_FILE = "config.json"
 DTYPE_KEY = "dtype"
 # Orbax writes this when it finalises a save; without it the orbax/ folder is an interrupted or damaged save.
 ORBAX_MARKER = "_CHECKPOINT_METADATA"
+
+
+def _checkpointer():
+    """orbax's checkpointer, imported here: from_pretrained of a safetensors checkpoint (the CLI's demo model
+    among them) then imports no orbax."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
 
 
 def is_orbax_checkpoint(path) -> bool:
@@ -70,7 +77,7 @@ def save(model: DeepseekV4ForCausalLM, path, *, overwrite: bool = False) -> Path
     tmp = _sibling(path, "saving")
     try:
         arrays = {name: var.get_value() for name, var in param_table(model).items()}
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             ckptr.save(tmp / ORBAX_DIR, arrays)
             ckptr.wait_until_finished()
         config = {**model.config.to_hf_dict(), DTYPE_KEY: model.dtype.name}
@@ -119,7 +126,7 @@ def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if not (orbax_dir / ORBAX_MARKER).exists():
         raise CheckpointError(f"orbax checkpoint {path} is incomplete or corrupt: {ORBAX_DIR}/{ORBAX_MARKER} "
                               "is missing")
-    with _reading(path), ocp.StandardCheckpointer() as ckptr:
+    with _reading(path), _checkpointer() as ckptr:
         tree = ckptr.metadata(orbax_dir).item_metadata
         if tree is None:  # orbax returns None (and logs a warning) when the tree's metadata is unreadable
             raise CheckpointError(f"orbax checkpoint {path} is corrupt or unreadable: no readable array "
@@ -191,7 +198,7 @@ def restore(path, dtype: str | None = None, *, config: DeepseekV4Config | None =
     shardings = target_shardings(table, sharding, mesh, rules)
     target = {name: jax.ShapeDtypeStruct(want[name], var.get_value().dtype, sharding=shardings[name])
               for name, var in table.items()}
-    with _reading(path), ocp.StandardCheckpointer() as ckptr:
+    with _reading(path), _checkpointer() as ckptr:
         arrays = ckptr.restore(path / ORBAX_DIR, target)
     for name, var in table.items():
         var.set_value(arrays[name])

@@ -3,6 +3,7 @@ and parameter table (canonical name -> nnx variable, each declaring its logical 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -44,5 +45,15 @@ def checkpoint_config(path) -> DeepseekV4Config:
         raise CheckpointError(f"checkpoint directory {path} has no config.json")
     try:
         return DeepseekV4Config.from_json(config_file)
-    except ConfigError as e:
-        raise CheckpointError(f"{config_file}: {e}") from None
+    except ConfigError as e:  # its message names the file
+        raise CheckpointError(str(e)) from None
+
+
+def checkpoint_dtype(path) -> str:
+    """The model dtype of ``dtype="auto"``: the one config.json states (``dtype``, or transformers' older
+    ``torch_dtype``), as transformers reads it: "float32" for float32, else "bfloat16" (the released FP8 / FP4
+    checkpoints state bfloat16); "bfloat16" where it states none."""
+    checkpoint_config(path)  # the directory and its config.json exist and parse
+    d = json.loads((Path(path) / "config.json").read_text())
+    stated = d.get("dtype") or d.get("torch_dtype")
+    return "float32" if stated in ("float32", "fp32") else "bfloat16"
