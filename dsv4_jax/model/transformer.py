@@ -152,18 +152,21 @@ def prepare_chunk(cfg: DeepseekV4Config, token_ids: jax.Array, start: jax.Array,
 
 
 def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: jax.Array, n_new: jax.Array,
-              capacity: int, last_only: bool = False, kernels: str = "xla"):
+              capacity: int, last_only: bool = False, kernels: str = "xla", layers=None):
     """One forward over a chunk: the metadata step once, then every layer.
 
     token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
     already cached. ``kernels`` picks the implementation of attention, compressor, indexer, top-k, the mHC
     pre-step and the routed experts: "xla" (the plain-JAX reference, any backend) or "pallas" (the GPU
-    kernels in kernels_pallas/).
+    kernels in kernels_pallas/). ``layers``: how the layer stack runs, with ``model.run_layers``'s
+    signature (default: that loop on one device; ``runtime.pipeline`` passes its stage loop).
     Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
     """
     S = token_ids.shape[1]
     token_ids, meta, logits_at = prepare_chunk(model.config, token_ids, start, n_new, capacity, last_only)
-    logits, cache = model.forward(token_ids, meta, cache, logits_at, kernels)
+    streams, cache = (layers or model.run_layers)(model.embed_streams(token_ids), token_ids, meta, cache, kernels,
+                                                  logits_at)
+    logits = model.logits(streams)
     return (logits if last_only else logits[:, :S]), cache
 
 
