@@ -1,5 +1,6 @@
 """Pipeline parallelism (dsv4_jax.runtime.pipeline): parity with the unpipelined model for pp = 1, 2, 4, 8,
-determinism, metadata built once, clear errors, and a 2-process multi-host run.
+determinism, metadata built once, the engine's decode lookahead and kernel default, clear errors, and a
+2-process multi-host run.
 
 The pipelined programs need several devices. XLA's fake CPU device count must be set before JAX
 initialises, and conftest.py imports JAX first, so every multi-device run happens in a subprocess
@@ -66,6 +67,42 @@ def sampled_tokens(engine) -> list[list[int]]:
     from dsv4_jax.runtime.sampling import SamplingParams
     return [r.tokens for r in engine.generate(prompts(), max_new_tokens=NEW_TOKENS, seed=3,
                                               sampling=SamplingParams(temperature=0.9, top_k=6))]
+
+
+def lookahead_events(engine) -> list[str]:
+    """Generate and record, in order, every decode step issued ("dispatch s") and every step's tokens read
+    back by the host ("read s"); "fed back" when step s + 1 took step s's device output as it was, "host"
+    when a step's tokens came back as a host array (a blocking read inside the step)."""
+    events, run_decode = [], engine._run_decode
+
+    class Tokens:
+        """A step's next tokens: notes when the host reads them."""
+
+        def __init__(self, value, step):
+            self.value, self.step = value, step
+
+        def __array__(self, dtype=None, copy=None):
+            events.append(f"read {self.step}")
+            return np.asarray(self.value, dtype)
+
+    def recorded(cache, tokens, *args):
+        step = sum(e.startswith("dispatch") for e in events)
+        if isinstance(tokens, Tokens):
+            assert tokens.step == step - 1
+            events.append("fed back")
+            tokens = tokens.value
+        events.append(f"dispatch {step}")
+        next_tokens, *rest = run_decode(cache, tokens, *args)
+        if isinstance(next_tokens, np.ndarray):
+            events.append("host")
+        return Tokens(next_tokens, step), *rest
+
+    engine._run_decode = recorded
+    try:
+        engine.generate(prompts(), max_new_tokens=NEW_TOKENS, eos_token_ids=[])
+    finally:
+        del engine._run_decode
+    return events
 
 
 def build_model():
@@ -163,7 +200,7 @@ def reference(workers):
     tokens = [r.tokens for r in engine.generate(prompts(), max_new_tokens=NEW_TOKENS)]
     last_logits, cache, _ = engine.prefill(prompts())
     return dict(logits=logits, tokens=tokens, last_logits=np.asarray(last_logits), cache=flat_caches(cache),
-                sampled_tokens=sampled_tokens(engine))
+                sampled_tokens=sampled_tokens(engine), lookahead=lookahead_events(engine))
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +267,29 @@ def test_pipelined_generation_is_bitwise_deterministic(pipelined):
     runs = summary["determinism"]
     assert runs["runs"] == DETERMINISM_RUNS
     assert runs["distinct_tokens"] == 1 and runs["distinct_logits"] == 1
+
+
+def test_pipelined_decode_keeps_the_engines_lookahead(pipelined, reference):
+    """Step s + 1 is issued on step s's device output before step s's tokens are read back, as the Engine does
+    (the pipeline runs Engine.stream and the engine's decode step)."""
+    summary, _ = pipelined
+    events = summary["lookahead"]
+    assert events == reference["lookahead"]
+    steps = NEW_TOKENS - 1
+    assert "host" not in events
+    assert events.count("fed back") == steps - 1
+    for s in range(steps - 1):
+        assert events.index(f"dispatch {s + 1}") < events.index(f"read {s}"), (s, events)
+
+
+def test_pipeline_kernels_default_is_the_engines(monkeypatch):
+    from dsv4_jax.runtime import engine
+    from dsv4_jax.runtime.pipeline import PipelineEngine
+    model = _small_model()
+    assert PipelineEngine(model, pp=1).kernels == engine.Engine(model).kernels == engine.default_kernels()
+    monkeypatch.setattr(engine, "default_kernels", lambda: "pallas")  # the GPU default
+    assert PipelineEngine(model, pp=1).kernels == engine.Engine(model).kernels == "pallas"
+    assert PipelineEngine(model, pp=1, kernels="xla").kernels == "xla"
 
 
 def test_metadata_built_once_before_any_stage_work(pipelined):
@@ -366,11 +426,13 @@ def _jaxpr_report(engine, batch: int, chunk: int) -> dict:
 
     from dsv4_jax.model.metadata import build_metadata
     from dsv4_jax.model.transformer import METADATA_SCOPE
-    from dsv4_jax.runtime.pipeline import STAGE_SCOPE, pipeline_chunk
+    from dsv4_jax.runtime.pipeline import STAGE_SCOPE
     M, Bp = engine.layout(batch)
-    fn = functools.partial(pipeline_chunk, engine.plan, microbatches=M, last_only=True)
-    ids, vec = jnp.zeros((Bp, chunk), jnp.int32), jnp.zeros((Bp,), jnp.int32)
-    jaxpr = jax.make_jaxpr(fn)(engine.params, engine.plan.cache_shapes(Bp), ids, vec, vec + chunk).jaxpr
+    # The engine's prefill step (it pads the batch to Bp rows before the metadata).
+    fn = functools.partial(engine.steps.chunk, last_only=True, kernels=engine.kernels)
+    ids, rows = jnp.zeros((batch, chunk), jnp.int32), jnp.zeros((batch,), jnp.int32)
+    jaxpr = jax.make_jaxpr(fn)(engine.weights, engine.plan.cache_shapes(Bp), ids, rows, rows + chunk).jaxpr
+    vec = jnp.zeros((Bp,), jnp.int32)
     walk = list(_jaxpr_walk(jaxpr))
     meta = [i for i, (s, _) in enumerate(walk) if METADATA_SCOPE in s]
     stage = [i for i, (s, _) in enumerate(walk) if STAGE_SCOPE in s]
@@ -423,6 +485,7 @@ def _worker_cases(out_dir: Path, names: list[str]):
 
     if SAMPLED_CASE in engines:
         summary["sampled_tokens"] = sampled_tokens(engines[SAMPLED_CASE])
+        summary["lookahead"] = lookahead_events(engines[SAMPLED_CASE])
 
     for name, eng in engines.items():
         if eng.pp > 1:

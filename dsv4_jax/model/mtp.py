@@ -26,9 +26,9 @@ from .layers import Linear, RMSNorm
 from .cache import LayerCache, init_cache
 from .config import MOE, SLIDING, DeepseekV4Config
 from .hyper_connection import HyperHead
-from .metadata import ForwardMetadata, build_metadata, padded_chunk_len
-from .transformer import METADATA_SCOPE, DecoderLayer, DeepseekV4ForCausalLM, InputError, check_token_ids
+from .metadata import ForwardMetadata
 from .spec import Storage
+from .transformer import DecoderLayer, DeepseekV4ForCausalLM, InputError, check_token_ids, lm_logits, prepare_chunk
 
 
 def mtp_config(cfg: DeepseekV4Config) -> DeepseekV4Config:
@@ -51,12 +51,12 @@ class MTPBlock(DecoderLayer):
         self.hc_head = HyperHead(cfg, rngs=rngs)
 
     def __call__(self, streams: jax.Array, next_embeds: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,
-                 cache: LayerCache):
+                 cache: LayerCache, lm_head: Linear):
         """streams [B, C, n, d] (main model, before hc_head); next_embeds [B, C, d] = Embed(next_ids);
-        next_ids [B, C] -> (normed hidden state [B, C, d] for the shared lm_head, layer cache)."""
+        next_ids [B, C]; lm_head the main model's -> (fp32 logits [B, C, V], layer cache)."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds))[:, :, None, :]
         x, cache = super().__call__(x, next_ids, meta, cache)
-        return self.norm(self.hc_head(x)), cache
+        return lm_logits(self.hc_head, self.norm, lm_head, x), cache
 
 
 class DeepseekV4WithMTP(DeepseekV4ForCausalLM):
@@ -74,10 +74,10 @@ class DeepseekV4WithMTP(DeepseekV4ForCausalLM):
         then the MTP block's (``init_cache(mtp_config(cfg), ...)``)."""
         n = self.config.num_hidden_layers
         streams, main_cache = self.residual_streams(token_ids, meta, cache[:n])
-        logits = self.lm_head(self.model.norm(self.model.hc_head(streams)), jnp.float32)
         with jax.named_scope("mtp"):
-            h, mtp_cache = self.model.mtp[0](streams, self.model.embed_tokens(next_ids), next_ids, meta, cache[n])
-        return logits, self.lm_head(h, jnp.float32), main_cache + (mtp_cache,)
+            next_logits, mtp_cache = self.model.mtp[0](streams, self.model.embed_tokens(next_ids), next_ids, meta,
+                                                       cache[n], self.lm_head)
+        return self.logits(streams), next_logits, main_cache + (mtp_cache,)
 
 
 def mtp_logits(model: DeepseekV4WithMTP, input_ids, next_ids) -> tuple[jax.Array, jax.Array]:
@@ -101,10 +101,9 @@ def _stateless_mtp(graphdef, state, ids, next_ids, kernels: ops.Kernels):
 def _mtp_forward(model, ids, next_ids):
     cfg = model.config
     B, S = ids.shape
-    C = padded_chunk_len(cfg, S)
-    pad = ((0, 0), (0, C - S))
-    with jax.named_scope(METADATA_SCOPE):
-        meta = build_metadata(cfg, jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32), C, S)
+    start, n_new = jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32)
+    ids, meta, _ = prepare_chunk(cfg, ids, start, n_new, S)
+    next_ids = jnp.pad(next_ids, ((0, 0), (0, ids.shape[1] - S)))
     cache = init_cache(mtp_config(cfg), B, S, model.dtype)
-    logits, mtp, _ = model.forward_mtp(jnp.pad(ids, pad), jnp.pad(next_ids, pad), meta, cache)
+    logits, mtp, _ = model.forward_mtp(ids, next_ids, meta, cache)
     return logits[:, :S], mtp[:, :S]

@@ -88,24 +88,34 @@ class DeepseekV4ForCausalLM(nnx.Module):
         Logits are fp32 [B, C, V], or [B, V] at chunk offsets ``logits_at`` [B] (the engine only needs
         each row's last real token, and the vocabulary projection is the largest matmul of a step).
         """
-        streams, new_cache = self.residual_streams(token_ids, meta, cache)
-        if logits_at is not None:
-            streams = jnp.take_along_axis(streams, logits_at[:, None, None, None], axis=1)[:, 0]
-        h = self.model.norm(self.model.hc_head(streams))
-        return self.lm_head(h, jnp.float32), tuple(new_cache)
+        streams, new_cache = self.run_layers(self.embed_streams(token_ids), token_ids, meta, cache, logits_at)
+        return self.logits(streams), new_cache
 
-    def residual_streams(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...]):
-        """token_ids [B, C] -> (the n residual streams after the last layer, before hc_head [B, C, n, d],
-        new caches of the model's layers); the MTP block reads these streams too."""
-        cfg = self.config
+    def embed_streams(self, token_ids: jax.Array) -> jax.Array:
+        """token_ids [B, C] -> the n residual streams entering the first layer [B, C, n, d] (copies of the
+        embedding)."""
         x = self.model.embed_tokens(token_ids)
-        streams = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.hc_mult, x.shape[-1]))
+        return jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], self.config.hc_mult, x.shape[-1]))
+
+    def run_layers(self, streams: jax.Array, token_ids: jax.Array, meta: ForwardMetadata,
+                   cache: tuple[LayerCache, ...], logits_at: jax.Array | None = None):
+        """The layer stack on one device: streams [B, C, n, d] -> (streams after the last layer, [B, C, n, d]
+        or [B, n, d] at ``logits_at`` [B]; new caches). ``runtime.pipeline`` runs the same stack over stages."""
         new_cache = []
         for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache)):
             with jax.named_scope(f"layer_{i}"):
                 streams, layer_cache = layer(streams, token_ids, meta, layer_cache)
             new_cache.append(layer_cache)
-        return streams, tuple(new_cache)
+        return at_positions(streams, logits_at), tuple(new_cache)
+
+    def residual_streams(self, token_ids: jax.Array, meta: ForwardMetadata, cache: tuple[LayerCache, ...]):
+        """token_ids [B, C] -> (the n residual streams after the last layer, before hc_head [B, C, n, d],
+        new caches of the model's layers); the MTP block reads these streams too."""
+        return self.run_layers(self.embed_streams(token_ids), token_ids, meta, cache)
+
+    def logits(self, streams: jax.Array) -> jax.Array:
+        """The LM head: streams [..., n, d] after the last layer -> fp32 logits [..., V]."""
+        return lm_logits(self.model.hc_head, self.model.norm, self.lm_head, streams)
 
     def __call__(self, input_ids) -> jax.Array:
         """Stateless forward: input_ids int [B, S] -> logits [B, S, V] (fp32)."""
@@ -117,23 +127,47 @@ class DeepseekV4ForCausalLM(nnx.Module):
 METADATA_SCOPE = "forward_metadata"
 
 
-def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: jax.Array, n_new: jax.Array,
-              capacity: int, last_only: bool = False):
-    """One forward over a chunk: the metadata step once, then every layer.
+def at_positions(streams: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """streams [B, C, n, d] -> [B, n, d] at chunk offsets ``positions`` [B] (all of them when None)."""
+    if positions is None:
+        return streams
+    return jnp.take_along_axis(streams, positions[:, None, None, None], axis=1)[:, 0]
 
-    token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
-    already cached. The ops run the implementations of the current ``ops.use`` setting (plain XLA unless
-    set).
-    Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
-    """
-    cfg = model.config
-    B, S = token_ids.shape
+
+def lm_logits(hc_head: HyperHead, norm: RMSNorm, lm_head: Linear, streams: jax.Array) -> jax.Array:
+    """The head: streams [..., n, d] -> hc_head -> final norm -> fp32 logits [..., V] (the main model's, and
+    the MTP block's with its own hc_head and norm)."""
+    return lm_head(norm(hc_head(streams)), jnp.float32)
+
+
+def prepare_chunk(cfg: DeepseekV4Config, token_ids: jax.Array, start: jax.Array, n_new: jax.Array, capacity: int,
+                  last_only: bool = False):
+    """A step's inputs for the layers: token_ids [B, S] padded to the query block [B, C]; the metadata, built
+    once here (under ``METADATA_SCOPE``) for every layer; each row's last real offset [B] when
+    ``last_only`` (else None). start [B] tokens already cached, n_new [B] real tokens of each row."""
+    S = token_ids.shape[1]
     C = padded_chunk_len(cfg, S)
     token_ids = jnp.pad(token_ids, ((0, 0), (0, C - S)))
     with jax.named_scope(METADATA_SCOPE):
         meta = build_metadata(cfg, start, n_new, C, capacity)
     logits_at = jnp.maximum(n_new - 1, 0).astype(jnp.int32) if last_only else None
-    logits, cache = model.forward(token_ids, meta, cache, logits_at)
+    return token_ids, meta, logits_at
+
+
+def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: jax.Array, n_new: jax.Array,
+              capacity: int, last_only: bool = False, layers=None):
+    """One forward over a chunk: the metadata step once, then every layer.
+
+    token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
+    already cached. The ops run the implementations of the current ``ops.use`` setting (plain XLA unless
+    set). ``layers``: how the layer stack runs, with ``model.run_layers``'s signature (default: that loop
+    on one device; ``runtime.pipeline`` passes its stage loop).
+    Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
+    """
+    S = token_ids.shape[1]
+    token_ids, meta, logits_at = prepare_chunk(model.config, token_ids, start, n_new, capacity, last_only)
+    streams, cache = (layers or model.run_layers)(model.embed_streams(token_ids), token_ids, meta, cache, logits_at)
+    logits = model.logits(streams)
     return (logits if last_only else logits[:, :S]), cache
 
 

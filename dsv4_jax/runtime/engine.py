@@ -44,20 +44,40 @@ class DeviceSteps:
     ~0.2 ms, where a list of arrays flattens in C++ (a jitted call: 265 -> 53 us).
     """
 
-    def __init__(self, graphdef, state_def, capacity: int):
-        def model(weights):
-            return nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
+    def __init__(self, graphdef, state_def, capacity: int, layers=None):
+        """``layers``: how the layer stack runs when it is not the model's own loop on one device (the
+        pipeline's stages: ``runtime.pipeline.PipelinePlan``). Its weights then follow the model's in the
+        weights list, the model's state (``state_def``) holds everything but the layers
+        (``layers.abstract_state`` stands in for them), and the batch is padded to ``layers.rows(B)``
+        before the metadata is built."""
+        n = state_def.num_leaves
+
+        def bind(weights):
+            """weights -> (the model, how its layer stack runs)."""
+            if layers is None:
+                model = nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
+                return model, model.run_layers
+            model = nnx.merge(graphdef, layers.abstract_state, jax.tree.unflatten(state_def, weights[:n]))
+            return model, functools.partial(layers, weights[n:])
+
+        def forward(weights, cache, token_ids, start, n_new, last_only, kernels):
+            B = token_ids.shape[0]
+            rows = B if layers is None else layers.rows(B)
+            if rows != B:  # empty rows (n_new 0) write nothing
+                token_ids, start, n_new = (jnp.pad(x, [(0, rows - B)] + [(0, 0)] * (x.ndim - 1))
+                                           for x in (token_ids, start, n_new))
+            with ops.use(kernels):
+                model, run_layers = bind(weights)
+                logits, cache = run_chunk(model, cache, token_ids, start, n_new, capacity, last_only, run_layers)
+            return (logits if rows == B else logits[:B]), cache
 
         def chunk(weights, cache, token_ids, start, n_new, *, last_only: bool, kernels: ops.Kernels = ops.Kernels()):
-            with ops.use(kernels):
-                return run_chunk(model(weights), cache, token_ids, start, n_new, capacity, last_only)
+            return forward(weights, cache, token_ids, start, n_new, last_only, kernels)
 
         def decode(weights, cache, tokens, pos, active, key, temperature, top_k, top_p, *,
                    kernels: ops.Kernels = ops.Kernels(), filters: bool = True):
             key, sub = jax.random.split(key)
-            with ops.use(kernels):
-                logits, cache = run_chunk(model(weights), cache, tokens[:, None], pos, active.astype(jnp.int32),
-                                          capacity, last_only=True)
+            logits, cache = forward(weights, cache, tokens[:, None], pos, active.astype(jnp.int32), True, kernels)
             return sample(logits, sub, temperature, top_k, top_p, filters=filters), pos + active, key, cache
 
         self.chunk = jax.jit(chunk, static_argnames=("last_only", "kernels"), donate_argnames=("cache",))
@@ -171,8 +191,7 @@ class Engine:
         self.capacity = capacity
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
-        graphdef, state_def, self.weights = split_weights(model)
-        self.steps = DeviceSteps(graphdef, state_def, capacity)
+        self.steps, self.weights = self._place(model)
         self.stats = GenerationStats()
 
     # ----- input checks --------------------------------------------------------------------
@@ -197,7 +216,12 @@ class Engine:
     def _check_capacity(self, prompts: list[list[int]], max_new_tokens: int):
         check_capacity(max(len(p) for p in prompts), max_new_tokens, self.capacity)
 
-    # ----- device steps (dsv4_jax.runtime.pipeline.PipelineEngine overrides these three) -------------
+    # ----- device steps (dsv4_jax.runtime.pipeline.PipelineEngine overrides these four) --------------
+    def _place(self, model: DeepseekV4ForCausalLM) -> tuple[DeviceSteps, list]:
+        """(the jitted steps, their weights argument): the model's own layer loop on one device."""
+        graphdef, state_def, weights = split_weights(model)
+        return DeviceSteps(graphdef, state_def, self.capacity), weights
+
     def _new_cache(self, batch: int):
         return init_cache(self.config, batch, self.capacity, self.model.dtype)
 

@@ -1,10 +1,17 @@
 """Pipeline parallelism: the decoder layers split over a ``pp`` mesh axis, one SPMD program under
 ``jax.shard_map``, activations handed from stage to stage with ``lax.ppermute``.
 
+One step. ``PipelineEngine`` runs the engine's own jitted steps (``engine.DeviceSteps``) and its
+generation loop (``Engine.stream``, with its one step of lookahead): chunk preparation (padding,
+the metadata), the embedding, the head and the sampler are the engine's code; ``PipelinePlan`` only
+takes the place of the model's layer loop (``DeepseekV4ForCausalLM.run_layers``) and says how the
+layers' weights and caches are placed. The weights outside the layers (embedding, hc_head, final norm,
+LM head) are replicated on every stage, and the embedding and the head run on every device outside
+the stage program (so every device holds both vocabulary-sized tables).
+
 Stages. ``stage_starts(L, pp, boundaries)`` gives each stage's first layer (``boundaries`` = the
 first layer of stages 1..pp-1; default: contiguous, as even as possible, earlier stages take the
-remainder). Stage 0 also holds the embedding; the last stage the hyper head (``hc_head``), the final
-norm and the LM head. Each stage runs on one device of a 1-D mesh ``('pp',)``; across processes
+remainder). Each stage runs on one device of a 1-D mesh ``('pp',)``; across processes
 (``jax.distributed.initialize``) the mesh spans every process's devices, so the same program runs
 multi-host.
 
@@ -27,13 +34,10 @@ big tensors are never padded per type. A stage's layer order is a small static t
 of types and index within each extras group, per position); position p of the stage program is
 ``lax.switch`` over the layer variants that occur at p on any stage, plus an identity branch for
 padding positions and for bubble ticks (no compute, no cache write). A variant's layer is rebuilt
-with ``nnx.merge`` from its trunk slice and extras, so the layer code in model.py is reused as is.
-The embedding and the LM head are both [V, d]: one [pp, 1, V, d] "vocabulary table" holds the
-embedding on stage 0 and the LM head on the last stage (two slots when pp = 1; middle stages hold
-an unused zero table), so no device holds two vocabulary-sized tables.
+with ``nnx.merge`` from its trunk slice and extras, so the layer code in model/ is reused as is.
 
-What crosses a stage boundary: the full 4-stream mHC residual [Bm, C, hc_mult, d] (expansion happens
-only on stage 0, ``hc_head`` + norm only on the last stage) and the microbatch's token ids (the
+What crosses a stage boundary: the full 4-stream mHC residual [Bm, C, hc_mult, d] (stage 0 takes the
+embedded streams, the last stage's output goes to the head) and the microbatch's token ids (the
 hash-routed MoE layers route by token id, and hash layers may sit on any stage).
 
 Metadata. ``build_metadata`` runs once per step in the jitted function, under
@@ -57,14 +61,15 @@ is implemented here.
 
 Numerics: with one microbatch every op sees the unpipelined shapes and the logits are bitwise
 equal to ``Engine``'s; with several, per-microbatch matmul shapes differ and fp32 logits agree to
-~5e-7 relative (CPU). Logits leave the last stage replicated (a sharding constraint), so every
-process can read them. ``shard_map`` runs with ``check_vma=False``.
+~5e-7 relative (CPU). The streams leave the last stage replicated (a sharding constraint), so the
+head's logits and sampled tokens are readable by every process. ``shard_map`` runs with
+``check_vma=False``.
 
 Not done / costs: microbatch cache rows are sliced out and written back per layer
-(dynamic_slice / dynamic_update_slice; no copy with one microbatch); bubble ticks still embed and
-ppermute; extras weights are read with a dynamic index; weights are stacked from a fully built
-host model (a real multi-host loader would build only the local stages' slices: the callbacks
-below already ask only for those).
+(dynamic_slice / dynamic_update_slice; no copy with one microbatch); bubble ticks still
+ppermute; the embedding and the head run replicated on every device; extras weights are read with
+a dynamic index; weights are stacked from a fully built host model (a real multi-host loader would
+build only the local stages' slices: the callbacks below already ask only for those).
 """
 
 from __future__ import annotations
@@ -83,10 +88,8 @@ from jax.sharding import PartitionSpec as P
 
 from .. import ops
 from ..model.cache import init_cache
-from .engine import Engine, parse_kernels
-from ..model.metadata import build_metadata, padded_chunk_len
-from ..model.transformer import METADATA_SCOPE, DeepseekV4ForCausalLM, InputError
-from .sampling import sample
+from ..model.transformer import DeepseekV4ForCausalLM, InputError, at_positions
+from .engine import DeviceSteps, Engine
 
 PP_AXIS = "pp"
 STAGE_SCOPE = "pipeline_stage"
@@ -171,10 +174,10 @@ class PipelinePlan:
     """Static description of a split: stages, positions, variants, stacking groups, index tables."""
 
     def __init__(self, model: DeepseekV4ForCausalLM, starts: Sequence[int], devices, capacity: int,
-                 kernels: ops.Kernels = ops.Kernels()):
+                 microbatches: int | None = None):
         cfg = model.config
         L = cfg.num_hidden_layers
-        self.cfg, self.dtype, self.capacity, self.kernels = cfg, model.dtype, capacity, kernels
+        self.cfg, self.dtype, self.capacity, self.microbatches = cfg, model.dtype, capacity, microbatches
         self.pp = pp = len(starts)
         self.starts = tuple(starts)
         ends = (*starts[1:], L)
@@ -253,13 +256,14 @@ class PipelinePlan:
         self.position_padded = tuple(bool((self.variant_table[:, p] < 0).any()) for p in range(self.P))
 
         # Embedding, hyper head, final norm and LM head.
-        self._embed = nnx.split(model.model.embed_tokens)
-        self._lm_head = nnx.split(model.lm_head)
-        self._head = nnx.split((model.model.hc_head, model.model.norm))
-        (ew,), (lw,) = jax.tree.leaves(self._embed[1]), jax.tree.leaves(self._lm_head[1])
-        if ew.shape != lw.shape or ew.dtype != lw.dtype:
-            raise ValueError(f"embedding {ew.shape} {ew.dtype} and LM head {lw.shape} {lw.dtype} cannot share a slot")
-        self.vocab_slots = 2 if pp == 1 else 1
+        # The model without its layers (embedding, hc_head, norm, LM head): the engine's step merges it with
+        # ``abstract_state`` standing in for the layers, which run here, over the stages.
+        self.graphdef, layer_state, self._rest = nnx.split(model, nnx.PathContains("layers"), ...)
+        self.abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layer_state)
+        self.state_def = jax.tree.structure(self._rest)
+        self._stacks_def = jax.tree.structure({"trunk": dict.fromkeys(self._trunk_spec, 0),
+                                               "groups": {g: dict.fromkeys(spec, 0)
+                                                          for g, spec in self.param_groups.items()}})
 
     # -- placing weights and caches -------------------------------------------------------------
     @property
@@ -274,8 +278,19 @@ class PipelinePlan:
             return out[(slice(None), *index[1:])]
         return jax.make_array_from_callback((self.pp, *shape), self.sharding, cb)
 
-    def place_params(self) -> dict:
-        """The model's weights as stage-sharded stacks (each process materialises only its stages)."""
+    def layout(self, batch: int) -> tuple[int, int]:
+        """(microbatches, padded batch) used for a batch of ``batch`` rows."""
+        M = min(self.microbatches or self.pp, batch)
+        return M, -(-batch // M) * M
+
+    def rows(self, batch: int) -> int:
+        """The padded batch (a multiple of the microbatches) the engine's step runs for ``batch`` rows."""
+        return self.layout(batch)[1]
+
+    def place_weights(self) -> list:
+        """The weights argument of the engine's steps: the model's leaves outside the layers, replicated on
+        every stage, then the layers' leaves as stage-sharded stacks (each process materialises only its
+        stages)."""
         def stacked_layers(key, shape, dtype, n, layers_of_stage):
             def stage_value(s):
                 out = np.zeros((n, *shape), dtype)  # padding slots stay zero and are never read
@@ -289,23 +304,10 @@ class PipelinePlan:
         groups = {g: {k: stacked_layers(k, shape, dtype, self.group_size[g], lambda s, g=g: self.members[g][s])
                       for k, (shape, dtype) in spec.items()}
                   for g, spec in self.param_groups.items()}
-        (ew,), (lw,) = jax.tree.leaves(self._embed[1]), jax.tree.leaves(self._lm_head[1])
-        K = self.vocab_slots
-
-        def vocab(s):  # the embedding on stage 0, the LM head on the last stage
-            out = np.zeros((K, *ew.shape), ew.dtype)
-            if s == 0:
-                out[0] = np.asarray(ew)
-            if s == self.pp - 1:
-                out[K - 1] = np.asarray(lw)
-            return out
-
-        def last_stage_only(x):
-            return self._stacked(x.shape, x.dtype, lambda s: np.asarray(x) if s == self.pp - 1
-                                 else np.zeros(x.shape, x.dtype))
-
-        return {"trunk": trunk, "groups": groups, "vocab": self._stacked((K, *ew.shape), ew.dtype, vocab),
-                "head": [last_stage_only(x) for x in jax.tree.leaves(self._head[1])]}
+        replicated = NamedSharding(self.mesh, P())
+        rest = [jax.make_array_from_callback(x.shape, replicated, lambda i, x=x: np.asarray(x)[i])
+                for x in jax.tree.leaves(self._rest)]
+        return rest + jax.tree.leaves({"trunk": trunk, "groups": groups})
 
     def cache_shapes(self, batch: int) -> dict:
         def spec(shape, dtype, n):
@@ -334,8 +336,35 @@ class PipelinePlan:
             out.append(jax.tree_util.tree_unflatten(var.cache_treedef, leaves))
         return tuple(out)
 
+    # -- the layer stack over the stages (``run_layers`` of the engine's step) ---------------------
+    def __call__(self, weights: list, streams, token_ids, meta, cache, logits_at=None):
+        """``DeepseekV4ForCausalLM.run_layers`` over the stages; ``weights``: the stacks of ``place_weights``.
+
+        streams [B, C, n, d] (replicated; B a multiple of the microbatches), the metadata built once for the
+        whole batch (every stage slices its microbatch's rows). Returns (streams after the last layer,
+        [B, C, n, d] or [B, n, d] at ``logits_at`` [B], replicated on every device; stacked caches).
+        """
+        B = token_ids.shape[0]
+        M, Bp = self.layout(B)
+        if Bp != B:
+            raise ValueError(f"batch {B} is not a multiple of microbatches {M}")
+        bad = [x.shape for x in jax.tree.leaves(meta) if x.shape[:1] != (B,)]
+        if bad:  # microbatches take row slices of the metadata, so every field must be per row
+            raise ValueError(f"metadata fields without a leading batch axis of {B}: {bad}")
+        last_only = logits_at is not None
+        params = jax.tree.unflatten(self._stacks_def, weights)
+        at = logits_at if last_only else jnp.zeros((B,), jnp.int32)
+        body = functools.partial(self.stage_program, M, last_only)
+        ys, cache = jax.shard_map(body, mesh=self.mesh, in_specs=(P(PP_AXIS), P(PP_AXIS), P(), P(), P(), P()),
+                                  out_specs=(P(PP_AXIS), P(PP_AXIS)), check_vma=False)(
+            params, cache, streams, token_ids, meta, at)
+        # The last stage finishes microbatch m at tick m + pp - 1.
+        out = ys[self.pp - 1, self.pp - 1:].reshape(B, *ys.shape[3:])
+        return lax.with_sharding_constraint(out, NamedSharding(self.mesh, P())), cache
+
     # -- the stage program (runs inside shard_map; every leaf has a leading stage axis of 1) ----
-    def stage_program(self, microbatches: int, last_only: bool, params, cache, token_ids, meta, logits_at):
+    def stage_program(self, microbatches: int, last_only: bool, params, cache, first_streams,
+                      token_ids, meta, logits_at):
         cfg, pp, M = self.cfg, self.pp, microbatches
         with jax.named_scope(STAGE_SCOPE):
             params = jax.tree.map(lambda x: x[0], params)
@@ -346,19 +375,6 @@ class PipelinePlan:
             n, d = cfg.hc_mult, cfg.hidden_size
             variant_row = jnp.asarray(self.variant_table)[stage]
             group_rows = {g: jnp.asarray(t)[stage] for g, t in self.group_index.items()}
-            embed = nnx.merge(self._embed[0], jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(self._embed[1]), [params["vocab"][0]]))
-            lm_head = nnx.merge(self._lm_head[0], jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(self._lm_head[1]), [params["vocab"][self.vocab_slots - 1]]))
-            hc_head, norm = nnx.merge(self._head[0], jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(self._head[1]), params["head"]))
-
-            def head(streams, at):
-                if at is not None:
-                    streams = jnp.take_along_axis(streams, at[:, None, None, None], axis=1)[:, 0]
-                return lm_head(norm(hc_head(streams)), jnp.float32)
-
-            out_shape = (Bm, cfg.vocab_size) if last_only else (Bm, C, cfg.vocab_size)
 
             def tick(carry, t):
                 recv_streams, recv_ids, cache = carry
@@ -371,25 +387,17 @@ class PipelinePlan:
                 def rows(x):
                     return x if M == 1 else lax.dynamic_slice_in_dim(x, row0, Bm, axis=0)
                 meta_m = jax.tree.map(rows, meta)  # this microbatch's rows of the one metadata (a slice)
-                fresh_ids = rows(token_ids)
-                x = embed(fresh_ids)
-                fresh = jnp.broadcast_to(x[:, :, None, :], (Bm, C, n, d))
                 first = stage == 0
-                streams = jnp.where(first, fresh, recv_streams)
-                ids = jnp.where(first, fresh_ids, recv_ids)
+                streams = jnp.where(first, rows(first_streams), recv_streams)
+                ids = jnp.where(first, rows(token_ids), recv_ids)
                 for p in range(self.P):
                     with jax.named_scope(f"position_{p}"):
                         streams, cache = self._position(p, params, cache, streams, ids, meta_m, valid, row0,
                                                         variant_row, group_rows, Bm)
-                at = rows(logits_at) if last_only else None
-                if pp == 1:
-                    logits = head(streams, at)
-                else:
-                    logits = lax.cond(valid & (stage == pp - 1), head,
-                                      lambda s, a: jnp.zeros(out_shape, jnp.float32), streams, at)
+                out = at_positions(streams, rows(logits_at) if last_only else None)
                 if pp > 1:
                     streams, ids = lax.ppermute((streams, ids), PP_AXIS, [(s, s + 1) for s in range(pp - 1)])
-                return (streams, ids, cache), logits
+                return (streams, ids, cache), out
 
             init = (jnp.zeros((Bm, C, n, d), self.dtype), jnp.zeros((Bm, C), token_ids.dtype), cache)
             (_, _, cache), ys = lax.scan(tick, init, jnp.arange(M + pp - 1))
@@ -449,44 +457,6 @@ class PipelinePlan:
         return streams, cache
 
 
-# ----- the jitted steps ----------------------------------------------------------------------------
-def pipeline_chunk(plan: PipelinePlan, params, cache, token_ids, start, n_new, *, microbatches: int,
-                   last_only: bool):
-    """``run_chunk`` over the pipeline: metadata once for the whole batch, then the staged layers.
-
-    token_ids [B, S] with B a multiple of ``microbatches``. Returns (logits [B, V] or [B, S, V]
-    replicated on every device, stacked caches).
-    """
-    cfg, pp = plan.cfg, plan.pp
-    B, S = token_ids.shape
-    if B % microbatches:
-        raise ValueError(f"batch {B} is not a multiple of microbatches {microbatches}")
-    C = padded_chunk_len(cfg, S)
-    token_ids = jnp.pad(token_ids, ((0, 0), (0, C - S)))
-    with jax.named_scope(METADATA_SCOPE):
-        meta = build_metadata(cfg, start, n_new, C, plan.capacity)
-    bad = [x.shape for x in jax.tree.leaves(meta) if x.shape[:1] != (B,)]
-    if bad:  # microbatches take row slices of the metadata, so every field must be per row
-        raise ValueError(f"metadata fields without a leading batch axis of {B}: {bad}")
-    logits_at = jnp.maximum(n_new - 1, 0).astype(jnp.int32)
-    body = functools.partial(plan.stage_program, microbatches, last_only)
-    with ops.use(plan.kernels):
-        ys, cache = jax.shard_map(body, mesh=plan.mesh, in_specs=(P(PP_AXIS), P(PP_AXIS), P(), P(), P()),
-                                  out_specs=(P(PP_AXIS), P(PP_AXIS)), check_vma=False)(
-            params, cache, token_ids, meta, logits_at)
-    # The last stage finishes microbatch m at tick m + pp - 1.
-    logits = ys[pp - 1, pp - 1:].reshape(B, *ys.shape[3:])
-    logits = lax.with_sharding_constraint(logits, NamedSharding(plan.mesh, P()))
-    return (logits if last_only else logits[:, :S]), cache
-
-
-def pipeline_decode(plan: PipelinePlan, params, cache, token_ids, start, active, key, temperature, top_k, top_p, *,
-                    microbatches: int, filters: bool = True):
-    logits, cache = pipeline_chunk(plan, params, cache, token_ids, start, active.astype(jnp.int32),
-                                   microbatches=microbatches, last_only=True)
-    return sample(logits, key, temperature, top_k, top_p, filters=filters), cache
-
-
 class PipelineEngine(Engine):
     """``Engine`` with the layers pipelined over ``pp`` devices (same generate / stream / prefill API).
 
@@ -496,61 +466,47 @@ class PipelineEngine(Engine):
     ``boundaries``: first layer of stages 1..pp-1 (default: an even split). ``microbatches``: GPipe
     microbatches per step (default min(pp, batch)); the batch is padded with empty rows to a multiple.
     ``devices``: the pipeline's devices in stage order (default: the first pp of ``jax.devices()``,
-    which spans all processes after ``jax.distributed.initialize``). ``kernels``: as ``Engine``'s, default "xla",
-    for both phases.
+    which spans all processes after ``jax.distributed.initialize``). ``kernels``: as for ``Engine``.
+    The steps are the engine's (``DeviceSteps`` with the plan running the layers), so is the generation
+    loop with its one step of lookahead; only the placement of weights, caches and inputs differs.
     """
 
     def __init__(self, model: DeepseekV4ForCausalLM, pp: int, boundaries: Sequence[int] | None = None,
                  microbatches: int | None = None, capacity: int = 2048, prefill_chunk: int | None = None,
-                 tokenizer=None, devices=None, kernels: str | None = None):
-        starts, devs = check_pipeline(model.config.num_hidden_layers, pp, boundaries, devices)
+                 tokenizer=None, devices=None, kernels: str | ops.Kernels | None = None):
+        self._starts, self._devices = check_pipeline(model.config.num_hidden_layers, pp, boundaries, devices)
         if microbatches is not None and (isinstance(microbatches, bool) or microbatches < 1):
             raise InputError(f"microbatches {microbatches!r} must be a positive integer")
-        super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, kernels=kernels)
         self.pp, self.microbatches = pp, microbatches
-        # The given implementation, else the reference: the pipeline has not been measured on GPUs with
-        # the kernels that are Engine's GPU default.
-        self.kernels = parse_kernels(kernels or "xla")
-        self.plan = PipelinePlan(model, starts, devs, capacity, self.kernels)
-        self.params = self.plan.place_params()
-        self._chunk_fn = jax.jit(functools.partial(pipeline_chunk, self.plan),
-                                 static_argnames=("microbatches", "last_only"), donate_argnames=("cache",))
-        self._decode_fn = jax.jit(functools.partial(pipeline_decode, self.plan),
-                                  static_argnames=("microbatches", "filters"), donate_argnames=("cache",))
+        super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, kernels=kernels)
+
+    def _place(self, model: DeepseekV4ForCausalLM) -> tuple[DeviceSteps, list]:
+        self.plan = PipelinePlan(model, self._starts, self._devices, self.capacity, self.microbatches)
+        weights = self.plan.place_weights()
+        return DeviceSteps(self.plan.graphdef, self.plan.state_def, self.capacity, layers=self.plan), weights
 
     def layout(self, batch: int) -> tuple[int, int]:
         """(microbatches, padded batch) used for a batch of ``batch`` rows."""
-        M = min(self.microbatches or self.pp, batch)
-        return M, -(-batch // M) * M
+        return self.plan.layout(batch)
 
     def _global(self, x) -> jax.Array:
-        """A host value as a replicated global array (valid across processes)."""
+        """An input as a replicated global array (valid across processes); the device outputs of the previous
+        step already are one and pass through without a host read."""
+        if isinstance(x, jax.Array) and x.sharding.device_set == set(self.plan.mesh.devices.flat):
+            return x
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, NamedSharding(self.plan.mesh, P()), lambda i: x[i])
 
-    def _pad_rows(self, x: np.ndarray) -> np.ndarray:
-        _, Bp = self.layout(x.shape[0])
-        return np.pad(np.asarray(x), [(0, Bp - x.shape[0])] + [(0, 0)] * (np.ndim(x) - 1))
-
     def _new_cache(self, batch: int):
-        return self.plan.new_cache(self.layout(batch)[1])
+        return self.plan.new_cache(self.plan.rows(batch))
 
     def _run_chunk(self, cache, ids, start, n_new, last_only: bool):
-        B = ids.shape[0]
-        M, _ = self.layout(B)
-        logits, cache = self._chunk_fn(self.params, cache, *(self._global(self._pad_rows(a)) for a in (
-            np.asarray(ids, np.int32), np.asarray(start, np.int32), np.asarray(n_new, np.int32))),
-            microbatches=M, last_only=last_only)
-        return np.asarray(logits)[:B], cache
+        logits, cache = self.steps.chunk(self.weights, cache, *map(self._global, (ids, start, n_new)),
+                                         last_only=last_only, kernels=self.kernels)
+        return np.asarray(logits), cache
 
     def _run_decode(self, cache, tokens, pos, active, key, temperature, top_k, top_p, filters: bool):
-        """``Engine._run_decode``'s contract; the rows are padded and sent as global arrays each step."""
-        B = tokens.shape[0]
-        M, _ = self.layout(B)
-        key, sub = jax.random.split(key)
-        args = [self._global(self._pad_rows(np.asarray(a, dt))) for a, dt in
-                ((np.asarray(tokens)[:, None], np.int32), (pos, np.int32), (active, bool))]
-        args += [self._global(np.asarray(a)) for a in (jax.random.key_data(sub) if jnp.issubdtype(
-            sub.dtype, jax.dtypes.prng_key) else sub, temperature, top_k, top_p)]
-        next_tokens, cache = self._decode_fn(self.params, cache, *args, microbatches=M, filters=filters)
-        return np.asarray(next_tokens)[:B], pos + active, key, cache
+        """``Engine._run_decode``'s contract; host inputs are sent as global arrays, device outputs fed back."""
+        return self.steps.decode(self.weights, cache, *map(self._global, (tokens, pos, active, key, temperature,
+                                                                          top_k, top_p)),
+                                 kernels=self.kernels, filters=filters)
