@@ -89,11 +89,16 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 
-def cuda_plugin_installed() -> bool:
-    """Whether JAX's CUDA plugin (the ``aot`` extra, or a GPU machine's own) is installed."""
+def cuda_plugin_installed(versions: tuple[int, ...] = (13, 12)) -> bool:
+    """Whether JAX's CUDA plugin for one of the CUDA ``versions`` (the ``aot`` extra, or a GPU machine's own) is
+    installed. False, not an error, without any JAX plugin: ``find_spec`` of a submodule imports its parent
+    package, and ``jax_plugins`` exists only once some plugin is installed (``pip install -e ".[test]"``)."""
     import importlib.util
 
-    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12))
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in versions)
+    except ModuleNotFoundError:
+        return False
 
 
 def h100_compile_only_sharding():

@@ -38,7 +38,8 @@ def tiny(**overrides) -> DeepseekV4Config:
 
 # name -> (config, batch, seq_len). Together they cover: all three attention types, hash and learned
 # MoE, lengths that are not multiples of 4 or of the HCA rate, compressed entries above and below
-# index_topk, batch > 1, YaRN bending the compressed-layer frequencies, Flash- and Pro-like schedules.
+# index_topk, batch > 1, YaRN bending the compressed-layer frequencies, Flash- and Pro-like schedules,
+# hyper-connection widths 2, 3 and 4, and exactly index_topk entries (every entry picked).
 PARITY_CASES = {
     "mixed": (tiny(), 2, 67),
     "flash_like": (tiny(num_hidden_layers=6, layer_types=(SLIDING, SLIDING, CSA, HCA, CSA, HCA),
@@ -51,6 +52,10 @@ PARITY_CASES = {
                   num_hidden_layers=4, layer_types=(SLIDING, CSA, HCA, CSA),
                   mlp_layer_types=(HASH_MOE, MOE, MOE, MOE), n_routed_experts=6, num_experts_per_tok=3,
                   compress_yarn=YarnScaling(16.0, 64)), 2, 101),
+    "hc2_exact_k": (tiny(hc_mult=2, index_topk=10, num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA),
+                         mlp_layer_types=(HASH_MOE, MOE, MOE)), 1, 40),
+    "hc3": (tiny(hc_mult=3, num_hidden_layers=3, layer_types=(CSA, HCA, SLIDING),
+                 mlp_layer_types=(HASH_MOE, MOE, MOE)), 2, 29),
 }
 
 

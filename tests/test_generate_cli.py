@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import torch
 from conftest import tiny
 from dsv4_jax.runtime.demo import has_trained_weights
 from dsv4_jax.runtime.cli import main
+from kernels_pallas.testing import cuda_plugin_installed
 from reference import build_reference
 
 
@@ -87,7 +87,7 @@ def test_no_traceback_when_jax_picks_its_platform():
     assert rc == 0, err
     assert "Traceback" not in err, err
     assert len(json.loads(out.strip().splitlines()[-1])["tokens"]) == 2
-    if importlib.util.find_spec("jax_plugins.xla_cuda13") and not os.path.exists("/dev/nvidiactl"):
+    if cuda_plugin_installed((13,)) and not os.path.exists("/dev/nvidiactl"):
         line = [ln for ln in err.splitlines() if "xla_cuda13.initialize()" in ln]
         assert len(line) == 1, err
 

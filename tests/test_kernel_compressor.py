@@ -46,11 +46,16 @@ def max_rel_err(out, ref):
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert np.isfinite(ref).all(), "reference produced non-finite values"
     assert np.isfinite(out).all(), f"{np.sum(~np.isfinite(out))} non-finite (unwritten?) output elements"
-    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)) if ref.size else 0.0
+    err = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)) if ref.size else 0.0
+    print(f"max abs err / max|ref| {err:.3g}")
+    return err
 
 
-def tol(dtype) -> float:
-    return 1e-5 if jnp.dtype(dtype) == jnp.float32 else 1e-2
+# max |err| / max |ref| of the kernels in CPU interpret mode: kernel and reference upcast bf16 projections
+# identically and accumulate in fp32, so they agree at fp32 rounding whatever the input dtype: measured 0-2.98e-7
+# over the prefill cases (csa_m8_steps, bf16) and 1.09e-7-1.99e-7 over the decode cases; 10x. The GPU twins keep
+# the bounds measured on an H200.
+CPU_TOL = 3e-6
 
 
 def randn(rng, shape, scale=1.0):
@@ -206,7 +211,7 @@ def test_prefill_interpret_matches_reference(name):
     ref = ref_prefill(*args, ratio=m, overlap=overlap, eps=EPS)
     out = cp.compress_prefill(*args, ratio=m, overlap=overlap, eps=EPS, interpret=True, poison_outputs=True, **kw)
     assert out.shape == (B, S // m, D) and out.dtype == jnp.float32
-    assert max_rel_err(out, ref) <= tol(dtype), name
+    assert max_rel_err(out, ref) <= CPU_TOL, name
 
 
 @pytest.mark.parametrize("B,S,m,D,expected", [
@@ -229,7 +234,7 @@ def test_prefill_interpret_bf16_output():
     out = cp.compress_prefill(*args, ratio=4, overlap=True, eps=EPS, out_dtype=jnp.bfloat16, interpret=True,
                               poison_outputs=True)
     assert out.dtype == jnp.bfloat16
-    assert max_rel_err(out, ref) <= 1e-2
+    assert max_rel_err(out, ref) <= 1e-2  # one bf16 rounding of the output: measured 2.98e-3
 
 
 def _decode_positions(m, B, seed):
@@ -279,7 +284,7 @@ def test_decode_interpret_matches_reference(name):
     entry, closes_out, new_kv, new_gate = out
     np.testing.assert_array_equal(np.asarray(closes_out), closes)
     assert np.all(np.asarray(entry)[~closes] == 0)
-    assert max_rel_err(entry[closes], ref[0][closes]) <= tol(dtype), name
+    assert max_rel_err(entry[closes], ref[0][closes]) <= CPU_TOL, name
     np.testing.assert_array_equal(np.asarray(new_kv), np.asarray(ref[2]))
     np.testing.assert_array_equal(np.asarray(new_gate), np.asarray(ref[3]))
     assert closes.any() and not closes.all()
@@ -318,7 +323,7 @@ def test_decode_interpret_all_rows_close_without_nan():
     ref = ref_decode(*args, ratio=4, overlap=True, eps=EPS)
     out = cp.compress_decode_step(*args, ratio=4, overlap=True, eps=EPS, interpret=True, poison_outputs=True)
     assert bool(out[1].all())
-    assert max_rel_err(out[0], ref[0]) <= 1e-5
+    assert max_rel_err(out[0], ref[0]) <= CPU_TOL
 
 
 # ------------------------------------------------------------------------------------------------------------

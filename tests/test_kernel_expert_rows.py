@@ -8,6 +8,8 @@ shapes, a CUDA lowering check at the Flash shapes. GPU (skipped elsewhere): the 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +30,18 @@ def inputs(seed, ids, G, N, K, dtype=jnp.bfloat16):
     return x, w, jnp.asarray(ids, jnp.int32)
 
 
-def assert_close(got, want):
+# The kernel in CPU interpret mode against the reference: measured 0 on every case (bf16 outputs of the same fp32
+# sums), so the floor. The model paths and the GPU keep 2^-7.
+CPU_TOL = 1e-6
+
+
+def assert_close(got, want, tol=2 ** -7):
     g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(g).all(), f"{np.sum(~np.isfinite(g))} unwritten or non-finite outputs"
     # both round the same fp32 sums to the output dtype; the sums' order differs
-    assert np.abs(g - w).max() <= 2 ** -7 * np.abs(w).max()
+    err = np.abs(g - w).max() / np.abs(w).max()
+    print(f"max abs err / max |ref| {err:.3g}")
+    assert err <= tol
 
 
 @pytest.mark.parametrize("ids", [[3, 0, 7, 1, 6, 2], [4, 4, 1, 4], [5], list(range(8)) * 3])
@@ -41,14 +50,15 @@ def test_interpret_matches_reference(ids, shared_x):
     """shared_x: x has one row, every output row's (a token against its k experts)."""
     x, w, idx = inputs(len(ids) + 10 * shared_x, ids, 8, 64, 96)
     x = x[:1] if shared_x else x
-    assert_close(er.expert_rows(x, w, idx, interpret=True, poison_outputs=True, **SMALL), er.reference(x, w, idx))
+    assert_close(er.expert_rows(x, w, idx, interpret=True, poison_outputs=True, **SMALL), er.reference(x, w, idx),
+                 CPU_TOL)
 
 
 def test_one_matrix_one_row_at_the_smallest_blocks():
     """G = 1, M = 1 (a dense layer's GEMV, the bench's "dense" cases) at block_n = block_k = 16."""
     x, w, idx = inputs(9, [0], 1, 64, 96)
     assert_close(er.expert_rows(x, w, idx, block_n=16, block_k=16, interpret=True, poison_outputs=True),
-                 er.reference(x, w, idx))
+                 er.reference(x, w, idx), CPU_TOL)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -93,4 +103,5 @@ def test_lowers_for_h100(N, K, x_rows):
 @pytest.mark.parametrize("case", er.bench_cases(), ids=lambda c: c["name"])
 def test_gpu_bench_cases_match_reference(case):
     x, w, ids = case["args"](jax.random.PRNGKey(0))
-    assert_close(jax.jit(er.expert_rows)(x, w, ids), jax.jit(er.reference)(x, w, ids))
+    out = jax.jit(functools.partial(er.expert_rows, poison_outputs=True))(x, w, ids)
+    assert_close(out, jax.jit(er.reference)(x, w, ids))

@@ -8,6 +8,8 @@ kernel and grouped_matmul is tested in test_kernel_grouped_matmul.py.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,9 @@ import pytest
 from kernels_pallas import grouped_gemv as gg
 from kernels_pallas.testing import lower_for_h100
 from test_kernel_grouped_matmul import assert_close, make_inputs
+
+# CPU interpret mode: measured 0-4.82e-5 of max |ref| (M 40); 10x.
+CPU_TOL = 5e-4
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 
@@ -33,7 +38,7 @@ SMALL = dict(block_n=32, block_k=32)
 def test_interpret_matches_reference(M, sizes):
     x, w, gs = make_inputs(M * 7 + len(sizes), M, 128, 96, sizes)
     got = gg.grouped_gemv(x, w, gs, interpret=True, poison_outputs=True, **SMALL)
-    assert_close(got, gg.reference(x, w, gs))
+    assert_close(got, gg.reference(x, w, gs), CPU_TOL)
 
 
 @pytest.mark.parametrize("sizes,block_m", [([0, 1, 1, 0, 4], 16), ([7, 0, 20, 3, 6, 4], 16), ([33, 0, 1], 16),
@@ -71,4 +76,5 @@ def test_lowers_for_h100(M, N, K):
 @pytest.mark.parametrize("case", gg.bench_cases(), ids=lambda c: c["name"])
 def test_gpu_bench_cases_match_reference(case):
     x, w, gs = case["args"](jax.random.PRNGKey(0))
-    assert_close(jax.jit(gg.grouped_gemv)(x, w, gs), jax.jit(gg.reference)(x, w, gs))
+    out = jax.jit(functools.partial(gg.grouped_gemv, poison_outputs=True))(x, w, gs)
+    assert_close(out, jax.jit(gg.reference)(x, w, gs))

@@ -30,11 +30,21 @@ def make_inputs(seed, M, K, N, sizes):
     return x, w, jnp.asarray(sizes, jnp.int32)
 
 
-def assert_close(out, ref):
+# max |err| / max |ref| of the kernels in CPU interpret mode (bf16 outputs of fp32 sums summed in another order):
+# measured 0-7.76e-4 (M 40); 10x (grouped_gemv has its own, in its file). The model paths and the GPU keep
+# rtol 1e-2 (one bf16 rounding apart at most).
+CPU_TOL = 8e-3
+
+
+def assert_close(out, ref, tol=None):
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert np.isfinite(out).all(), "kernel left unwritten (NaN) rows"
-    # bf16 output of an fp32 accumulation: one bf16 rounding apart at most.
-    np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+    err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
+    print(f"max abs err / max |ref| {err:.3g}")
+    if tol is not None:
+        assert err <= tol
+    else:  # bf16 output of an fp32 accumulation: one bf16 rounding apart at most.
+        np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("M,sizes", [
@@ -47,7 +57,7 @@ def assert_close(out, ref):
 ])
 def test_interpret_matches_reference(M, sizes):
     x, w, gs = make_inputs(M + len(sizes), M, 128, 128, sizes)
-    assert_close(gm.grouped_matmul(x, w, gs, interpret=True, **SMALL), gm.reference(x, w, gs))
+    assert_close(gm.grouped_matmul(x, w, gs, interpret=True, **SMALL), gm.reference(x, w, gs), CPU_TOL)
 
 
 def test_bad_shapes_are_errors():

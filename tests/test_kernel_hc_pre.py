@@ -32,16 +32,23 @@ def inputs(seed, lead, n, d, dtype, fn_scale=0.02):
             1.0 + 0.5 * jax.random.uniform(k4, (3,), jnp.float32))
 
 
-def check(got, want, *, what=""):
-    for name, g, w, tol in zip(("x", "post", "comb"), got, want, (None, 1e-5, 1e-5)):
+# max |err| / max |ref| of x, post and comb in CPU interpret mode: measured 0-1.82e-7 over the cases, bf16 and fp32
+# streams alike (kernel and reference round the same fp32 values); 10x. The GPU bounds (tol None) are the H200's.
+CPU_TOL = 2e-6
+
+
+def check(got, want, *, tol=None, what=""):
+    """Each output within ``tol`` (printed: ``pytest -s``), or the GPU bounds below."""
+    for name, g, w, gpu_tol in zip(("x", "post", "comb"), got, want, (None, 1e-5, 1e-5)):
         assert g.dtype == w.dtype, (what, name, g.dtype, w.dtype)
         g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
         assert g.shape == w.shape, (what, name, g.shape, w.shape)
         assert np.isfinite(g).all(), f"{what} {name}: {np.sum(~np.isfinite(g))} non-finite (unwritten) entries"
         # x in bf16: the kernel and the reference round the same fp32 sum, which may differ in its last bit.
-        tol = tol or (1e-5 if got[0].dtype == jnp.float32 else 2 ** -7)
+        limit = tol or gpu_tol or (1e-5 if got[0].dtype == jnp.float32 else 2 ** -7)
         err = np.abs(g - w).max() / np.abs(w).max()
-        assert err < tol, f"{what} {name}: max abs err / max |ref| = {err:.3g}"
+        print(f"{what} {name}: max abs err / max |ref| {err:.3g}")
+        assert err < limit, f"{what} {name}: max abs err / max |ref| = {err:.3g}"
 
 
 def norm_weight(seed, d):
@@ -70,7 +77,8 @@ def test_interpret_matches_reference(name):
     kw = dict(norm_weight=norm_weight(seed, d), norm_eps=EPS) if norm else {}
     got = hp.hc_pre(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, block_t=bt, block_d=bd,
                     interpret=True, poison_outputs=True, **kw)
-    check(got, hp.reference(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, **kw), what=name)
+    check(got, hp.reference(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, **kw), tol=CPU_TOL,
+          what=name)
 
 
 def test_norm_reads_the_unrounded_sum():

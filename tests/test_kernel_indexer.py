@@ -22,8 +22,14 @@ from kernels_pallas.testing import lower_for_h100
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 
 
-def check_scores(out, ref, *, what=""):
-    """Masked entries exactly -inf in both; finite entries within 1e-2 * max|ref| (bf16 in, fp32 accumulate)."""
+# Finite scores within tol * max|ref| (bf16 in, fp32 accumulate in kernel and reference alike). CPU interpret
+# mode: measured 0 on every case but decode flash_heads (1.84e-7); 10x that. GPU: measured on an H200.
+CPU_TOL = 2e-6
+GPU_TOL = 1e-2
+
+
+def check_scores(out, ref, *, tol, what=""):
+    """Masked entries exactly -inf in both; finite entries within tol * max|ref| (printed: ``pytest -s``)."""
     out = np.asarray(out)
     ref = np.asarray(ref)
     assert out.shape == ref.shape and out.dtype == np.float32, (out.shape, out.dtype, ref.shape)
@@ -36,7 +42,8 @@ def check_scores(out, ref, *, what=""):
     if fin.any():
         err = np.abs(out[fin] - ref[fin]).max()
         scale = np.abs(ref[fin]).max()
-        assert err <= 1e-2 * scale, f"{what}: max abs err {err:.3g} vs max|ref| {scale:.3g}"
+        print(f"{what}: max abs err / max|ref| {err / scale:.3g} (tolerance {tol:.3g})")
+        assert err <= tol * scale, f"{what}: max abs err {err:.3g} vs max|ref| {scale:.3g}"
 
 
 def decode_inputs(key, B, HI, DI, N, n_valid, *, garbage=False):
@@ -72,12 +79,16 @@ def causal(S, N, offsets, rate=4):
 DECODE_CASES = {
     # odd head count 5 (padded to 16 in the wrapper), N = 100 not a multiple of the 32-key chunk, empty row,
     # single-entry row, full row, a row ending inside a block.
+    # measured error 0
     "ragged_h5": (1, (5, 5, 32, 100), [0, 1, 100, 37, 64], {}, dict(block_k=16, blocks_per_program=2)),
     # NaN in every key row at or beyond n_valid: masked rows must never be read.
+    # measured error 0
     "h12_garbage": (2, (3, 12, 64, 70), [70, 5, 0], dict(garbage=True), dict(block_k=32, blocks_per_program=1)),
     # real Flash heads / dim, default blocking (128-key blocks; blocks_per_program clipped to 3).
+    # measured error 1.84e-7
     "flash_heads": (3, (2, 64, 128, 300), [300, 129], dict(garbage=True), {}),
     # head dim 48 is padded to 64; 17 heads padded to 32; many chunks.
+    # measured error 0
     "d48_h17": (4, (2, 17, 48, 250), [1, 249], {}, dict(block_k=16, blocks_per_program=3)),
 }
 
@@ -88,7 +99,7 @@ def test_decode_interpret_matches_reference(name):
     q, keys, w, n = decode_inputs(jax.random.PRNGKey(seed), *dims, n_valid, **opts)
     ref = ix.reference_decode(q, jnp.nan_to_num(keys), w, n)
     out = ix.index_scores_decode(q, keys, w, n, interpret=True, poison_outputs=True, **kw)
-    check_scores(out, ref, what=name)
+    check_scores(out, ref, tol=CPU_TOL, what=name)
     assert np.array_equal(np.isneginf(np.asarray(out)), np.arange(dims[3])[None] >= np.asarray(n)[:, None])
 
 
@@ -107,15 +118,20 @@ def _random_nv(seed, B, S, N):
 # name -> (seed, (B, S, HI, DI, N), n_visible, input options, kernel options)
 PREFILL_CASES = {
     # causal chunks at offsets 0 and 23 (first rows see nothing), 5 heads, S and N not multiples of 16.
+    # measured error 0
     "causal_h5": (11, (2, 45, 5, 32, 20), causal(45, 20, [0, 23]), dict(garbage=True),
                   dict(block_q=16, block_k=16)),
     # arbitrary (non-monotone) visibility incl. 0, 1 and N: the block maximum decides the skipping.
+    # measured error 0
     "random_visibility": (12, (2, 40, 7, 64, 50), _random_nv(12, 2, 40, 50), {}, dict(block_q=16, block_k=32)),
     # real Flash heads / dim, default tiles (64 x 128), causal with a long prefix (all entries visible late).
+    # measured error 0
     "flash_heads": (13, (1, 70, 64, 128, 40), causal(70, 40, [100]), dict(garbage=True), {}),
     # a single entry, 3 heads, head dim 16; mostly invisible rows.
+    # measured error 0
     "single_entry": (14, (2, 16, 3, 16, 1), causal(16, 1, [0, 5]), {}, dict(block_q=16, block_k=16)),
     # head dim 40 (padded to 64), key tiles 16 over N = 33.
+    # measured error 0
     "d40": (15, (1, 33, 4, 40, 33), causal(33, 33, [100]) - np.arange(33)[None] // 2, {},
             dict(block_q=32, block_k=16)),
 }
@@ -127,7 +143,7 @@ def test_prefill_interpret_matches_reference(name):
     q, keys, w, nv = prefill_inputs(jax.random.PRNGKey(seed), *dims, nv, **opts)
     ref = ix.reference_prefill(q, jnp.nan_to_num(keys), w, nv)
     out = ix.index_scores_prefill(q, keys, w, nv, interpret=True, poison_outputs=True, **kw)
-    check_scores(out, ref, what=name)
+    check_scores(out, ref, tol=CPU_TOL, what=name)
     N = dims[4]
     assert np.array_equal(np.isneginf(np.asarray(out)), np.arange(N)[None, None] >= np.asarray(nv)[..., None])
 
@@ -138,7 +154,7 @@ def test_decode_equals_prefill_of_one_query():
     dec = ix.index_scores_decode(q, keys, w, n, block_k=32, blocks_per_program=2, interpret=True)
     pre = ix.index_scores_prefill(q[:, None], keys, w[:, None], n[:, None], block_q=16, block_k=32,
                                   interpret=True)[:, 0]
-    check_scores(dec, pre, what="decode vs prefill")
+    check_scores(dec, pre, tol=CPU_TOL, what="decode vs prefill")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -190,7 +206,7 @@ def test_gpu_decode_matches_reference(B, N, full):
         keys = jnp.where(jnp.arange(N)[None, :, None] < n[:, None, None], keys, jnp.nan).astype(keys.dtype)
     ref = jax.jit(ix.reference_decode)(q, jnp.nan_to_num(keys), w, n)
     out = ix.index_scores_decode(q, keys, w, n, poison_outputs=True)
-    check_scores(out, ref, what=f"decode B{B} N{N}")
+    check_scores(out, ref, tol=GPU_TOL, what=f"decode B{B} N{N}")
 
 
 @on_gpu
@@ -204,7 +220,7 @@ def test_gpu_prefill_matches_reference(S):
     for lo in (0, S // 2 - 100, S - 512):
         sl = slice(lo, lo + 512)
         ref = ref_fn(q[:, sl], keys, w[:, sl], nv[:, sl])
-        check_scores(out[:, sl], ref, what=f"prefill S{S} rows {lo}:{lo + 512}")
+        check_scores(out[:, sl], ref, tol=GPU_TOL, what=f"prefill S{S} rows {lo}:{lo + 512}")
     assert np.array_equal(np.isneginf(out), np.arange(N)[None, None] >= np.asarray(nv)[..., None])
 
 

@@ -63,6 +63,14 @@ def make_inputs(key, B, H, D, Wk, K, N, *, win_counts=None, ent_counts=None, hol
     return q, window_kv, jnp.asarray(valid), entries, jnp.asarray(idx), sinks
 
 
+# Bounds on max |err| / max |ref| and the relative Frobenius error, CPU interpret mode and GPU alike. The kernel
+# feeds bf16 probabilities to its second matmul where the reference keeps fp32 ones, so the correct kernel is
+# ~5e-3 off: measured max 6.85e-3 (prefill csa_ragged_h5), Frobenius 3.03e-3 (decode flash_heads_d512) on the
+# CPU cases; margins 2.9x and 3.3x (10x would loosen the bounds the GPU twins were measured against). A missing
+# sink is caught by the cases whose rows have few keys.
+MAX_TOL, FROB_TOL = 2e-2, 1e-2
+
+
 def check_close(out, ref, *, what=""):
     out = np.asarray(out.astype(jnp.float32))
     ref = np.asarray(ref.astype(jnp.float32))
@@ -71,9 +79,10 @@ def check_close(out, ref, *, what=""):
     assert np.isfinite(out).all(), f"{what}: {np.sum(~np.isfinite(out))} non-finite output elements"
     err = np.abs(out - ref)
     scale = np.abs(ref).max()
-    assert err.max() <= 2e-2 * scale, f"{what}: max abs err {err.max():.3g} vs max|ref| {scale:.3g}"
     rel = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
-    assert rel <= 1e-2, f"{what}: relative Frobenius error {rel:.3g}"
+    print(f"{what}: max abs err / max|ref| {err.max() / scale:.3g}, relative Frobenius error {rel:.3g}")
+    assert err.max() <= MAX_TOL * scale, f"{what}: max abs err {err.max():.3g} vs max|ref| {scale:.3g}"
+    assert rel <= FROB_TOL, f"{what}: relative Frobenius error {rel:.3g}"
 
 
 # name -> (seed, dims (B, H, D, Wk, K, N), input options, kernel options)
@@ -102,6 +111,11 @@ CASES = {
     # all defaults (block_h 16 at this batch, block_k 64, automatic splits).
     "defaults_d512": (9, (2, 16, 512, 128, 128, 200), dict(win_counts=[100, 128], ent_counts=[128, 77], holes=0.05),
                       {}),
+    # the bench shape (Flash heads, D 512, window 128 + 512 picks) with rows of 1-3 keys and a full row: with
+    # all 640 keys a missing sink moves the output by only 1-2% of its maximum, inside the bound; with few keys
+    # the sink holds a large share of each softmax.
+    "bench_few_keys_d512": (10, (4, 64, 512, 128, 512, 1024),
+                            dict(win_counts=[1, 2, 0, 128], ent_counts=[0, 1, 3, 512], garbage=True), {}),
 }
 
 
@@ -223,6 +237,10 @@ PREFILL_CASES = {
     # decode at the real window 128 and head dim 512 (two 64-key window blocks), a full and a partial ring.
     "hca_decode_w128_d512": (7, (2, 1, 64, 512, 128, 32, 32), dict(starts=[300, 40], lens=[1, 1], hca_ratio=8),
                              {}),
+    # bench widths (Flash heads, D 512, window 128, 512 picks) on a sequence's first 8 tokens: 1-8 window keys
+    # and 0-2 entries per token, so the sink's share of each softmax is large (a missing sink is visible).
+    "csa_bench_first_tokens_d512": (8, (1, 8, 64, 512, 128, 512, 1024), dict(starts=[0], lens=[8], garbage=True),
+                                    {}),
 }
 
 

@@ -6,10 +6,13 @@ per kernel on a CI-class CPU; measured 0.3-2.2 s per case here, and 201 s for th
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import jax
 import pytest
 
-from kernels_pallas.testing import compile_for_h100
+from kernels_pallas.testing import compile_for_h100, cuda_plugin_installed, h100_compile_only_sharding
 from scripts.kernel_cases import bench_cases
 
 pytest.importorskip("triton")
@@ -37,3 +40,15 @@ def test_compiles_for_sm90(module, case):
     seconds = compile_for_h100(lambda *a: c["pallas"](*a, **c.get("kwargs", {})), *args)
     slow = {name: round(s, 1) for name, s in seconds.items() if s > 120}
     assert not slow, f"{module} {case}: Triton compile for sm_90 took {slow} s (bound 120 s)"
+
+
+def test_cuda_plugin_check_without_any_jax_plugin(monkeypatch):
+    """With ``.[test]`` alone no JAX plugin is installed, so the ``jax_plugins`` package is missing and
+    ``find_spec`` of its submodule raises: the check says False, and the GPU compile tests skip."""
+    for name in [m for m in sys.modules if m == "jax_plugins" or m.startswith("jax_plugins.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "jax_plugins", None)  # import jax_plugins -> ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError):
+        importlib.util.find_spec("jax_plugins.xla_cuda13")
+    assert not cuda_plugin_installed() and not cuda_plugin_installed((13,))
+    assert h100_compile_only_sharding() is None

@@ -1,5 +1,6 @@
 """The model's "pallas" switch against its "xla" reference path: chunked ragged prefill and decode steps
-(attention, indexer and compressor kernels; Pallas interpret mode on the CPU)."""
+(attention, indexer, compressor and mHC kernels; on a bf16 model the routed-expert kernels too; Pallas
+interpret mode on the CPU)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,42 @@ def test_pallas_prefill_and_decode_match_xla_on_cpu_interpret():
     for r, g in zip(flat_ref, flat_got):
         r, g = np.asarray(r, np.float32), np.asarray(g, np.float32)
         assert np.abs(g - r).max() <= 1e-4 * max(np.abs(r).max(), 1e-30)
+
+
+def test_bf16_model_runs_every_routed_expert_kernel_on_cpu_interpret(monkeypatch):
+    """A bf16 model (an fp32 one keeps the XLA experts), one sliding-window layer, kernels="pallas" in Pallas
+    interpret mode: 16-token prefill chunks (16 rows x 2 experts over 8: grouped_matmul), 8-token chunks (16
+    rows: grouped_gemv) and decode steps (one token: expert_rows), each kernel traced inside the model; every
+    real position's logits within the bound below of the XLA path's. Hash routing, so a rounding difference
+    cannot flip an expert choice (test_pallas_decode_matches_xla_on_flash_width_slice says why)."""
+    import kernels_pallas.expert_rows as er
+    import kernels_pallas.grouped_gemv as gg
+    import kernels_pallas.grouped_matmul as gm
+
+    traced = set()
+    for module, name in ((er, "expert_rows"), (gg, "grouped_gemv"), (gm, "grouped_matmul")):
+        def spy(*args, _name=name, _real=getattr(module, name), **kw):
+            traced.add(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(module, name, spy)
+    # widths multiples of grouped_matmul's default 128-wide tiles (the model does not shrink its blocks)
+    cfg = tiny(hidden_size=128, moe_intermediate_size=64, num_hidden_layers=1, layer_types=(SLIDING,),
+               mlp_layer_types=(HASH_MOE,))
+    model = random_model(cfg, jnp.bfloat16, seed=3)
+    rng = np.random.RandomState(7)
+    prompts, steps = [rng.randint(0, cfg.vocab_size, 20)], rng.randint(0, cfg.vocab_size, (1, 2))
+    worst = 0.0
+    for chunk, n_steps in ((16, 2), (8, 0)):
+        run = {k: prefill_decode_run(model, prompts, chunk, steps[:, :n_steps], np.ones((1, n_steps), bool), 32,
+                                     k)[0] for k in ("xla", "pallas")}
+        for (r, n_new), (g, _) in zip(run["xla"], run["pallas"]):
+            r, g = r[0, : n_new[0]], g[0, : n_new[0]]
+            assert np.isfinite(g).all()
+            worst = max(worst, float(np.abs(g - r).max() / np.abs(r).max()))
+    print(f"bf16 pallas vs xla logits: max abs err / max |logit| {worst:.2e}")
+    assert worst <= 3e-2
+    assert traced == {"expert_rows", "grouped_gemv", "grouped_matmul"}
 
 
 def test_engine_pallas_tokens_match_xla_on_cpu_interpret():

@@ -29,18 +29,22 @@ def test_logits_match_reference(reference_case, name):
 def test_cases_cover_the_features():
     """Guard the parity matrix itself: each advertised feature is really exercised."""
     kinds, mlps, above, below, bent, batched, odd = set(), set(), False, False, False, False, False
+    hc_mults, exact = set(), False
     for cfg, batch, seq in PARITY_CASES.values():
         kinds |= set(cfg.layer_types)
         mlps |= set(cfg.mlp_layer_types)
+        hc_mults.add(cfg.hc_mult)
         entries = seq // cfg.csa_compress_rate
         above |= entries > cfg.index_topk
         below |= entries < cfg.index_topk
+        exact |= entries == cfg.index_topk
         bent |= not np.allclose(inv_freq_for(cfg, "compress"),
                                 default_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta))
         batched |= batch > 1
         odd |= seq % cfg.csa_compress_rate != 0 and seq % cfg.hca_compress_rate != 0
     assert len(kinds) == 3 and len(mlps) == 2
-    assert above and below and bent and batched and odd
+    assert above and below and bent and batched and odd and exact
+    assert hc_mults == {2, 3, 4}
 
 
 def _bf16_vs_fp32(path, ids):
