@@ -121,17 +121,15 @@ def test_bf16_model_runs_every_routed_expert_kernel_on_cpu_interpret(monkeypatch
     rows: grouped_gemv) and decode steps (one token: expert_rows), each kernel traced inside the model; every
     real position's logits within the bound below of the XLA path's. Hash routing, so a rounding difference
     cannot flip an expert choice (test_pallas_decode_matches_xla_on_flash_width_slice says why)."""
-    import kernels_pallas.expert_rows as er
-    import kernels_pallas.grouped_gemv as gg
-    import kernels_pallas.grouped_matmul as gm
+    from dsv4_jax.ops import moe as ops_moe
 
     traced = set()
-    for module, name in ((er, "expert_rows"), (gg, "grouped_gemv"), (gm, "grouped_matmul")):
-        def spy(*args, _name=name, _real=getattr(module, name), **kw):
+    for name in ("expert_rows", "grouped_gemv", "grouped_matmul"):  # the kernels as the ops layer calls them
+        def spy(*args, _name=name, _real=getattr(ops_moe, name), **kw):
             traced.add(_name)
             return _real(*args, **kw)
 
-        monkeypatch.setattr(module, name, spy)
+        monkeypatch.setattr(ops_moe, name, spy)
     # widths multiples of grouped_matmul's default 128-wide tiles (the model does not shrink its blocks)
     cfg = tiny(hidden_size=128, moe_intermediate_size=64, num_hidden_layers=1, layer_types=(SLIDING,),
                mlp_layer_types=(HASH_MOE,))
