@@ -41,9 +41,9 @@ class Compressor(nnx.Module):
         self.indexer = nnx.data(indexer)
 
     def compress(self, x, state: CompressorState, cache_rows: jax.Array, meta: CompressionMeta,
-                 positions: jax.Array):
-        """x [B, C, d] at token ``positions`` [B, C] (``ForwardMetadata.positions``) -> (updated cache rows
-        [B, N, D], new state)."""
+                 positions: jax.Array | None = None):
+        """x [B, C, d] at token ``positions`` [B, C] (``ForwardMetadata.positions``; only a decode step
+        through the Pallas kernel reads them) -> (updated cache rows [B, N, D], new state)."""
         kv = self.kv_proj(x, out_dtype=jnp.float32)
         gate = self.gate_proj(x, out_dtype=jnp.float32)
         return ops.compress(kv, gate, state, cache_rows, meta, positions, self.position_bias[...],

@@ -48,7 +48,7 @@ class Indexer(Compressor):
         return q, w
 
     def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta,
-                 positions: jax.Array):
+                 positions: jax.Array | None = None):
         """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state); ``positions``
         [B, C] as in ``Compressor.compress``. The ids are a set: Pallas' top-k returns them in ascending id
         order, the XLA path by descending score (every consumer is order-free)."""
