@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from conftest import tiny
 
-from dsv4_jax.model.cache import CompressorState
-from dsv4_jax.model.compressor import compress_chunk, pallas_chunk_entries, pallas_decode_step
-from dsv4_jax.model.metadata import build_metadata, padded_chunk_len, span_of
+from dsv4_jax.model.compressor import CompressorState, compress_chunk, pallas_chunk_entries, pallas_decode_step, span_of
+from dsv4_jax.model.metadata import build_metadata, padded_chunk_len
 from kernels_pallas import compressor as cp
 from kernels_pallas.testing import lower_for_h100
 

@@ -12,35 +12,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from .layers import Linear, RMSNorm, unweighted_rms_norm
 from .cache import LayerCache
-from .compressor import Compressor
-from .config import CSA, SLIDING, DeepseekV4Config
+from .compressor import Compressor, overlaps
+from .config import DeepseekV4Config
 from .indexer import Indexer
-from .metadata import ForwardMetadata, WindowMeta, query_block
+from .metadata import ForwardMetadata
 from .rope import apply_rope, rope_kind_of
-
-
-def window_keys(ring: jax.Array, chunk_kv: jax.Array, window: WindowMeta,
-                block: int) -> tuple[jax.Array, jax.Array]:
-    """ring [B, W, D] (slot order), chunk_kv [B, C, D] -> (keys [B, C/Bq, Kw, D], ring after the chunk's write).
-
-    Kw and the key order are ``WindowMeta``'s: for C == 1 the written ring itself (Kw = W, slot order; no
-    gather or concatenate on the decode step), else W + Bq rows of concat(ring in position order, chunk)
-    per query block, read from the ring before the write.
-    """
-    written = ring.at[jnp.arange(ring.shape[0])[:, None], window.ring_write_slot].set(chunk_kv, mode="drop")
-    if chunk_kv.shape[1] == 1:
-        return written[:, None], written
-    W = ring.shape[1]
-    ordered = jnp.take_along_axis(ring, window.ring_order[..., None], axis=1)
-    rows = jnp.concatenate([ordered, chunk_kv], axis=1)
-    n_blocks = chunk_kv.shape[1] // block
-    gather = np.arange(n_blocks)[:, None] * block + np.arange(W + block)[None, :]
-    return rows[:, gather], written
+from .sliding_window import query_block, window_keys
 
 
 def sink_attention(q: jax.Array, win_keys: jax.Array, win_mask: jax.Array, comp_keys: jax.Array | None,
@@ -124,10 +105,10 @@ class Attention(nnx.Module):
         self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.sinks = nnx.Param(jax.random.normal(rngs.params(), (H,), jnp.float32))
         compressor = None
-        if self.layer_type != SLIDING:
-            is_csa = self.layer_type == CSA
-            compressor = Compressor(cfg, cfg.compress_rate(self.layer_type), D, is_csa, dtype=dtype, rngs=rngs,
-                                    indexer=Indexer(cfg, dtype=dtype, rngs=rngs) if is_csa else None)
+        m = cfg.compress_rate(self.layer_type)
+        if m:
+            compressor = Compressor(cfg, m, D, dtype=dtype, rngs=rngs,
+                                    indexer=Indexer(cfg, dtype=dtype, rngs=rngs) if overlaps(cfg, m) else None)
         self.compressor = nnx.data(compressor)
 
     def __call__(self, x: jax.Array, meta: ForwardMetadata, cache: LayerCache,
@@ -163,8 +144,7 @@ class Attention(nnx.Module):
                 cache = dataclasses.replace(cache, index_keys=keys, indexer=istate)
                 entries = compressed
             else:
-                entry = jnp.arange(compressed.shape[1], dtype=jnp.int32)
-                entries, entry_ids = compressed, jnp.where(entry < cm.n_visible[..., None], entry, -1)
+                entries, entry_ids = compressed, cm.visible_ids
 
         scale = D**-0.5
         if kernels == "pallas":

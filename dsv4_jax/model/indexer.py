@@ -11,11 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import Linear
-from .cache import CompressorState
-from .compressor import Compressor
+from .compressor import CompressionMeta, Compressor, CompressorState
 from .config import DeepseekV4Config
-from .metadata import CompressionMeta
+from .layers import Linear
 from .rope import apply_rope
 
 
@@ -48,7 +46,7 @@ class Indexer(Compressor):
     """The indexer's own overlapping compressor (width D_I) plus its query projection and scorer."""
 
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
-        super().__init__(cfg, cfg.csa_compress_rate, cfg.index_head_dim, True, dtype=dtype, rngs=rngs)
+        super().__init__(cfg, cfg.csa_compress_rate, cfg.index_head_dim, dtype=dtype, rngs=rngs)
         self.cfg = cfg
         self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, dtype=dtype, rngs=rngs)
         self.scorer = Scorer(cfg, dtype=dtype, rngs=rngs)
