@@ -133,14 +133,13 @@ class Attention(nnx.Module):
         entries = entry_ids = None
         if self.compressor is not None:
             cm = meta.compression[self.compressor.ratio]
-            compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm, kernels,
-                                                         meta.positions)
+            compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm, kernels)
             cache = dataclasses.replace(cache, compressed_kv=compressed, compressor=state)
             if compressed.shape[1] == 0:
                 pass  # capacity below one window: no entry can ever exist
             elif self.compressor.indexer is not None:
                 entry_ids, keys, istate = self.compressor.indexer(x, q_latent, cos, sin, cache.indexer,
-                                                                  cache.index_keys, cm, kernels, meta.positions)
+                                                                  cache.index_keys, cm, kernels)
                 cache = dataclasses.replace(cache, index_keys=keys, indexer=istate)
                 entries = compressed
             else:

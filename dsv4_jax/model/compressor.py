@@ -195,21 +195,21 @@ def pallas_chunk_entries(kv, gate, state: CompressorState, meta: CompressionMeta
     return entries[:, 1:] if overlap else entries
 
 
-def pallas_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, positions, ape,
-                       norm_weight, eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
+def pallas_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, ape, norm_weight,
+                       eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
     """A decode step through the Pallas decode-step kernel: (compressed cache [B, N, D], new state), as
     ``write_entries`` and ``write_state`` after ``compress_chunk``, in one kernel: it pools the closing window
-    from the old state ring plus the new token (kv, gate [B, 1, coff * D] at ``positions`` [B, 1]) into cache
-    row ``entry_write_index``, and writes the new token into the ring at ``state_write_slot`` (rows that are
+    from the old state ring plus the new token (kv, gate [B, 1, coff * D]) into cache row
+    ``entry_write_index``, and writes the new token into the ring at ``state_write_slot`` (rows that are
     not decoding keep both)."""
     from kernels_pallas.common import interpret_default
     from kernels_pallas.compressor import compress_decode_step
 
-    _, _, new_kv, new_gate, cache_rows = compress_decode_step(
-        kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv, state.gate, positions[:, 0], ape,
-        norm_weight, meta.entry_cos[:, 0], meta.entry_sin[:, 0], ratio=ape.shape[0], overlap=overlap, eps=eps,
-        out_dtype=cache_rows.dtype, write_slot=meta.state_write_slot[:, 0], cache_rows=cache_rows,
-        entry_index=meta.entry_write_index[:, 0], interpret=interpret_default())
+    _, new_kv, new_gate, cache_rows = compress_decode_step(
+        kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv, state.gate,
+        meta.state_write_slot[:, 0], meta.entry_write_index[:, 0], ape, norm_weight, meta.entry_cos[:, 0],
+        meta.entry_sin[:, 0], cache_rows, ratio=ape.shape[0], overlap=overlap, eps=eps, out_dtype=cache_rows.dtype,
+        interpret=interpret_default())
     return cache_rows, CompressorState(kv=new_kv, gate=new_gate)
 
 
@@ -238,13 +238,12 @@ class Compressor(nnx.Module):
         self.kv_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.indexer = nnx.data(indexer)
 
-    def compress(self, x, state: CompressorState, cache_rows: jax.Array, meta: CompressionMeta, kernels: str = "xla",
-                 positions: jax.Array | None = None):
+    def compress(self, x, state: CompressorState, cache_rows: jax.Array, meta: CompressionMeta, kernels: str = "xla"):
         """x [B, C, d] -> (updated cache rows [B, N, D], new state).
 
         ``kernels="pallas"`` pools with kernels_pallas/compressor.py: a chunk (C > 1) through the prefill
-        kernel, a decode step (C = 1) through the decode-step kernel, which needs the token ``positions`` [B, C]
-        (``ForwardMetadata.positions``). The state ring is written the same way on both paths.
+        kernel, a decode step (C = 1) through the decode-step kernel. The state ring is written the same way
+        on both paths.
         """
         kv = self.kv_proj(x, out_dtype=jnp.float32)
         gate = self.gate_proj(x, out_dtype=jnp.float32)
@@ -254,8 +253,7 @@ class Compressor(nnx.Module):
                                             cache_rows.dtype)
             return write_entries(cache_rows, entries, meta), state
         if x.shape[1] == 1 and cache_rows.shape[1]:
-            return pallas_decode_step(kv, gate, state, cache_rows, meta, positions, ape, norm_weight, self.eps,
-                                      self.overlap)
+            return pallas_decode_step(kv, gate, state, cache_rows, meta, ape, norm_weight, self.eps, self.overlap)
         entries = pallas_chunk_entries(kv, gate, state, meta, ape, norm_weight, self.eps, self.overlap,
                                        cache_rows.dtype)
         return write_entries(cache_rows, entries, meta), write_state(state, kv, gate, meta)

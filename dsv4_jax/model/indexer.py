@@ -62,15 +62,15 @@ class Indexer(Compressor):
         return q, w
 
     def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta,
-                 kernels: str = "xla", positions: jax.Array | None = None):
+                 kernels: str = "xla"):
         """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state).
 
         With ``kernels="pallas"`` the scores come from the Pallas indexer kernels (a decode step, C = 1, and a
         chunk) and the selection from the Pallas top-k, which returns the same set in ascending id order
         (every consumer is order-free); both are tested against this module's functions. The compressor
-        follows ``kernels`` too (``positions`` [B, C] as in ``Compressor.compress``).
+        follows ``kernels`` too.
         """
-        keys, state = self.compress(x, state, keys, meta, kernels, positions)
+        keys, state = self.compress(x, state, keys, meta, kernels)
         q, w = self.queries(x, q_latent, cos, sin)
         k = min(self.cfg.index_topk, keys.shape[1])
         if kernels != "pallas":
