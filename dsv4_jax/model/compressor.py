@@ -147,11 +147,10 @@ def compress_chunk(kv: jax.Array, gate: jax.Array, state: CompressorState, meta:
     gate = gate.astype(jnp.float32)
     src_kv = jnp.concatenate([state.kv, kv], axis=1)
     src_gate = jnp.concatenate([state.gate, gate], axis=1)
-    idx = meta.token_index[..., None]
-    valid = window_spans(meta.token_valid, m, overlap)[..., None]
-    g_kv = window_spans(jnp.take_along_axis(src_kv, idx, axis=1), m, overlap)
-    g_gate = window_spans(jnp.take_along_axis(src_gate, idx, axis=1), m, overlap)
-    pooled = pool_windows(jnp.where(valid, g_kv, 0.0), jnp.where(valid, g_gate, -jnp.inf),
+    idx, valid = meta.token_index[..., None], meta.token_valid[..., None]
+    tok_kv = jnp.where(valid, jnp.take_along_axis(src_kv, idx, axis=1), 0.0)
+    tok_gate = jnp.where(valid, jnp.take_along_axis(src_gate, idx, axis=1), -jnp.inf)
+    pooled = pool_windows(window_spans(tok_kv, m, overlap), window_spans(tok_gate, m, overlap),
                           ape.astype(jnp.float32), overlap)
     entries = apply_rope(rms_norm(pooled, norm_weight, eps), meta.entry_cos, meta.entry_sin).astype(out_dtype)
     return entries, write_state(state, kv, gate, meta)
