@@ -68,8 +68,8 @@ Design (memory bound: every kv/gate element is read from HBM once):
 * Decode grid ``(B,)``: the same pooling code on one window per row, with token rows taken from the ring:
   window w's b-half sits at ring slots ``w*m % span ..`` (contiguous), the a-half at ``(w+1)*m % span ..``
   (window w-1's tokens). The new token (the window's last slot) comes from ``kv_new``/
-  ``gate_new`` inside the kernel, which then stores it into that slot of the state; given the compressed
-  cache, it also stores a closing window's entry into its row. State and cache are aliased to the kernel's
+  ``gate_new`` inside the kernel, which then stores it into slot ``write_slot`` of the state, and a closing
+  window's entry into its row of the compressed cache. State and cache are aliased to the kernel's
   outputs (in place when donated). Rows that do not close load nothing (all loads masked) and produce
   exactly 0, so whatever their ring holds cannot leak.
 

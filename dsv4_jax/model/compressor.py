@@ -12,8 +12,9 @@ ring by ``position % span``, which covers the open window and, with the overlap,
 a-half. ``compression_meta`` (run once per chunk by ``metadata.build_metadata``) derives, per ratio, which
 windows close, where their entries go, which tokens each pools and where the state ring is written.
 
-Shapes: B batch rows, C chunk length, nW windows that may close inside the chunk, N = capacity // m cache
-rows, R = rope dims, coff = 2 with the overlap (a- and b-halves), else 1.
+Shapes: B batch rows, C chunk length, nW windows that may close inside the chunk, L their tokens once each
+((nW + 1) * m with the overlap, else nW * m), N = capacity // m cache rows, R = rope dims, coff = 2 with the
+overlap (a- and b-halves), else 1.
 """
 
 from __future__ import annotations
