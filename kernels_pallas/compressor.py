@@ -3,11 +3,12 @@
     compress_prefill(kv [B,S,coff*D], gate [B,S,coff*D], ape [m,coff*D], norm_weight [D],
                      cos [B,S//m,R/2], sin [B,S//m,R/2], *, ratio, overlap, eps) -> entries [B,S//m,D]
     compress_decode_step(kv_new [B,coff*D], gate_new [B,coff*D], state_kv [B,span,coff*D],
-                         state_gate [B,span,coff*D], pos [B], ape, norm_weight, cos [B,R/2], sin [B,R/2],
-                         *, ratio, overlap, eps) -> (entry [B,D], closes [B], new_state_kv, new_state_gate)
+                         state_gate [B,span,coff*D], write_slot [B], entry_index [B], ape, norm_weight,
+                         cos [B,R/2], sin [B,R/2], cache_rows [B,N,D], *, ratio, overlap, eps)
+                         -> (entry [B,D], new_state_kv, new_state_gate, new_cache_rows)
 
 Meaning (``reference_prefill`` / ``reference_decode_step`` below are the plain-jnp definitions, and the tests
-check them against the model's ``dsv4_jax.model.compressor.compress_chunk``): entry w pools, per channel, the
+check them against the model's ``dsv4_jax.ops.compressor.compress_chunk``): entry w pools, per channel, the
 slots of its window with a softmax over ``gate + ape`` in fp32 and a weighted sum of ``kv``. Without overlap
 (HCA, m = 128, coff = 1) the slots are tokens [w*m, (w+1)*m) with ``ape[j]``. With overlap (CSA m = 4 and the
 indexer's compressor, coff = 2) there are 2m slots: the a-halves (channels [:D]) of window w-1 with
@@ -15,10 +16,13 @@ indexer's compressor, coff = 2) there are 2m slots: the a-halves (channels [:D])
 not exist (weight 0). Then ``RMSNorm(eps) * norm_weight`` over the D channels and interleaved RoPE on the
 trailing R channels (pairs (2i, 2i+1): even' = e*cos - o*sin, odd' = o*cos + e*sin). Prefill starts at
 position 0 (no state): a prefix of S tokens gives S//m entries, trailing tokens are ignored. Decode keeps
-the raw projections of the last ``span`` tokens (2m with overlap, else m) in a ring at slot ``pos % span``
-(``dsv4_jax/cache.py``); the step writes the new token there and, when ``(pos+1) % m == 0``, emits the entry
-of the window that closes (RoPE angle of position pos+1-m, passed in as cos/sin). ``entry`` is 0 for rows
-that do not close.
+the raw projections of the last ``span`` tokens (2m with overlap, else m) in a ring at slot ``position % span``
+(``dsv4_jax.model.compression.CompressorState``). The step takes the model's precomputed indices
+(``CompressionMeta.state_write_slot`` / ``entry_write_index``): it writes the new token into ring slot
+``write_slot`` (``span``: the row is not decoding, no write) and, when ``entry_index`` < N, the new token
+closes window w = ``entry_index``: the step emits that window's entry (RoPE angle of position w*m, passed in
+as cos/sin) into row w of the compressed cache ``cache_rows`` [B, N, D] (entry w lives in row w). ``entry``
+is 0 for rows that close no window (``entry_index`` >= N).
 
 Backend: the Pallas **Triton** backend (``jax.experimental.pallas.triton``). It is deprecated upstream but
 present and working in the pinned jax 0.11.2, and it lowers everything this kernel is made of: masked
@@ -62,10 +66,10 @@ Design (memory bound: every kv/gate element is read from HBM once):
   signed sin, plus the row times cos, where the cos/sin values are gathered per channel (cos = 1, sin = 0 on
   the nope channels). One [Wb, D] store per program, masked only for windows >= S//m.
 * Decode grid ``(B,)``: the same pooling code on one window per row, with token rows taken from the ring:
-  the closing window's b-half sits at ring slots ``(pos+1-m) % span ..`` (contiguous), the a-half at
-  ``(pos+1) % span ..``. The new token (slot ``pos % span``, the window's last slot) comes from ``kv_new``/
-  ``gate_new`` inside the kernel, which then stores it into that slot of the state; given the compressed
-  cache, it also stores a closing window's entry into its row. State and cache are aliased to the kernel's
+  window w's b-half sits at ring slots ``w*m % span ..`` (contiguous), the a-half at ``(w+1)*m % span ..``
+  (window w-1's tokens). The new token (the window's last slot) comes from ``kv_new``/
+  ``gate_new`` inside the kernel, which then stores it into slot ``write_slot`` of the state, and a closing
+  window's entry into its row of the compressed cache. State and cache are aliased to the kernel's
   outputs (in place when donated). Rows that do not close load nothing (all loads masked) and produce
   exactly 0, so whatever their ring holds cannot leak.
 
@@ -148,27 +152,27 @@ def _span(ratio: int, overlap: bool) -> int:
 
 def _write_state(state, new, slot):
     rows = jnp.arange(state.shape[0])
-    return state.at[rows, slot].set(new.astype(state.dtype))
+    return state.at[rows, slot].set(new.astype(state.dtype), mode="drop")
 
 
-def reference_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_weight, cos, sin, *,
-                          ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32):
+def reference_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, entry_index, ape, norm_weight,
+                          cos, sin, cache_rows, *, ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32):
     """Plain-jnp decode step: write the new token into the ring, emit the entry of a window that closes.
 
     kv_new, gate_new [B,coff*D]; state_kv, state_gate [B,span,coff*D] (ring, slot = position % span);
-    pos [B] int32 (position of the new token); cos, sin [B,R/2] (angle of position pos+1-m).
-    Returns (entry [B,D] (0 where the row does not close), closes [B] bool, new_state_kv, new_state_gate).
+    write_slot [B] int32 (the new token's ring slot, span = no write); entry_index [B] int32 (the window w
+    the new token closes, N = none); cos, sin [B,R/2] (angle of position w*m); cache_rows [B,N,D].
+    Returns (entry [B,D] (0 where the row closes no window), new_state_kv, new_state_gate, new_cache_rows).
     """
     m = ratio
     span = _span(m, overlap)
     B, C = kv_new.shape
     D = C // 2 if overlap else C
-    pos = pos.astype(jnp.int32)
-    closes = (pos + 1) % m == 0
-    new_kv = _write_state(state_kv, kv_new, pos % span)
-    new_gate = _write_state(state_gate, gate_new, pos % span)
-    # the last span tokens, oldest first: positions pos+1-span .. pos
-    tok = pos[:, None] + 1 - span + jnp.arange(span, dtype=jnp.int32)[None, :]
+    closes = entry_index < cache_rows.shape[1]
+    new_kv = _write_state(state_kv, kv_new, write_slot)
+    new_gate = _write_state(state_gate, gate_new, write_slot)
+    # window w's span, oldest first: positions (w+1)*m - span .. (w+1)*m - 1 (the new token last)
+    tok = (entry_index[:, None] + 1) * m - span + jnp.arange(span, dtype=jnp.int32)[None, :]
     slot = jnp.mod(tok, span)
     kv = jnp.take_along_axis(new_kv, slot[:, :, None], axis=1).astype(jnp.float32)
     lg = jnp.take_along_axis(new_gate, slot[:, :, None], axis=1).astype(jnp.float32)
@@ -182,7 +186,9 @@ def reference_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm
     logits = jnp.where(exists, logits, -jnp.inf)
     entry = _rms_norm_rope(_softmax_pool(values, logits), norm_weight, cos, sin, eps)
     entry = jnp.where(closes[:, None], entry, 0.0).astype(out_dtype)
-    return entry, closes, new_kv, new_gate
+    rows = jnp.arange(B)
+    new_cache = cache_rows.at[rows, entry_index].set(entry.astype(cache_rows.dtype), mode="drop")
+    return entry, new_kv, new_gate, new_cache
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,24 +347,19 @@ def _prefill_kernel(kv_ref, g_ref, ape_ref, w_ref, cos_ref, sin_ref, o_ref, *, m
               mask=jnp.broadcast_to(wvalid[:, None], (wb, d)))
 
 
-def _decode_kernel(*refs, m: int, span: int, d: int, ts: int, overlap: bool, eps: float, rope_dim: int,
-                   slot_rows: bool, with_cache: bool):
-    """One program: batch row b. pos_ref [1]; slot_ref [1] (ring slot of the new token, span = no write);
-    nkv_ref/ng_ref [1, coff*d]; skv_ref/sg_ref [span, coff*d]; cos_ref/sin_ref [1, R/2]; with_cache:
-    index_ref [1] (the entry's row in the compressed cache, N = no write) and the cache [N, d]. Outputs: o_ref
+def _decode_kernel(slot_ref, index_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref, _,
+                   o_ref, skv_out_ref, sg_out_ref, cache_out_ref, *, m: int, span: int, d: int, ts: int,
+                   overlap: bool, eps: float, rope_dim: int, slot_rows: bool):
+    """One program: batch row b. slot_ref [1] (ring slot of the new token, span = no write); index_ref [1]
+    (the window w the new token closes = its entry's row in the compressed cache, N = none); nkv_ref/ng_ref
+    [1, coff*d]; skv_ref/sg_ref [span, coff*d]; cos_ref/sin_ref [1, R/2]; the cache [N, d]. Outputs: o_ref
     [1, d]; skv_out_ref/sg_out_ref: the state buffers themselves (aliased), into which the new token is
-    written; with_cache, the cache itself (aliased), into which a closing window's entry is written."""
-    (pos_ref, slot_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_ref, w_ref, cos_ref, sin_ref), rest = refs[:10], refs[10:]
-    if with_cache:
-        index_ref, _, o_ref, skv_out_ref, sg_out_ref, cache_out_ref = rest
-    else:
-        o_ref, skv_out_ref, sg_out_ref = rest
-    pos = pos_ref[0]
-    closes = lax.rem(pos + 1, m) == 0
-    w = lax.div(pos + 1, m) - 1
+    written; cache_out_ref, the cache itself (aliased), into which a closing window's entry is written."""
+    w = index_ref[0]
+    closes = w < cache_out_ref.shape[0]
     # Used only when the window closes (below).
-    b_base = lax.rem(pos + 1 + span - m, span)  # ring slot of the window's first token
-    a_base = lax.rem(pos + 1, span)  # (overlap) slot of the previous window's first token
+    b_base = lax.rem(w * m, span)  # ring slot of the window's first token
+    a_base = lax.rem(w * m + m, span)  # (overlap) slot of the previous window's first token: (w-1)*m mod 2m
     cb = d if overlap else 0
     valid_b = jnp.ones((1,), jnp.bool_)
     valid_a = jnp.broadcast_to(w >= 1, (1,))
@@ -366,7 +367,7 @@ def _decode_kernel(*refs, m: int, span: int, d: int, ts: int, overlap: bool, eps
     new_g = ng_ref[0, pl.ds(cb, d)]
 
     def step(t, carry):
-        # the new token (position pos, ring slot pos % span) is the window's last slot m-1
+        # the new token (position w*m + m - 1) is the window's last slot m-1
         new = (new_kv, new_g, m - 1 - t * ts)
         groups = [_Group(b_base + t * ts + jnp.zeros((1,), jnp.int32), valid_b, cb, new)]
         if overlap:
@@ -384,12 +385,7 @@ def _decode_kernel(*refs, m: int, span: int, d: int, ts: int, overlap: bool, eps
         out = _norm_rope(carry, w_ref, cos_ref, sin_ref, zero1, jnp.ones((1,), jnp.bool_), d=d,
                          rope_dim=rope_dim, eps=eps)
         o_ref[...] = out.astype(o_ref.dtype)
-        if with_cache:
-            row = index_ref[0]
-
-            @pl.when(row < cache_out_ref.shape[0])
-            def _():
-                cache_out_ref[pl.ds(row, 1), :] = out.astype(cache_out_ref.dtype)
+        cache_out_ref[pl.ds(w, 1), :] = out.astype(cache_out_ref.dtype)
 
     @pl.when(jnp.logical_not(closes))
     def _():
@@ -523,19 +519,19 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
 @functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "slots_per_step",
                                              "slot_rows", "num_warps", "num_stages", "interpret",
                                              "poison_outputs"))
-def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_weight, cos, sin, *,
-                         ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32, write_slot=None,
-                         cache_rows=None, entry_index=None, slots_per_step: int | None = None,
-                         slot_rows: bool | None = None, num_warps: int | None = None, num_stages: int = 2,
-                         interpret: bool = False, poison_outputs: bool = False):
-    """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``. write_slot [B]
-    (default ``pos % span``): each row's ring slot for the new token, ``span`` for none (a row that is not
-    decoding keeps its ring: the model passes its metadata's ``state_write_slot``). cache_rows [B, N, D] with
-    entry_index [B]: also write each closing window's entry into that row of the compressed cache (N = no
-    write; the model's ``entry_write_index``), returned as a fifth result (aliased: in place when donated).
+def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, entry_index, ape, norm_weight, cos,
+                         sin, cache_rows, *, ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32,
+                         slots_per_step: int | None = None, slot_rows: bool | None = None,
+                         num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                         poison_outputs: bool = False):
+    """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``. write_slot [B]:
+    each row's ring slot for the new token, ``span`` for none (a row that is not decoding keeps its ring;
+    the model's ``state_write_slot``). entry_index [B]: the window each row's new token closes, which is
+    its entry's row in the compressed cache cache_rows [B, N, D]; N for none (the model's
+    ``entry_write_index``).
 
     The kernel pools the closing window from the old ring plus the new token and writes the new token into
-    the ring (and the entry into the cache): those buffers are aliased to its outputs (in place when they
+    the ring and the entry into the cache: those buffers are aliased to its outputs (in place when they
     are donated, as in the engine's decode step). As separate ``.at[row, slot].set`` scatters these writes
     were three more kernels per compressor: 18 of a batch-1 step's 24 scatter kernels on the Flash-width slice.
     """
@@ -545,22 +541,21 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
     D, R = _check_dims(C, overlap, cos.shape[-1])
     assert gate_new.shape == (B, C) and state_kv.shape == (B, span, C) and state_gate.shape == (B, span, C)
     assert ape.shape == (m, C) and norm_weight.shape == (D,) and cos.shape == (B, R // 2) == sin.shape
-    pos = pos.astype(jnp.int32)
+    if cache_rows.shape[::2] != (B, D) or write_slot.shape != (B,) or entry_index.shape != (B,):
+        raise ValueError(f"compress_decode_step: cache_rows {cache_rows.shape}, write_slot {write_slot.shape}, "
+                         f"entry_index {entry_index.shape}: expected [{B}, N, {D}], [{B}] and [{B}]")
     ts = _slot_step(m, D, 1, slots_per_step)
     if num_warps is None:
         num_warps = _default_warps(ts * D, D)
     slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
-    with_cache = cache_rows is not None
-    if with_cache and (cache_rows.shape[::2] != (B, D) or entry_index is None or entry_index.shape != (B,)):
-        raise ValueError(f"compress_decode_step: cache_rows {cache_rows.shape}, entry_index "
-                         f"{None if entry_index is None else entry_index.shape}: expected [{B}, N, {D}] and [{B}]")
     kernel = functools.partial(_decode_kernel, m=m, span=span, d=D, ts=ts, overlap=overlap, eps=eps,
-                               rope_dim=R, slot_rows=slot_rows, with_cache=with_cache)
+                               rope_dim=R, slot_rows=slot_rows)
     state_spec = pl.BlockSpec((None, span, C), lambda b: (b, 0, 0))
+    cache_spec = pl.BlockSpec((None, *cache_rows.shape[1:]), lambda b: (b, 0, 0))
     row_scalar = pl.BlockSpec((1,), lambda b: (b,))
     in_specs = [
-        row_scalar,  # pos
         row_scalar,  # write slot
+        row_scalar,  # entry index
         pl.BlockSpec((1, C), lambda b: (b, 0)),  # kv_new
         pl.BlockSpec((1, C), lambda b: (b, 0)),  # gate_new
         state_spec,  # state_kv
@@ -569,26 +564,19 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, pos, ape, norm_
         pl.BlockSpec((D,), lambda b: (0,)),  # norm weight
         pl.BlockSpec((1, R // 2), lambda b: (b, 0)),  # cos
         pl.BlockSpec((1, R // 2), lambda b: (b, 0)),  # sin
+        cache_spec,  # compressed cache
     ]
     out_shape = [jax.ShapeDtypeStruct((B, D), out_dtype), jax.ShapeDtypeStruct(state_kv.shape, state_kv.dtype),
-                 jax.ShapeDtypeStruct(state_gate.shape, state_gate.dtype)]
-    out_specs = [pl.BlockSpec((1, D), lambda b: (b, 0)), state_spec, state_spec]
-    slot = pos % span if write_slot is None else write_slot.astype(jnp.int32)
-    args = [pos, slot, kv_new, gate_new, state_kv, state_gate, ape.astype(jnp.float32),
-            norm_weight.astype(jnp.float32), cos.astype(jnp.float32), sin.astype(jnp.float32)]
-    aliases = {4: 1, 5: 2}
-    if with_cache:
-        cache_spec = pl.BlockSpec((None, *cache_rows.shape[1:]), lambda b: (b, 0, 0))
-        args += [entry_index.astype(jnp.int32), cache_rows]
-        in_specs += [row_scalar, cache_spec]
-        out_shape.append(jax.ShapeDtypeStruct(cache_rows.shape, cache_rows.dtype))
-        out_specs.append(cache_spec)
-        aliases[len(args) - 1] = 3
-    entry, new_kv, new_gate, *cache = triton_call(
+                 jax.ShapeDtypeStruct(state_gate.shape, state_gate.dtype),
+                 jax.ShapeDtypeStruct(cache_rows.shape, cache_rows.dtype)]
+    out_specs = [pl.BlockSpec((1, D), lambda b: (b, 0)), state_spec, state_spec, cache_spec]
+    args = [write_slot.astype(jnp.int32), entry_index.astype(jnp.int32), kv_new, gate_new, state_kv, state_gate,
+            ape.astype(jnp.float32), norm_weight.astype(jnp.float32), cos.astype(jnp.float32),
+            sin.astype(jnp.float32), cache_rows]
+    return tuple(triton_call(
         kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs, num_warps=num_warps,
         num_stages=num_stages, interpret=interpret, name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
-        poison=poison_outputs, aliases=aliases)
-    return entry, (pos + 1) % m == 0, new_kv, new_gate, *cache
+        poison=poison_outputs, aliases={4: 1, 5: 2, 10: 3}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -624,33 +612,47 @@ def prefill_inputs(key, B, S, m, D, R, overlap, dtype=jnp.bfloat16):
     return kv, gate, ape, w, cos, sin
 
 
-def decode_inputs(key, B, m, D, R, overlap, *, all_close=True, dtype=jnp.float32):
-    """Random decode inputs; all_close: every row's position closes a window (pos = k*m - 1, k >= 1)."""
+def decode_indices(pos, m: int, overlap: bool, n_entries: int):
+    """Positions [B] of decoding rows -> (write_slot, entry_index) [B] int32 as the model's metadata gives
+    them: the ring slot pos % span, and the window the token closes (N = ``n_entries`` for none)."""
+    pos = jnp.asarray(pos, jnp.int32)
+    closes = (pos + 1) % m == 0
+    return pos % _span(m, overlap), jnp.where(closes, (pos + 1) // m - 1, n_entries).astype(jnp.int32)
+
+
+def decode_inputs(key, B, m, D, R, overlap, *, all_close=True, dtype=jnp.float32, positions=None):
+    """Random decode inputs (``compress_decode_step``'s positional arguments) for rows at ``positions`` [B]
+    (default random; all_close: every row closes a window, pos = k*m - 1, k >= 1), a cache of 4096 // m rows."""
     C = 2 * D if overlap else D
     span = _span(m, overlap)
+    n_entries = 4096 // m
     rng = _rng(key)
     kv_new = _normal(rng, (B, C), 1.0, dtype)
     gate_new = _normal(rng, (B, C), 2.0, dtype)
     state_kv = _normal(rng, (B, span, C))
     state_gate = _normal(rng, (B, span, C), 2.0)
-    if all_close:
+    if positions is not None:
+        pos = positions
+    elif all_close:
         pos = rng.integers(1, 4096 // m, B) * m - 1
     else:
         pos = rng.integers(0, 4096, B)
     ape = _normal(rng, (m, C), 0.5)
     w = 1.0 + _normal(rng, (D,), 0.1)
     cos, sin = _angles(rng, (B, R // 2))
-    return kv_new, gate_new, state_kv, state_gate, jnp.asarray(pos, jnp.int32), ape, w, cos, sin
+    cache = _normal(rng, (B, n_entries, D))
+    slot, index = decode_indices(pos, m, overlap, n_entries)
+    return kv_new, gate_new, state_kv, state_gate, slot, index, ape, w, cos, sin, cache
 
 
 def _decode_entry_pallas(*args, **kwargs):
-    """Bench view of the decode step: entry and closes only (the ring write is an in-place scatter under
-    donation; without donation jit would time a copy of the whole state instead)."""
-    return compress_decode_step(*args, **kwargs)[:2]
+    """Bench view of the decode step: the entry only (the ring and cache writes are in-place under
+    donation; without donation jit would time copies of the whole state and cache instead)."""
+    return compress_decode_step(*args, **kwargs)[0]
 
 
 def _decode_entry_reference(*args, **kwargs):
-    return reference_decode_step(*args, **kwargs)[:2]
+    return reference_decode_step(*args, **kwargs)[0]
 
 
 def bench_cases():
@@ -680,7 +682,7 @@ def bench_cases():
         span = _span(m, overlap)
         C = 2 * D if overlap else D
         # closing rows read span slots x D channels of kv and gate (fp32 ring; the new token from kv_new)
-        nbytes = B * (2 * (span - 1) * D * 4 + 2 * C * 4 + D * 4 + R * 4 + 4)
+        nbytes = B * (2 * (span - 1) * D * 4 + 2 * C * 4 + 2 * D * 4 + R * 4 + 8)  # + the entry's cache row
         cases.append({
             "name": f"decode_{kind}_m{m}_d{D}_B{B}",
             "shapes": {"B": B, "m": m, "D": D, "R": R, "overlap": overlap, "state_dtype": "float32"},

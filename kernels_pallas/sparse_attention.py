@@ -14,7 +14,7 @@ valid key returns 0. ``reference`` below is the plain-jnp definition; ``sparse_a
 Prefill is the same per query token: token t of a chunk uses the window block ``win_keys[:, t // Bq]`` under
 its own mask row ``win_mask[:, t]``, and its own id row ``entry_ids[:, t]``: the indexer's top-k picks on CSA
 layers, ``arange(N)`` masked to -1 from the query's visible count on HCA layers (the model's layouts). The
-window blocks are ``dsv4_jax.model.attention.window_keys``'s (``dsv4_jax.model.metadata.WindowMeta``): Kw = W + Bq
+window blocks are the model's (``dsv4_jax.model.sliding_window.window_keys``): Kw = W + Bq
 ring/chunk rows per query block for a chunk of C > 1 tokens; for the model's decode step (C = 1) the written
 ring itself in slot order, Kw = W. The kernel takes any Kw the block and mask shapes agree on.
 ``reference_prefill`` is ``reference`` applied to every query token.

@@ -65,12 +65,10 @@ def prefill_inputs(key, cfg: DeepseekV4Config, *, prompt: int, chunk: int, ratio
     mask = meta.window.key_mask  # [1, C, Kw]
     win_keys = jax.random.normal(kw, (1, C // min(W, C), mask.shape[-1], D), jnp.float32).astype(dtype)
     entries = jax.random.normal(ke, (1, N, D), jnp.float32).astype(dtype)
-    if ratio == cfg.csa_compress_rate:
+    entry_ids = meta.compression[ratio].visible_ids  # HCA; None for CSA
+    if entry_ids is None:
         scores = jax.random.uniform(ki, (1, C, N), jnp.float32)
         entry_ids = select_topk(scores, n_visible, min(cfg.index_topk, N))
-    else:
-        entry = jnp.arange(N, dtype=jnp.int32)
-        entry_ids = jnp.where(entry < n_visible[..., None], entry, -1)
     sinks = jax.random.normal(ks, (H,), jnp.float32)
     return q, win_keys, mask, entries, entry_ids, sinks
 

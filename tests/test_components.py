@@ -333,7 +333,7 @@ def test_compressor_entries_match_reference(components, name, layer):
     assert_close(cm.entry_sin[:, :n_entries], ref_sin.expand(comp.B, -1, -1), "entry sin")
 
     cache = comp.fresh_cache(layer)
-    rows = np.asarray(ours.compress(x, cache.compressor, cache.compressed_kv, cm, comp.meta.positions)[0])
+    rows = np.asarray(ours.compress(x, cache.compressor, cache.compressed_kv, cm)[0])
     ref_rows = call.output[0][:, 0]  # [B, N, D]
     assert rows.shape == ref_rows.shape == (comp.B, n_entries, cfg.head_dim)
     for w in range(n_entries):  # per entry, so a wrong overlap or position shows which row
@@ -342,14 +342,13 @@ def test_compressor_entries_match_reference(components, name, layer):
     # A larger cache: the trailing incomplete window writes nothing.
     capacity = comp.S + m
     big = comp.fresh_cache(layer, capacity)
-    big_meta = comp.metadata(capacity)
-    big_rows = np.asarray(ours.compress(x, big.compressor, big.compressed_kv, big_meta.compression[m],
-                                        big_meta.positions)[0])
+    big_rows = np.asarray(ours.compress(x, big.compressor, big.compressed_kv,
+                                        comp.metadata(capacity).compression[m])[0])
     np.testing.assert_array_equal(big_rows[:, :n_entries], rows)
     assert big_rows.shape[1] > n_entries and not big_rows[:, n_entries:].any()
 
     if ours.indexer is not None:
-        keys = np.asarray(ours.indexer.compress(x, cache.indexer, cache.index_keys, cm, comp.meta.positions)[0])
+        keys = np.asarray(ours.indexer.compress(x, cache.indexer, cache.index_keys, cm)[0])
         ref_keys = comp.calls[path + ".indexer.scorer"].args[1]  # [B, N, D_I]
         for w in range(n_entries):
             assert_close(keys[:, w], ref_keys[:, w], f"layer {layer} indexer key {w}")
@@ -373,7 +372,7 @@ def test_indexer_matches_reference(components, name, above_topk):
     cos, sin = comp.meta.rope["compress"]
     cache = comp.fresh_cache(layer)
     picks, keys, _ = indexer(x, q_latent, cos, sin, cache.indexer, cache.index_keys,
-                             comp.meta.compression[m], comp.meta.positions)
+                             comp.meta.compression[m])
 
     # Scores from our query path, our keys and our head weights.
     q = apply_rope(indexer.q_b_proj(q_latent).reshape(comp.B, comp.C, H, D), cos[:, :, None], sin[:, :, None])

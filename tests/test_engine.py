@@ -131,13 +131,15 @@ def test_padding_never_writes_cache(model):
         assert np.asarray(leaf[0]).any()
 
 
-def _metadata_eqns(jaxpr, inherited=""):
-    """Yield (name_stack, eqn) over a jaxpr and its sub-jaxprs, in program order."""
+def _metadata_eqns(jaxpr, inherited="", into_kernels=True):
+    """Yield (name_stack, eqn) over a jaxpr and its sub-jaxprs (with ``into_kernels``, the Pallas kernels'
+    bodies too), in program order."""
     for eqn in jaxpr.eqns:
         stack = inherited + "/" + str(eqn.source_info.name_stack)
         yield stack, eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _metadata_eqns(sub, stack)
+        if into_kernels or eqn.primitive.name != "pallas_call":
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from _metadata_eqns(sub, stack, into_kernels)
 
 
 @pytest.mark.parametrize("n_layers", [3, 7])
@@ -169,6 +171,35 @@ def test_metadata_is_built_once_before_the_first_layer(n_layers):
 
 
 test_metadata_is_built_once_before_the_first_layer.counts = {}
+
+
+@pytest.mark.parametrize("kernels", ["xla", "pallas"])
+@pytest.mark.parametrize("C", [1, 12])
+def test_layers_build_no_index_the_metadata_holds(kernels, C):
+    """The metadata step builds every index a layer reads: no layer scope builds the HCA visible entry ids
+    (an iota over the HCA entry axis) or assembles index or mask lists (a concatenate of integer or boolean
+    arrays; the only ones left join one-wide index columns into gather / scatter index tuples), on either
+    kernel path, for a chunk and a decode step (CPU: the Pallas kernels are traced, not run)."""
+    types = (SLIDING, CSA, HCA)
+    cfg = dataclasses.replace(CFG, num_hidden_layers=3, layer_types=types, mlp_layer_types=CFG.mlp_layer_types[:3])
+    graphdef, state = nnx.split(DeepseekV4ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    B, cap = 2, 32
+    n_hca = cap // cfg.hca_compress_rate
+    assert n_hca not in (B, cap // cfg.csa_compress_rate)  # an iota of this length can only be the HCA ids
+
+    def step(state, cache, ids, start, n_new):
+        return run_chunk(nnx.merge(graphdef, state), cache, ids, start, n_new, cap, kernels=kernels)
+
+    jaxpr = jax.make_jaxpr(step)(state, init_cache(cfg, B, cap, jnp.float32), jnp.zeros((B, C), jnp.int32),
+                                 jnp.zeros(B, jnp.int32), jnp.full(B, C, jnp.int32)).jaxpr
+    in_layers = [e for s, e in _metadata_eqns(jaxpr, into_kernels=False) if "layer_" in s]
+    assert in_layers
+    ids = [e for e in in_layers if e.primitive.name == "iota" and e.params["shape"][e.params["dimension"]] == n_hca]
+    assert not ids, "a layer builds the HCA visible entry ids"
+    lists = [e for e in in_layers if e.primitive.name == "concatenate"
+             and not jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating)
+             and any(v.aval.shape[e.params["dimension"]] > 1 for v in e.invars)]
+    assert not lists, [str(e) for e in lists]
 
 
 def test_same_inputs_bitwise_identical(model):

@@ -275,7 +275,7 @@ def test_reference_prefill_matches_model_attention(hca):
 def _prefill_abstract(B, C, H, D, W, K, N):
     sds = jax.ShapeDtypeStruct
     bq = min(W, C)
-    Kw = W if C == 1 else W + bq  # the model's window layouts (dsv4_jax.model.metadata.WindowMeta)
+    Kw = W if C == 1 else W + bq  # the model's window layouts (dsv4_jax.model.sliding_window.WindowMeta)
     return (sds((B, C, H, D), jnp.bfloat16), sds((B, C // bq, Kw, D), jnp.bfloat16), sds((B, C, Kw), jnp.bool_),
             sds((B, N, D), jnp.bfloat16), sds((B, C, K), jnp.int32), sds((H,), jnp.float32))
 

@@ -1,4 +1,4 @@
-"""Metadata: the sliding window's decode layout (``dsv4_jax.model.metadata.WindowMeta``, C == 1)."""
+"""Metadata: the sliding window's decode layout (``dsv4_jax.model.sliding_window.WindowMeta``, C == 1)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny
-from dsv4_jax.model.attention import window_keys
 from dsv4_jax.model.metadata import build_metadata
+from dsv4_jax.model.sliding_window import window_keys
 
 W = 8
 

@@ -15,9 +15,9 @@ from conftest import tiny
 from flax import nnx
 
 from dsv4_jax import ops
-from dsv4_jax.model.cache import CompressorState
+from dsv4_jax.model.compression import CompressorState, span_of
 from dsv4_jax.model.config import CSA, HASH_MOE
-from dsv4_jax.model.metadata import build_metadata, span_of
+from dsv4_jax.model.metadata import build_metadata
 from dsv4_jax.model.transformer import DeepseekV4ForCausalLM, _stateless_logits
 from kernels_pallas import compressor as cp
 from kernels_pallas import expert_rows as er
@@ -185,16 +185,16 @@ def test_compressor_decode_step(choice, kind):
     cache = randn(B, N, D)
     meta = build_metadata(cfg, pos, jnp.ones((B,), jnp.int32), 1, 64).compression[m]
     with ops.use(choice):
-        got_cache, got_state = ops.compressor_decode_step(kv, gate, state, cache, meta, pos[:, None], ape, w,
-                                                          eps=EPS, overlap=overlap)
-    entry, closes, want_kv, want_gate = cp.reference_decode_step(
-        kv[:, 0], gate[:, 0], state.kv, state.gate, pos, ape, w, meta.entry_cos[:, 0], meta.entry_sin[:, 0],
-        ratio=m, overlap=overlap, eps=EPS)
-    assert np.asarray(closes).any() and not np.asarray(closes).all()
+        got_cache, got_state = ops.compressor_decode_step(kv, gate, state, cache, meta, ape, w, eps=EPS,
+                                                          overlap=overlap)
+    rows = np.asarray(meta.entry_write_index[:, 0])
+    entry, want_kv, want_gate, _ = cp.reference_decode_step(
+        kv[:, 0], gate[:, 0], state.kv, state.gate, meta.state_write_slot[:, 0], meta.entry_write_index[:, 0], ape,
+        w, meta.entry_cos[:, 0], meta.entry_sin[:, 0], cache, ratio=m, overlap=overlap, eps=EPS)
+    closing = rows < N
+    assert closing.any() and not closing.all()
     np.testing.assert_array_equal(np.asarray(got_state.kv), np.asarray(want_kv))
     np.testing.assert_array_equal(np.asarray(got_state.gate), np.asarray(want_gate))
-    rows = np.asarray(meta.entry_write_index[:, 0])
-    closing = np.asarray(closes)
     assert_close(np.asarray(got_cache)[closing, rows[closing]], np.asarray(entry)[closing], 1e-5)
     untouched = np.ones((B, N), bool)
     untouched[closing, rows[closing]] = False

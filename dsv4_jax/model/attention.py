@@ -12,38 +12,20 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from .. import ops
 from ..ops.dense import unweighted_rms_norm
 from .layers import Linear, RMSNorm
 from .cache import LayerCache
+from .compression import overlaps
 from .compressor import Compressor
-from .config import CSA, SLIDING, DeepseekV4Config
+from .config import DeepseekV4Config
 from .indexer import Indexer
-from .metadata import ForwardMetadata, WindowMeta, query_block
+from .metadata import ForwardMetadata
 from .rope import apply_rope, rope_kind_of
+from .sliding_window import query_block, window_keys
 from .spec import Storage, param
-
-
-def window_keys(ring: jax.Array, chunk_kv: jax.Array, window: WindowMeta,
-                block: int) -> tuple[jax.Array, jax.Array]:
-    """ring [B, W, D] (slot order), chunk_kv [B, C, D] -> (keys [B, C/Bq, Kw, D], ring after the chunk's write).
-
-    Kw and the key order are ``WindowMeta``'s: for C == 1 the written ring itself (Kw = W, slot order; no
-    gather or concatenate on the decode step), else W + Bq rows of concat(ring in position order, chunk)
-    per query block, read from the ring before the write.
-    """
-    written = ring.at[jnp.arange(ring.shape[0])[:, None], window.ring_write_slot].set(chunk_kv, mode="drop")
-    if chunk_kv.shape[1] == 1:
-        return written[:, None], written
-    W = ring.shape[1]
-    ordered = jnp.take_along_axis(ring, window.ring_order[..., None], axis=1)
-    rows = jnp.concatenate([ordered, chunk_kv], axis=1)
-    n_blocks = chunk_kv.shape[1] // block
-    gather = np.arange(n_blocks)[:, None] * block + np.arange(W + block)[None, :]
-    return rows[:, gather], written
 
 
 class GroupedLinear(nnx.Module):
@@ -77,10 +59,10 @@ class Attention(nnx.Module):
         self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, axes=("embed", "o_lora"), **fp8)
         self.sinks = param(jax.random.normal(rngs.params(), (H,), jnp.float32), ("heads",), Storage.FP32)
         compressor = None
-        if self.layer_type != SLIDING:
-            is_csa = self.layer_type == CSA
-            compressor = Compressor(cfg, cfg.compress_rate(self.layer_type), D, is_csa, dtype=dtype, rngs=rngs,
-                                    indexer=Indexer(cfg, dtype=dtype, rngs=rngs) if is_csa else None)
+        m = cfg.compress_rate(self.layer_type)
+        if m:
+            compressor = Compressor(cfg, m, D, dtype=dtype, rngs=rngs,
+                                    indexer=Indexer(cfg, dtype=dtype, rngs=rngs) if overlaps(cfg, m) else None)
         self.compressor = nnx.data(compressor)
 
     def __call__(self, x: jax.Array, meta: ForwardMetadata, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
@@ -104,18 +86,17 @@ class Attention(nnx.Module):
         entries = entry_ids = None
         if self.compressor is not None:
             cm = meta.compression[self.compressor.ratio]
-            compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm, meta.positions)
+            compressed, state = self.compressor.compress(x, cache.compressor, cache.compressed_kv, cm)
             cache = dataclasses.replace(cache, compressed_kv=compressed, compressor=state)
             if compressed.shape[1] == 0:
                 pass  # capacity below one window: no entry can ever exist
             elif self.compressor.indexer is not None:
                 entry_ids, keys, istate = self.compressor.indexer(x, q_latent, cos, sin, cache.indexer,
-                                                                  cache.index_keys, cm, meta.positions)
+                                                                  cache.index_keys, cm)
                 cache = dataclasses.replace(cache, index_keys=keys, indexer=istate)
                 entries = compressed
             else:
-                entry = jnp.arange(compressed.shape[1], dtype=jnp.int32)
-                entries, entry_ids = compressed, jnp.where(entry < cm.n_visible[..., None], entry, -1)
+                entries, entry_ids = compressed, cm.visible_ids
 
         o = ops.sparse_attention(q, win_keys, meta.window.key_mask, entries, entry_ids, self.sinks[...], D**-0.5,
                                  shared_entries=self.compressor is not None and self.compressor.indexer is None)

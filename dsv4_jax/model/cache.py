@@ -1,11 +1,9 @@
-"""Per-layer decode state as pytrees (donated through ``jax.jit`` by the engine).
+"""Per-layer decode state as pytrees (donated through ``jax.jit`` by the engine), assembled from the pieces
+of the concepts that own them.
 
-Every layer keeps its sliding window as a ring of post-norm, post-RoPE K=V rows indexed by
-``position % W``. CSA/HCA layers add their compressed entries (row w = window w) and the
-compressor state: the raw kv/gate projections of the last ``span`` tokens (ring by
-``position % span``), which covers the open window and, for the overlapping CSA compressor,
-the previous window's a-half. CSA layers add the indexer's keys and its compressor state.
-Every array field declares its logical axes (model/spec.py ``axes_field``).
+Every layer keeps its sliding window ring (sliding_window.py). CSA/HCA layers add their compressed entries
+(row w = window w) and the compressor state (compression.py); CSA layers add the indexer's keys and its
+compressor state. Every array field declares its logical axes (model/spec.py ``axes_field``).
 """
 
 from __future__ import annotations
@@ -15,17 +13,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .config import CSA, SLIDING, DeepseekV4Config
-from .metadata import span_of
+from .compression import CompressorState, init_compressor_state, overlaps
+from .config import DeepseekV4Config
+from .sliding_window import init_ring
 from .spec import axes_field
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class CompressorState:
-    kv: jax.Array = axes_field("batch", "span", "kv")  # [B, span, coff * D] fp32 raw projections
-    # [B, span, coff * D] fp32 raw gate logits (position bias added when pooling)
-    gate: jax.Array = axes_field("batch", "span", "kv")
 
 
 @jax.tree_util.register_dataclass
@@ -38,29 +29,21 @@ class LayerCache:
     indexer: CompressorState | None = None
 
 
-def _compressor_state(batch: int, span: int, width: int) -> CompressorState:
-    return CompressorState(kv=jnp.zeros((batch, span, width), jnp.float32),
-                           gate=jnp.zeros((batch, span, width), jnp.float32))
-
-
 def init_layer_cache(cfg: DeepseekV4Config, layer: int, batch: int, capacity: int, dtype) -> LayerCache:
-    layer_type = cfg.layer_types[layer]
-    window = jnp.zeros((batch, cfg.sliding_window, cfg.head_dim), dtype)
-    if layer_type == SLIDING:
+    window = init_ring(cfg, batch, dtype)
+    m = cfg.layer_compress_rate(layer)
+    if m == 0:
         return LayerCache(window_kv=window)
-    m = cfg.compress_rate(layer_type)
-    span = span_of(cfg, m)
-    coff = 2 if layer_type == CSA else 1
     cache = LayerCache(
         window_kv=window,
         compressed_kv=jnp.zeros((batch, capacity // m, cfg.head_dim), dtype),
-        compressor=_compressor_state(batch, span, coff * cfg.head_dim),
+        compressor=init_compressor_state(cfg, m, cfg.head_dim, batch),
     )
-    if layer_type == CSA:
+    if overlaps(cfg, m):  # CSA: the indexer's keys and its own overlapping compressor
         cache = dataclasses.replace(
             cache,
             index_keys=jnp.zeros((batch, capacity // m, cfg.index_head_dim), dtype),
-            indexer=_compressor_state(batch, span, 2 * cfg.index_head_dim),
+            indexer=init_compressor_state(cfg, m, cfg.index_head_dim, batch),
         )
     return cache
 

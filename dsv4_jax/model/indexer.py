@@ -12,11 +12,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import ops
-from .layers import Linear
-from .cache import CompressorState
+from .compression import CompressionMeta, CompressorState
 from .compressor import Compressor
 from .config import DeepseekV4Config
-from .metadata import CompressionMeta
+from .layers import Linear
 from .rope import apply_rope
 from .spec import Storage
 
@@ -31,7 +30,7 @@ class Indexer(Compressor):
     """The indexer's own overlapping compressor (width D_I) plus its query projection and scorer."""
 
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
-        super().__init__(cfg, cfg.csa_compress_rate, cfg.index_head_dim, True, dtype=dtype, rngs=rngs)
+        super().__init__(cfg, cfg.csa_compress_rate, cfg.index_head_dim, dtype=dtype, rngs=rngs)
         self.cfg = cfg
         self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, axes=("index_heads", "q_lora"),
                                storage=Storage.FP8, dtype=dtype, rngs=rngs)
@@ -47,12 +46,11 @@ class Indexer(Compressor):
         w = self.scorer.weights_proj(x, out_dtype=jnp.float32) * (c.index_head_dim**-0.5 * c.index_n_heads**-0.5)
         return q, w
 
-    def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta,
-                 positions: jax.Array | None = None):
-        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state); ``positions``
-        [B, C] as in ``Compressor.compress``. The ids are a set: Pallas' top-k returns them in ascending id
-        order, the XLA path by descending score (every consumer is order-free)."""
-        keys, state = self.compress(x, state, keys, meta, positions)
+    def __call__(self, x, q_latent, cos, sin, state: CompressorState, keys: jax.Array, meta: CompressionMeta):
+        """Returns (top-k entry ids [B, C, k], updated keys [B, N, D_I], new compressor state). The ids are a
+        set: Pallas' top-k returns them in ascending id order, the XLA path by descending score (every consumer
+        is order-free)."""
+        keys, state = self.compress(x, state, keys, meta)
         q, w = self.queries(x, q_latent, cos, sin)
         k = min(self.cfg.index_topk, keys.shape[1])
         return ops.topk(ops.indexer_scores(q, keys, w, meta.n_visible), meta.n_visible, k), keys, state

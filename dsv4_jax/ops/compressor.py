@@ -10,22 +10,19 @@ import jax
 import jax.numpy as jnp
 from kernels_pallas.compressor import compress_decode_step, compress_prefill
 
-from ..model.cache import CompressorState
-from ..model.metadata import CompressionMeta
+from ..model.compression import CompressionMeta, CompressorState, window_spans
 from ..model.rope import apply_rope
 from .choice import interpret, pallas
 from .dense import rms_norm
 
 
-def compress(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, positions, ape, norm_weight, *,
+def compress(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, ape, norm_weight, *,
              eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
-    """kv, gate [B, C, coff * D] fp32 raw projections of a chunk at token ``positions`` [B, C] -> (the
-    compressed cache [B, N, D] with the chunk's closing windows written, the new state): a step of one token
-    into a non-empty cache is ``compressor_decode_step``, anything else ``compressor_prefill`` and the
-    writes."""
+    """kv, gate [B, C, coff * D] fp32 raw projections of a chunk -> (the compressed cache [B, N, D] with the
+    chunk's closing windows written, the new state): a step of one token into a non-empty cache is
+    ``compressor_decode_step``, anything else ``compressor_prefill`` and the writes."""
     if kv.shape[1] == 1 and cache_rows.shape[1]:
-        return compressor_decode_step(kv, gate, state, cache_rows, meta, positions, ape, norm_weight, eps=eps,
-                                      overlap=overlap)
+        return compressor_decode_step(kv, gate, state, cache_rows, meta, ape, norm_weight, eps=eps, overlap=overlap)
     entries, state = compressor_prefill(kv, gate, state, meta, ape, norm_weight, eps=eps, overlap=overlap,
                                         out_dtype=cache_rows.dtype)
     return write_entries(cache_rows, entries, meta), state
@@ -41,13 +38,12 @@ def compressor_prefill(kv, gate, state: CompressorState, meta: CompressionMeta, 
             write_state(state, kv, gate, meta))
 
 
-def compressor_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, positions, ape,
-                           norm_weight, *, eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
-    """One token per row (kv, gate [B, 1, coff * D] at ``positions`` [B, 1]) -> (compressed cache [B, N, D]
-    with the closing windows' entries written, new state). Pallas: one kernel; XLA: ``compressor_prefill``
-    and the writes."""
+def compressor_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, ape, norm_weight, *,
+                           eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
+    """One token per row (kv, gate [B, 1, coff * D]) -> (compressed cache [B, N, D] with the closing windows'
+    entries written, new state). Pallas: one kernel; XLA: ``compressor_prefill`` and the writes."""
     if pallas("compressor_decode_step"):
-        return pallas_decode_step(kv, gate, state, cache_rows, meta, positions, ape, norm_weight, eps, overlap)
+        return pallas_decode_step(kv, gate, state, cache_rows, meta, ape, norm_weight, eps, overlap)
     entries, state = compressor_prefill(kv, gate, state, meta, ape, norm_weight, eps=eps, overlap=overlap,
                                         out_dtype=cache_rows.dtype)
     return write_entries(cache_rows, entries, meta), state
@@ -77,16 +73,15 @@ def compress_chunk(kv: jax.Array, gate: jax.Array, state: CompressorState, meta:
     kv, gate: [B, C, coff * D] raw projections of the chunk. Returns (entries [B, nW, D], new state);
     only rows with ``meta.entry_write_index < capacity`` are real entries.
     """
-    B, nW, span = meta.source_index.shape
+    m = ape.shape[0]
     kv = kv.astype(jnp.float32)
     gate = gate.astype(jnp.float32)
     src_kv = jnp.concatenate([state.kv, kv], axis=1)
     src_gate = jnp.concatenate([state.gate, gate], axis=1)
-    idx = meta.source_index.reshape(B, nW * span, 1)
-    valid = meta.source_valid[..., None]
-    g_kv = jnp.take_along_axis(src_kv, idx, axis=1).reshape(B, nW, span, -1)
-    g_gate = jnp.take_along_axis(src_gate, idx, axis=1).reshape(B, nW, span, -1)
-    pooled = pool_windows(jnp.where(valid, g_kv, 0.0), jnp.where(valid, g_gate, -jnp.inf),
+    idx, valid = meta.token_index[..., None], meta.token_valid[..., None]
+    tok_kv = jnp.where(valid, jnp.take_along_axis(src_kv, idx, axis=1), 0.0)
+    tok_gate = jnp.where(valid, jnp.take_along_axis(src_gate, idx, axis=1), -jnp.inf)
+    pooled = pool_windows(window_spans(tok_kv, m, overlap), window_spans(tok_gate, m, overlap),
                           ape.astype(jnp.float32), overlap)
     entries = apply_rope(rms_norm(pooled, norm_weight, eps), meta.entry_cos, meta.entry_sin).astype(out_dtype)
     return entries, write_state(state, kv, gate, meta)
@@ -101,21 +96,6 @@ def write_state(state: CompressorState, kv: jax.Array, gate: jax.Array, meta: Co
     )
 
 
-def window_tokens(meta: CompressionMeta, overlap: bool) -> tuple[jax.Array, jax.Array]:
-    """The tokens of the chunk's windows once each, in position order: (rows of concat(state ring, chunk),
-    exists) [B, L]. ``meta.source_index`` lists every window's span; with the overlap a window's a-half is the
-    previous window's b-half, so L = (nW + 1) * m starting with the first window's a-half, else L = nW * m."""
-    B, nW, span = meta.source_index.shape
-    if not overlap:
-        return meta.source_index.reshape(B, nW * span), meta.source_valid.reshape(B, nW * span)
-    m = span // 2
-
-    def tokens(x):
-        return jnp.concatenate([x[:, 0, :m], x[:, :, m:].reshape(B, nW * m)], axis=1)
-
-    return tokens(meta.source_index), tokens(meta.source_valid)
-
-
 ABSENT_GATE = -1e30  # gate of a token that does not exist: weight exactly 0 next to any real token, and finite,
 # so a window without real tokens pools to 0 instead of NaN
 
@@ -125,11 +105,11 @@ def pallas_chunk_entries(kv, gate, state: CompressorState, meta: CompressionMeta
     """``compress_chunk``'s entries through the Pallas prefill kernel (kernels_pallas/compressor.py).
 
     The kernel pools consecutive windows of a token sequence that starts at a window boundary, with no a-half
-    for its first window. It gets the chunk's window tokens in order (``window_tokens``; missing ones with a
+    for its first window. It gets the chunk's window tokens in order (``meta.token_index``; missing ones with a
     zero kv and ``ABSENT_GATE``); with the overlap its first window is the a-half source of the chunk's first
     window, and its entry is dropped. Returns entries [B, nW, D].
     """
-    idx, exists = window_tokens(meta, overlap)
+    idx, exists = meta.token_index, meta.token_valid
     src_kv = jnp.concatenate([state.kv, kv.astype(jnp.float32)], axis=1)
     src_gate = jnp.concatenate([state.gate, gate.astype(jnp.float32)], axis=1)
     tok_kv = jnp.where(exists[..., None], jnp.take_along_axis(src_kv, idx[..., None], axis=1), 0.0)
@@ -142,18 +122,18 @@ def pallas_chunk_entries(kv, gate, state: CompressorState, meta: CompressionMeta
     return entries[:, 1:] if overlap else entries
 
 
-def pallas_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, positions, ape,
-                       norm_weight, eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
+def pallas_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, ape, norm_weight,
+                       eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
     """A decode step through the Pallas decode-step kernel: (compressed cache [B, N, D], new state), as
     ``write_entries`` and ``write_state`` after ``compress_chunk``, in one kernel: it pools the closing window
-    from the old state ring plus the new token (kv, gate [B, 1, coff * D] at ``positions`` [B, 1]) into cache
-    row ``entry_write_index``, and writes the new token into the ring at ``state_write_slot`` (rows that are
+    from the old state ring plus the new token (kv, gate [B, 1, coff * D]) into cache row
+    ``entry_write_index``, and writes the new token into the ring at ``state_write_slot`` (rows that are
     not decoding keep both)."""
-    _, _, new_kv, new_gate, cache_rows = compress_decode_step(
-        kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv, state.gate, positions[:, 0], ape,
-        norm_weight, meta.entry_cos[:, 0], meta.entry_sin[:, 0], ratio=ape.shape[0], overlap=overlap, eps=eps,
-        out_dtype=cache_rows.dtype, write_slot=meta.state_write_slot[:, 0], cache_rows=cache_rows,
-        entry_index=meta.entry_write_index[:, 0], interpret=interpret())
+    _, new_kv, new_gate, cache_rows = compress_decode_step(
+        kv[:, 0].astype(jnp.float32), gate[:, 0].astype(jnp.float32), state.kv, state.gate,
+        meta.state_write_slot[:, 0], meta.entry_write_index[:, 0], ape, norm_weight, meta.entry_cos[:, 0],
+        meta.entry_sin[:, 0], cache_rows, ratio=ape.shape[0], overlap=overlap, eps=eps, out_dtype=cache_rows.dtype,
+        interpret=interpret())
     return cache_rows, CompressorState(kv=new_kv, gate=new_gate)
 
 
