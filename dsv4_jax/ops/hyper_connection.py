@@ -19,10 +19,8 @@ from .dense import rms_norm
 
 
 # Up to this many tokens the Pallas pre-step also applies the sub-block's RMSNorm (one program per token holds
-# whole rows), saving two XLA kernels per sub-block: on an H200 (run 31, one process) a Flash-width slice's
-# decode step took 1.692 against 1.713 ms at batch 1, 4.27 against 4.40 at batch 8, and tied at batch 32.
-# Above it (prefill) the kernel's column-split grid, then XLA's norm: a 4K prefill tied, and at 16384 tokens
-# the kernel with the norm was busy 1317 us against 1205 without.
+# whole rows), saving two XLA kernels per sub-block; above it (prefill) the kernel's column-split grid, then
+# XLA's norm, which was faster there (docs/performance.md, the mHC pre-step under "Tried and reverted").
 NORM_IN_KERNEL_MAX_TOKENS = 32
 
 

@@ -38,10 +38,9 @@ class DeviceSteps:
     model under ``ops.use(kernels)``, so each choice compiles its own step.
 
     Both take the model's weights first, as a list of arrays (``split_weights``), and close over the graph
-    definition and the state's tree structure: a batch-1 step on an H200 is bound by the host's time to
-    issue it (docs/performance.md). Hashing the graph definition as a static argument cost ~0.7 ms per
-    call on a CI-class CPU; flattening the nnx.State (172 leaves for the 6-layer Flash-width slice) cost
-    ~0.2 ms, where a list of arrays flattens in C++ (a jitted call: 265 -> 53 us).
+    definition and the state's tree structure: a batch-1 step is bound by the host's time to issue it, and
+    hashing a graph definition or flattening an nnx.State per call costs far more than a list of arrays,
+    which flattens in C++ (docs/performance.md, "Host time").
     """
 
     def __init__(self, graphdef, state_def, capacity: int, layers=None):
@@ -103,21 +102,17 @@ def parse_kernels(kernels: str | ops.Kernels | None) -> ops.Kernels:
 
 def default_kernels() -> str:
     """The implementation the engine uses unless told. Off the GPU, the plain-JAX reference (Pallas runs
-    there only in interpret mode, for tests). On the GPU, "pallas", from scripts/bench_generate.py on the
-    Flash-width slice (docs/performance.md, H200): decode 5.6 / 11.6 / 22.0 ms per step at batch 8 / 32 / 128
-    (2026-11-29) against 11.8 / 40.0 / 119.8 ms for "xla" (2026-11-28), whose experts copy the picked matrices or
-    run a dense ragged dot; prefill, where "xla" ran out of memory on a 4K prompt. At batch 1 "xla" measured
-    2.98 ms against 3.23 ms in one run; later "pallas" measured 2.35 ms with the Pallas top-k, 2.02 ms with
-    the mHC pre-step kernel and 1.80 ms with the per-row expert kernel (xla not re-measured), so no
-    per-batch switch."""
+    there only in interpret mode, for tests). On the GPU, "pallas": faster at every measured batch size, and
+    XLA's prefill runs out of memory in its dense ragged dot (docs/performance.md, "Why "pallas" is the GPU
+    default")."""
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 def default_prefill_chunk() -> int:
-    """Prompt tokens per prefill step unless told. On the GPU 16384: the Flash-width slice prefilled a 32K
-    prompt at 28% of the bf16 matmul rate in 2048-token chunks, 45-46% in 8192 and 50% in 16384 (H200,
-    2026-11-29, docs/performance.md): each expert's grouped matmul gets more rows. Elsewhere 256 (the demo
-    model on a CPU). Short prompts do not pay for a long chunk (``Engine.prefill`` shrinks the steps)."""
+    """Prompt tokens per prefill step unless told. On the GPU 16384: the longer the chunk, the more rows
+    each expert's grouped matmul gets (docs/performance.md, "Why 16384-token prefill chunks"). Elsewhere 256
+    (the demo model on a CPU). Short prompts do not pay for a long chunk (``Engine.prefill`` shrinks the
+    steps)."""
     return 16384 if jax.default_backend() == "gpu" else 256
 
 
@@ -271,7 +266,7 @@ class Engine:
         # Padding rows: one token each, inactive from the start, so they never yield a token.
         padded = prompts + [prompts[0][:1]] * (batch_bucket(len(prompts)) - len(prompts))
         logits, cache, lens = self.prefill(padded)
-        # The settings as device scalars once per generation: making them took ~0.15 ms of host time a step.
+        # The settings as device scalars once per generation, not per step: host time a batch-1 step cannot spare.
         settings = sampling_args(sampling)
         step_tokens, pos, key = first_token(logits, lens, seed, *settings, filters=sampling.filters)
         tokens = np.asarray(step_tokens)

@@ -56,8 +56,8 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array, *, filters: bool = True) -> jax.Array:
     """logits [B, V] -> token ids [B] int32. ``filters`` (static, ``SamplingParams.filters``): False skips
-    top-k / top-p, whose sort of the whole vocabulary took 48 us of a 2 ms batch-1 decode step on an H200
-    (docs/performance.md) even when both were off."""
+    top-k / top-p, whose sort of the whole vocabulary costs a batch-1 decode step time even when both are
+    off (docs/performance.md)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     if filters:
