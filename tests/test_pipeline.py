@@ -339,7 +339,8 @@ def test_more_stages_than_devices():
     from dsv4_jax.model.transformer import InputError
     from dsv4_jax.runtime.pipeline import PipelineEngine
     n = len(jax.devices())
-    with pytest.raises(InputError, match=rf"^pp {n + 1} needs {n + 1} devices but {n} are available \(on CPU: "
+    verb = "is" if n == 1 else "are"
+    with pytest.raises(InputError, match=rf"^pp {n + 1} needs {n + 1} devices but {n} {verb} available \(on CPU: "
                                          rf"XLA_FLAGS=--xla_force_host_platform_device_count={n + 1}\)$"):
         PipelineEngine(_small_model(), pp=n + 1)
     with pytest.raises(InputError, match=r"^microbatches 0 must be a positive integer$"):
@@ -374,12 +375,12 @@ def test_two_process_multihost_matches_single_process(workers, reference):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--pp", "9"], "pp 9 is larger than the number of layers (6); every stage needs a layer"),
-    (["--pp", "3", "--pp-boundaries", "2,2"], "boundaries [2, 2] leave stage 1 with no layers (it starts and ends "
-                                              "at layer 2)"),
+    (["--pp", "9"], "--pp 9 is larger than the number of layers (6); every stage needs a layer"),
+    (["--pp", "3", "--pp-boundaries", "2,2"], "--pp-boundaries [2, 2] leave stage 1 with no layers (it starts and "
+                                              "ends at layer 2)"),
     (["--pp", "2", "--pp-boundaries", "2,x"], "--pp-boundaries '2,x' must be comma-separated integers"),
-    (["--pp", "0"], "pp 0 must be a positive integer"),
-    (["--pp", "2"], "pp 2 needs 2 devices but 1 are available (on CPU: "
+    (["--pp", "0"], "--pp 0 must be a positive integer"),
+    (["--pp", "2"], "--pp 2 needs 2 devices but 1 is available (on CPU: "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=2)"),
 ])
 def test_generate_cli_pp_errors(capsys, args, message):

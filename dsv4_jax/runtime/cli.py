@@ -153,7 +153,7 @@ def run(argv=None) -> int:
             raise InputError(f"--pp-boundaries {args.pp_boundaries!r} must be comma-separated integers") from None
     if args.pp != 1 or boundaries is not None:
         from .pipeline import check_pipeline
-        check_pipeline(cfg.num_hidden_layers, args.pp, boundaries)
+        check_pipeline(cfg.num_hidden_layers, args.pp, boundaries, names=("--pp", "--pp-boundaries"))
     if args.max_new_tokens == 0:  # nothing to generate: no weights loaded, no prefill run
         if args.json:
             print(json.dumps({"tokens": [], "finish_reason": "length", **({"text": ""} if tokenizer else {})}))

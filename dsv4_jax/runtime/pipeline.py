@@ -97,21 +97,26 @@ TRUNK = "trunk"
 
 
 # ----- stage assignment --------------------------------------------------------------------------
-def stage_starts(num_layers: int, pp: int, boundaries: Sequence[int] | None = None) -> tuple[int, ...]:
+def stage_starts(num_layers: int, pp: int, boundaries: Sequence[int] | None = None,
+                 names: tuple[str, str] = ("pp", "boundaries")) -> tuple[int, ...]:
     """First layer of each of the ``pp`` stages; raises InputError for an impossible split.
 
-    ``boundaries``: the first layer of stages 1..pp-1 (strictly increasing, in [1, num_layers)).
+    ``boundaries``: the first layer of stages 1..pp-1 (strictly increasing, in [1, num_layers)). ``names``: how
+    the caller spells the two settings in its messages (the CLI's ``--pp`` and ``--pp-boundaries``).
     """
+    pp_name, b_name = names
     if isinstance(pp, bool) or not isinstance(pp, (int, np.integer)) or pp < 1:
-        raise InputError(f"pp {pp!r} must be a positive integer")
+        raise InputError(f"{pp_name} {pp!r} must be a positive integer")
     if pp > num_layers:
-        raise InputError(f"pp {pp} is larger than the number of layers ({num_layers}); every stage needs a layer")
+        raise InputError(f"{pp_name} {pp} is larger than the number of layers ({num_layers}); every stage needs a "
+                         "layer")
     if boundaries is None:
         sizes = [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
         return tuple(int(x) for x in np.cumsum([0] + sizes[:-1]))
     b = tuple(boundaries)
     if len(b) != pp - 1:
-        raise InputError(f"boundaries {list(b)} must list {pp - 1} stage start layer(s) for pp {pp}, got {len(b)}")
+        raise InputError(f"{b_name} {list(b)} must list {pp - 1} stage start layer(s) for {pp_name} {pp}, "
+                         f"got {len(b)}")
     for x in b:
         if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
             raise InputError(f"boundary {x!r} in {list(b)} is not an integer layer index")
@@ -121,10 +126,10 @@ def stage_starts(num_layers: int, pp: int, boundaries: Sequence[int] | None = No
     starts = (0, *map(int, b))
     for s in range(1, pp):
         if starts[s] == starts[s - 1]:
-            raise InputError(f"boundaries {list(b)} leave stage {s - 1} with no layers (it starts and ends at "
+            raise InputError(f"{b_name} {list(b)} leave stage {s - 1} with no layers (it starts and ends at "
                              f"layer {starts[s]})")
         if starts[s] < starts[s - 1]:
-            raise InputError(f"boundaries {list(b)} must be strictly increasing ({starts[s - 1]} then {starts[s]})")
+            raise InputError(f"{b_name} {list(b)} must be strictly increasing ({starts[s - 1]} then {starts[s]})")
     return starts
 
 
@@ -134,19 +139,22 @@ def stage_of_layer(num_layers: int, pp: int, boundaries: Sequence[int] | None = 
     return tuple(int(np.searchsorted(starts, i, side="right") - 1) for i in range(num_layers))
 
 
-def pipeline_devices(pp: int, devices=None) -> list:
+def pipeline_devices(pp: int, devices=None, pp_name: str = "pp") -> list:
     """The first ``pp`` devices (all processes' devices in multi-process runs); InputError if too few."""
     devices = list(jax.devices() if devices is None else devices)
     if pp > len(devices):
-        raise InputError(f"pp {pp} needs {pp} devices but {len(devices)} are available (on CPU: "
+        n = len(devices)
+        raise InputError(f"{pp_name} {pp} needs {pp} devices but {n} {'is' if n == 1 else 'are'} available (on CPU: "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={pp})")
     return devices[:pp]
 
 
-def check_pipeline(num_layers: int, pp: int, boundaries: Sequence[int] | None = None, devices=None):
-    """All pipeline argument checks, before any weights are touched (the CLI calls this early)."""
-    starts = stage_starts(num_layers, pp, boundaries)
-    return starts, pipeline_devices(pp, devices)
+def check_pipeline(num_layers: int, pp: int, boundaries: Sequence[int] | None = None, devices=None,
+                   names: tuple[str, str] = ("pp", "boundaries")):
+    """All pipeline argument checks, before any weights are touched (the CLI calls this early, with its flags'
+    ``names``)."""
+    starts = stage_starts(num_layers, pp, boundaries, names)
+    return starts, pipeline_devices(pp, devices, names[0])
 
 
 # ----- the plan: how layers, weights and caches map onto stages ----------------------------------
