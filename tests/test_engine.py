@@ -188,7 +188,8 @@ def test_layers_build_no_index_the_metadata_holds(kernels, C):
     assert n_hca not in (B, cap // cfg.csa_compress_rate)  # an iota of this length can only be the HCA ids
 
     def step(state, cache, ids, start, n_new):
-        return run_chunk(nnx.merge(graphdef, state), cache, ids, start, n_new, cap, kernels=kernels)
+        with ops.use(kernels):
+            return run_chunk(nnx.merge(graphdef, state), cache, ids, start, n_new, cap)
 
     jaxpr = jax.make_jaxpr(step)(state, init_cache(cfg, B, cap, jnp.float32), jnp.zeros((B, C), jnp.int32),
                                  jnp.zeros(B, jnp.int32), jnp.full(B, C, jnp.int32)).jaxpr
