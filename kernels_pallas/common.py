@@ -48,15 +48,15 @@ def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: lis
     )(*args)
 
 
-def expert_blocks(kernel: str, x, w, block_n: int, block_k: int, **other_blocks: int) -> tuple[int, int]:
-    """Checks of the expert matmul kernels: x [M, K] and w [G, N, K] of one dtype; block sizes powers of two
-    >= 16 (block_n / block_k clipped to N / K, then dividing them). Returns the clipped (block_n, block_k)."""
+def expert_blocks(kernel: str, x, w, block_n: int, block_k: int) -> tuple[int, int]:
+    """Checks of the expert matmul kernels: x [M, K] and w [G, N, K] of one dtype; block_n / block_k (powers of
+    two >= 16) clipped to N / K, then dividing them. Returns the clipped (block_n, block_k)."""
     (_, K), (_, N, K2) = x.shape, w.shape
     if K2 != K or x.dtype != w.dtype:
         raise ValueError(f"{kernel}: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}: expected x [M, K], w [G, N, K] "
                          f"of one dtype")
     block_n, block_k = min(block_n, N), min(block_k, K)
-    for name, v in (*other_blocks.items(), ("block_n", block_n), ("block_k", block_k)):
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{kernel}: {name}={v} must be a power of two >= 16")
     if K % block_k or N % block_n:
