@@ -57,7 +57,8 @@ def test_interpret_matches_reference(ids, shared_x):
 def test_one_matrix_one_row_at_the_smallest_blocks():
     """G = 1, M = 1 (a dense layer's GEMV, the bench's "dense" cases) at block_n = block_k = 16."""
     x, w, idx = inputs(9, [0], 1, 64, 96)
-    assert_close(er.expert_rows(x, w, idx, tuning=er.TuningConfig(block_n=16, block_k=16), interpret=True, poison_outputs=True),
+    smallest = er.TuningConfig(block_n=16, block_k=16)
+    assert_close(er.expert_rows(x, w, idx, tuning=smallest, interpret=True, poison_outputs=True),
                  er.reference(x, w, idx), CPU_TOL)
 
 
