@@ -10,13 +10,14 @@ dependent calls, after a warm-up (device time: the host dispatches once per loop
 ``--busy`` the kernels' own execution time from a profiler trace of those loops (``busy_time_fn``). The roofline uses
 the copy bandwidth and bf16 matmul rate measured in the same run (scripts/roofline.py). Prints one
 JSON object per case and kernel configuration: ``--configs`` (a JSON list of the kernel's ``TuningConfig``
-fields, unset fields at the dataclass defaults, ``{}`` = the kernel's own per-shape choice) sweeps block
+fields, unset fields at the case's choice, ``{}`` = the kernel's own per-shape choice) sweeps block
 sizes and warps in one run; ``--cases`` keeps the cases whose name contains one of the given strings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import statistics
@@ -87,13 +88,14 @@ def busy_time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
     return sum(per_op.values()) / 1e9 / (reps * inner)
 
 
-def tuning_kwargs(kernel: str, config: dict) -> dict:
-    """One ``--configs`` entry -> the Pallas function's keywords: ``tuning=TuningConfig(**config)`` (``{}``:
-    none, the kernel's ``choose_tuning``), or the loose keywords of a kernel without a TuningConfig yet."""
+def tuning_kwargs(kernel: str, case: dict, config: dict) -> dict:
+    """One ``--configs`` entry -> the Pallas function's keywords: ``tuning=`` the case's ``tuning`` (else the
+    dataclass defaults) with the entry's fields replaced (``{}``: none, the kernel's ``choose_tuning``), or
+    the loose keywords of a kernel without a TuningConfig yet."""
     module = importlib.import_module(f"kernels_pallas.{kernel}")
     if not config or not hasattr(module, "TuningConfig"):
         return config
-    return {"tuning": module.TuningConfig(**config)}
+    return {"tuning": dataclasses.replace(case.get("tuning") or module.TuningConfig(), **config)}
 
 
 def main(argv=None) -> int:
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
             for config in args.configs:
                 row = {**base, "config": config}
                 try:
-                    kwargs = {**case.get("kwargs", {}), **tuning_kwargs(name, config)}
+                    kwargs = {**case.get("kwargs", {}), **tuning_kwargs(name, case, config)}
                     t = timer(case["pallas"], inputs, kwargs, args.reps, args.inner)
                 except Exception as e:  # a configuration may not compile (shared memory, registers)
                     row["pallas_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
