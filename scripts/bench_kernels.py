@@ -90,12 +90,13 @@ def busy_time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
 
 def tuning_kwargs(kernel: str, case: dict, config: dict) -> dict:
     """One ``--configs`` entry -> the Pallas function's keywords: ``tuning=`` the case's ``tuning`` (else the
-    dataclass defaults) with the entry's fields replaced (``{}``: none, the kernel's ``choose_tuning``), or
-    the loose keywords of a kernel without a TuningConfig yet."""
+    module's ``TuningConfig()``) with the entry's fields replaced (``{}``: none, the kernel's own choice),
+    or the loose keywords of a kernel without a tuning config yet."""
     module = importlib.import_module(f"kernels_pallas.{kernel}")
-    if not config or not hasattr(module, "TuningConfig"):
+    base = case.get("tuning") or (module.TuningConfig() if hasattr(module, "TuningConfig") else None)
+    if not config or base is None:
         return config
-    return {"tuning": dataclasses.replace(case.get("tuning") or module.TuningConfig(), **config)}
+    return {"tuning": dataclasses.replace(base, **config)}
 
 
 def main(argv=None) -> int:
