@@ -3,6 +3,8 @@ SM count the launch heuristics aim at."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
@@ -46,20 +48,32 @@ def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: lis
     )(*args)
 
 
-def expert_blocks(kernel: str, x, w, block_n: int, block_k: int, **other_blocks: int) -> tuple[int, int]:
-    """Checks of the expert matmul kernels: x [M, K] and w [G, N, K] of one dtype; block sizes powers of two
-    >= 16 (block_n / block_k clipped to N / K, then dividing them). Returns the clipped (block_n, block_k)."""
+def expert_blocks(kernel: str, x, w, block_n: int, block_k: int) -> tuple[int, int]:
+    """Checks of the expert matmul kernels: x [M, K] and w [G, N, K] of one dtype; block_n / block_k (powers of
+    two >= 16) clipped to N / K, then dividing them. Returns the clipped (block_n, block_k)."""
     (_, K), (_, N, K2) = x.shape, w.shape
     if K2 != K or x.dtype != w.dtype:
         raise ValueError(f"{kernel}: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}: expected x [M, K], w [G, N, K] "
                          f"of one dtype")
     block_n, block_k = min(block_n, N), min(block_k, K)
-    for name, v in (*other_blocks.items(), ("block_n", block_n), ("block_k", block_k)):
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{kernel}: {name}={v} must be a power of two >= 16")
     if K % block_k or N % block_n:
         raise ValueError(f"{kernel}: K={K} and N={N} must be multiples of block_k={block_k} and block_n={block_n}")
     return block_n, block_k
+
+
+def check_tuning(config, *, blocks: tuple[str, ...] = ()) -> None:
+    """A TuningConfig's checks: every field a positive int, the fields named in ``blocks`` powers of two >= 16
+    (clipped to the matrix later, so the clipped block stays one)."""
+    kind = type(config).__module__.rsplit(".", 1)[-1]
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{kind} TuningConfig: {f.name}={v!r}: expected a positive int")
+        if f.name in blocks and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{kind} TuningConfig: {f.name}={v} must be a power of two >= 16")
 
 
 def poison_like(shape, dtype):

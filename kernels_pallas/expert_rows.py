@@ -20,6 +20,7 @@ tensor-core minimum, the other 15 rows masked to zero) and stores its ``[1, bloc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,9 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import expert_blocks, triton_call
+from .common import check_tuning, expert_blocks, triton_call
 
-__all__ = ["expert_rows", "reference", "bench_cases"]
+__all__ = ["expert_rows", "reference", "TuningConfig", "choose_tuning", "bench_cases"]
 
 TILE_ROWS = 16  # Triton's smallest tensor-core tile
 
@@ -39,6 +40,24 @@ def reference(x, w, ids):
     """out[r] = w[ids[r]] @ x[r] (x[0] for a one-row x) in x's dtype, fp32 accumulation."""
     x = jnp.broadcast_to(x, (ids.shape[0], x.shape[1]))
     return jnp.einsum("mk,mnk->mn", x, w[ids], preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """The launch choices of ``expert_rows``: the weight tile streamed per step (block_n / block_k, powers of
+    two >= 16, clipped to N / K) and Triton's warps and software-pipelining stages."""
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        check_tuning(self, blocks=("block_n", "block_k"))
+
+
+def choose_tuning() -> TuningConfig:
+    """One choice for every shape: the blocks are clipped to the matrix in the kernel."""
+    return TuningConfig()
 
 
 def _kernel(ids_ref, x_ref, w_ref, o_ref, *, block_k: int):
@@ -59,18 +78,17 @@ def _kernel(ids_ref, x_ref, w_ref, o_ref, *, block_k: int):
     plt.store(o_ref.at[pl.ds(r, TILE_ROWS), :], acc.astype(o_ref.dtype), mask=own[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages", "interpret",
-                                             "poison_outputs"))
-def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, block_n: int = 64, block_k: int = 128,
-                num_warps: int = 4, num_stages: int = 4, interpret: bool = False,
-                poison_outputs: bool = False) -> jax.Array:
-    """x [M or 1, K], w [G, N, K], ids [M] int32 in [0, G) -> [M, N] in x's dtype. block_n / block_k: the
-    weight tile streamed per step (clipped to N / K). poison_outputs: testing aid (outputs start as NaN)."""
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "poison_outputs"))
+def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, tuning: TuningConfig | None = None,
+                interpret: bool = False, poison_outputs: bool = False) -> jax.Array:
+    """x [M or 1, K], w [G, N, K], ids [M] int32 in [0, G) -> [M, N] in x's dtype. tuning: None for
+    ``choose_tuning()``. poison_outputs: testing aid (outputs start as NaN)."""
+    tuning = tuning or choose_tuning()
     G, N, K = w.shape
     M = ids.shape[0] if ids.ndim == 1 else 0
     if not M or x.ndim != 2 or x.shape[0] not in (1, M):
         raise ValueError(f"expert_rows: ids {ids.shape}, x {x.shape}: expected ids [M] and x [M or 1, K]")
-    block_n, block_k = expert_blocks("expert_rows", x, w, block_n, block_k)
+    block_n, block_k = expert_blocks("expert_rows", x, w, tuning.block_n, tuning.block_k)
     return triton_call(
         functools.partial(_kernel, block_k=block_k), [ids.astype(jnp.int32), x, w],
         grid=(N // block_n, M),
@@ -78,7 +96,7 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, block_n: int = 64
                   pl.BlockSpec((G, block_n, K), lambda n, r: (0, n, 0))],
         out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, r: (0, n))],
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
         name=f"dsv4_expert_rows_n{block_n}_k{block_k}", poison=poison_outputs)[0]
 
 

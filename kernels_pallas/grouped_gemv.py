@@ -36,6 +36,7 @@ Design:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -44,10 +45,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import expert_blocks, triton_call
+from .common import check_tuning, expert_blocks, triton_call
 from .grouped_matmul import reference
 
-__all__ = ["grouped_gemv", "tile_of", "reference", "bench_cases"]
+__all__ = ["grouped_gemv", "tile_of", "reference", "TuningConfig", "choose_tuning", "bench_cases"]
 
 
 def tiles_per_group(group_sizes: jax.Array, block_m: int) -> jax.Array:
@@ -109,21 +110,41 @@ def _kernel(sizes_ref, x_ref, w_ref, o_ref, *, block_m: int, block_k: int):
                   mask=(rows < M)[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "num_warps", "num_stages",
-                                             "interpret", "poison_outputs"))
-def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_m: int = 16, block_n: int = 64,
-                 block_k: int = 128, num_warps: int = 4, num_stages: int = 4, interpret: bool = False,
-                 poison_outputs: bool = False) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """The launch choices of ``grouped_gemv``: block_m rows per tile (a power of two >= 16, Triton's smallest
+    tensor-core tile); block_n / block_k the weight tile streamed per step (powers of two >= 16, clipped to
+    N / K, so small test models need no tuning); Triton's warps and software-pipelining stages."""
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        check_tuning(self, blocks=("block_m", "block_n", "block_k"))
+
+
+def choose_tuning() -> TuningConfig:
+    """One choice for every shape: the blocks are clipped to the matrix in the kernel."""
+    return TuningConfig()
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "poison_outputs"))
+def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tuning: TuningConfig | None = None,
+                 interpret: bool = False, poison_outputs: bool = False) -> jax.Array:
     """x [M, K] (rows sorted by group), w [G, N, K], group_sizes [G] int32 -> [M, N] in x's dtype.
 
-    block_m: rows per tile (>= 16, Triton's smallest tensor-core tile); block_n / block_k: the weight tile
-    streamed per step (clipped to N / K, so small test models need no tuning). poison_outputs: testing aid (outputs start as NaN, so an unwritten row fails).
+    tuning: None for ``choose_tuning()``. poison_outputs: testing aid (outputs start as NaN, so an unwritten
+    row fails).
     """
+    tuning = tuning or choose_tuning()
+    block_m = tuning.block_m
     M, K = x.shape
     G, N, _ = w.shape
     if group_sizes.shape != (G,):
         raise ValueError(f"grouped_gemv: group_sizes {group_sizes.shape}: expected [G] for w {w.shape}")
-    block_n, block_k = expert_blocks("grouped_gemv", x, w, block_n, block_k, block_m=block_m)
+    block_n, block_k = expert_blocks("grouped_gemv", x, w, tuning.block_n, tuning.block_k)
     # Triton vectors are a power of two long; empty groups past G change no tile.
     sizes = jnp.pad(group_sizes.astype(jnp.int32), (0, pl.next_power_of_2(G) - G))
     # Tiles with work: at most cdiv(M, block_m) + min(G, M) (each non-empty group adds at most one partial
@@ -137,7 +158,7 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_m:
                   pl.BlockSpec((G, block_n, K), lambda n, t: (0, n, 0))],
         out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, t: (0, n))],
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
         name=f"dsv4_grouped_gemv_m{block_m}_n{block_n}_k{block_k}", poison=poison_outputs)[0]
 
 

@@ -28,6 +28,7 @@ Interpret mode (CPU, tests) runs the same kernel body through Pallas' GPU interp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -37,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import NUM_SMS
+from .common import NUM_SMS, check_tuning
 
 RAGGED_DN = lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -72,9 +73,30 @@ def tile_table(group_sizes: jax.Array, M: int, block_m: int) -> jax.Array:
     return jnp.stack([group, block, lo - block * block_m, n_rows]).astype(jnp.int32)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_m: int = 128, block_n: int = 128,
-                   block_k: int = 64, max_concurrent_steps: int = 4, interpret: bool = False) -> jax.Array:
-    """x [M, K] (rows sorted by group), w [G, N, K], group_sizes [G] int32 -> [M, N] in x's dtype."""
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """The launch choices of ``grouped_matmul``: the ``wgmma`` tile (block_m rows, block_n columns, block_k
+    deep; N and K multiples of block_n and block_k) and the TMA loads in flight per tile."""
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+
+    def __post_init__(self):
+        check_tuning(self)
+
+
+def choose_tuning() -> TuningConfig:
+    """One choice for every shape."""
+    return TuningConfig()
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tuning: TuningConfig | None = None,
+                   interpret: bool = False) -> jax.Array:
+    """x [M, K] (rows sorted by group), w [G, N, K], group_sizes [G] int32 -> [M, N] in x's dtype. tuning: None
+    for ``choose_tuning()``."""
+    tuning = tuning or choose_tuning()
+    block_m, block_n, block_k = tuning.block_m, tuning.block_n, tuning.block_k
     M, K = x.shape
     G, N, K2 = w.shape
     if K2 != K or x.dtype != w.dtype or group_sizes.shape != (G,):
@@ -101,7 +123,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_
                         grid=(K // block_k,),
                         in_specs=[plgpu.BlockSpec((block_m, block_k), lambda k: (block, k), delay_release=1),
                                   plgpu.BlockSpec((block_n, block_k), lambda k: (ni, k), delay_release=1)],
-                        max_concurrent_steps=max_concurrent_steps,
+                        max_concurrent_steps=tuning.max_concurrent_steps,
                     )(x_ref, w_ref.at[group])
                     return acc_ref[...]
 

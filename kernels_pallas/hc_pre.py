@@ -34,6 +34,7 @@ scaling) that followed the kernel at each of the step's 12 sub-blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -43,9 +44,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import triton_call
+from .common import check_tuning, triton_call
 
-__all__ = ["MIX_AS_SUM_MAX_TOKENS", "hc_pre", "mix_logits", "mix_sums", "reference", "sinkhorn_entries", "supported"]
+__all__ = ["MIX_AS_SUM_MAX_TOKENS", "TuningConfig", "choose_tuning", "hc_pre", "mix_logits", "mix_sums", "reference",
+           "sinkhorn_entries", "supported"]
 
 # Up to this many tokens (decode) the mixing logits are products summed over vec(streams), with the RMS factor
 # applied after: two reductions of the raw streams that XLA runs without a normalised copy or a GPU fp32 matmul
@@ -179,16 +181,34 @@ def _kernel(streams_ref, mix_ref, base_ref, scale_ref, *refs, n: int, d: int, it
                 plt.store(comb_ref.at[tokens, jnp.int32(i * n + j)], comb[i][j], mask=valid)
 
 
-@functools.partial(jax.jit, static_argnames=("rms_eps", "hc_eps", "iters", "norm_eps", "block_t", "block_d",
-                                             "num_warps", "interpret", "poison_outputs"))
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """The launch choices of ``hc_pre``: block_t tokens per program (a power of two), block_d stream columns
+    per program (a power of two >= 16 dividing d; d with the norm, which needs whole rows), Triton's warps."""
+    block_t: int = 16
+    block_d: int = 256
+    num_warps: int = 4
+
+    def __post_init__(self):
+        check_tuning(self, blocks=("block_d",))
+        if self.block_t & (self.block_t - 1):
+            raise ValueError(f"hc_pre TuningConfig: block_t={self.block_t} must be a power of two")
+
+
+def choose_tuning(d: int, norm: bool) -> TuningConfig:
+    """Streams of width d, with or without the RMSNorm: 16 tokens x min(d, 256) columns per program (n fp32
+    tiles of 16 x 256 in registers); with the norm one token's whole row."""
+    return TuningConfig(block_t=1, block_d=d) if norm else TuningConfig(block_t=16, block_d=min(d, 256))
+
+
+@functools.partial(jax.jit, static_argnames=("rms_eps", "hc_eps", "iters", "norm_eps", "tuning", "interpret",
+                                             "poison_outputs"))
 def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: int, norm_weight=None,
-           norm_eps: float = 0.0, block_t: int | None = None, block_d: int | None = None, num_warps: int = 4,
-           interpret: bool = False, poison_outputs: bool = False):
+           norm_eps: float = 0.0, tuning: TuningConfig | None = None, interpret: bool = False,
+           poison_outputs: bool = False):
     """Pallas (Triton) mHC pre-step; same arguments (``n`` from the shape) and results as ``reference``, for
-    ``streams [..., n, d]``. block_t: tokens per program (a power of two; default 16, 1 with the norm);
-    block_d: stream columns per program (a power of two >= 16 dividing d; default min(d, 256): n fp32 tiles of
-    16 x 256 in registers; d with the norm, which needs whole rows). poison_outputs: testing aid
-    (``common.triton_call``)."""
+    ``streams [..., n, d]``. tuning: None for ``choose_tuning(d, norm_weight is not None)``. poison_outputs:
+    testing aid (``common.triton_call``)."""
     *lead, n, d = streams.shape
     R = (2 + n) * n
     if not supported(n, d) or fn.shape != (R, n * d) or base.shape != (R,) or scale.shape != (3,) or iters < 1:
@@ -198,11 +218,11 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
     norm = norm_weight is not None
     if norm and norm_weight.shape != (d,):
         raise ValueError(f"hc_pre: norm_weight {norm_weight.shape}, expected [{d}] (the streams' width)")
-    bt = block_t or (1 if norm else 16)
-    bd = block_d or (d if norm else min(d, 256))
-    if bt < 1 or bt & (bt - 1) or bd < 16 or bd & (bd - 1) or d % bd or (norm and bd != d):
-        raise ValueError(f"hc_pre: block_t={bt} must be a power of two and block_d={bd} a power of two >= 16 "
-                         f"dividing d={d}" + (", equal to it with norm_weight" if norm else ""))
+    tuning = tuning or choose_tuning(d, norm)
+    bt, bd = tuning.block_t, tuning.block_d
+    if d % bd or (norm and bd != d):
+        raise ValueError(f"hc_pre: block_d={bd} must divide d={d}"
+                         + (", equal to it with norm_weight" if norm else ""))
     flat = streams.reshape(-1, n * d)
     T = flat.shape[0]
     rms_in_kernel = T <= MIX_AS_SUM_MAX_TOKENS  # one XLA kernel fewer; with whole rows, two
@@ -226,7 +246,7 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
                    jax.ShapeDtypeStruct((T, n), jnp.float32),
                    jax.ShapeDtypeStruct((T, n * n), jnp.float32)],
         out_specs=[whole(T, d), whole(T, n), whole(T, n * n)],
-        num_warps=num_warps, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}" + "_norm" * norm,
+        num_warps=tuning.num_warps, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}" + "_norm" * norm,
         poison=poison_outputs)
     return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)
 
@@ -259,6 +279,7 @@ def bench_cases():
         "shapes": {"T": T, "n": n, "d": d, "iters": iters, "norm": norm},
         "args": functools.partial(_inputs, T=T, n=n, d=d, norm=norm),
         "kwargs": {"rms_eps": 1e-6, "hc_eps": 1e-6, "iters": iters, **({"norm_eps": 1e-6} if norm else {})},
+        "tuning": choose_tuning(d, norm),
         "bytes": (2 + n) * n * n * d * 4 + T * 2 * n * d * 2 + T * d * (2 if norm else 4) + norm * d * 4,
         "flops": 2 * T * (2 + n) * n * n * d,
         "pallas": _with_norm(hc_pre) if norm else hc_pre,

@@ -52,6 +52,7 @@ prefill 417 us / 4.39 ms, are in docs/performance.md):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -60,7 +61,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import triton_call
+from .common import check_tuning, triton_call
 
 NEG_INF = float("-inf")
 
@@ -93,11 +94,6 @@ def reference_decode(q, keys, weights, n_valid):
 
 def _pow2_at_least(n: int, lo: int = 16) -> int:
     return max(lo, pl.next_power_of_2(n))
-
-
-def _check_block(name: str, v: int):
-    if v < 16 or v & (v - 1):
-        raise ValueError(f"{name}={v} must be a power of two >= 16")
 
 
 def _pad_axis(x, axis: int, size: int):
@@ -143,29 +139,46 @@ def _decode_kernel(n_ref, q_ref, w_ref, k_ref, o_ref, *, block_k: int, blocks_pe
     lax.fori_loop(0, blocks_per_program, body, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "blocks_per_program", "num_warps", "num_stages",
-                                             "interpret", "poison_outputs"))
-def index_scores_decode(q, keys, weights, n_valid, *, block_k: int = 128, blocks_per_program: int = 4,
-                        num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
-                        poison_outputs: bool = False):
+@dataclasses.dataclass(frozen=True)
+class DecodeTuningConfig:
+    """The launch choices of ``index_scores_decode``: block_k keys per tensor-core step (a power of two >= 16),
+    blocks_per_program key blocks one program walks (a pipelined loop; clipped to the keys), Triton's warps
+    and software-pipelining stages."""
+    block_k: int = 128
+    blocks_per_program: int = 4
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self):
+        check_tuning(self, blocks=("block_k",))
+
+
+def choose_decode_tuning() -> DecodeTuningConfig:
+    """One choice for every shape (blocks_per_program is clipped to the keys in the kernel)."""
+    return DecodeTuningConfig()
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "poison_outputs"))
+def index_scores_decode(q, keys, weights, n_valid, *, tuning: DecodeTuningConfig | None = None,
+                        interpret: bool = False, poison_outputs: bool = False):
     """Pallas (Triton) indexer scores for one query per sequence. Same arguments and result as
     ``reference_decode``: q [B,HI,DI], keys [B,N,DI], weights [B,HI] (scales folded in), n_valid [B] int32
     -> [B,N] fp32 with -inf for s >= n_valid[b].
 
-    block_k: keys per tensor-core step (power of two >= 16). blocks_per_program: key blocks one program walks
-    (pipelined loop). poison_outputs: testing aid; the kernel writes into a NaN-filled aliased buffer, so any
-    element it fails to write stays NaN.
+    tuning: None for ``choose_decode_tuning()``. poison_outputs: testing aid; the kernel writes into a
+    NaN-filled aliased buffer, so any element it fails to write stays NaN.
     """
     B, HI, DI = q.shape
     N = keys.shape[1]
     assert keys.shape == (B, N, DI) and weights.shape == (B, HI) and n_valid.shape == (B,)
-    _check_block("block_k", block_k)
+    tuning = tuning or choose_decode_tuning()
+    block_k = tuning.block_k
     HIp, DIp = _pow2_at_least(HI), _pow2_at_least(DI)
     q = _pad_axis(_pad_axis(q, 1, HIp), 2, DIp)
     keys = _pad_axis(keys, 2, DIp)
     w = _pad_axis(weights.astype(jnp.float32), 1, HIp)
     n = n_valid.astype(jnp.int32).reshape(B, 1)
-    bpp = max(1, min(blocks_per_program, pl.cdiv(N, block_k)))
+    bpp = max(1, min(tuning.blocks_per_program, pl.cdiv(N, block_k)))
     n_chunks = pl.cdiv(N, block_k * bpp)
 
     kernel = functools.partial(_decode_kernel, block_k=block_k, blocks_per_program=bpp)
@@ -178,8 +191,8 @@ def index_scores_decode(q, keys, weights, n_valid, *, block_k: int = 128, blocks
     out_spec = pl.BlockSpec((None, N), lambda c, b: (b, 0))
     return _call(kernel, 4, grid=(n_chunks, B), in_specs=in_specs, out_spec=out_spec,
                  out_shape=jax.ShapeDtypeStruct((B, N), jnp.float32), args=(n, q, w, keys),
-                 poison=poison_outputs, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                 name=f"dsv4_indexer_decode_k{block_k}x{bpp}")
+                 poison=poison_outputs, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+                 interpret=interpret, name=f"dsv4_indexer_decode_k{block_k}x{bpp}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,22 +237,38 @@ def _prefill_kernel(nv_ref, q_ref, w_ref, k_ref, o_ref, *, block_q: int, block_k
                   jnp.full((block_q, block_k), NEG_INF, jnp.float32), mask=out_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_warps", "num_stages", "interpret",
-                                             "poison_outputs"))
-def index_scores_prefill(q, keys, weights, n_visible, *, block_q: int = 64, block_k: int = 128,
-                         num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
-                         poison_outputs: bool = False):
+@dataclasses.dataclass(frozen=True)
+class PrefillTuningConfig:
+    """The launch choices of ``index_scores_prefill``: the output tile (block_q queries x block_k keys, powers
+    of two >= 16), Triton's warps and software-pipelining stages."""
+    block_q: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        check_tuning(self, blocks=("block_q", "block_k"))
+
+
+def choose_prefill_tuning() -> PrefillTuningConfig:
+    """One choice for every shape."""
+    return PrefillTuningConfig()
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "poison_outputs"))
+def index_scores_prefill(q, keys, weights, n_visible, *, tuning: PrefillTuningConfig | None = None,
+                         interpret: bool = False, poison_outputs: bool = False):
     """Pallas (Triton) indexer scores for a chunk of queries. Same arguments and result as
     ``reference_prefill``: q [B,S,HI,DI], keys [B,N,DI], weights [B,S,HI], n_visible [B,S] int32
     -> [B,S,N] fp32 with -inf for s >= n_visible[b,t]. Per-head scores are never materialised.
 
-    block_q / block_k: output tile (powers of two >= 16). poison_outputs: see ``index_scores_decode``.
+    tuning: None for ``choose_prefill_tuning()``. poison_outputs: see ``index_scores_decode``.
     """
     B, S, HI, DI = q.shape
     N = keys.shape[1]
     assert keys.shape == (B, N, DI) and weights.shape == (B, S, HI) and n_visible.shape == (B, S)
-    _check_block("block_q", block_q)
-    _check_block("block_k", block_k)
+    tuning = tuning or choose_prefill_tuning()
+    block_q, block_k = tuning.block_q, tuning.block_k
     DIp = _pow2_at_least(DI)
     q = _pad_axis(q, 3, DIp)
     keys = _pad_axis(keys, 2, DIp)
@@ -257,8 +286,8 @@ def index_scores_prefill(q, keys, weights, n_visible, *, block_q: int = 64, bloc
     grid = (pl.cdiv(N, block_k), pl.cdiv(S, block_q), B)
     return _call(kernel, 4, grid=grid, in_specs=in_specs, out_spec=out_spec,
                  out_shape=jax.ShapeDtypeStruct((B, S, N), jnp.float32), args=(nv, q, w_t, keys),
-                 poison=poison_outputs, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                 name=f"dsv4_indexer_prefill_q{block_q}_k{block_k}")
+                 poison=poison_outputs, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+                 interpret=interpret, name=f"dsv4_indexer_prefill_q{block_q}_k{block_k}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,6 +333,7 @@ def bench_cases():
         "kwargs": {},
         "bytes": B * (N * DI * 2 + N * 4 + HI * DI * 2 + HI * 4 + 4),  # keys once + scores out + q, w, n
         "flops": 2 * B * N * HI * DI,
+        "tuning": choose_decode_tuning(),
         "pallas": index_scores_decode,
         "reference": reference_decode,
     })
@@ -317,6 +347,7 @@ def bench_cases():
             "kwargs": {},
             "bytes": S * HI * DI * 2 + N * DI * 2 + S * HI * 4 + S * 4 + S * N * 4,
             "flops": 2 * visible_pairs * HI * DI,
+            "tuning": choose_prefill_tuning(),
             "pallas": index_scores_prefill,
             "reference": reference_prefill,
         })

@@ -44,6 +44,7 @@ Measured on an H200: see docs/performance.md (``scripts/bench_kernels.py --only 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -112,13 +113,33 @@ def _select_kernel(n_ref, x_ref, o_ref, *, k: int):
     plt.store(o_ref.at[pl.ds(0, kp)], jnp.full((kp,), -1, jnp.int32), mask=out_pos >= n_picked)
 
 
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """The launch choices of ``topk_indices``: ``segments`` slices per row (see ``segmented``; 1: one round)
+    and Triton's warps per program (None: one warp per 2048 scores of each round's padded row, 4 to 32)."""
+    segments: int = 1
+    num_warps: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.segments, int) or self.segments < 1:
+            raise ValueError(f"topk TuningConfig: segments={self.segments!r}: expected a positive int")
+        if self.num_warps is not None and (not isinstance(self.num_warps, int) or self.num_warps < 1):
+            raise ValueError(f"topk TuningConfig: num_warps={self.num_warps!r}: expected None or a positive int")
+
+
+def choose_tuning(rows: int, n: int, k: int) -> TuningConfig:
+    """``rows`` rows of ``n`` scores, top ``k``: ``auto_segments`` slices, of 8 warps each when slicing."""
+    segments = auto_segments(rows, n, k)
+    return TuningConfig(segments=segments, num_warps=8 if segments > 1 else None)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "num_warps", "interpret", "poison_outputs"))
 def topk_select(scores, n_visible, k: int, *, num_warps: int | None = None, interpret: bool = False,
                 poison_outputs: bool = False):
     """The Pallas radix select for rows of at most ``MAX_BLOCK`` scores; same result as ``topk_indices``.
 
-    num_warps: None = one warp per 2048 scores of the padded row, 4 to 32. poison_outputs: testing aid;
-    the kernel writes into an aliased buffer filled with INT32_MIN, so an unwritten slot fails the tests.
+    num_warps: as ``TuningConfig.num_warps``. poison_outputs: testing aid; the kernel writes into an aliased
+    buffer filled with INT32_MIN, so an unwritten slot fails the tests.
     """
     N = scores.shape[-1]
     lead = scores.shape[:-1]
@@ -207,13 +228,12 @@ def auto_segments(rows: int, n: int, k: int) -> int:
     return segments
 
 
-@functools.partial(jax.jit, static_argnames=("k", "segments", "num_warps", "interpret"))
-def topk_indices(scores, n_visible, k: int, *, segments: int | None = None, num_warps: int | None = None,
-                 interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("k", "tuning", "interpret"))
+def topk_indices(scores, n_visible, k: int, *, tuning: TuningConfig | None = None, interpret: bool = False):
     """scores [..., N] f32, n_visible [...] int -> entry ids [..., k] int32 (-1 where fewer than k are
     pickable): the set ``reference`` selects, in ascending id order, then the -1s. The Pallas select for
-    N <= ``MAX_BLOCK``, in ``segments`` slices per row when > 1 (see ``segmented``; None = ``auto_segments``,
-    with 8 warps per program when slicing), the chunked ``tournament`` above that."""
+    N <= ``MAX_BLOCK``, in ``tuning.segments`` slices per row when > 1 (see ``segmented``; tuning None:
+    ``choose_tuning``), the chunked ``tournament`` above that."""
     N = scores.shape[-1]
     lead = scores.shape[:-1]
     if not 0 < k <= N:
@@ -222,9 +242,8 @@ def topk_indices(scores, n_visible, k: int, *, segments: int | None = None, num_
         raise ValueError(f"n_visible has shape {n_visible.shape}, expected {lead}")
     if pl.next_power_of_2(N) > MAX_BLOCK:
         return tournament(scores, n_visible, k)
-    if segments is None:
-        segments = auto_segments(math.prod(lead), N, k)
-        num_warps = num_warps or (8 if segments > 1 else None)
+    tuning = tuning or choose_tuning(math.prod(lead), N, k)
+    segments, num_warps = tuning.segments, tuning.num_warps
     if segments == 1:
         return topk_select(scores, n_visible, k, num_warps=num_warps, interpret=interpret)
     x = scores.reshape(-1, N).astype(jnp.float32)
@@ -254,6 +273,7 @@ def bench_cases():
             "shapes": {"rows": R, "N": N, "k": k},
             "args": functools.partial(_topk_inputs, R=R, N=N),
             "kwargs": {"k": k},
+            "tuning": choose_tuning(R, N, k),
             "bytes": R * (N * 4 + 4 + k * 4),
             "flops": 0,
             "pallas": topk_indices,

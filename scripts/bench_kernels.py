@@ -9,14 +9,16 @@ implementations are timed the same way: the median of ``--reps`` runs of one jit
 dependent calls, after a warm-up (device time: the host dispatches once per loop; see ``time_fn``), or with
 ``--busy`` the kernels' own execution time from a profiler trace of those loops (``busy_time_fn``). The roofline uses
 the copy bandwidth and bf16 matmul rate measured in the same run (scripts/roofline.py). Prints one
-JSON object per case and kernel configuration: ``--configs`` (a JSON list of keyword sets for the Pallas
-function, ``{}`` = its defaults) sweeps block sizes and warps in one run; ``--cases`` keeps the cases whose
-name contains one of the given strings.
+JSON object per case and kernel configuration: ``--configs`` (a JSON list of the kernel's ``TuningConfig``
+fields, unset fields at the case's choice, ``{}`` = the kernel's own per-shape choice) sweeps block
+sizes and warps in one run; ``--cases`` keeps the cases whose name contains one of the given strings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import statistics
 import sys
@@ -86,13 +88,24 @@ def busy_time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
     return sum(per_op.values()) / 1e9 / (reps * inner)
 
 
+def tuning_kwargs(kernel: str, case: dict, config: dict) -> dict:
+    """One ``--configs`` entry -> the Pallas function's keywords: ``tuning=`` the case's ``tuning`` (else the
+    module's ``TuningConfig()``) with the entry's fields replaced (``{}``: none, the kernel's own choice),
+    or the loose keywords of a kernel without a tuning config yet."""
+    module = importlib.import_module(f"kernels_pallas.{kernel}")
+    base = case.get("tuning") or (module.TuningConfig() if hasattr(module, "TuningConfig") else None)
+    if not config or base is None:
+        return config
+    return {"tuning": dataclasses.replace(base, **config)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="*", default=list(MODULES))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--cases", nargs="*", default=None, help="substrings of the case names to run")
-    p.add_argument("--configs", type=json.loads, default=[{}], help="JSON list of Pallas keyword sets")
+    p.add_argument("--configs", type=json.loads, default=[{}], help="JSON list of TuningConfig field sets")
     p.add_argument("--busy", action="store_true",
                    help="time kernel execution from a profiler trace instead of the loop (busy_time_fn)")
     args = p.parse_args(argv)
@@ -120,8 +133,8 @@ def main(argv=None) -> int:
             for config in args.configs:
                 row = {**base, "config": config}
                 try:
-                    t = timer(case["pallas"], inputs, {**case.get("kwargs", {}), **config}, args.reps,
-                                args.inner)
+                    kwargs = {**case.get("kwargs", {}), **tuning_kwargs(name, case, config)}
+                    t = timer(case["pallas"], inputs, kwargs, args.reps, args.inner)
                 except Exception as e:  # a configuration may not compile (shared memory, registers)
                     row["pallas_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                     print(json.dumps(row), flush=True)

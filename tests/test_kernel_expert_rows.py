@@ -20,7 +20,7 @@ from kernels_pallas import expert_rows as er
 from kernels_pallas.testing import lower_for_h100
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
-SMALL = dict(block_n=32, block_k=32)
+SMALL = er.TuningConfig(block_n=32, block_k=32)
 
 
 def inputs(seed, ids, G, N, K, dtype=jnp.bfloat16):
@@ -50,14 +50,15 @@ def test_interpret_matches_reference(ids, shared_x):
     """shared_x: x has one row, every output row's (a token against its k experts)."""
     x, w, idx = inputs(len(ids) + 10 * shared_x, ids, 8, 64, 96)
     x = x[:1] if shared_x else x
-    assert_close(er.expert_rows(x, w, idx, interpret=True, poison_outputs=True, **SMALL), er.reference(x, w, idx),
+    assert_close(er.expert_rows(x, w, idx, interpret=True, poison_outputs=True, tuning=SMALL), er.reference(x, w, idx),
                  CPU_TOL)
 
 
 def test_one_matrix_one_row_at_the_smallest_blocks():
     """G = 1, M = 1 (a dense layer's GEMV, the bench's "dense" cases) at block_n = block_k = 16."""
     x, w, idx = inputs(9, [0], 1, 64, 96)
-    assert_close(er.expert_rows(x, w, idx, block_n=16, block_k=16, interpret=True, poison_outputs=True),
+    smallest = er.TuningConfig(block_n=16, block_k=16)
+    assert_close(er.expert_rows(x, w, idx, tuning=smallest, interpret=True, poison_outputs=True),
                  er.reference(x, w, idx), CPU_TOL)
 
 
@@ -83,9 +84,11 @@ def test_moe_one_token_path_matches_xla(seed):
 def test_bad_shapes_are_errors():
     x, w, idx = inputs(0, [1, 2], 4, 64, 96)
     with pytest.raises(ValueError, match="multiples"):
-        er.expert_rows(x, w, idx, block_k=64, interpret=True)
+        er.expert_rows(x, w, idx, tuning=er.TuningConfig(block_k=64), interpret=True)
     with pytest.raises(ValueError, match="power of two"):
-        er.expert_rows(x, w, idx, block_n=48, interpret=True)
+        er.TuningConfig(block_n=48)
+    with pytest.raises(ValueError, match="num_warps=0: expected a positive int"):
+        er.TuningConfig(num_warps=0)
     with pytest.raises(ValueError, match="expected x"):
         er.expert_rows(x.astype(jnp.float32), w, idx, interpret=True)
     with pytest.raises(ValueError, match=r"ids \(1,\), x \(2, 96\): expected ids \[M\] and x \[M or 1, K\]"):

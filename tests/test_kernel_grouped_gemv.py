@@ -24,7 +24,7 @@ CPU_TOL = 5e-4
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 
-SMALL = dict(block_n=32, block_k=32)
+SMALL = gg.TuningConfig(block_n=32, block_k=32)
 
 
 @pytest.mark.parametrize("M,sizes", [
@@ -37,7 +37,7 @@ SMALL = dict(block_n=32, block_k=32)
 ])
 def test_interpret_matches_reference(M, sizes):
     x, w, gs = make_inputs(M * 7 + len(sizes), M, 128, 96, sizes)
-    got = gg.grouped_gemv(x, w, gs, interpret=True, poison_outputs=True, **SMALL)
+    got = gg.grouped_gemv(x, w, gs, interpret=True, poison_outputs=True, tuning=SMALL)
     assert_close(got, gg.reference(x, w, gs), CPU_TOL)
 
 
@@ -58,9 +58,11 @@ def test_tiles_cover_every_row_once_within_its_group(sizes, block_m):
 def test_bad_shapes_are_errors():
     x, w, gs = make_inputs(0, 16, 96, 128, [16])
     with pytest.raises(ValueError, match="multiples"):
-        gg.grouped_gemv(x, w, gs, block_k=64, interpret=True)
+        gg.grouped_gemv(x, w, gs, tuning=gg.TuningConfig(block_k=64), interpret=True)
     with pytest.raises(ValueError, match="power of two"):
-        gg.grouped_gemv(x, w, gs, block_n=48, interpret=True)
+        gg.TuningConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_m=8 must be a power of two >= 16"):
+        gg.TuningConfig(block_m=8)
     with pytest.raises(ValueError, match="expected x"):
         gg.grouped_gemv(x.astype(jnp.float32), w, gs, interpret=True)
 

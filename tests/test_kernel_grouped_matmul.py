@@ -20,7 +20,7 @@ from kernels_pallas.testing import lower_for_h100
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 
-SMALL = dict(block_m=16, block_n=64, block_k=64, max_concurrent_steps=2)
+SMALL = gm.TuningConfig(block_m=16, block_n=64, block_k=64, max_concurrent_steps=2)
 
 
 def make_inputs(seed, M, K, N, sizes):
@@ -57,15 +57,17 @@ def assert_close(out, ref, tol=None):
 ])
 def test_interpret_matches_reference(M, sizes):
     x, w, gs = make_inputs(M + len(sizes), M, 128, 128, sizes)
-    assert_close(gm.grouped_matmul(x, w, gs, interpret=True, **SMALL), gm.reference(x, w, gs), CPU_TOL)
+    assert_close(gm.grouped_matmul(x, w, gs, interpret=True, tuning=SMALL), gm.reference(x, w, gs), CPU_TOL)
 
 
 def test_bad_shapes_are_errors():
     x, w, gs = make_inputs(0, 16, 128, 128, [16])
     with pytest.raises(ValueError, match="multiples"):
-        gm.grouped_matmul(x, w, gs, block_k=96, interpret=True)
+        gm.grouped_matmul(x, w, gs, tuning=gm.TuningConfig(block_k=96), interpret=True)
     with pytest.raises(ValueError, match="expected x"):
         gm.grouped_matmul(x.astype(jnp.float32), w, gs, interpret=True)
+    with pytest.raises(ValueError, match="max_concurrent_steps=0: expected a positive int"):
+        gm.TuningConfig(max_concurrent_steps=0)
 
 
 @pytest.mark.parametrize("M,N,K", [(6, 4096, 4096), (768, 4096, 4096), (24576, 4096, 2048)])

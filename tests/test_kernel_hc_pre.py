@@ -9,6 +9,7 @@ counts with the Flash sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -75,7 +76,9 @@ def test_interpret_matches_reference(name):
     seed, lead, n, d, dtype, iters, fn_scale, bt, bd, norm = CASES[name]
     streams, fn, base, scale = inputs(seed, lead, n, d, dtype, fn_scale)
     kw = dict(norm_weight=norm_weight(seed, d), norm_eps=EPS) if norm else {}
-    got = hp.hc_pre(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, block_t=bt, block_d=bd,
+    blocks = {k: v for k, v in (("block_t", bt), ("block_d", bd)) if v}  # the rest: the kernel's choice
+    tuning = dataclasses.replace(hp.choose_tuning(d, norm), **blocks)
+    got = hp.hc_pre(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, tuning=tuning,
                     interpret=True, poison_outputs=True, **kw)
     check(got, hp.reference(streams, fn, base, scale, rms_eps=EPS, hc_eps=EPS, iters=iters, **kw), tol=CPU_TOL,
           what=name)
@@ -123,19 +126,19 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"fn \[\(2\+n\)n, n\*d\]"):
         hp.hc_pre(streams, fn[:, :-1], base, scale, **kw)
     with pytest.raises(ValueError, match="block_d=48"):
-        hp.hc_pre(streams, fn, base, scale, block_d=48, **kw)
+        hp.TuningConfig(block_d=48)
     with pytest.raises(ValueError, match="block_t=3"):
-        hp.hc_pre(streams, fn, base, scale, block_t=3, **kw)
+        hp.TuningConfig(block_t=3)
     with pytest.raises(ValueError, match=r"norm_weight \(32,\), expected \[64\]"):
         hp.hc_pre(streams, fn, base, scale, norm_weight=jnp.ones((32,)), **kw)
     with pytest.raises(ValueError, match="block_d=32 .* equal to it with norm_weight"):
-        hp.hc_pre(streams, fn, base, scale, norm_weight=jnp.ones((64,)), block_d=32, **kw)
+        hp.hc_pre(streams, fn, base, scale, norm_weight=jnp.ones((64,)), tuning=hp.TuningConfig(block_d=32), **kw)
     assert not hp.supported(4, 48) and hp.supported(4, 4096)
 
 
 @pytest.mark.parametrize("T,kw,norm", [(1, {}, False), (128, {}, False), (16384, {}, False),
-                                       (100, dict(block_t=32, poison_outputs=True), False), (1, {}, True),
-                                       (128, dict(poison_outputs=True), True)])
+                                       (100, dict(tuning=hp.TuningConfig(block_t=32), poison_outputs=True), False),
+                                       (1, {}, True), (128, dict(poison_outputs=True), True)])
 def test_lowers_for_h100(T, kw, norm):
     n, d = 4, 4096
     fn = functools.partial(hp.hc_pre, rms_eps=EPS, hc_eps=EPS, iters=20, **kw)

@@ -98,7 +98,8 @@ def test_decode_interpret_matches_reference(name):
     seed, dims, n_valid, opts, kw = DECODE_CASES[name]
     q, keys, w, n = decode_inputs(jax.random.PRNGKey(seed), *dims, n_valid, **opts)
     ref = ix.reference_decode(q, jnp.nan_to_num(keys), w, n)
-    out = ix.index_scores_decode(q, keys, w, n, interpret=True, poison_outputs=True, **kw)
+    out = ix.index_scores_decode(q, keys, w, n, interpret=True, poison_outputs=True,
+                                 tuning=ix.DecodeTuningConfig(**kw))
     check_scores(out, ref, tol=CPU_TOL, what=name)
     assert np.array_equal(np.isneginf(np.asarray(out)), np.arange(dims[3])[None] >= np.asarray(n)[:, None])
 
@@ -142,7 +143,8 @@ def test_prefill_interpret_matches_reference(name):
     seed, dims, nv, opts, kw = PREFILL_CASES[name]
     q, keys, w, nv = prefill_inputs(jax.random.PRNGKey(seed), *dims, nv, **opts)
     ref = ix.reference_prefill(q, jnp.nan_to_num(keys), w, nv)
-    out = ix.index_scores_prefill(q, keys, w, nv, interpret=True, poison_outputs=True, **kw)
+    out = ix.index_scores_prefill(q, keys, w, nv, interpret=True, poison_outputs=True,
+                                  tuning=ix.PrefillTuningConfig(**kw))
     check_scores(out, ref, tol=CPU_TOL, what=name)
     N = dims[4]
     assert np.array_equal(np.isneginf(np.asarray(out)), np.arange(N)[None, None] >= np.asarray(nv)[..., None])
@@ -151,9 +153,12 @@ def test_prefill_interpret_matches_reference(name):
 def test_decode_equals_prefill_of_one_query():
     """The decode kernel is the prefill kernel at S = 1 (same math, different blocking)."""
     q, keys, w, n = decode_inputs(jax.random.PRNGKey(21), 3, 8, 32, 90, [90, 0, 45])
-    dec = ix.index_scores_decode(q, keys, w, n, block_k=32, blocks_per_program=2, interpret=True)
-    pre = ix.index_scores_prefill(q[:, None], keys, w[:, None], n[:, None], block_q=16, block_k=32,
-                                  interpret=True)[:, 0]
+    dec = ix.index_scores_decode(q, keys, w, n, tuning=ix.DecodeTuningConfig(block_k=32, blocks_per_program=2),
+                                 interpret=True)
+    pre = ix.index_scores_prefill(q[:, None], keys, w[:, None], n[:, None],
+                                  tuning=ix.PrefillTuningConfig(block_q=16, block_k=32), interpret=True)[:, 0]
+    with pytest.raises(ValueError, match="block_q=24 must be a power of two >= 16"):
+        ix.PrefillTuningConfig(block_q=24)
     check_scores(dec, pre, tol=CPU_TOL, what="decode vs prefill")
 
 
@@ -167,8 +172,8 @@ HI, DI = ix.FLASH_HI, ix.FLASH_DI
 
 @pytest.mark.parametrize("B,N,kw", [
     (32, 32768, {}),  # Flash 128K context, batch 32 (default blocking)
-    (1, 32768, dict(block_k=64, blocks_per_program=8)),
-    (7, 1000, dict(block_k=256, blocks_per_program=1, num_warps=8)),  # N not a multiple of the block
+    (1, 32768, dict(tuning=ix.DecodeTuningConfig(block_k=64, blocks_per_program=8))),
+    (7, 1000, dict(tuning=ix.DecodeTuningConfig(block_k=256, blocks_per_program=1, num_warps=8))),  # N % block
     (4, 4096, dict(poison_outputs=True)),
 ])
 def test_decode_lowers_for_h100(B, N, kw):
@@ -181,8 +186,8 @@ def test_decode_lowers_for_h100(B, N, kw):
 @pytest.mark.parametrize("B,S,N,kw", [
     (1, 8192, 2048, {}),
     (1, 32768, 8192, {}),
-    (2, 1000, 333, dict(block_q=128, block_k=64, num_warps=8)),
-    (1, 4096, 1024, dict(block_q=32, block_k=256, poison_outputs=True)),
+    (2, 1000, 333, dict(tuning=ix.PrefillTuningConfig(block_q=128, block_k=64, num_warps=8))),
+    (1, 4096, 1024, dict(tuning=ix.PrefillTuningConfig(block_q=32, block_k=256), poison_outputs=True)),
 ])
 def test_prefill_lowers_for_h100(B, S, N, kw):
     fn = functools.partial(ix.index_scores_prefill, **kw)

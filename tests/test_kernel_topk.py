@@ -179,7 +179,7 @@ def test_segmented_matches_select_topk(segments):
     scores = jnp.asarray(rng.integers(0, 40, (5, 1000)).astype(np.float32))  # ties at every value
     nv = jnp.asarray([1000, 999, 130, 0, 1], jnp.int32)
     for k in (16, 200):
-        ids = tk.topk_indices(scores, nv, k, segments=segments, interpret=True)
+        ids = tk.topk_indices(scores, nv, k, tuning=tk.TuningConfig(segments=segments), interpret=True)
         check_topk(ids, scores, nv, k, what=f"segments={segments} k={k}")
 
 
@@ -188,6 +188,10 @@ def test_auto_segments_and_default_path():
     short ones are not. The default path (8 slices here) picks select_topk's set."""
     assert [tk.auto_segments(r, n, k) for r, n, k in ((32, 32768, 512), (1, 32768, 512), (8, 1024, 512),
                                                       (2048, 8192, 512), (64, 32768, 1024))] == [4, 8, 1, 1, 2]
+    assert tk.choose_tuning(2, 32768, 512) == tk.TuningConfig(segments=8, num_warps=8)
+    assert tk.choose_tuning(2048, 8192, 512) == tk.TuningConfig(segments=1, num_warps=None)
+    with pytest.raises(ValueError, match="segments=0: expected a positive int"):
+        tk.TuningConfig(segments=0)
     scores = tie_free_scores(jax.random.PRNGKey(46), (2, 32768))
     nv = jnp.asarray([32768, 3000], jnp.int32)
     check_topk(tk.topk_indices(scores, nv, 512, interpret=True), scores, nv, 512, what="auto segments")
@@ -198,5 +202,5 @@ def test_auto_segments_and_default_path():
 def test_gpu_segmented_matches_select_topk(segments):
     scores = tie_free_scores(jax.random.PRNGKey(segments), (32, 32768))
     nv = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 32769, jnp.int32).at[0].set(32768).at[1].set(300)
-    ids = tk.topk_indices(scores, nv, 512, segments=segments)
+    ids = tk.topk_indices(scores, nv, 512, tuning=tk.TuningConfig(segments=segments))
     check_topk(ids, scores, nv, 512, what=f"segments={segments}")
