@@ -36,7 +36,8 @@ from jax.sharding import AbstractMesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import dsv4_jax  # noqa: E402
-from dsv4_jax.model.cache import CompressorState, LayerCache, init_cache  # noqa: E402
+from dsv4_jax.model.cache import LayerCache, init_cache  # noqa: E402
+from dsv4_jax.model.compression import CompressorState  # noqa: E402
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
 from dsv4_jax.model.spec import Storage, axes_of, field_axes, param, storage_of  # noqa: E402
 from dsv4_jax.runtime.demo import DEMO_WEIGHTS  # noqa: E402
