@@ -283,13 +283,15 @@ def test_pipelined_decode_keeps_the_engines_lookahead(pipelined, reference):
 
 
 def test_pipeline_kernels_default_is_the_engines(monkeypatch):
+    from dsv4_jax import ops
     from dsv4_jax.runtime import engine
     from dsv4_jax.runtime.pipeline import PipelineEngine
     model = _small_model()
-    assert PipelineEngine(model, pp=1).kernels == engine.Engine(model).kernels == engine.default_kernels()
+    default = ops.Kernels(engine.default_kernels())
+    assert PipelineEngine(model, pp=1).kernels == engine.Engine(model).kernels == default
     monkeypatch.setattr(engine, "default_kernels", lambda: "pallas")  # the GPU default
-    assert PipelineEngine(model, pp=1).kernels == engine.Engine(model).kernels == "pallas"
-    assert PipelineEngine(model, pp=1, kernels="xla").kernels == "xla"
+    assert PipelineEngine(model, pp=1).kernels == engine.Engine(model).kernels == ops.Kernels("pallas")
+    assert PipelineEngine(model, pp=1, kernels="xla").kernels == ops.Kernels("xla")
 
 
 def test_metadata_built_once_before_any_stage_work(pipelined):
