@@ -133,7 +133,8 @@ def test_reference_is_select_topk():
 def test_scores_then_topk_end_to_end():
     """Indexer kernel scores -> top-k kernel pick the set reference scores -> select_topk pick (no near-ties)."""
     q, keys, w, nv = prefill_inputs(jax.random.PRNGKey(43), 1, 24, 8, 32, 64, causal(24, 64, [200]))
-    out = ix.index_scores_prefill(q, keys, w, nv, block_q=16, block_k=32, interpret=True)
+    out = ix.index_scores_prefill(q, keys, w, nv, tuning=ix.PrefillTuningConfig(block_q=16, block_k=32),
+                                  interpret=True)
     ref = ix.reference_prefill(q, keys, w, nv)
     srt = -np.sort(-np.asarray(ref), axis=-1)
     assert np.all(np.abs(srt[..., 7] - srt[..., 8]) > 1e-4 * np.abs(srt[..., 0]) + 1e-6)  # no near-tie at k
