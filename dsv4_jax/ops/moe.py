@@ -60,8 +60,10 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
         matmul = functools.partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=_RAGGED_DN,
                                    preferred_element_type=jnp.float32)
     y = _expert_mlp(xs, lambda a: matmul(a, gate_up, group_sizes), lambda a: matmul(a, down, group_sizes), limit)
-    y = y * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((T, x.shape[-1]), jnp.float32).at[token].add(y)
+    # Back to assignment order by the inverse permutation (a gather), then each token's k rows summed in a
+    # fixed order: a scatter-add back is not deterministic on a GPU (its adds land in any order).
+    unsorted = y[jnp.argsort(order)].reshape(T, k, -1)
+    return jnp.sum(unsorted * weights.astype(jnp.float32)[:, :, None], axis=1)
 
 
 def _expert_mlp(xs, up, down, limit):
