@@ -29,16 +29,18 @@ from .spec import Storage, param
 
 
 class GroupedLinear(nnx.Module):
-    """Block-diagonal projection: group g of heads -> its own r_o outputs; weight [G * r_o, (H/G) * D]."""
+    """Block-diagonal projection: group g of heads -> its own r_o outputs; weight [G * r_o, (H/G) * D] (a
+    tensor-parallel shard holds G / tp whole groups)."""
 
-    def __init__(self, in_per_group: int, out_features: int, groups: int, *, dtype, rngs: nnx.Rngs):
-        self.groups = groups
+    def __init__(self, in_per_group: int, out_per_group: int, groups: int, *, dtype, rngs: nnx.Rngs):
+        self.out_per_group = out_per_group
+        out_features = groups * out_per_group
         self.weight = param(0.02 * jax.random.normal(rngs.params(), (out_features, in_per_group)), ("o_lora", "o_in"),
                             Storage.FP8, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., G, in_per_group] -> [..., G, r_o]."""
-        w = self.weight[...].reshape(self.groups, -1, x.shape[-1])
+        w = self.weight[...].reshape(-1, self.out_per_group, x.shape[-1])
         return jnp.einsum("...gi,goi->...go", x, w.astype(x.dtype))
 
 
@@ -54,9 +56,9 @@ class Attention(nnx.Module):
         self.q_b_proj = Linear(cfg.q_lora_rank, H * D, axes=("heads", "q_lora"), **fp8)
         self.kv_proj = Linear(cfg.hidden_size, D, axes=("kv", "embed"), **fp8)
         self.kv_norm = RMSNorm(D, cfg.rms_norm_eps, "kv")
-        self.o_a_proj = GroupedLinear(H * D // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, cfg.o_groups,
-                                      dtype=dtype, rngs=rngs)
-        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, axes=("embed", "o_lora"), **fp8)
+        self.o_a_proj = GroupedLinear(H * D // cfg.o_groups, cfg.o_lora_rank, cfg.o_groups, dtype=dtype, rngs=rngs)
+        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, axes=("embed", "o_lora"),
+                               row_parallel=True, **fp8)
         self.sinks = param(jax.random.normal(rngs.params(), (H,), jnp.float32), ("heads",), Storage.FP32)
         compressor = None
         m = cfg.compress_rate(self.layer_type)
@@ -66,15 +68,16 @@ class Attention(nnx.Module):
         self.compressor = nnx.data(compressor)
 
     def __call__(self, x: jax.Array, meta: ForwardMetadata, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-        """x [B, C, d] (normed) -> (out [B, C, d], updated layer cache)."""
+        """x [B, C, d] (normed) -> (out [B, C, d], updated layer cache). Under tensor parallelism this device
+        computes its shard of the heads (and of the output groups) and the output projection sums the shards."""
         c = self.cfg
         B, C, _ = x.shape
-        H, D = c.num_attention_heads, c.head_dim
+        D = c.head_dim
         cos, sin = meta.rope[self.rope_kind]
         cos_h, sin_h = cos[:, :, None], sin[:, :, None]
 
         q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = unweighted_rms_norm(self.q_b_proj(q_latent).reshape(B, C, H, D), c.rms_norm_eps)
+        q = unweighted_rms_norm(self.q_b_proj(q_latent).reshape(B, C, -1, D), c.rms_norm_eps)
         q = apply_rope(q, cos_h, sin_h)
         kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
 
@@ -101,5 +104,6 @@ class Attention(nnx.Module):
         o = ops.sparse_attention(q, win_keys, meta.window.key_mask, entries, entry_ids, self.sinks[...], D**-0.5,
                                  shared_entries=self.compressor is not None and self.compressor.indexer is None)
         o = apply_rope(o, cos_h, sin_h, inverse=True)
-        grouped = self.o_a_proj(o.reshape(B, C, c.o_groups, -1)).reshape(B, C, -1)
+        groups = self.o_a_proj.weight.shape[0] // c.o_lora_rank  # this device's output groups
+        grouped = self.o_a_proj(o.reshape(B, C, groups, -1)).reshape(B, C, -1)
         return self.o_b_proj(grouped), cache

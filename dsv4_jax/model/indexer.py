@@ -41,7 +41,7 @@ class Indexer(Compressor):
         head weights [B, C, H_I] fp32 with D_I^-1/2 * H_I^-1/2 folded in): ``index_scores``' inputs."""
         c = self.cfg
         B, C, _ = x.shape
-        q = self.q_b_proj(q_latent).reshape(B, C, c.index_n_heads, c.index_head_dim)
+        q = self.q_b_proj(q_latent).reshape(B, C, -1, c.index_head_dim)  # this device's heads
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         w = self.scorer.weights_proj(x, out_dtype=jnp.float32) * (c.index_head_dim**-0.5 * c.index_n_heads**-0.5)
         return q, w

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..ops.dense import linear, rms_norm
+from ..ops.dense import linear, rms_norm, row_parallel_linear
 from .spec import Storage, param
 
 
@@ -23,14 +23,17 @@ def _normal(rngs: nnx.Rngs, shape, std=0.02):
 
 
 class Linear(nnx.Module):
-    """``axes``: the weight's logical axes, [out, in] (model/spec.py); ``storage``: its storage precision."""
+    """``axes``: the weight's logical axes, [out, in] (model/spec.py); ``storage``: its storage precision.
+    ``row_parallel``: the input dimension may be split over tensor-parallel devices, whose partial products
+    are summed (ops.dense.row_parallel_linear)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], storage: Storage, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, row_parallel: bool = False):
         self.weight = param(_normal(rngs, (out_features, in_features)), axes, storage, dtype)
+        self.row_parallel = row_parallel
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        return linear(x, self.weight[...], out_dtype)
+        return (row_parallel_linear if self.row_parallel else linear)(x, self.weight[...], out_dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -66,13 +66,13 @@ class Router(nnx.Module):
         self.cfg = cfg
         self.is_hash = is_hash
         self.weight = param(0.02 * jax.random.normal(rngs.params(), (cfg.n_routed_experts, cfg.hidden_size)),
-                            ("experts", "embed"), Storage.MODEL, dtype)
+                            ("router", "embed"), Storage.MODEL, dtype)
         if is_hash:
             perm = jax.vmap(lambda k: jax.random.permutation(k, cfg.n_routed_experts)[: cfg.num_experts_per_tok])
-            self.tid2eid = param(perm(jax.random.split(rngs.params(), cfg.vocab_size)), ("vocab", "topk"),
+            self.tid2eid = param(perm(jax.random.split(rngs.params(), cfg.vocab_size)), ("token_table", "topk"),
                                  Storage.INT32, kind=Buffer)
         else:
-            self.e_score_correction_bias = param(jnp.zeros((cfg.n_routed_experts,), jnp.float32), ("experts",),
+            self.e_score_correction_bias = param(jnp.zeros((cfg.n_routed_experts,), jnp.float32), ("router",),
                                                  Storage.FP32, kind=Buffer)
 
     def __call__(self, x: jax.Array, token_ids: jax.Array):
@@ -88,13 +88,17 @@ class Experts(nnx.Module):
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
         E, F, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.limit = cfg.swiglu_limit
-        self.gate_up_proj = param(0.02 * jax.random.normal(rngs.params(), (E, 2 * F, d)), ("experts", "mlp", "embed"),
+        self.gate_up_proj = param(0.02 * jax.random.normal(rngs.params(), (E, 2 * F, d)),
+                                  ("experts", "expert_gate_up", "embed"),
                                   Storage.FP4, dtype)
-        self.down_proj = param(0.02 * jax.random.normal(rngs.params(), (E, d, F)), ("experts", "embed", "mlp"),
+        self.down_proj = param(0.02 * jax.random.normal(rngs.params(), (E, d, F)),
+                               ("experts", "embed", "expert_mlp"),
                                Storage.FP4, dtype)
 
     def __call__(self, x, idx, weights):
-        return ops.routed_experts(x, idx, weights, self.gate_up_proj[...], self.down_proj[...], self.limit)
+        gate_up = self.gate_up_proj[...]  # [E, 2F, d], or placed for a split of F as [E, 2, F, d] (sharding.py)
+        gate_up = gate_up.reshape(gate_up.shape[0], -1, gate_up.shape[-1])
+        return ops.routed_experts(x, idx, weights, gate_up, self.down_proj[...], self.limit)
 
 
 class SharedExpert(nnx.Module):
@@ -104,7 +108,7 @@ class SharedExpert(nnx.Module):
         fp8 = dict(storage=Storage.FP8, dtype=dtype, rngs=rngs)
         self.gate_proj = Linear(d, F, axes=("mlp", "embed"), **fp8)
         self.up_proj = Linear(d, F, axes=("mlp", "embed"), **fp8)
-        self.down_proj = Linear(F, d, axes=("embed", "mlp"), **fp8)
+        self.down_proj = Linear(F, d, axes=("embed", "mlp"), row_parallel=True, **fp8)
 
     def __call__(self, x):
         h = clamped_swiglu(self.gate_proj(x, jnp.float32), self.up_proj(x, jnp.float32), self.limit)

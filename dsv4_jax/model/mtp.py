@@ -49,6 +49,7 @@ class MTPBlock(DecoderLayer):
         self.hnorm = RMSNorm(d, eps, "embed")
         self.norm = RMSNorm(d, eps, "embed")
         self.hc_head = HyperHead(cfg, rngs=rngs)
+        self.vocab_size = cfg.vocab_size
 
     def __call__(self, streams: jax.Array, next_embeds: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,
                  cache: LayerCache, lm_head: Linear):
@@ -56,7 +57,7 @@ class MTPBlock(DecoderLayer):
         next_ids [B, C]; lm_head the main model's -> (fp32 logits [B, C, V], layer cache)."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds))[:, :, None, :]
         x, cache = super().__call__(x, next_ids, meta, cache)
-        return lm_logits(self.hc_head, self.norm, lm_head, x), cache
+        return lm_logits(self.hc_head, self.norm, lm_head, x, self.vocab_size), cache
 
 
 class DeepseekV4WithMTP(DeepseekV4ForCausalLM):

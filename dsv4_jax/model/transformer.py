@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from .. import ops
+from ..ops.parallel import embed_lookup, gather_vocab
 from .attention import Attention
 from .layers import Linear, RMSNorm
 from .cache import LayerCache, init_cache
@@ -61,7 +62,8 @@ class Embedding(nnx.Module):
                             dtype)
 
     def __call__(self, ids):
-        return self.weight[...][ids]
+        """ids [...] -> [..., d]; the rows may be split over tensor-parallel devices (ops.parallel)."""
+        return embed_lookup(self.weight[...], ids)
 
 
 class DeepseekV4Model(nnx.Module):
@@ -115,7 +117,7 @@ class DeepseekV4ForCausalLM(nnx.Module):
 
     def logits(self, streams: jax.Array) -> jax.Array:
         """The LM head: streams [..., n, d] after the last layer -> fp32 logits [..., V]."""
-        return lm_logits(self.model.hc_head, self.model.norm, self.lm_head, streams)
+        return lm_logits(self.model.hc_head, self.model.norm, self.lm_head, streams, self.config.vocab_size)
 
     def __call__(self, input_ids) -> jax.Array:
         """Stateless forward: input_ids int [B, S] -> logits [B, S, V] (fp32)."""
@@ -134,10 +136,11 @@ def at_positions(streams: jax.Array, positions: jax.Array | None) -> jax.Array:
     return jnp.take_along_axis(streams, positions[:, None, None, None], axis=1)[:, 0]
 
 
-def lm_logits(hc_head: HyperHead, norm: RMSNorm, lm_head: Linear, streams: jax.Array) -> jax.Array:
+def lm_logits(hc_head: HyperHead, norm: RMSNorm, lm_head: Linear, streams: jax.Array, vocab_size: int) -> jax.Array:
     """The head: streams [..., n, d] -> hc_head -> final norm -> fp32 logits [..., V] (the main model's, and
-    the MTP block's with its own hc_head and norm)."""
-    return lm_head(norm(hc_head(streams)), jnp.float32)
+    the MTP block's with its own hc_head and norm). The head's rows may be split over tensor-parallel devices
+    (and padded to a multiple of them): the shards' logits are gathered and the padding dropped."""
+    return gather_vocab(lm_head(norm(hc_head(streams)), jnp.float32), vocab_size)
 
 
 def prepare_chunk(cfg: DeepseekV4Config, token_ids: jax.Array, start: jax.Array, n_new: jax.Array, capacity: int,
@@ -166,9 +169,17 @@ def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: 
     """
     S = token_ids.shape[1]
     token_ids, meta, logits_at = prepare_chunk(model.config, token_ids, start, n_new, capacity, last_only)
-    streams, cache = (layers or model.run_layers)(model.embed_streams(token_ids), token_ids, meta, cache, logits_at)
-    logits = model.logits(streams)
+    logits, cache = forward_prepared(model, token_ids, meta, cache, logits_at, layers)
     return (logits if last_only else logits[:, :S]), cache
+
+
+def forward_prepared(model: DeepseekV4ForCausalLM, token_ids: jax.Array, meta: ForwardMetadata, cache,
+                     logits_at: jax.Array | None, layers=None):
+    """A prepared chunk (``prepare_chunk``'s outputs) through the embedding, the layers and the head ->
+    (logits [B, C, V] or [B, V] at ``logits_at``, new caches). The sharded step (runtime/mesh.py) runs this
+    per device, on its shards, with the metadata prepared before it."""
+    streams, cache = (layers or model.run_layers)(model.embed_streams(token_ids), token_ids, meta, cache, logits_at)
+    return model.logits(streams), cache
 
 
 def stateless_forward(model: DeepseekV4ForCausalLM, ids: jax.Array) -> jax.Array:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .parallel import current_axes, tp_sum
+
 # For the fp32 products the reference computes in fp32 (router logits, mHC mixing): a GPU's default
 # precision rounds fp32 inputs to TF32 (10-bit mantissa), which PyTorch's default does not.
 FP32 = jax.lax.Precision.HIGHEST
@@ -14,6 +16,14 @@ def linear(x: jax.Array, weight: jax.Array, out_dtype=None, precision=None) -> j
     """``x [..., in] @ weight[out, in]^T -> [..., out]``."""
     return jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=out_dtype,
                       precision=precision)
+
+
+def row_parallel_linear(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Array:
+    """``linear`` whose input dimension may be split over tensor-parallel devices (x [..., in_shard], weight
+    [out, in_shard]): each shard's partial product, summed over the shards in fp32 before the cast."""
+    if current_axes().tp is None:
+        return linear(x, weight, out_dtype)
+    return tp_sum(linear(x, weight, jnp.float32)).astype(out_dtype or x.dtype)
 
 
 def rms_scale(xf: jax.Array, eps: float) -> jax.Array:

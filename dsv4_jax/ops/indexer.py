@@ -12,18 +12,20 @@ from kernels_pallas import indexer as indexer_kernels
 from kernels_pallas.topk import topk_indices
 
 from .choice import interpret, pallas
+from .parallel import tp_sum
 
 
 def indexer_scores(q, keys, weights, n_visible) -> jax.Array:
     """q [B, C, H_I, D_I], keys [B, N, D_I], weights [B, C, H_I] (scales folded in), n_visible [B, C] ->
     scores [B, C, N] fp32; entries at or past n_visible hold anything (``topk`` never picks them). Pallas:
-    the decode kernel for a step of one token (C = 1), else the chunk kernel."""
+    the decode kernel for a step of one token (C = 1), else the chunk kernel. With the heads split over
+    tensor-parallel devices, each scores its heads and the sum over the shards is the score."""
     if not pallas("indexer_scores"):
-        return index_scores(q, keys, weights)
+        return tp_sum(index_scores(q, keys, weights))
     if q.shape[1] == 1:
-        return indexer_kernels.index_scores_decode(q[:, 0], keys, weights[:, 0], n_visible[:, 0],
-                                                   interpret=interpret())[:, None]
-    return indexer_kernels.index_scores_prefill(q, keys, weights, n_visible, interpret=interpret())
+        return tp_sum(indexer_kernels.index_scores_decode(q[:, 0], keys, weights[:, 0], n_visible[:, 0],
+                                                          interpret=interpret())[:, None])
+    return tp_sum(indexer_kernels.index_scores_prefill(q, keys, weights, n_visible, interpret=interpret()))
 
 
 def topk(scores, n_visible, k: int) -> jax.Array:

@@ -15,6 +15,7 @@ from kernels_pallas.grouped_gemv import grouped_gemv
 from kernels_pallas.grouped_matmul import grouped_matmul
 
 from .choice import interpret, pallas
+from .parallel import combine_experts, current_axes, expert_shard_index, gather_tokens
 
 _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -27,7 +28,32 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
                    limit: float) -> jax.Array:
-    """x [T, d]; idx, weights [T, k]; gate_up [E, 2F, d]; down [E, d, F] -> [T, d] fp32.
+    """x [T, d]; idx, weights [T, k] (global expert ids); gate_up [E, 2F, d]; down [E, d, F] -> [T, d] fp32.
+
+    Sharded (ops/parallel.py): with the width split over tensor-parallel devices (gate_up [E, 2F/tp, d], its
+    shard's gate rows then up rows; down [E, d, F/tp]) each device computes its partial sums; with the experts
+    spread (gate_up [E/ep, ...]) every device takes all data-parallel shards' tokens and computes its own
+    experts' share of them. Either way the shares are then summed back to each shard's tokens; no token is
+    dropped, whatever the routing.
+    """
+    x, idx, weights = gather_tokens(x, idx, weights)
+    if current_axes().ep:
+        idx, weights = _local_assignments(idx, weights, gate_up.shape[0])
+    return combine_experts(_experts_on_device(x, idx, weights, gate_up, down, limit))
+
+
+def _local_assignments(idx: jax.Array, weights: jax.Array, local_experts: int):
+    """Global expert ids [T, k] -> ids into this device's ``local_experts`` experts, with the weight of an
+    assignment to another device's expert zeroed (its row is computed against expert 0 and multiplied by 0)."""
+    first = expert_shard_index() * local_experts
+    mine = (idx >= first) & (idx < first + local_experts)
+    return jnp.where(mine, idx - first, 0), jnp.where(mine, weights, 0.0)
+
+
+def _experts_on_device(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
+                       limit: float) -> jax.Array:
+    """``routed_experts`` on the experts and width this device holds: x [T, d]; idx, weights [T, k] -> [T, d]
+    fp32.
 
     Only the picked experts' weights are read. XLA: with fewer assignments than experts (decode) the picked
     matrices gathered per assignment, since XLA's GPU ragged dot is dense; else the assignments sorted by

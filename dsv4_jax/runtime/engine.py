@@ -22,6 +22,7 @@ from .. import ops
 from ..model.cache import init_cache
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
 from .compile_cache import enable_compile_cache
+from .mesh import ModelMesh, ShardedStep, check_layout, place_weights, replicated
 from .sampling import SamplingParams, sample, sampling_args
 
 
@@ -43,13 +44,15 @@ class DeviceSteps:
     which flattens in C++ (docs/performance.md, "Host time").
     """
 
-    def __init__(self, graphdef, state_def, capacity: int, layers=None):
+    def __init__(self, graphdef, state_def, capacity: int, layers=None, sharded=None):
         """``layers``: how the layer stack runs when it is not the model's own loop on one device (the
         pipeline's stages: ``runtime.pipeline.PipelinePlan``). Its weights then follow the model's in the
         weights list, the model's state (``state_def``) holds everything but the layers
         (``layers.abstract_state`` stands in for them), and the batch is padded to ``layers.rows(B)``
-        before the metadata is built."""
+        before the metadata is built. ``sharded``: a ``runtime.mesh.ShardedStep`` runs the forward on a
+        device mesh instead (the batch padded to a multiple of its dp)."""
         n = state_def.num_leaves
+        pad_rows = layers.rows if layers is not None else sharded.mesh.rows if sharded is not None else None
 
         def bind(weights):
             """weights -> (the model, how its layer stack runs)."""
@@ -61,13 +64,16 @@ class DeviceSteps:
 
         def forward(weights, cache, token_ids, start, n_new, last_only, kernels):
             B = token_ids.shape[0]
-            rows = B if layers is None else layers.rows(B)
+            rows = B if pad_rows is None else pad_rows(B)
             if rows != B:  # empty rows (n_new 0) write nothing
                 token_ids, start, n_new = (jnp.pad(x, [(0, rows - B)] + [(0, 0)] * (x.ndim - 1))
                                            for x in (token_ids, start, n_new))
-            with ops.use(kernels):
-                model, run_layers = bind(weights)
-                logits, cache = run_chunk(model, cache, token_ids, start, n_new, capacity, last_only, run_layers)
+            if sharded is not None:
+                logits, cache = sharded(weights, cache, token_ids, start, n_new, last_only, kernels)
+            else:
+                with ops.use(kernels):
+                    model, run_layers = bind(weights)
+                    logits, cache = run_chunk(model, cache, token_ids, start, n_new, capacity, last_only, run_layers)
             return (logits if rows == B else logits[:B]), cache
 
         def chunk(weights, cache, token_ids, start, n_new, *, last_only: bool, kernels: ops.Kernels = ops.Kernels()):
@@ -170,10 +176,14 @@ class Engine:
 
     >>> engine = Engine(dsv4_jax.from_pretrained(path), capacity=4096, tokenizer=tok)
     >>> engine.generate(["Once upon a time"], max_new_tokens=32)
+
+    ``mesh``: a ``runtime.mesh.ModelMesh`` (``make_mesh(tp=, dp=, ep=)``) to shard the model over; the
+    weights are placed as its rules say (weights already placed there stay where they are).
     """
 
     def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int | None = None,
-                 tokenizer=None, kernels: str | ops.Kernels | None = None, compile_cache: bool = True):
+                 tokenizer=None, kernels: str | ops.Kernels | None = None, compile_cache: bool = True,
+                 mesh: ModelMesh | None = None):
         if compile_cache:  # (dsv4_jax.runtime.compile_cache): a second run loads its steps from disk
             enable_compile_cache()
         if prefill_chunk is None:
@@ -181,6 +191,12 @@ class Engine:
         if capacity <= 0 or prefill_chunk <= 0:
             raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
         self.kernels = parse_kernels(kernels)
+        if mesh is not None:
+            check_layout(model.config, mesh.tp, mesh.dp, mesh.pp, mesh.ep, mesh.mesh.size)
+            if mesh.pp > 1:
+                raise InputError(f"a mesh with pp {mesh.pp} > 1 is not supported by Engine yet; PipelineEngine runs "
+                                 "pipeline stages alone")
+        self.mesh = mesh
         self.model = model
         self.config = model.config
         self.capacity = capacity
@@ -213,21 +229,41 @@ class Engine:
 
     # ----- device steps (dsv4_jax.runtime.pipeline.PipelineEngine overrides these four) --------------
     def _place(self, model: DeepseekV4ForCausalLM) -> tuple[DeviceSteps, list]:
-        """(the jitted steps, their weights argument): the model's own layer loop on one device."""
-        graphdef, state_def, weights = split_weights(model)
-        return DeviceSteps(graphdef, state_def, self.capacity), weights
+        """(the jitted steps, their weights argument): the model's own layer loop on one device, or the
+        sharded step on the mesh."""
+        if self.mesh is None:
+            graphdef, state_def, weights = split_weights(model)
+            return DeviceSteps(graphdef, state_def, self.capacity), weights
+        graphdef, state_def, weights = place_weights(model, self.mesh)
+        self.sharded = ShardedStep(self.config, graphdef, state_def, [w.sharding.spec for w in weights], self.mesh,
+                                   self.capacity, model.dtype)
+        return DeviceSteps(graphdef, state_def, self.capacity, sharded=self.sharded), weights
 
     def _new_cache(self, batch: int):
+        if self.mesh is not None:
+            return self.sharded.new_cache(self.mesh.rows(batch))
         return init_cache(self.config, batch, self.capacity, self.model.dtype)
+
+    def _inputs(self, *xs) -> list:
+        """Host or device inputs of a step: on a mesh, global arrays replicated over it (valid across processes;
+        the previous step's outputs already are and pass through); else as they are (host arrays as jax ones)."""
+        if self.mesh is None:
+            return [jnp.asarray(x) for x in xs]
+        devices = set(self.mesh.mesh.devices.flat)
+        return [x if isinstance(x, jax.Array) and x.sharding.device_set == devices else replicated(self.mesh, x)
+                for x in xs]
 
     def _run_chunk(self, cache, ids: np.ndarray, start: np.ndarray, n_new: np.ndarray, last_only: bool):
         """ids [B, C] host ints -> (logits, caches): one prefill chunk."""
-        return self.steps.chunk(self.weights, cache, jnp.asarray(ids), jnp.asarray(start), jnp.asarray(n_new),
-                                last_only=last_only, kernels=self.kernels)
+        return self.steps.chunk(self.weights, cache, *self._inputs(ids, start, n_new), last_only=last_only,
+                                kernels=self.kernels)
 
     def _run_decode(self, cache, tokens, pos, active, key, temperature, top_k, top_p, filters: bool):
         """``DeviceSteps.decode``'s contract: (next tokens [B], pos + active, next key, caches); the sampling
         settings as ``sampling_args`` makes them (device scalars) and ``SamplingParams.filters``."""
+        if self.mesh is not None:
+            tokens, pos, active, key, temperature, top_k, top_p = self._inputs(tokens, pos, active, key, temperature,
+                                                                               top_k, top_p)
         return self.steps.decode(self.weights, cache, tokens, pos, active, key, temperature, top_k, top_p,
                                  kernels=self.kernels, filters=filters)
 

@@ -1,7 +1,12 @@
 """Where arrays live on a device mesh: ``ShardingRules`` maps the logical axes that parameters and cache fields
 declare (model/spec.py) to mesh axes, and every placement (the safetensors import, the orbax restore, a
 cache) is derived from it. The rules are the one table to change for another layout; the default splits
-nothing, and a preset splitting heads or experts is a ``ShardingRules(...)`` of its own.
+nothing, and ``layout_rules`` is the sharded engine's (runtime/mesh.py).
+
+Placement may differ from a parameter's shape in two ways (``placement``): a vocabulary split into parts it
+does not divide is padded with rows no token reads, and the routed experts' stacked gate | up rows are held
+as [E, 2, F, d], so that a split of F gives each device its gate rows and their up rows. The model reads
+either form (model/moe.py ``Experts``, ops/parallel.py ``gather_vocab``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
@@ -25,7 +32,8 @@ class ShardingRules:
     """Logical axis -> the mesh axes that split it. The fields are the logical-axis vocabulary."""
 
     # parameters
-    vocab: MeshAxes = None  # token vocabulary (embedding and head rows, the hash router's table)
+    vocab: MeshAxes = None  # token vocabulary: embedding and head rows (padded to a multiple of its parts)
+    token_table: MeshAxes = None  # the hash router's token -> experts rows (every device routes any token)
     embed: MeshAxes = None  # model width d
     embed_in: MeshAxes = None  # model width on the input side of the MTP block's square d -> d projections
     q_lora: MeshAxes = None  # query low-rank width r_q
@@ -35,8 +43,11 @@ class ShardingRules:
     o_in: MeshAxes = None  # one output group's input: (heads / o_groups) x head_dim
     ratio: MeshAxes = None  # the m token positions of one compression window (compressor position bias)
     index_heads: MeshAxes = None  # lightning-indexer heads (flattened with index_head_dim likewise)
-    experts: MeshAxes = None  # routed experts
-    mlp: MeshAxes = None  # expert hidden width F (gate and up stacked: 2F)
+    router: MeshAxes = None  # routed experts as the router scores them (every token scores all of them)
+    experts: MeshAxes = None  # routed experts' weight stacks
+    expert_mlp: MeshAxes = None  # a routed expert's hidden width F
+    expert_gate_up: MeshAxes = None  # its gate and up rows stacked, 2F (placed as [2, F]: split like F)
+    mlp: MeshAxes = None  # the shared expert's hidden width
     topk: MeshAxes = None  # experts picked per token (the hash router's table)
     hc: MeshAxes = None  # mHC mixing coefficients
     hc_embed: MeshAxes = None  # mHC streams x model width, flattened (the mixing input)
@@ -48,6 +59,20 @@ class ShardingRules:
 
 
 LOGICAL_AXES = tuple(f.name for f in dataclasses.fields(ShardingRules))
+PADDED_AXES = ("vocab",)  # placement pads these to a multiple of their parts
+PAIRED_AXES = ("expert_gate_up",)  # placement holds these as [2, n / 2], split on the second
+
+# The sharded engine's mesh axes (runtime/mesh.py): pipeline stages, data-parallel rows, tensor-parallel shards.
+PP, DP, TP = "pp", "dp", "tp"
+
+
+def layout_rules(ep: bool) -> ShardingRules:
+    """The sharded engine's table: heads, output groups, indexer heads, the shared expert's width and the
+    vocabulary over TP; batch rows (caches included) over DP; the routed experts whole over DP x TP with
+    ``ep`` (expert parallel), else their width over TP. The rest is replicated: the one MQA key/value head,
+    the compressors (single-head, like it), mHC, norms, the router and the hash table."""
+    experts = dict(experts=(DP, TP)) if ep else dict(expert_mlp=TP, expert_gate_up=TP)
+    return ShardingRules(vocab=TP, heads=TP, o_lora=TP, index_heads=TP, mlp=TP, batch=DP, **experts)
 
 
 def _mesh_axes(entry: MeshAxes) -> tuple[str, ...]:
@@ -71,11 +96,13 @@ def logical_to_spec(axes: Sequence[str], rules: ShardingRules) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def logical_sharding(what: str, axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
-                     rules: ShardingRules) -> NamedSharding:
-    """The NamedSharding of an array of ``shape`` with logical ``axes``; ``what`` names it in errors (a mesh
-    axis the mesh lacks, a dimension its mesh axes do not divide)."""
+def placement(what: str, axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+              rules: ShardingRules) -> tuple[tuple[int, ...], NamedSharding]:
+    """(placed shape, NamedSharding) of an array of ``shape`` with logical ``axes`` (module docstring: padded
+    vocabulary, paired gate | up rows); ``what`` names it in errors (a mesh axis the mesh lacks, a dimension
+    its mesh axes do not divide)."""
     spec = logical_to_spec(axes, rules)
+    placed_shape, placed_spec = [], []
     for size, axis, entry in zip(shape, axes, spec):
         names = _mesh_axes(entry)
         for name in names:
@@ -83,10 +110,40 @@ def logical_sharding(what: str, axes: Sequence[str], shape: Sequence[int], mesh:
                 raise ValueError(f"ShardingRules map {axis!r} to mesh axis {name!r}, which the mesh (axes "
                                  f"{', '.join(mesh.axis_names)}) does not have")
         parts = math.prod(mesh.shape[name] for name in names)
+        if axis in PADDED_AXES:
+            size = -(-size // parts) * parts
+        if axis in PAIRED_AXES and parts > 1:
+            placed_shape.append(2)
+            placed_spec.append(None)
+            size //= 2
         if size % parts:
             raise ValueError(f"{what} {tuple(shape)}: its {axis!r} dimension of {size} does not split evenly over "
                              f"mesh axes {names} ({parts} parts)")
-    return NamedSharding(mesh, spec)
+        placed_shape.append(size)
+        placed_spec.append(entry)
+    return tuple(placed_shape), NamedSharding(mesh, PartitionSpec(*placed_spec))
+
+
+def logical_sharding(what: str, axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+                     rules: ShardingRules) -> NamedSharding:
+    """The NamedSharding of an array of ``shape`` with logical ``axes`` whose placement keeps its shape (cache
+    fields); errors as ``placement``."""
+    placed_shape, sharding = placement(what, axes, shape, mesh, rules)
+    if placed_shape != tuple(shape):
+        raise ValueError(f"{what} {tuple(shape)} would be placed as {placed_shape}; expected a layout that keeps "
+                         "its shape")
+    return sharding
+
+
+def to_placed(value, placed_shape: Sequence[int]):
+    """A parameter's value (numpy or jax) -> its placed form: padded rows (zeros) and paired halves split
+    (``placement``); the identity when the shapes agree."""
+    if tuple(value.shape) == tuple(placed_shape):
+        return value
+    if len(placed_shape) > value.ndim:  # paired halves: a reshape
+        return value.reshape(placed_shape)
+    xp = np if isinstance(value, np.ndarray) else jnp
+    return xp.pad(value, [(0, p - s) for p, s in zip(placed_shape, value.shape)])
 
 
 def target_shardings(table: Mapping[str, nnx.Variable], sharding=None, mesh: Mesh | None = None,
@@ -94,17 +151,13 @@ def target_shardings(table: Mapping[str, nnx.Variable], sharding=None, mesh: Mes
     """Canonical name -> sharding for every variable of a parameter table (params.param_table).
 
     ``mesh`` (+ ``rules``, default ShardingRules(): replicated): each variable split as the rules map its
-    logical axes; or ``sharding``: one Sharding for all, or {canonical name: Sharding} naming every
-    variable; default: the default device.
+    logical axes, in its placed shape (``target_placements``); or ``sharding``: one Sharding for all, or
+    {canonical name: Sharding} naming every variable; default: the default device.
     """
     if mesh is not None or rules is not None:
         if mesh is None or sharding is not None:
             raise ValueError("give either sharding, or mesh with optional rules (a ShardingRules)")
-        rules = ShardingRules() if rules is None else rules
-        if not isinstance(rules, ShardingRules):
-            raise ValueError(f"rules must be a ShardingRules, got {type(rules).__name__}")
-        return {name: logical_sharding(f"parameter {name}", axes_of(var), var.get_value().shape, mesh, rules)
-                for name, var in table.items()}
+        return {name: placed[1] for name, placed in target_placements(table, mesh, rules).items()}
     if sharding is None:
         sharding = SingleDeviceSharding(jax.devices()[0])
     if isinstance(sharding, Sharding):
@@ -119,6 +172,29 @@ def target_shardings(table: Mapping[str, nnx.Variable], sharding=None, mesh: Mes
     if missing:
         raise ValueError(f"sharding has no entry for {missing[0]!r} ({len(missing)} parameter(s) missing)")
     return dict(sharding)
+
+
+def target_placements(table: Mapping[str, nnx.Variable], mesh: Mesh,
+                      rules: ShardingRules | None = None) -> dict[str, tuple[tuple[int, ...], NamedSharding]]:
+    """Canonical name -> (placed shape, NamedSharding) of every variable of a parameter table on ``mesh`` under
+    ``rules`` (default ShardingRules(): replicated); see ``placement``."""
+    rules = ShardingRules() if rules is None else rules
+    if not isinstance(rules, ShardingRules):
+        raise ValueError(f"rules must be a ShardingRules, got {type(rules).__name__}")
+    return {name: placement(f"parameter {name}", axes_of(var), canonical_shape(var), mesh, rules)
+            for name, var in table.items()}
+
+
+def canonical_shape(var: nnx.Variable) -> tuple[int, ...]:
+    """A variable's shape as the model declares it, whether its value is held placed or not: placement only
+    pads a vocabulary axis (its declared size is unknown here, so a padded value keeps its padded size, which
+    placing again leaves as it is) or splits a paired axis in two (merged back here)."""
+    shape = tuple(var.get_value().shape)
+    axes = axes_of(var)
+    if len(shape) == len(axes) + 1:
+        i = next(i for i, a in enumerate(axes) if a in PAIRED_AXES)
+        shape = shape[:i] + (shape[i] * shape[i + 1],) + shape[i + 2:]
+    return shape
 
 
 def cache_shardings(cache, mesh: Mesh, rules: ShardingRules | None = None):

@@ -1,0 +1,186 @@
+"""The device mesh of a sharded engine: tensor, data and expert parallelism, as vLLM and SGLang mean them.
+
+``make_mesh(tp=, dp=, pp=, ep=)`` lays the first pp x dp x tp devices out as a mesh with axes ("pp", "dp",
+"tp"). Each pipeline stage has dp x tp devices: attention and the dense layers split the batch over dp and
+the heads over tp; the routed experts are split along their width over tp (replicated over dp), or with
+``ep`` spread whole over the stage's dp x tp devices. ``weights.sharding.layout_rules`` is the table that
+places every parameter and cache field; ``ops.parallel`` holds the collectives the shards need.
+
+One step: ``ShardedStep`` prepares a chunk (padding, the metadata) once, on the whole batch, before a single
+``shard_map`` over the mesh in which every device runs the embedding, the layers and the head on its shards
+(``model.transformer.forward_prepared``). The metadata enters it as a value, split by rows like the batch;
+no device derives any.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .. import ops
+from ..model.cache import init_cache
+from ..model.config import DeepseekV4Config
+from ..model.transformer import InputError, forward_prepared, prepare_chunk
+from ..ops.parallel import MeshAxes, use_axes
+from ..weights.sharding import DP, PP, TP, cache_shardings, canonical_shape, layout_rules, placement, to_placed
+from ..model.spec import axes_of
+
+FLAGS = {"tp": "tp", "dp": "dp", "pp": "pp", "ep": "ep"}  # how messages name the settings (the CLI: --tp ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMesh:
+    """A jax Mesh with axes ("pp", "dp", "tp") and whether the routed experts are spread over dp x tp."""
+
+    mesh: Mesh
+    ep: bool = False
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.shape[TP]
+
+    @property
+    def dp(self) -> int:
+        return self.mesh.shape[DP]
+
+    @property
+    def pp(self) -> int:
+        return self.mesh.shape[PP]
+
+    @property
+    def rules(self):
+        return layout_rules(self.ep)
+
+    @property
+    def axes(self) -> MeshAxes:
+        """The collectives of a step on this mesh: only axes of more than one device reduce."""
+        split = [a for a in (DP, TP) if self.mesh.shape[a] > 1]
+        return MeshAxes(tp=TP if TP in split else None, dp=DP if DP in split else None,
+                        ep=tuple(split) if self.ep else ())
+
+    def rows(self, batch: int) -> int:
+        """The batch a step of ``batch`` rows runs at: a multiple of dp (the extra rows are empty)."""
+        return -(-batch // self.dp) * self.dp
+
+
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} {value!r} must be a positive integer")
+    return int(value)
+
+
+def check_layout(cfg: DeepseekV4Config, tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False,
+                 devices: int | None = None, names: dict[str, str] = FLAGS) -> None:
+    """Raise InputError (one line naming the value) for a layout that does not fit ``cfg`` or the devices;
+    ``names``: how the caller spells the settings (the CLI's ``--tp``). Runs before any weights load."""
+    tp, dp, pp = (_count(v, names[k]) for k, v in (("tp", tp), ("dp", dp), ("pp", pp)))
+    for what, size in (("query heads", cfg.num_attention_heads), ("output groups", cfg.o_groups),
+                       ("indexer heads", cfg.index_n_heads), ("shared expert width", cfg.moe_intermediate_size)):
+        if size % tp:
+            raise InputError(f"{names['tp']} {tp} does not divide the model's {size} {what}")
+    if ep and cfg.n_routed_experts % (dp * tp):
+        raise InputError(f"the expert-parallel size {names['dp']} x {names['tp']} = {dp * tp} does not divide the "
+                         f"model's {cfg.n_routed_experts} routed experts")
+    if not ep and cfg.moe_intermediate_size % tp:
+        raise InputError(f"{names['tp']} {tp} does not divide the routed experts' width {cfg.moe_intermediate_size}")
+    if pp > cfg.num_hidden_layers:
+        raise InputError(f"{names['pp']} {pp} is larger than the number of layers ({cfg.num_hidden_layers}); every "
+                         "stage needs a layer")
+    devices = jax.device_count() if devices is None else devices
+    if pp * dp * tp > devices:
+        raise InputError(f"{names['pp']} {pp} x {names['dp']} {dp} x {names['tp']} {tp} needs {pp * dp * tp} devices "
+                         f"but {devices} {'is' if devices == 1 else 'are'} available (on CPU: "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={pp * dp * tp})")
+
+
+def make_mesh(tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False, devices=None,
+              cfg: DeepseekV4Config | None = None) -> ModelMesh:
+    """The first pp x dp x tp of ``devices`` (default: every process's, ``jax.devices()``) as a ModelMesh;
+    with ``cfg``, ``check_layout`` first."""
+    devices = list(jax.devices() if devices is None else devices)
+    if cfg is not None:
+        check_layout(cfg, tp, dp, pp, ep, len(devices))
+    n = _count(pp, "pp") * _count(dp, "dp") * _count(tp, "tp")
+    if n > len(devices):
+        raise InputError(f"a mesh of pp {pp} x dp {dp} x tp {tp} needs {n} devices but {len(devices)} are available")
+    grid = np.asarray(devices[:n], dtype=object).reshape(pp, dp, tp)
+    return ModelMesh(Mesh(grid, (PP, DP, TP)), bool(ep))
+
+
+def place_weights(model: nnx.Module, mesh: ModelMesh) -> tuple:
+    """model -> (graph definition, the state's tree structure, its leaves placed on ``mesh`` as its rules say):
+    ``engine.split_weights`` for a mesh. A leaf already placed there (``from_pretrained(..., mesh=)``) is kept;
+    any other is read to the host and each device given its shard (every process places its own)."""
+    graphdef, state = nnx.split(model)
+    variables, state_def = jax.tree.flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    weights = []
+    for path, var in zip(jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0],
+                         variables):
+        name = jax.tree_util.keystr(path[0])
+        shape, sharding = placement(f"parameter {name}", axes_of(var), canonical_shape(var), mesh.mesh, mesh.rules)
+        value = var.get_value()
+        if tuple(value.shape) == shape and getattr(value, "sharding", None) == sharding:
+            weights.append(value)
+            continue
+        host = to_placed(np.asarray(value), shape)
+        weights.append(jax.make_array_from_callback(shape, sharding, lambda index, host=host: host[index]))
+    return graphdef, jax.tree.structure(jax.tree.unflatten(state_def, [0] * len(weights))), weights
+
+
+def weight_specs(weights: list) -> list:
+    return [w.sharding.spec for w in weights]
+
+
+class ShardedStep:
+    """``forward`` of ``engine.DeviceSteps`` on a mesh: (weights, cache, token_ids [B, S], start [B], n_new [B])
+    -> (logits [B, S, V] or [B, V], caches), B a multiple of dp. The chunk is prepared once, then one
+    shard_map runs the embedding, the layers and the head on every device's shards."""
+
+    def __init__(self, cfg: DeepseekV4Config, graphdef, state_def, specs: list, mesh: ModelMesh, capacity: int,
+                 dtype):
+        self.cfg, self.graphdef, self.state_def, self.specs = cfg, graphdef, state_def, specs
+        self.mesh, self.capacity, self.dtype = mesh, capacity, dtype
+
+    def cache_shardings(self, batch: int):
+        shapes = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype))
+        return cache_shardings(shapes, self.mesh.mesh, self.mesh.rules)
+
+    def new_cache(self, batch: int):
+        """Zero caches for ``batch`` rows (a multiple of dp), made in place on their shards."""
+        init = functools.partial(init_cache, self.cfg, batch, self.capacity, self.dtype)
+        return jax.jit(init, out_shardings=self.cache_shardings(batch))()
+
+    def __call__(self, weights, cache, token_ids, start, n_new, last_only: bool, kernels: ops.Kernels):
+        B, S = token_ids.shape
+        if B % self.mesh.dp:
+            raise ValueError(f"batch {B} is not a multiple of dp {self.mesh.dp}")
+        token_ids, meta, logits_at = prepare_chunk(self.cfg, token_ids, start, n_new, self.capacity, last_only)
+        rows = P(DP)
+        cache_specs = jax.tree.map(lambda s: s.spec, self.cache_shardings(B))
+
+        def body(weights, cache, token_ids, meta, *logits_at):
+            with ops.use(kernels), use_axes(self.mesh.axes):
+                model = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, weights))
+                return forward_prepared(model, token_ids, meta, cache, *(logits_at or (None,)))
+
+        extra = () if logits_at is None else (logits_at,)
+        logits, cache = jax.shard_map(
+            body, mesh=self.mesh.mesh,
+            in_specs=(self.specs, cache_specs, rows, jax.tree.map(lambda _: rows, meta), *(rows for _ in extra)),
+            out_specs=(rows, cache_specs), check_vma=False)(weights, cache, token_ids, meta, *extra)
+        # Every device (and process) holds the logits whole: the sampler's input and the host's read.
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(self.mesh.mesh, P()))
+        return (logits if last_only else logits[:, :S]), cache
+
+
+def replicated(mesh: ModelMesh, x) -> jax.Array:
+    """A host input as a global array replicated over the mesh (valid across processes)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh.mesh, P()), lambda i: x[i])
+
