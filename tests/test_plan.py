@@ -1,0 +1,195 @@
+"""The memory planner (dsv4_jax/runtime/plan.py, ``python -m dsv4_jax.plan``).
+
+Its weight and cache bytes per device equal, key for key, what a real placement puts on each of 8 fake CPU
+devices: a bf16 model with every layer type and the MTP block, placed by ``runtime.mesh.place_weights``, and
+its caches made in place by ``init_cache`` under ``cache_shardings``. Fake devices must be configured before
+JAX starts and conftest.py imports JAX first, so that part runs this file as a script in a subprocess
+(``python tests/test_plan.py placed OUT``), as tests/test_sharding.py does. The released-precision weights of
+the whole of Flash match the released checkpoint's size; the command line prints a table or one error line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import jax  # noqa: E402  (conftest.py, or the parent's environment for the subprocess, picks the CPU)
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dsv4_jax.model.cache import init_cache  # noqa: E402
+from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config  # noqa: E402
+from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config  # noqa: E402
+from dsv4_jax.model.spec import Storage  # noqa: E402
+from dsv4_jax.plan import main  # noqa: E402
+from dsv4_jax.runtime.mesh import make_mesh, place_weights  # noqa: E402
+from dsv4_jax.runtime.plan import (  # noqa: E402
+    ACTIVATIONS, CACHES, WEIGHTS, blocks_touched, plan, shard_bytes, weight_kind)
+from dsv4_jax.weights.params import param_table  # noqa: E402
+from dsv4_jax.weights.sharding import cache_shardings  # noqa: E402
+
+DEVICES = 8
+# (tp, dp, ep) as the issue's layouts name them
+LAYOUTS = {"tp2": (2, 1, False), "tp2_dp2_ep": (2, 2, True), "dp8_ep": (1, 8, True)}
+BATCH, CAPACITY = 3, 64  # 3 rows: padded to 4 under dp 2, to 8 under dp 8
+# DeepSeek-V4-Flash as released: 159.6 GB in 46 safetensors shards, the MTP block included (the official
+# repository's file sizes; the project's reference notes on scaling, section 1).
+FLASH_RELEASED_BYTES = 159.6e9
+
+
+def every_layer_type() -> DeepseekV4Config:
+    """Sliding, CSA and HCA attention, hash and learned routing; a vocabulary tp 2 pads (259 rows)."""
+    from conftest import tiny
+
+    return tiny(num_hidden_layers=4, layer_types=(SLIDING, CSA, HCA, CSA), mlp_layer_types=(HASH_MOE, MOE, MOE, MOE),
+                vocab_size=259)
+
+
+def device_bytes(keyed_arrays) -> dict[str, dict[str, int]]:
+    """[(key, array)] -> {device id: {key: the bytes of that device's shards}} (JSON keys: strings)."""
+    out = {}
+    for key, array in keyed_arrays:
+        for shard in array.addressable_shards:
+            held = out.setdefault(str(shard.device.id), {})
+            held[key] = held.get(key, 0) + shard.data.nbytes
+    return out
+
+
+def dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def placed(out: str):
+    """Subprocess body (8 fake CPU devices): place a bf16 model and its caches for every layout; write each
+    device's bytes by (weight kind, dtype) and by (cache field, dtype)."""
+    assert len(jax.devices()) == DEVICES, jax.devices()
+    cfg = every_layer_type()
+    model = DeepseekV4WithMTP(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    names = [dotted(path) for path, _ in jax.tree_util.tree_flatten_with_path(
+        nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]]
+    assert sorted(names) == sorted(param_table(model))
+    report = {}
+    for name, (tp, dp, ep) in LAYOUTS.items():
+        mesh = make_mesh(tp=tp, dp=dp, ep=ep, cfg=cfg)
+        _, _, weights = place_weights(model, mesh)
+        shapes = jax.eval_shape(lambda: init_cache(mtp_config(cfg), mesh.rows(BATCH), CAPACITY, jnp.bfloat16))
+        cache = jax.jit(functools.partial(init_cache, mtp_config(cfg), mesh.rows(BATCH), CAPACITY, jnp.bfloat16),
+                        out_shardings=cache_shardings(shapes, mesh.mesh, mesh.rules))()
+        report[name] = {
+            WEIGHTS: device_bytes((f"{weight_kind(n)}|{w.dtype.name}", w) for n, w in zip(names, weights)),
+            CACHES: device_bytes((f"{dotted(path[1:])}|{a.dtype.name}", a)
+                                 for path, a in jax.tree_util.tree_flatten_with_path(cache)[0]),
+        }
+    (Path(out) / "report.json").write_text(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def placed_report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("placed")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
+    proc = subprocess.run([sys.executable, str(HERE / "test_plan.py"), "placed", str(out)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "int32": "int32"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_plan_equals_the_bytes_placed_on_each_device(placed_report, layout):
+    tp, dp, ep = LAYOUTS[layout]
+    p = plan(every_layer_type(), tp, dp, ep=ep, capacity=CAPACITY, batch=BATCH, precision="bf16", mtp=True)
+    for section in (WEIGHTS, CACHES):
+        want = {f"{r.name}|{DTYPE_NAMES[r.held_as]}": r.nbytes for r in p.rows if r.section == section}
+        got = placed_report[layout][section]
+        assert sorted(got) == [str(d) for d in range(tp * dp)], section  # the first tp x dp devices, no others
+        for device, held in got.items():
+            assert held == want, (section, device)
+
+
+def test_released_flash_weights_match_the_released_checkpoint():
+    p = plan(DeepseekV4Config.flash(), capacity=1, batch=1, precision="released", mtp=True)
+    weights = p.total(WEIGHTS)
+    assert abs(weights / FLASH_RELEASED_BYTES - 1) < 0.05, weights
+    held = {r.held_as for r in p.rows if r.section == WEIGHTS}
+    assert held == {"bf16", "fp32", "int32", "fp8 e4m3 + scales", "fp4 e2m1 + scales"}
+
+
+def test_released_scales_count_the_blocks_a_shard_touches():
+    # 300 rows in 2 slices of 150: rows 0-149 touch 128-row blocks 0 and 1, rows 150-299 blocks 1 and 2
+    assert blocks_touched(300, 2, 128) == 2 and blocks_touched(300, 1, 128) == 3
+    assert blocks_touched(256, 2, 128) == 1 and blocks_touched(64, 2, 32) == 1 and blocks_touched(7, 7, 1) == 1
+    # an FP8 [300, 256] weight split in 2 by rows: 150 x 256 e4m3 bytes + 2 x 2 scale bytes
+    assert shard_bytes(Storage.FP8, (300, 256), (150, 256), "released") == ("fp8 e4m3 + scales", 150 * 256 + 4)
+    # FP4 experts [4, 64, 96] split in 2 by experts: 2 x 64 x 48 packed bytes + 2 x 64 x 3 scale bytes
+    assert shard_bytes(Storage.FP4, (4, 64, 96), (2, 64, 96), "released") == ("fp4 e2m1 + scales",
+                                                                             2 * 64 * 48 + 2 * 64 * 3)
+    assert shard_bytes(Storage.FP4, (4, 64, 96), (2, 64, 96), "bf16") == ("bf16", 2 * 64 * 96 * 2)
+    assert shard_bytes(Storage.FP32, (5,), (5,), "released") == ("fp32", 20)
+
+
+def test_pipeline_stage_holds_its_layers():
+    cfg = DeepseekV4Config.flash()
+    whole, staged = (plan(cfg, pp=pp, capacity=4096, batch=2) for pp in (1, 2))
+
+    def of(p, section, name):
+        return sum(r.nbytes for r in p.rows if (r.section, r.name) == (section, name))
+
+    # stages of 22 and 21 layers: the first holds 22 of the 43 layers' experts, whole embedding and head
+    assert (staged.stage, staged.layers) == (0, range(0, 22))
+    assert of(staged, WEIGHTS, "routed experts") * 43 == of(whole, WEIGHTS, "routed experts") * 22
+    assert of(staged, WEIGHTS, "embedding + head") == of(whole, WEIGHTS, "embedding + head")
+    assert of(staged, CACHES, "window_kv") * 43 == of(whole, CACHES, "window_kv") * 22
+    assert staged.total(ACTIVATIONS) == whole.total(ACTIVATIONS)
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["--config", "flash", "--tp", "8", "--ep", "--capacity", "131072", "--batch", "32"]) == 0
+    out = capsys.readouterr().out
+    for line in ("weights", "  routed experts", "  shared expert", "  embedding + head", "caches", "  compressed_kv",
+                 "activations (estimate)", "total", "fits in 141.00 GB: "):
+        assert f"\n{line}" in out, line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "3"], r"--tp 3 does not divide the model's 64 query heads"),
+    (["--dp", "3", "--ep"], r"the expert-parallel size --dp x --tp = 3 does not divide the model's 256 routed "
+                            r"experts"),
+    (["--pp", "44"], r"--pp 44 is larger than the number of layers \(43\); every stage needs a layer"),
+    (["--capacity", "0"], r"--capacity 0 must be a positive integer"),
+    (["--gpu-memory", "12XB"], r"--gpu-memory '12XB' must be a positive size such as 141GB, 139GiB or 80e9 \(bytes\)"),
+    (["--precision", "fp8"], r"argument --precision: invalid choice: 'fp8'"),
+    (["--config", "nowhere"], r"--config 'nowhere' is not flash, pro, a config.json or a checkpoint directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
+    base = {"--config": "flash", "--capacity": "4096", "--batch": "1"}
+    for flag in args[::2]:
+        base.pop(flag, None)
+    assert main([*args, *(x for kv in base.items() for x in kv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert __import__("re").search(message, err), err
+
+
+def test_bad_layout_exit_code_from_the_shell():
+    proc = subprocess.run([sys.executable, "-m", "dsv4_jax.plan", "--config", "flash", "--tp", "3", "--capacity",
+                           "4096", "--batch", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --tp 3 does not divide the model's 64 query heads\n"
+
+
+if __name__ == "__main__":
+    mode, *rest = sys.argv[1:]
+    {"placed": placed}[mode](*rest)
