@@ -117,7 +117,7 @@ def chunked_logits(run_chunk, new_cache, batch_prompts, chunk: int):
     B = len(batch_prompts)
     lens = np.array([len(p) for p in batch_prompts])
     cache = new_cache(B)
-    out = np.zeros((B, lens.max(), CFG.vocab_size), np.float32)
+    out = None
     for pos in range(0, lens.max(), chunk):
         n_new = np.clip(lens - pos, 0, chunk).astype(np.int32)
         ids = np.zeros((B, chunk), np.int32)
@@ -125,6 +125,8 @@ def chunked_logits(run_chunk, new_cache, batch_prompts, chunk: int):
             ids[b, :n_new[b]] = batch_prompts[b][pos:pos + n_new[b]]
         logits, cache = run_chunk(cache, ids, np.full(B, pos, np.int32), n_new, last_only=False)
         logits = np.asarray(logits)
+        if out is None:
+            out = np.zeros((B, lens.max(), logits.shape[-1]), np.float32)
         for b in range(B):
             out[b, pos:pos + n_new[b]] = logits[b, :n_new[b]]
     return out

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages, one device each (on CPU set "
                    "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--pp-boundaries", help="first layer of stages 1..pp-1, comma-separated (default: even split)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel: heads, MLP widths and vocabulary split over "
+                   "this many devices")
+    p.add_argument("--dp", type=int, default=1, help="data parallel: batch rows split over this many devices "
+                   "(each with --tp devices)")
+    p.add_argument("--ep", action="store_true", help="expert parallel: the routed experts spread whole over the "
+                   "dp x tp devices (else split along their width over tp)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="compile every step again instead of using the compilation cache on disk "
                    "($XDG_CACHE_HOME/dsv4_jax or ~/.cache/dsv4_jax; also DSV4_JAX_COMPILE_CACHE=0)")
@@ -151,9 +157,17 @@ def run(argv=None) -> int:
             boundaries = [int(t) for t in args.pp_boundaries.split(",") if t.strip()]
         except ValueError:
             raise InputError(f"--pp-boundaries {args.pp_boundaries!r} must be comma-separated integers") from None
-    if args.pp != 1 or boundaries is not None:
+    pipelined = args.pp != 1 or boundaries is not None
+    sharded = args.tp != 1 or args.dp != 1 or args.ep
+    if pipelined and sharded:
+        raise InputError(f"--pp {args.pp} with --tp, --dp or --ep is not supported yet; use --pp alone or --tp / "
+                         "--dp / --ep alone")
+    if pipelined:
         from .pipeline import check_pipeline
         check_pipeline(cfg.num_hidden_layers, args.pp, boundaries, names=("--pp", "--pp-boundaries"))
+    if sharded:
+        from .mesh import check_layout
+        check_layout(cfg, args.tp, args.dp, 1, args.ep, names={k: f"--{k}" for k in ("tp", "dp", "pp", "ep")})
     if args.max_new_tokens == 0:  # nothing to generate: no weights loaded, no prefill run
         if args.json:
             print(json.dumps({"tokens": [], "finish_reason": "length", **({"text": ""} if tokenizer else {})}))
@@ -171,12 +185,16 @@ def run(argv=None) -> int:
         model, _ = demo.demo_model("float32" if args.dtype == "auto" else args.dtype)
     else:
         model = from_pretrained(path, dtype=args.dtype)
-    if args.pp != 1 or boundaries is not None:
+    if pipelined:
         from .pipeline import PipelineEngine
         engine = PipelineEngine(model, pp=args.pp, boundaries=boundaries, capacity=capacity, tokenizer=tokenizer,
                                 kernels=args.kernels)
     else:
-        engine = Engine(model, capacity=capacity, tokenizer=tokenizer, kernels=args.kernels)
+        mesh = None
+        if sharded:
+            from .mesh import make_mesh
+            mesh = make_mesh(tp=args.tp, dp=args.dp, ep=args.ep)
+        engine = Engine(model, capacity=capacity, tokenizer=tokenizer, kernels=args.kernels, mesh=mesh)
     t_gen = time.time()
 
     new: list[int] = []

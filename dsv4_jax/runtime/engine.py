@@ -254,9 +254,11 @@ class Engine:
                 for x in xs]
 
     def _run_chunk(self, cache, ids: np.ndarray, start: np.ndarray, n_new: np.ndarray, last_only: bool):
-        """ids [B, C] host ints -> (logits, caches): one prefill chunk."""
-        return self.steps.chunk(self.weights, cache, *self._inputs(ids, start, n_new), last_only=last_only,
-                                kernels=self.kernels)
+        """ids [B, C] host ints -> (logits, caches): one prefill chunk. On a mesh the logits come back to the
+        host (they are replicated, so every process reads them whole)."""
+        logits, cache = self.steps.chunk(self.weights, cache, *self._inputs(ids, start, n_new), last_only=last_only,
+                                         kernels=self.kernels)
+        return (logits if self.mesh is None else np.asarray(logits)), cache
 
     def _run_decode(self, cache, tokens, pos, active, key, temperature, top_k, top_p, filters: bool):
         """``DeviceSteps.decode``'s contract: (next tokens [B], pos + active, next key, caches); the sampling
