@@ -52,7 +52,7 @@ Design (memory bound: every kv/gate element is read from HBM once):
   - HCA (m = 128): Wb = 1 window per program, steps (``fori_loop``) of a [1, Ts, 512] tile reduced over its
     slot axis. With at most half as many windows as SMs (S = 8K, B = 1: 64 programs for 132 SMs, the weak
     spot) 4 steps of 32 slots at 16 warps, so that the SMs with work keep 64 KB of loads in flight; with more,
-    8 steps of 16 slots at 4 warps (``prefill_tiling``): at 16 warps (512 threads) a thread holds at most 128
+    8 steps of 16 slots at 4 warps (``choose_prefill_tuning``): at 16 warps (512 threads) a thread holds at most 128
     registers and the tiles spill (Nsight Compute on an H200, run 45: 327K local-memory requests at S = 32K),
     and the 4-warp programs measured 50-54 against 69-73 us there, 33-35 against 36-40 us at 16K (runs
     47-48). (Splitting channels over programs would fill the machine at 8K but needs the norm in a second
@@ -80,6 +80,7 @@ largest power of two dividing m within the tile cap.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -89,7 +90,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import NUM_SMS, triton_call
+from .common import NUM_SMS, check_tuning, triton_call
 
 NEG = -1e30  # finite "minus infinity" for the running max (exp(NEG - NEG) = 1 must never be used unmasked)
 TILE_ELEMS = 4096  # target elements of one [Wb, Ts, D] kv (or gate) tile when a window fits in one step (D < 512)
@@ -420,28 +421,64 @@ def _check_dims(C: int, overlap: bool, half_rope: int):
     return D, R
 
 
-def _slot_step(m: int, d: int, wb: int, slots_per_step: int | None, cap: int = MAX_STEP_ELEMS) -> int:
-    """Largest power of two dividing m that keeps a [wb, Ts, d] tile within ``cap`` elements (or the request)."""
-    if slots_per_step is not None:
-        if m % slots_per_step or not _pow2(slots_per_step):
-            raise ValueError(f"slots_per_step {slots_per_step} must be a power of two dividing m={m}")
-        return slots_per_step
+def _slot_step(m: int, d: int, wb: int, cap: int) -> int:
+    """Largest power of two dividing m that keeps a [wb, Ts, d] tile within ``cap`` elements."""
     ts = m & -m  # largest power-of-two divisor
     while ts > 1 and wb * ts * d > cap:
         ts //= 2
     return ts
 
 
-def _default_warps(tile_elems: int, d: int, many_windows: bool = False) -> int:
+def _warps(tile_elems: int, d: int, many_windows: bool = False) -> int:
     """32 tile elements per thread per array (64 with more windows than half the SMs; 16 for narrow rows,
     whose layouts replicate more), 4..16 warps."""
     per_thread = ELEMS_PER_THREAD // 2 if d < 512 else ELEMS_PER_THREAD * (2 if many_windows else 1)
     return max(4, min(16, tile_elems // (32 * per_thread)))
 
 
-def prefill_tiling(B: int, n_windows: int, m: int, d: int, windows_per_block: int | None = None,
-                   slots_per_step: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
-    """(windows per program Wb, slots per step Ts, warps) of ``compress_prefill``; None picks the default.
+def _check_pow2(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not _pow2(getattr(config, name)):
+            raise ValueError(f"compressor TuningConfig: {name}={getattr(config, name)} must be a power of two")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTuningConfig:
+    """The launch choices of ``compress_prefill``: windows_per_block (Wb) windows per program and
+    slots_per_step (Ts) tokens of a window per step (powers of two; Ts divides m), slot_rows: one [Wb, D]
+    tile per slot (else one [Wb, Ts, D] tile per step), Triton's warps and stages (its pipeliner does not
+    pipeline these loads)."""
+    windows_per_block: int
+    slots_per_step: int
+    num_warps: int
+    slot_rows: bool
+    num_stages: int = 2
+
+    def __post_init__(self):
+        check_tuning(self, flags=("slot_rows",))
+        _check_pow2(self, ("windows_per_block", "slots_per_step"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTuningConfig:
+    """The launch choices of ``compress_decode_step``: ``PrefillTuningConfig``'s, with one window per program."""
+    slots_per_step: int
+    num_warps: int
+    slot_rows: bool
+    num_stages: int = 2
+
+    def __post_init__(self):
+        check_tuning(self, flags=("slot_rows",))
+        _check_pow2(self, ("slots_per_step",))
+
+
+def choose_prefill_tuning(batch: int, n_windows: int, ratio: int, dim: int) -> PrefillTuningConfig:
+    """``compress_prefill``'s tiling for ``batch`` rows of ``n_windows`` windows of ``ratio`` tokens, ``dim``
+    channels. Wb: 1 for D >= 512 (CSA, HCA) or when a window takes several steps, else Wb*m*D near
+    TILE_ELEMS = 4K elements (8 for the indexer's D = 128). Ts: the largest with Wb*Ts*D <= 16K elements, 8K once
+    the windows exceed half the SMs (4 for CSA, 32 or 16 for HCA D = 512). Warps: tile / (32 x 32 elements),
+    64 elements once the windows exceed half the SMs, 16 for D < 512, clipped to [4, 16] (4 for CSA D = 512,
+    8 for D = 128, 16 or 4 for HCA). Slot rows for Ts <= 8.
 
     With more windows than half the SMs, HCA (m = 128, D = 512) pools 16-token steps at 4 warps instead of
     32-token steps at 16. On an H200 (runs 47-48, B = 1, alternating in one process): 50-54 against 69-73 us
@@ -449,42 +486,38 @@ def prefill_tiling(B: int, n_windows: int, m: int, d: int, windows_per_block: in
     at 8K (64 windows: 30-37 us either way; the 16 warps keep more bytes in flight on the SMs that have work).
     At 16 warps a thread holds at most 128 registers and the step tiles spill (Nsight Compute, run 45).
     """
-    many = 2 * B * n_windows > NUM_SMS
+    m, d = ratio, dim
+    many = 2 * batch * n_windows > NUM_SMS
     cap = MANY_WINDOWS_STEP_ELEMS if many else MAX_STEP_ELEMS
-    if windows_per_block is None:
-        ts0 = _slot_step(m, d, 1, slots_per_step, cap)
-        wide = ts0 < m or d >= 512  # measured: one window per program is faster for D = 512 (docstring)
-        wb = 1 if wide else max(1, min(TILE_ELEMS // (m * d), pl.next_power_of_2(n_windows)))
-        wb = 1 << (wb.bit_length() - 1)
-    else:
-        wb = windows_per_block
-        if not _pow2(wb):
-            raise ValueError(f"windows_per_block {wb} must be a power of two")
-    ts = _slot_step(m, d, wb, slots_per_step, cap)
-    if num_warps is None:
-        num_warps = _default_warps(wb * ts * d, d, many)
-    return wb, ts, num_warps
+    wide = _slot_step(m, d, 1, cap) < m or d >= 512  # measured: one window per program is faster for D = 512
+    wb = 1 if wide else max(1, min(TILE_ELEMS // (m * d), pl.next_power_of_2(n_windows)))
+    wb = 1 << (wb.bit_length() - 1)
+    ts = _slot_step(m, d, wb, cap)
+    return PrefillTuningConfig(windows_per_block=wb, slots_per_step=ts, num_warps=_warps(wb * ts * d, d, many),
+                               slot_rows=ts <= SLOT_ROWS_MAX)
 
 
-@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "windows_per_block",
-                                             "slots_per_step", "slot_rows", "num_warps", "num_stages",
-                                             "interpret", "poison_outputs"))
+def choose_decode_tuning(ratio: int, dim: int) -> DecodeTuningConfig:
+    """``compress_decode_step``'s tiling for windows of ``ratio`` tokens, ``dim`` channels: the prefill rule for
+    one window per program (Ts * D <= 16K elements)."""
+    ts = _slot_step(ratio, dim, 1, MAX_STEP_ELEMS)
+    return DecodeTuningConfig(slots_per_step=ts, num_warps=_warps(ts * dim, dim), slot_rows=ts <= SLOT_ROWS_MAX)
+
+
+def _check_step(slots_per_step: int, m: int) -> None:
+    if m % slots_per_step:
+        raise ValueError(f"compressor TuningConfig: slots_per_step={slots_per_step} must divide m={m}")
+
+
+@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "tuning", "interpret",
+                                             "poison_outputs"))
 def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overlap: bool, eps: float,
-                     out_dtype=jnp.float32, windows_per_block: int | None = None,
-                     slots_per_step: int | None = None, slot_rows: bool | None = None,
-                     num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                     out_dtype=jnp.float32, tuning: PrefillTuningConfig | None = None, interpret: bool = False,
                      poison_outputs: bool = False):
     """Pallas (Triton) prefill compression; same arguments and result as ``reference_prefill``.
 
-    windows_per_block (Wb, power of two): windows per program; default 1 for D >= 512 (CSA, HCA), else
-    Wb*m*D near TILE_ELEMS = 4K elements (8 for the indexer's D=128). slots_per_step (Ts): tokens
-    of a window per step (a power of two dividing m; default the largest with Ts*D <= 16K, 8K once B * S//m
-    exceeds half the SM count: 4 for CSA, 32 or 16 for HCA D=512). num_warps: default tile / (32 x 32
-    elements), 64 elements once the windows exceed half the SMs, 16 for D < 512, clipped to [4, 16] (4 for
-    CSA D=512, 8 for D=128, 16 or 4 for HCA). ``prefill_tiling`` gives the choice for a shape.
-    slot_rows: one [Wb, D] tile per slot (default for Ts <= 8) or one [Wb, Ts, D] tile per step.
-    num_stages is passed to Triton (its pipeliner does not pipeline these loads).
-    poison_outputs: testing aid (see ``common.triton_call``).
+    tuning: None for ``choose_prefill_tuning(B, S // m, m, D)``. poison_outputs: testing aid (see
+    ``common.triton_call``).
     """
     m = ratio
     B, S, C = kv.shape
@@ -494,10 +527,11 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
     assert cos.shape == (B, nW, R // 2) and sin.shape == cos.shape, (cos.shape, (B, nW, R // 2))
     if nW == 0:
         return jnp.zeros((B, 0, D), out_dtype)
-    wb, ts, num_warps = prefill_tiling(B, nW, m, D, windows_per_block, slots_per_step, num_warps)
-    slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
+    tuning = tuning or choose_prefill_tuning(B, nW, m, D)
+    wb, ts = tuning.windows_per_block, tuning.slots_per_step
+    _check_step(ts, m)
     kernel = functools.partial(_prefill_kernel, m=m, d=D, wb=wb, ts=ts, n_win=nW, overlap=overlap, eps=eps,
-                               rope_dim=R, slot_rows=slot_rows)
+                               rope_dim=R, slot_rows=tuning.slot_rows)
     in_specs = [
         pl.BlockSpec((None, S, C), lambda b, j: (b, 0, 0)),  # kv (whole row; tiles indexed in the kernel)
         pl.BlockSpec((None, S, C), lambda b, j: (b, 0, 0)),  # gate
@@ -511,18 +545,17 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
     args = [kv, gate, ape.astype(jnp.float32), norm_weight.astype(jnp.float32), cos.astype(jnp.float32),
             sin.astype(jnp.float32)]
     (out,) = triton_call(kernel, args, grid=(B, pl.cdiv(nW, wb)), in_specs=in_specs, out_shape=out_shape,
-                         out_specs=out_specs, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                         name=f"dsv4_compress_prefill_m{m}_d{D}_w{wb}_t{ts}", poison=poison_outputs)
+                         out_specs=out_specs, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+                         interpret=interpret, name=f"dsv4_compress_prefill_m{m}_d{D}_w{wb}_t{ts}",
+                         poison=poison_outputs)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "slots_per_step",
-                                             "slot_rows", "num_warps", "num_stages", "interpret",
+@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "tuning", "interpret",
                                              "poison_outputs"))
 def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, entry_index, ape, norm_weight, cos,
                          sin, cache_rows, *, ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32,
-                         slots_per_step: int | None = None, slot_rows: bool | None = None,
-                         num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                         tuning: DecodeTuningConfig | None = None, interpret: bool = False,
                          poison_outputs: bool = False):
     """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``. write_slot [B]:
     each row's ring slot for the new token, ``span`` for none (a row that is not decoding keeps its ring;
@@ -544,12 +577,11 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, ent
     if cache_rows.shape[::2] != (B, D) or write_slot.shape != (B,) or entry_index.shape != (B,):
         raise ValueError(f"compress_decode_step: cache_rows {cache_rows.shape}, write_slot {write_slot.shape}, "
                          f"entry_index {entry_index.shape}: expected [{B}, N, {D}], [{B}] and [{B}]")
-    ts = _slot_step(m, D, 1, slots_per_step)
-    if num_warps is None:
-        num_warps = _default_warps(ts * D, D)
-    slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
+    tuning = tuning or choose_decode_tuning(m, D)
+    ts = tuning.slots_per_step
+    _check_step(ts, m)
     kernel = functools.partial(_decode_kernel, m=m, span=span, d=D, ts=ts, overlap=overlap, eps=eps,
-                               rope_dim=R, slot_rows=slot_rows)
+                               rope_dim=R, slot_rows=tuning.slot_rows)
     state_spec = pl.BlockSpec((None, span, C), lambda b: (b, 0, 0))
     cache_spec = pl.BlockSpec((None, *cache_rows.shape[1:]), lambda b: (b, 0, 0))
     row_scalar = pl.BlockSpec((1,), lambda b: (b,))
@@ -574,8 +606,9 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, ent
             ape.astype(jnp.float32), norm_weight.astype(jnp.float32), cos.astype(jnp.float32),
             sin.astype(jnp.float32), cache_rows]
     return tuple(triton_call(
-        kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret, name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
+        kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
+        name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
         poison=poison_outputs, aliases={4: 1, 5: 2, 10: 3}))
 
 
@@ -672,6 +705,7 @@ def bench_cases():
                 "shapes": {"B": B, "S": S, "m": m, "D": D, "R": R, "overlap": overlap, "dtype": "bfloat16"},
                 "args": functools.partial(prefill_inputs, B=B, S=S, m=m, D=D, R=R, overlap=overlap),
                 "kwargs": {"ratio": m, "overlap": overlap, "eps": FLASH_EPS},
+                "tuning": choose_prefill_tuning(B, nW, m, D),
                 "bytes": nbytes,
                 "flops": 6 * B * slots * D + 8 * B * nW * D,
                 "pallas": compress_prefill,
@@ -688,6 +722,7 @@ def bench_cases():
             "shapes": {"B": B, "m": m, "D": D, "R": R, "overlap": overlap, "state_dtype": "float32"},
             "args": functools.partial(decode_inputs, B=B, m=m, D=D, R=R, overlap=overlap),
             "kwargs": {"ratio": m, "overlap": overlap, "eps": FLASH_EPS},
+            "tuning": choose_decode_tuning(m, D),
             "bytes": nbytes,
             "flops": 6 * B * span * D + 8 * B * D,
             "pallas": _decode_entry_pallas,
