@@ -101,6 +101,7 @@ def sparse_attention_cases():
                 "shapes": {"B": B, "H": H, "D": D, "Wk": W, "K": K, "N": N},
                 "args": functools.partial(decode_inputs, cfg=cfg, B=B, K=K, N=N),
                 "kwargs": {"scale": D ** -0.5},
+                "tuning": sa.choose_tuning(B, H, W, K),
                 # q + each distinct key row once + indices + output
                 "bytes": B * (H * D * itemsize + T * D * itemsize + K * 4 + W + H * D * itemsize),
                 "flops": 4 * B * H * T * D,  # QK^T and PV
@@ -120,6 +121,7 @@ def sparse_attention_cases():
                 "shapes": {"B": 1, "C": C, "prompt": prompt, "H": H, "D": D, "W": W, "K": K, "N": N},
                 "args": functools.partial(prefill_inputs, cfg=cfg, prompt=prompt, chunk=C, ratio=ratio),
                 "kwargs": {"scale": D ** -0.5},
+                "tuning": sa.choose_tuning(C, H, 2 * W, K),  # window blocks of W + Bq rows, Bq = W
                 # q + output + window blocks + every entry row once + ids + mask rows
                 "bytes": 2 * C * H * D * itemsize + (rows + N) * D * itemsize + C * K * 4 + C * 2 * W,
                 "flops": int(4 * H * D * keys.sum()),
