@@ -48,7 +48,7 @@ from jax.experimental.pallas import triton as plt
 from .common import check_tuning, expert_blocks, triton_call
 from .grouped_matmul import reference
 
-__all__ = ["grouped_gemv", "tile_of", "reference", "TuningConfig", "choose_tuning", "bench_cases"]
+__all__ = ["grouped_gemv", "tile_of", "reference", "TuningConfig", "choose_tuning"]
 
 
 def tiles_per_group(group_sizes: jax.Array, block_m: int) -> jax.Array:
@@ -160,12 +160,3 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tuning: 
         out_specs=[pl.BlockSpec((M, block_n), lambda n, t: (0, n))],
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
         name=f"dsv4_grouped_gemv_m{block_m}_n{block_n}_k{block_k}", poison=poison_outputs)[0]
-
-
-def bench_cases():
-    """Decode expert shapes (d = 4096, F = 2048, 256 experts, 6 routed per token) at batch 1, 8, 32, 128,
-    against ``ragged_dot_general``; ``grouped_matmul``'s cases at the same shapes give the Mosaic GPU kernel's
-    time in the same run."""
-    from .grouped_matmul import bench_cases as mosaic_cases
-
-    return [{**c, "pallas": grouped_gemv} for c in mosaic_cases() if c["tokens"] <= 128]

@@ -249,39 +249,3 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
         num_warps=tuning.num_warps, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}" + "_norm" * norm,
         poison=poison_outputs)
     return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmarks (scripts/bench_kernels.py)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _inputs(key, T, n, d, norm=False):
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    R = (2 + n) * n
-    args = (jax.random.normal(k1, (T, n, d), jnp.bfloat16), 0.02 * jax.random.normal(k2, (R, n * d), jnp.float32),
-            0.1 * jax.random.normal(k3, (R,), jnp.float32), jnp.ones((3,), jnp.float32))
-    return (*args, 1.0 + 0.1 * jax.random.normal(k4, (d,), jnp.float32)) if norm else args
-
-
-def _with_norm(fn):  # the norm weight as a fifth positional argument (the benchmark's inputs are positional)
-    return lambda streams, fn_w, base, scale, norm_weight, **kw: fn(streams, fn_w, base, scale,
-                                                                     norm_weight=norm_weight, **kw)
-
-
-def bench_cases():
-    """Flash mHC (n = 4, d = 4096, 20 Sinkhorn iterations): a batch-1 and a batch-128 decode step's tokens,
-    and a 16384-token prefill chunk, without and with the sub-block's RMSNorm; against the XLA path.
-    Bytes: fn once, the streams twice, x once (fp32 without the norm; and the norm weight)."""
-    n, d, iters = 4, 4096, 20
-    return [{
-        "name": f"hc_pre{'_norm' * norm}_T{T}",
-        "shapes": {"T": T, "n": n, "d": d, "iters": iters, "norm": norm},
-        "args": functools.partial(_inputs, T=T, n=n, d=d, norm=norm),
-        "kwargs": {"rms_eps": 1e-6, "hc_eps": 1e-6, "iters": iters, **({"norm_eps": 1e-6} if norm else {})},
-        "tuning": choose_tuning(d, norm),
-        "bytes": (2 + n) * n * n * d * 4 + T * 2 * n * d * 2 + T * d * (2 if norm else 4) + norm * d * 4,
-        "flops": 2 * T * (2 + n) * n * n * d,
-        "pallas": _with_norm(hc_pre) if norm else hc_pre,
-        "reference": _with_norm(reference) if norm else reference,
-    } for norm in (False, True) for T in (1, 128, 16384)]

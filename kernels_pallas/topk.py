@@ -249,34 +249,3 @@ def topk_indices(scores, n_visible, k: int, *, tuning: TuningConfig | None = Non
     x = scores.reshape(-1, N).astype(jnp.float32)
     n = jnp.clip(n_visible.reshape(-1), 0, N).astype(jnp.int32)
     return segmented(x, n, k, segments, num_warps=num_warps, interpret=interpret).reshape(*lead, k)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmarks (scripts/bench_kernels.py)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _topk_inputs(key, R, N):
-    ks, kn = jax.random.split(key)
-    scores = jax.random.normal(ks, (R, N), jnp.float32)
-    n = jax.random.randint(kn, (R,), N // 2, N + 1, jnp.int32)
-    return scores, n
-
-
-def bench_cases():
-    """Flash decode at 128K context, batch 32 (32K index keys, k = 512; Pro's k = 1024 too), and a prefill
-    chunk of 2048 query rows at the end of a 32K prompt (8K keys), against one ``lax.top_k``."""
-    cases = []
-    for R, N, k in ((32, 32768, 512), (32, 32768, 1024), (2048, 8192, 512)):
-        cases.append({
-            "name": f"topk{k}_R{R}_N{N}",
-            "shapes": {"rows": R, "N": N, "k": k},
-            "args": functools.partial(_topk_inputs, R=R, N=N),
-            "kwargs": {"k": k},
-            "tuning": choose_tuning(R, N, k),
-            "bytes": R * (N * 4 + 4 + k * 4),
-            "flops": 0,
-            "pallas": topk_indices,
-            "reference": reference,
-        })
-    return cases

@@ -22,6 +22,9 @@ from dsv4_jax.model.metadata import build_metadata, padded_chunk_len
 from dsv4_jax.ops.compressor import compress_chunk, pallas_chunk_entries, pallas_decode_step, write_entries
 from kernels_pallas import compressor as cp
 from kernels_pallas.testing import lower_for_h100
+from scripts import kernel_cases
+from scripts.kernel_cases import compressor_decode_inputs as decode_inputs
+from scripts.kernel_cases import compressor_prefill_inputs as prefill_inputs
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 EPS = 1e-6
@@ -157,7 +160,7 @@ def test_reference_decode_steps_rebuild_prefill(kind):
     rng = np.random.default_rng(11 + m)
     kv, gate = randn(rng, (B, S, C)), randn(rng, (B, S, C), 2.0)
     ape, w = model_params(rng, m, D, overlap)
-    cos, sin = cp._angles(rng, (B, S // m, R // 2))
+    cos, sin = kernel_cases.rope_angles(rng, (B, S // m, R // 2))
     prefill = ref_prefill(kv, gate, ape, w, cos, sin, ratio=m, overlap=overlap, eps=EPS)
     skv = sg = jnp.zeros((B, span, C))
     cache = jnp.zeros((B, S // m, D))
@@ -165,7 +168,7 @@ def test_reference_decode_steps_rebuild_prefill(kind):
     step = _jit(cp.reference_decode_step, ratio=m, overlap=overlap, eps=EPS)
     for t in range(S):
         wi = min((t + 1) // m - 1, S // m - 1)
-        slot, index = cp.decode_indices(jnp.full((B,), t), m, overlap, S // m)
+        slot, index = kernel_cases.compressor_decode_indices(jnp.full((B,), t), m, overlap, S // m)
         entry, skv, sg, cache = step(kv[:, t], gate[:, t], skv, sg, slot, index, ape, w, cos[:, max(wi, 0)],
                                      sin[:, max(wi, 0)], cache)
         if (t + 1) % m == 0:
@@ -212,7 +215,7 @@ PREFILL_CASES = {
 @pytest.mark.parametrize("name", list(PREFILL_CASES))
 def test_prefill_interpret_matches_reference(name):
     seed, B, S, m, D, R, overlap, dtype, tuning = PREFILL_CASES[name]
-    args = cp.prefill_inputs(jax.random.PRNGKey(seed), B, S, m, D, R, overlap, dtype=dtype)
+    args = prefill_inputs(jax.random.PRNGKey(seed), B, S, m, D, R, overlap, dtype=dtype)
     ref = ref_prefill(*args, ratio=m, overlap=overlap, eps=EPS)
     out = cp.compress_prefill(*args, ratio=m, overlap=overlap, eps=EPS, tuning=tuning, interpret=True,
                               poison_outputs=True)
@@ -311,14 +314,14 @@ def test_tuning_config_errors():
         cp.DecodeTuningConfig(4, 4, slot_rows=1)
     with pytest.raises(ValueError, match="num_warps=0: expected a positive int"):
         cp.DecodeTuningConfig(4, 0, slot_rows=True)
-    args = cp.prefill_inputs(jax.random.PRNGKey(0), 1, 16, 4, 16, 16, True)
+    args = prefill_inputs(jax.random.PRNGKey(0), 1, 16, 4, 16, 16, True)
     with pytest.raises(ValueError, match="slots_per_step=8 must divide m=4"):
         cp.compress_prefill(*args, ratio=4, overlap=True, eps=EPS, tuning=P(1, 8, num_warps=4, slot_rows=True),
                             interpret=True)
 
 
 def test_prefill_interpret_bf16_output():
-    args = cp.prefill_inputs(jax.random.PRNGKey(12), 2, 24, 4, 32, 16, True, dtype=jnp.bfloat16)
+    args = prefill_inputs(jax.random.PRNGKey(12), 2, 24, 4, 32, 16, True, dtype=jnp.bfloat16)
     ref = ref_prefill(*args, ratio=4, overlap=True, eps=EPS)
     out = cp.compress_prefill(*args, ratio=4, overlap=True, eps=EPS, out_dtype=jnp.bfloat16, interpret=True,
                               poison_outputs=True)
@@ -352,7 +355,7 @@ DECODE_CASES = {
 def test_decode_interpret_matches_reference(name):
     seed, B, m, D, R, overlap, dtype, tuning = DECODE_CASES[name]
     pos = np.asarray(_decode_positions(m, B, seed))
-    args = list(cp.decode_inputs(jax.random.PRNGKey(seed), B, m, D, R, overlap, dtype=dtype, positions=pos))
+    args = list(decode_inputs(jax.random.PRNGKey(seed), B, m, D, R, overlap, dtype=dtype, positions=pos))
     # NaN in every ring slot the step must not read (slots of positions < 0, i.e. the missing w = 0 a-half,
     # and the whole ring of rows that do not close): the kernel has to mask them, not just weight them 0.
     span = cp._span(m, overlap)
@@ -389,7 +392,7 @@ def test_decode_interpret_writes_entries_into_cache(m, overlap):
     or a closing row of the batch sitting out) writes nothing and emits 0; every other cache element is
     unchanged, and the ring and entries are the reference's."""
     B, D, R, N = 5, 64, 16, 12
-    args = list(cp.decode_inputs(jax.random.PRNGKey(m), B, m, D, R, overlap, all_close=False))
+    args = list(decode_inputs(jax.random.PRNGKey(m), B, m, D, R, overlap, all_close=False))
     pos = np.where(np.arange(B) < 2, (np.arange(B) + 3) * m - 1, np.asarray(args[4]))  # rows 0, 1 close
     closes = (pos + 1) % m == 0
     index = np.where(closes & (pos < N * m), (pos + 1) // m - 1, N).astype(np.int32)  # the window it closes
@@ -415,7 +418,7 @@ def test_decode_interpret_writes_entries_into_cache(m, overlap):
 
 def test_decode_interpret_all_rows_close_without_nan():
     """Every row closes; plain random ring (the bench layout)."""
-    args = cp.decode_inputs(jax.random.PRNGKey(31), 4, 4, 64, 16, True)
+    args = decode_inputs(jax.random.PRNGKey(31), 4, 4, 64, 16, True)
     ref = ref_decode(*args, ratio=4, overlap=True, eps=EPS)
     out = cp.compress_decode_step(*args, ratio=4, overlap=True, eps=EPS, interpret=True, poison_outputs=True)
     assert bool((args[5] < args[10].shape[1]).all()) and np.asarray(out[0]).any(axis=1).all()
@@ -519,7 +522,7 @@ def test_decode_lowers_for_h100(m, D, overlap):
 
 
 @on_gpu
-@pytest.mark.parametrize("case", cp.bench_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", kernel_cases.bench_cases("compressor"), ids=lambda c: c["name"])
 def test_gpu_bench_shapes_match_reference(case):
     inputs = case["args"](jax.random.PRNGKey(41))
     ref = jax.jit(functools.partial(case["reference"], **case["kwargs"]))(*inputs)
@@ -536,7 +539,7 @@ def test_gpu_bench_shapes_match_reference(case):
     (5, 777, 4, 128, True, jnp.bfloat16),     # indexer width
 ])
 def test_gpu_prefill_ragged_match_reference(B, S, m, D, overlap, dtype):
-    args = cp.prefill_inputs(jax.random.PRNGKey(B * S), B, S, m, D, 64, overlap, dtype=dtype)
+    args = prefill_inputs(jax.random.PRNGKey(B * S), B, S, m, D, 64, overlap, dtype=dtype)
     ref = jax.jit(functools.partial(cp.reference_prefill, ratio=m, overlap=overlap, eps=EPS))(*args)
     out = cp.compress_prefill(*args, ratio=m, overlap=overlap, eps=EPS, poison_outputs=True)
     assert max_rel_err(out, ref) <= (1e-5 if dtype == jnp.float32 else 1e-4)
@@ -546,7 +549,7 @@ def test_gpu_prefill_ragged_match_reference(B, S, m, D, overlap, dtype):
 @pytest.mark.parametrize("m,D,overlap", [(4, 512, True), (128, 512, False), (4, 128, True)])
 def test_gpu_decode_mixed_rows_match_reference(m, D, overlap):
     B = 32
-    args = cp.decode_inputs(jax.random.PRNGKey(m + D), B, m, D, 64, overlap, positions=_decode_positions(m, B, m + D))
+    args = decode_inputs(jax.random.PRNGKey(m + D), B, m, D, 64, overlap, positions=_decode_positions(m, B, m + D))
     ref = jax.jit(functools.partial(cp.reference_decode_step, ratio=m, overlap=overlap, eps=EPS))(*args)
     out = cp.compress_decode_step(*args, ratio=m, overlap=overlap, eps=EPS, poison_outputs=True)
     assert max_rel_err(out[0], ref[0]) <= 1e-5
