@@ -46,20 +46,16 @@ Design (memory bound: every kv/gate element is read from HBM once):
   neighbour, usually from L2) every element is read once.
   - CSA (m = 4, D = 512): one step of Ts = 4 slots, Wb = 1 window, 4 warps. Each slot is its own [Wb, D]
     tile ("slot rows", used for Ts <= 8), so the softmax over slots is elementwise in registers. 2048 / 8192
-    programs at S = 8K / 32K. Wb = 2 (the default before 2026-11-29) measured 1.4x slower on an H200 at
-    both lengths (device-timed sweep, docs/results/2026-11-29-h200-run5): twice the registers per program,
-    half the programs in flight. The indexer's D = 128: Wb = 8, 8 warps (Wb = 1 measured the same).
+    programs at S = 8K / 32K. Wb = 2 measured slower: twice the registers per program, half the programs in
+    flight. The indexer's D = 128: Wb = 8, 8 warps (Wb = 1 measured the same).
   - HCA (m = 128): Wb = 1 window per program, steps (``fori_loop``) of a [1, Ts, 512] tile reduced over its
     slot axis. With at most half as many windows as SMs (S = 8K, B = 1: 64 programs for 132 SMs, the weak
     spot) 4 steps of 32 slots at 16 warps, so that the SMs with work keep 64 KB of loads in flight; with more,
-    8 steps of 16 slots at 4 warps (``choose_prefill_tuning``): at 16 warps (512 threads) a thread holds at most 128
-    registers and the tiles spill (Nsight Compute on an H200, run 45: 327K local-memory requests at S = 32K),
-    and the 4-warp programs measured 50-54 against 69-73 us there, 33-35 against 36-40 us at 16K (runs
-    47-48). (Splitting channels over programs would fill the machine at 8K but needs the norm in a second
-    launch over an fp32 intermediate.)
-  Offline compile of the lowered Triton IR for sm_90 (pip triton 3.8 + its ptxas, not jaxlib's bundled
-  Triton): CSA 128 registers/thread, HCA 123, indexer 62, decode 32-128; no spills there, but jaxlib's
-  Triton spills the 16-warp HCA tiles (above), so the offline figures are indicative only.
+    8 steps of 16 slots at 4 warps (``choose_prefill_tuning``), measured faster there: at 16 warps (512
+    threads) a thread holds at most 128 registers and the tiles spill. (Splitting channels over programs
+    would fill the machine at 8K but needs the norm in a second launch over an fp32 intermediate.)
+  The figures behind these choices, and the registers per thread of an offline sm_90 compile:
+  docs/performance.md, Kernel design notes.
   Triton does not software-pipeline these loops (no ``cp.async``: its pipeliner targets loads feeding dots),
   so latency hiding comes from several resident programs (CSA) or the 32-64 KB step tiles (HCA).
 * RoPE on the full [Wb, D] row: the pair-swapped row (reshape [Wb, D/2, 2], unstack, stack swapped) times a
@@ -374,8 +370,8 @@ def _decode_kernel(slot_ref, index_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_re
             groups.append(_Group(a_base + t * ts + jnp.zeros((1,), jnp.int32), valid_a, 0))
         return _pool_step(skv_ref, sg_ref, ape_ref, groups, t * ts, ts=ts, d=d, slot_rows=slot_rows, carry=carry)
 
-    # A window closes once in m steps: the other steps only write the zero entry (at m = 128 the pooling
-    # took ~17 us per call at batch 1 on an H200 whether or not the window closed).
+    # A window closes once in m steps: the other steps only write the zero entry (the pooling cost the same
+    # whether or not the window closed; docs/performance.md, Kernel design notes).
     @pl.when(closes)
     def _():
         n_steps = m // ts
@@ -480,10 +476,9 @@ def choose_prefill_tuning(batch: int, n_windows: int, ratio: int, dim: int) -> P
     8 for D = 128, 16 or 4 for HCA). Slot rows for Ts <= 8.
 
     With more windows than half the SMs, HCA (m = 128, D = 512) pools 16-token steps at 4 warps instead of
-    32-token steps at 16. On an H200 (runs 47-48, B = 1, alternating in one process): 50-54 against 69-73 us
-    at S = 32K (256 windows), 33-35 against 36-40 us at 16K (128 windows, the engine's prefill chunk), a tie
-    at 8K (64 windows: 30-37 us either way; the 16 warps keep more bytes in flight on the SMs that have work).
-    At 16 warps a thread holds at most 128 registers and the step tiles spill (Nsight Compute, run 45).
+    32-token steps at 16: measured faster from 128 windows (the engine's 16K prefill chunk) on, where the
+    16-warp step tiles spill, and a tie at 64 windows, where the 16 warps keep more bytes in flight on the SMs
+    that have work (docs/performance.md, Kernel design notes).
     """
     m, d = ratio, dim
     many = 2 * batch * n_windows > NUM_SMS
@@ -565,7 +560,8 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, ent
     The kernel pools the closing window from the old ring plus the new token and writes the new token into
     the ring and the entry into the cache: those buffers are aliased to its outputs (in place when they
     are donated, as in the engine's decode step). As separate ``.at[row, slot].set`` scatters these writes
-    were three more kernels per compressor: 18 of a batch-1 step's 24 scatter kernels on the Flash-width slice.
+    were three more kernels per compressor, most of a decode step's scatter kernels (docs/performance.md,
+    Kernel design notes).
     """
     m = ratio
     span = _span(m, overlap)

@@ -6,12 +6,12 @@ Meaning (``reference``): ``out[r] = w[ids[r]] @ x[r]``, the product ``moe._gathe
 gathering the picked matrices; a one-row x is every row's (a token against its k experts, without an XLA
 kernel broadcasting it to k rows first).
 
-Why: at batch 1 a token's k experts are distinct (top-k, or the hash table's permutation), so each row's
-matrix is read once without grouping rows by expert. The grouped kernels need the rows sorted by expert
-and the group sizes, then a scatter-add back to tokens: an argsort, a bincount, gathers and a scatter-add,
-~6 small XLA kernels per MoE layer that a batch-1 step (~370 kernels on the Flash-width slice, bound by
-their count, docs/performance.md) pays for six rows. Rows sharing an expert (possible from batch 2 on)
-would read it once each, so the MoE layer uses this kernel for one token only.
+Why: at batch 1 a token's k experts are distinct (top-k, or the hash table's permutation), so each row's matrix
+is read once without grouping rows by expert. The grouped kernels need the rows sorted by expert and the group
+sizes, then a scatter-add back to tokens: an argsort, a bincount, gathers and a scatter-add, ~6 small XLA
+kernels per MoE layer that a batch-1 step, bound by its kernel count (docs/performance.md, Kernel design
+notes), pays for six rows. Rows sharing an expert (possible from batch 2 on) would read it once each, so the
+MoE layer uses this kernel for one token only.
 
 Backend: the Pallas **Triton** backend, like ``grouped_gemv``: grid ``(N / block_n, M)``, a program
 streams ``w[ids[r], n-block, :]`` in ``block_k`` steps against row r (loaded into a 16-row tile, the

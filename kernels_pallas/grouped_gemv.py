@@ -20,14 +20,13 @@ data-dependent row offset (no TMA store ladder), ``jnp.dot`` on registers with 1
 ``mma`` minimum; ``wgmma`` would need 64).
 
 Design:
-* Every group is cut into tiles of ``block_m`` rows that start at the group's first row, so a tile never
-  spans two groups and a matrix used by r rows is streamed ``cdiv(r, block_m)`` times: once in decode.
-  Each program finds its own tile from ``group_sizes`` (``tile_of``: a cumulative sum and a few sums
-  over the [G] vector, in registers). A tile table built by XLA before the kernel (cumulative sums, a
-  search, a stack) took ~18 us of small kernels per MoE layer, 109 us of a 1.9 ms batch-1 decode step
-  (H200 profile, docs/performance.md). The static tile count is ``cdiv(M, block_m) + min(G, M)`` (each
-  non-empty group adds at most one partial tile) plus ``cdiv(M, block_m)`` tiles that zero the rows past
-  ``sum(group_sizes)``; the rest exit at once.
+* Every group is cut into tiles of ``block_m`` rows that start at the group's first row, so a tile never spans
+  two groups and a matrix used by r rows is streamed ``cdiv(r, block_m)`` times: once in decode. Each program
+  finds its own tile from ``group_sizes`` (``tile_of``: a cumulative sum and a few sums over the [G] vector, in
+  registers). A tile table built by XLA before the kernel (cumulative sums, a search, a stack) cost small
+  kernels in every MoE layer (docs/performance.md, Kernel design notes). The static tile count is
+  ``cdiv(M, block_m) + min(G, M)`` (each non-empty group adds at most one partial tile) plus
+  ``cdiv(M, block_m)`` tiles that zero the rows past ``sum(group_sizes)``; the rest exit at once.
 * Grid ``(N / block_n, tiles)``: the column block is the fastest axis, so the programs of one tile (one
   expert's matrix, split by columns) run side by side. A program walks K in ``block_k`` steps (Triton
   software-pipelines ``num_stages`` loads): ``x[16, bk] @ w[g, bn, bk]^T`` into an fp32 ``[16, bn]`` register

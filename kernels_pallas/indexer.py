@@ -38,16 +38,9 @@ Prefill design (compute-bound: 2 * HI * DI FLOPs per visible (t, s) pair, 2.2 TF
 * Causal skipping: a tile whose first key is >= max(n_visible) over its queries skips the head loop and only
   writes -inf (n_visible may be any array; the block maximum makes the skip exact for any pattern).
 
-Measured on one H200 (jax 0.11.2 + CUDA plugin, medians of jitted loops; two runs on two machines, numbers
-moved by up to ~10 % between them; the figures of 2026-11-29 from a loop of dependent calls, decode 89 us,
-prefill 417 us / 4.39 ms, are in docs/performance.md):
-
-* decode B=32, N=32768: 88-97 us = 2.8-3.1 TB/s, the same as XLA's plain row-sum over the same 268 MB of keys
-  (86-89 us, 3.05-3.17 TB/s) and 2.6-2.8x faster than the XLA reference (248 us). Every (block_k,
-  blocks_per_program, num_warps, num_stages) tried was in 88-117 us; default (128, 4, 8, 3).
-* prefill causal S=8192 / N=2048: 382 us (360 TFLOP/s on visible pairs) with the default 64 x 128 tiles
-  (128 x 64 was best there, 345 us); XLA reference 4546 us. S=32768 / N=8192: 3.81 ms (578 TFLOP/s), the
-  XLA reference does not fit (per-head scores would be 68 GB).
+Measured: the decode kernel reads the keys at the rate of XLA's plain row-sum over them, and no decode
+setting tried beat the default; the prefill's 64 x 128 tiles are the default though 128 x 64 was faster at
+S = 8K. Figures: docs/performance.md (Kernels; Kernel design notes).
 """
 
 from __future__ import annotations

@@ -75,42 +75,14 @@ window block of W + Bq rows, on HCA layers the whole entry list, on CSA layers t
 the picks come from: 2048 rows = 2 MB at 8K tokens, 8 MB at 32K) is re-read from the 50 MB L2 by neighbouring
 programs (grid order above), so HBM traffic is about q + output + each key row once.
 
-Expected bound of the prefill kernel (not measured yet; scripts/bench_kernels.py cases ``prefill_*`` measure
-it). Flash CSA, one 2048-token chunk (bench_generate's default) at the end of an 8K / 32K prompt: 128 window +
-512 picked keys per query, so 4 * 64 * 512 * 640 = 84 MFLOP per query token, 172 GFLOP per chunk, against
-~280 MB of HBM traffic (q and output 128 KB per token; window blocks 4 MB, entries 2 / 8 MB): ~610 FLOP/byte,
-far above the H200's ridge (790 TFLOP/s / 4.24 TB/s = 186), so the **tensor-core rate bounds it** (217 us at
-the bf16 peak). The inner loop is the decode kernel's, which reaches ~185 TFLOP/s at large batch with its
-32-row ``mma`` tiles; the same rate predicts ~0.9 ms per chunk per CSA layer, ~23 % of the bf16 peak. The L2 ->
-SM traffic (two head blocks x 640 KB per query = 2.6 GB per chunk) is ~2.8 TB/s at that rate, assumed to be
-within the L2's bandwidth (not measured). HCA layers attend to 128 + at most 64 (8K) / 256 (32K) keys per
-query: proportionally less work. Beyond that: 64-row ``wgmma`` tiles with the 512-wide accumulator split over
-two warpgroups (all 64 heads per program, which also halves the L2 traffic), i.e. the Mosaic GPU port.
-
-Decode measured on one H200 (jax 0.11.2, triton 3.6; H=64, D=512, Wk=128, N=8192, all keys valid; each time
-is per call inside one jitted chain of 20 dependent calls, median of 10; reference = ``reference`` under XLA;
-measured before prefill shared the kernel, whose only change for decode is the window walk's start bound;
-the figures of 2026-11-29, 88 / 134 us at B=128 and 52 / 69 us at B=32, are in docs/performance.md, where
-a sweep of block_h 16-64, block_k 32-128, 4-8 warps found nothing faster than the defaults; ``bench_cases``
-now runs decode as the model does, one query token through ``sparse_attention_prefill`` with the W = 128 ring
-rows as its window block, the same kernel call as ``sparse_attention_decode`` at these sizes):
-
-    B    K     kernel (defaults)   reference    HBM bytes / time
-    1    1024     14.6 us           18.8 us      0.09 TB/s   (latency: 18 key blocks over 18 splits)
-    4    512      17.9 us           20.4 us      0.18 TB/s
-    8    1024     32.2 us           28.5 us      0.33 TB/s   (8 splits measured 27.5 us; heuristic retuned after)
-    32   512      36.2 us           53.7 us      0.70 TB/s
-    32   1024     53.0 us           66.3 us      0.79 TB/s
-    128  512      70.4 us          135.1 us      1.43 TB/s
-    128  1024    104.4 us          219.3 us      1.61 TB/s   (~185 TFLOP/s of QK + PV)
-
-so the large-batch cases run at ~1/3 of the HBM roofline (4.8 TB/s) and ~20 % of the bf16 tensor peak.
-Nsight Compute (2026-12-04, run 45, B=128 x 640 keys) says what bounds it: 255 registers a thread (the fp32
-[32, 512] accumulator alone is 128), so two 4-warp programs fit on an SM, and in 69% of cycles no warp can
-issue; DRAM runs at 29% of its peak, the shared pipe (mostly its tensor part) at 31%. Triton's ``wgmma`` variant (64 heads, 8 warps)
-spills the [64, 512] accumulator and fits one program per SM (slower). Getting closer needs the 512-wide
-accumulator split over two warpgroups under an explicit register budget (FlashMLA-style), i.e. a Mosaic GPU
-kernel.
+Bounds. On Flash CSA chunks prefill does far more FLOPs per HBM byte than the H200's ridge, so the
+tensor-core rate bounds it; HCA layers attend to fewer keys per query, proportionally less work. Decode at
+large batch runs well below the HBM roofline: with the fp32 [32, 512] accumulator (128 registers a thread at
+4 warps) only two 4-warp programs fit on an SM and most cycles have no warp ready to issue; Triton's
+``wgmma`` variant (64 heads, 8 warps) spills the [64, 512] accumulator and fits one program per SM (slower).
+Both need the 512-wide accumulator split over two warpgroups under an explicit register budget
+(FlashMLA-style, all 64 heads per program, which also halves the L2 traffic), i.e. a Mosaic GPU kernel. The
+estimate, the measurements and the sweeps behind the defaults: docs/performance.md, Kernel design notes.
 
 Entries with ``entry_idx >= N`` are treated as invalid (never read) in both the kernel and the reference;
 callers should not pass them.
@@ -201,8 +173,8 @@ def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out
     bh = q_ref.shape[0]
 
     # The walk's bounds, from the token's whole mask and id rows (Triton vectors are a power of two long), in
-    # place of an XLA reduction and a stack before the call: two launches fewer per layer (the batch-1 step's
-    # time unchanged within noise, run 40).
+    # place of an XLA reduction and a stack before the call: two launches fewer per layer (the step's time
+    # unchanged; docs/performance.md, Kernel design notes).
     rows = jnp.arange(pl.next_power_of_2(Wk), dtype=jnp.int32)
     win_lo, win_hi = _valid_bounds(plt.load(wval_ref.at[pl.ds(0, rows.shape[0])], mask=rows < Wk, other=0) != 0,
                                    rows, Wk)
