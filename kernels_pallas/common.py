@@ -64,12 +64,17 @@ def expert_blocks(kernel: str, x, w, block_n: int, block_k: int) -> tuple[int, i
     return block_n, block_k
 
 
-def check_tuning(config, *, blocks: tuple[str, ...] = ()) -> None:
-    """A TuningConfig's checks: every field a positive int, the fields named in ``blocks`` powers of two >= 16
-    (clipped to the matrix later, so the clipped block stays one)."""
+def check_tuning(config, *, blocks: tuple[str, ...] = (), flags: tuple[str, ...] = ()) -> None:
+    """A TuningConfig's checks: the fields named in ``flags`` bools, every other field a positive int, the
+    fields named in ``blocks`` powers of two >= 16 (clipped to the matrix later, so the clipped block stays
+    one)."""
     kind = type(config).__module__.rsplit(".", 1)[-1]
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
+        if f.name in flags:
+            if not isinstance(v, bool):
+                raise ValueError(f"{kind} TuningConfig: {f.name}={v!r}: expected a bool")
+            continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{kind} TuningConfig: {f.name}={v!r}: expected a positive int")
         if f.name in blocks and (v < 16 or v & (v - 1)):

@@ -46,20 +46,16 @@ Design (memory bound: every kv/gate element is read from HBM once):
   neighbour, usually from L2) every element is read once.
   - CSA (m = 4, D = 512): one step of Ts = 4 slots, Wb = 1 window, 4 warps. Each slot is its own [Wb, D]
     tile ("slot rows", used for Ts <= 8), so the softmax over slots is elementwise in registers. 2048 / 8192
-    programs at S = 8K / 32K. Wb = 2 (the default before 2026-11-29) measured 1.4x slower on an H200 at
-    both lengths (device-timed sweep, docs/results/2026-11-29-h200-run5): twice the registers per program,
-    half the programs in flight. The indexer's D = 128: Wb = 8, 8 warps (Wb = 1 measured the same).
+    programs at S = 8K / 32K. Wb = 2 measured slower: twice the registers per program, half the programs in
+    flight. The indexer's D = 128: Wb = 8, 8 warps (Wb = 1 measured the same).
   - HCA (m = 128): Wb = 1 window per program, steps (``fori_loop``) of a [1, Ts, 512] tile reduced over its
     slot axis. With at most half as many windows as SMs (S = 8K, B = 1: 64 programs for 132 SMs, the weak
     spot) 4 steps of 32 slots at 16 warps, so that the SMs with work keep 64 KB of loads in flight; with more,
-    8 steps of 16 slots at 4 warps (``prefill_tiling``): at 16 warps (512 threads) a thread holds at most 128
-    registers and the tiles spill (Nsight Compute on an H200, run 45: 327K local-memory requests at S = 32K),
-    and the 4-warp programs measured 50-54 against 69-73 us there, 33-35 against 36-40 us at 16K (runs
-    47-48). (Splitting channels over programs would fill the machine at 8K but needs the norm in a second
-    launch over an fp32 intermediate.)
-  Offline compile of the lowered Triton IR for sm_90 (pip triton 3.8 + its ptxas, not jaxlib's bundled
-  Triton): CSA 128 registers/thread, HCA 123, indexer 62, decode 32-128; no spills there, but jaxlib's
-  Triton spills the 16-warp HCA tiles (above), so the offline figures are indicative only.
+    8 steps of 16 slots at 4 warps (``choose_prefill_tuning``), measured faster there: at 16 warps (512
+    threads) a thread holds at most 128 registers and the tiles spill. (Splitting channels over programs
+    would fill the machine at 8K but needs the norm in a second launch over an fp32 intermediate.)
+  The figures behind these choices, and the registers per thread of an offline sm_90 compile:
+  docs/performance.md, Kernel design notes.
   Triton does not software-pipeline these loops (no ``cp.async``: its pipeliner targets loads feeding dots),
   so latency hiding comes from several resident programs (CSA) or the 32-64 KB step tiles (HCA).
 * RoPE on the full [Wb, D] row: the pair-swapped row (reshape [Wb, D/2, 2], unstack, stack swapped) times a
@@ -80,16 +76,16 @@ largest power of two dividing m within the tile cap.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import NUM_SMS, triton_call
+from .common import NUM_SMS, check_tuning, triton_call
 
 NEG = -1e30  # finite "minus infinity" for the running max (exp(NEG - NEG) = 1 must never be used unmasked)
 TILE_ELEMS = 4096  # target elements of one [Wb, Ts, D] kv (or gate) tile when a window fits in one step (D < 512)
@@ -374,8 +370,8 @@ def _decode_kernel(slot_ref, index_ref, nkv_ref, ng_ref, skv_ref, sg_ref, ape_re
             groups.append(_Group(a_base + t * ts + jnp.zeros((1,), jnp.int32), valid_a, 0))
         return _pool_step(skv_ref, sg_ref, ape_ref, groups, t * ts, ts=ts, d=d, slot_rows=slot_rows, carry=carry)
 
-    # A window closes once in m steps: the other steps only write the zero entry (at m = 128 the pooling
-    # took ~17 us per call at batch 1 on an H200 whether or not the window closed).
+    # A window closes once in m steps: the other steps only write the zero entry (the pooling cost the same
+    # whether or not the window closed; docs/performance.md, Kernel design notes).
     @pl.when(closes)
     def _():
         n_steps = m // ts
@@ -420,71 +416,102 @@ def _check_dims(C: int, overlap: bool, half_rope: int):
     return D, R
 
 
-def _slot_step(m: int, d: int, wb: int, slots_per_step: int | None, cap: int = MAX_STEP_ELEMS) -> int:
-    """Largest power of two dividing m that keeps a [wb, Ts, d] tile within ``cap`` elements (or the request)."""
-    if slots_per_step is not None:
-        if m % slots_per_step or not _pow2(slots_per_step):
-            raise ValueError(f"slots_per_step {slots_per_step} must be a power of two dividing m={m}")
-        return slots_per_step
+def _slot_step(m: int, d: int, wb: int, cap: int) -> int:
+    """Largest power of two dividing m that keeps a [wb, Ts, d] tile within ``cap`` elements."""
     ts = m & -m  # largest power-of-two divisor
     while ts > 1 and wb * ts * d > cap:
         ts //= 2
     return ts
 
 
-def _default_warps(tile_elems: int, d: int, many_windows: bool = False) -> int:
+def _warps(tile_elems: int, d: int, many_windows: bool = False) -> int:
     """32 tile elements per thread per array (64 with more windows than half the SMs; 16 for narrow rows,
     whose layouts replicate more), 4..16 warps."""
     per_thread = ELEMS_PER_THREAD // 2 if d < 512 else ELEMS_PER_THREAD * (2 if many_windows else 1)
     return max(4, min(16, tile_elems // (32 * per_thread)))
 
 
-def prefill_tiling(B: int, n_windows: int, m: int, d: int, windows_per_block: int | None = None,
-                   slots_per_step: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
-    """(windows per program Wb, slots per step Ts, warps) of ``compress_prefill``; None picks the default.
+def _check_pow2(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not _pow2(getattr(config, name)):
+            raise ValueError(f"compressor TuningConfig: {name}={getattr(config, name)} must be a power of two")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTuningConfig:
+    """The launch choices of ``compress_prefill``: windows_per_block (Wb) windows per program and
+    slots_per_step (Ts) tokens of a window per step (powers of two; Ts divides m), slot_rows: one [Wb, D]
+    tile per slot (else one [Wb, Ts, D] tile per step), Triton's warps and stages (its pipeliner does not
+    pipeline these loads)."""
+    windows_per_block: int
+    slots_per_step: int
+    num_warps: int
+    slot_rows: bool
+    num_stages: int = 2
+
+    def __post_init__(self):
+        check_tuning(self, flags=("slot_rows",))
+        _check_pow2(self, ("windows_per_block", "slots_per_step"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTuningConfig:
+    """The launch choices of ``compress_decode_step``: ``PrefillTuningConfig``'s, with one window per program."""
+    slots_per_step: int
+    num_warps: int
+    slot_rows: bool
+    num_stages: int = 2
+
+    def __post_init__(self):
+        check_tuning(self, flags=("slot_rows",))
+        _check_pow2(self, ("slots_per_step",))
+
+
+def choose_prefill_tuning(batch: int, n_windows: int, ratio: int, dim: int) -> PrefillTuningConfig:
+    """``compress_prefill``'s tiling for ``batch`` rows of ``n_windows`` windows of ``ratio`` tokens, ``dim``
+    channels. Wb: 1 for D >= 512 (CSA, HCA) or when a window takes several steps, else Wb*m*D near
+    TILE_ELEMS = 4K elements (8 for the indexer's D = 128). Ts: the largest with Wb*Ts*D <= 16K elements, 8K once
+    the windows exceed half the SMs (4 for CSA, 32 or 16 for HCA D = 512). Warps: tile / (32 x 32 elements),
+    64 elements once the windows exceed half the SMs, 16 for D < 512, clipped to [4, 16] (4 for CSA D = 512,
+    8 for D = 128, 16 or 4 for HCA). Slot rows for Ts <= 8.
 
     With more windows than half the SMs, HCA (m = 128, D = 512) pools 16-token steps at 4 warps instead of
-    32-token steps at 16. On an H200 (runs 47-48, B = 1, alternating in one process): 50-54 against 69-73 us
-    at S = 32K (256 windows), 33-35 against 36-40 us at 16K (128 windows, the engine's prefill chunk), a tie
-    at 8K (64 windows: 30-37 us either way; the 16 warps keep more bytes in flight on the SMs that have work).
-    At 16 warps a thread holds at most 128 registers and the step tiles spill (Nsight Compute, run 45).
+    32-token steps at 16: measured faster from 128 windows (the engine's 16K prefill chunk) on, where the
+    16-warp step tiles spill, and a tie at 64 windows, where the 16 warps keep more bytes in flight on the SMs
+    that have work (docs/performance.md, Kernel design notes).
     """
-    many = 2 * B * n_windows > NUM_SMS
+    m, d = ratio, dim
+    many = 2 * batch * n_windows > NUM_SMS
     cap = MANY_WINDOWS_STEP_ELEMS if many else MAX_STEP_ELEMS
-    if windows_per_block is None:
-        ts0 = _slot_step(m, d, 1, slots_per_step, cap)
-        wide = ts0 < m or d >= 512  # measured: one window per program is faster for D = 512 (docstring)
-        wb = 1 if wide else max(1, min(TILE_ELEMS // (m * d), pl.next_power_of_2(n_windows)))
-        wb = 1 << (wb.bit_length() - 1)
-    else:
-        wb = windows_per_block
-        if not _pow2(wb):
-            raise ValueError(f"windows_per_block {wb} must be a power of two")
-    ts = _slot_step(m, d, wb, slots_per_step, cap)
-    if num_warps is None:
-        num_warps = _default_warps(wb * ts * d, d, many)
-    return wb, ts, num_warps
+    wide = _slot_step(m, d, 1, cap) < m or d >= 512  # measured: one window per program is faster for D = 512
+    wb = 1 if wide else max(1, min(TILE_ELEMS // (m * d), pl.next_power_of_2(n_windows)))
+    wb = 1 << (wb.bit_length() - 1)
+    ts = _slot_step(m, d, wb, cap)
+    return PrefillTuningConfig(windows_per_block=wb, slots_per_step=ts, num_warps=_warps(wb * ts * d, d, many),
+                               slot_rows=ts <= SLOT_ROWS_MAX)
 
 
-@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "windows_per_block",
-                                             "slots_per_step", "slot_rows", "num_warps", "num_stages",
-                                             "interpret", "poison_outputs"))
+def choose_decode_tuning(ratio: int, dim: int) -> DecodeTuningConfig:
+    """``compress_decode_step``'s tiling for windows of ``ratio`` tokens, ``dim`` channels: the prefill rule for
+    one window per program (Ts * D <= 16K elements)."""
+    ts = _slot_step(ratio, dim, 1, MAX_STEP_ELEMS)
+    return DecodeTuningConfig(slots_per_step=ts, num_warps=_warps(ts * dim, dim), slot_rows=ts <= SLOT_ROWS_MAX)
+
+
+def _check_step(slots_per_step: int, m: int) -> None:
+    if m % slots_per_step:
+        raise ValueError(f"compressor TuningConfig: slots_per_step={slots_per_step} must divide m={m}")
+
+
+@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "tuning", "interpret",
+                                             "poison_outputs"))
 def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overlap: bool, eps: float,
-                     out_dtype=jnp.float32, windows_per_block: int | None = None,
-                     slots_per_step: int | None = None, slot_rows: bool | None = None,
-                     num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                     out_dtype=jnp.float32, tuning: PrefillTuningConfig | None = None, interpret: bool = False,
                      poison_outputs: bool = False):
     """Pallas (Triton) prefill compression; same arguments and result as ``reference_prefill``.
 
-    windows_per_block (Wb, power of two): windows per program; default 1 for D >= 512 (CSA, HCA), else
-    Wb*m*D near TILE_ELEMS = 4K elements (8 for the indexer's D=128). slots_per_step (Ts): tokens
-    of a window per step (a power of two dividing m; default the largest with Ts*D <= 16K, 8K once B * S//m
-    exceeds half the SM count: 4 for CSA, 32 or 16 for HCA D=512). num_warps: default tile / (32 x 32
-    elements), 64 elements once the windows exceed half the SMs, 16 for D < 512, clipped to [4, 16] (4 for
-    CSA D=512, 8 for D=128, 16 or 4 for HCA). ``prefill_tiling`` gives the choice for a shape.
-    slot_rows: one [Wb, D] tile per slot (default for Ts <= 8) or one [Wb, Ts, D] tile per step.
-    num_stages is passed to Triton (its pipeliner does not pipeline these loads).
-    poison_outputs: testing aid (see ``common.triton_call``).
+    tuning: None for ``choose_prefill_tuning(B, S // m, m, D)``. poison_outputs: testing aid (see
+    ``common.triton_call``).
     """
     m = ratio
     B, S, C = kv.shape
@@ -494,10 +521,11 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
     assert cos.shape == (B, nW, R // 2) and sin.shape == cos.shape, (cos.shape, (B, nW, R // 2))
     if nW == 0:
         return jnp.zeros((B, 0, D), out_dtype)
-    wb, ts, num_warps = prefill_tiling(B, nW, m, D, windows_per_block, slots_per_step, num_warps)
-    slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
+    tuning = tuning or choose_prefill_tuning(B, nW, m, D)
+    wb, ts = tuning.windows_per_block, tuning.slots_per_step
+    _check_step(ts, m)
     kernel = functools.partial(_prefill_kernel, m=m, d=D, wb=wb, ts=ts, n_win=nW, overlap=overlap, eps=eps,
-                               rope_dim=R, slot_rows=slot_rows)
+                               rope_dim=R, slot_rows=tuning.slot_rows)
     in_specs = [
         pl.BlockSpec((None, S, C), lambda b, j: (b, 0, 0)),  # kv (whole row; tiles indexed in the kernel)
         pl.BlockSpec((None, S, C), lambda b, j: (b, 0, 0)),  # gate
@@ -511,18 +539,17 @@ def compress_prefill(kv, gate, ape, norm_weight, cos, sin, *, ratio: int, overla
     args = [kv, gate, ape.astype(jnp.float32), norm_weight.astype(jnp.float32), cos.astype(jnp.float32),
             sin.astype(jnp.float32)]
     (out,) = triton_call(kernel, args, grid=(B, pl.cdiv(nW, wb)), in_specs=in_specs, out_shape=out_shape,
-                         out_specs=out_specs, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                         name=f"dsv4_compress_prefill_m{m}_d{D}_w{wb}_t{ts}", poison=poison_outputs)
+                         out_specs=out_specs, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+                         interpret=interpret, name=f"dsv4_compress_prefill_m{m}_d{D}_w{wb}_t{ts}",
+                         poison=poison_outputs)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "slots_per_step",
-                                             "slot_rows", "num_warps", "num_stages", "interpret",
+@functools.partial(jax.jit, static_argnames=("ratio", "overlap", "eps", "out_dtype", "tuning", "interpret",
                                              "poison_outputs"))
 def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, entry_index, ape, norm_weight, cos,
                          sin, cache_rows, *, ratio: int, overlap: bool, eps: float, out_dtype=jnp.float32,
-                         slots_per_step: int | None = None, slot_rows: bool | None = None,
-                         num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                         tuning: DecodeTuningConfig | None = None, interpret: bool = False,
                          poison_outputs: bool = False):
     """Pallas (Triton) decode step; same arguments and result as ``reference_decode_step``. write_slot [B]:
     each row's ring slot for the new token, ``span`` for none (a row that is not decoding keeps its ring;
@@ -533,7 +560,8 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, ent
     The kernel pools the closing window from the old ring plus the new token and writes the new token into
     the ring and the entry into the cache: those buffers are aliased to its outputs (in place when they
     are donated, as in the engine's decode step). As separate ``.at[row, slot].set`` scatters these writes
-    were three more kernels per compressor: 18 of a batch-1 step's 24 scatter kernels on the Flash-width slice.
+    were three more kernels per compressor, most of a decode step's scatter kernels (docs/performance.md,
+    Kernel design notes).
     """
     m = ratio
     span = _span(m, overlap)
@@ -544,12 +572,11 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, ent
     if cache_rows.shape[::2] != (B, D) or write_slot.shape != (B,) or entry_index.shape != (B,):
         raise ValueError(f"compress_decode_step: cache_rows {cache_rows.shape}, write_slot {write_slot.shape}, "
                          f"entry_index {entry_index.shape}: expected [{B}, N, {D}], [{B}] and [{B}]")
-    ts = _slot_step(m, D, 1, slots_per_step)
-    if num_warps is None:
-        num_warps = _default_warps(ts * D, D)
-    slot_rows = ts <= SLOT_ROWS_MAX if slot_rows is None else slot_rows
+    tuning = tuning or choose_decode_tuning(m, D)
+    ts = tuning.slots_per_step
+    _check_step(ts, m)
     kernel = functools.partial(_decode_kernel, m=m, span=span, d=D, ts=ts, overlap=overlap, eps=eps,
-                               rope_dim=R, slot_rows=slot_rows)
+                               rope_dim=R, slot_rows=tuning.slot_rows)
     state_spec = pl.BlockSpec((None, span, C), lambda b: (b, 0, 0))
     cache_spec = pl.BlockSpec((None, *cache_rows.shape[1:]), lambda b: (b, 0, 0))
     row_scalar = pl.BlockSpec((1,), lambda b: (b,))
@@ -574,123 +601,7 @@ def compress_decode_step(kv_new, gate_new, state_kv, state_gate, write_slot, ent
             ape.astype(jnp.float32), norm_weight.astype(jnp.float32), cos.astype(jnp.float32),
             sin.astype(jnp.float32), cache_rows]
     return tuple(triton_call(
-        kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret, name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
+        kernel, args, grid=(B,), in_specs=in_specs, out_shape=out_shape, out_specs=out_specs,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
+        name=f"dsv4_compress_decode_m{m}_d{D}_t{ts}",
         poison=poison_outputs, aliases={4: 1, 5: 2, 10: 3}))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmarks (scripts/bench_kernels.py)
-# ----------------------------------------------------------------------------------------------------------
-
-FLASH_EPS = 1e-6
-
-
-def _rng(key) -> np.random.Generator:
-    """Host RNG seeded from a JAX PRNG key (fresh inputs per key without compiling jax.random programs)."""
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-
-
-def _normal(rng, shape, scale=1.0, dtype=jnp.float32):
-    return jnp.asarray((scale * rng.standard_normal(shape, np.float32)).astype(np.float32)).astype(dtype)
-
-
-def _angles(rng, shape):
-    t = rng.uniform(0.0, 6.28, shape).astype(np.float32)
-    return jnp.asarray(np.cos(t)), jnp.asarray(np.sin(t))
-
-
-def prefill_inputs(key, B, S, m, D, R, overlap, dtype=jnp.bfloat16):
-    """Random prefill inputs: kv, gate [B,S,coff*D] in dtype; ape, norm weight, cos/sin fp32."""
-    C = 2 * D if overlap else D
-    rng = _rng(key)
-    kv = _normal(rng, (B, S, C), 1.0, dtype)
-    gate = _normal(rng, (B, S, C), 2.0, dtype)
-    ape = _normal(rng, (m, C), 0.5)
-    w = 1.0 + _normal(rng, (D,), 0.1)
-    cos, sin = _angles(rng, (B, S // m, R // 2))
-    return kv, gate, ape, w, cos, sin
-
-
-def decode_indices(pos, m: int, overlap: bool, n_entries: int):
-    """Positions [B] of decoding rows -> (write_slot, entry_index) [B] int32 as the model's metadata gives
-    them: the ring slot pos % span, and the window the token closes (N = ``n_entries`` for none)."""
-    pos = jnp.asarray(pos, jnp.int32)
-    closes = (pos + 1) % m == 0
-    return pos % _span(m, overlap), jnp.where(closes, (pos + 1) // m - 1, n_entries).astype(jnp.int32)
-
-
-def decode_inputs(key, B, m, D, R, overlap, *, all_close=True, dtype=jnp.float32, positions=None):
-    """Random decode inputs (``compress_decode_step``'s positional arguments) for rows at ``positions`` [B]
-    (default random; all_close: every row closes a window, pos = k*m - 1, k >= 1), a cache of 4096 // m rows."""
-    C = 2 * D if overlap else D
-    span = _span(m, overlap)
-    n_entries = 4096 // m
-    rng = _rng(key)
-    kv_new = _normal(rng, (B, C), 1.0, dtype)
-    gate_new = _normal(rng, (B, C), 2.0, dtype)
-    state_kv = _normal(rng, (B, span, C))
-    state_gate = _normal(rng, (B, span, C), 2.0)
-    if positions is not None:
-        pos = positions
-    elif all_close:
-        pos = rng.integers(1, 4096 // m, B) * m - 1
-    else:
-        pos = rng.integers(0, 4096, B)
-    ape = _normal(rng, (m, C), 0.5)
-    w = 1.0 + _normal(rng, (D,), 0.1)
-    cos, sin = _angles(rng, (B, R // 2))
-    cache = _normal(rng, (B, n_entries, D))
-    slot, index = decode_indices(pos, m, overlap, n_entries)
-    return kv_new, gate_new, state_kv, state_gate, slot, index, ape, w, cos, sin, cache
-
-
-def _decode_entry_pallas(*args, **kwargs):
-    """Bench view of the decode step: the entry only (the ring and cache writes are in-place under
-    donation; without donation jit would time copies of the whole state and cache instead)."""
-    return compress_decode_step(*args, **kwargs)[0]
-
-
-def _decode_entry_reference(*args, **kwargs):
-    return reference_decode_step(*args, **kwargs)[0]
-
-
-def bench_cases():
-    """Prefill at Flash sizes (CSA m=4 / HCA m=128, D=512, R=64, S=8K/32K (HCA 16K too), B=1, bf16; plus the
-    indexer's D=128 compressor) and the decode step at B=32 with every row closing a window (fp32 ring)."""
-    R = 64
-    cases = []
-    for kind, m, D, overlap in (("csa", 4, 512, True), ("hca", 128, 512, False), ("indexer", 4, 128, True)):
-        for S in (8192, 16384, 32768) if kind == "hca" else (8192, 32768):  # HCA: the engine's 16K chunk too
-            B, nW = 1, S // m
-            it = 2
-            # every kv/gate element a pooled slot needs, once: b-halves of nW windows (+ a-halves of nW-1)
-            slots = nW * m + ((nW - 1) * m if overlap else 0)
-            nbytes = 2 * B * slots * D * it + B * nW * (D * 4 + R * 4) + m * D * (2 if overlap else 1) * 4
-            cases.append({
-                "name": f"prefill_{kind}_m{m}_d{D}_S{S}",
-                "shapes": {"B": B, "S": S, "m": m, "D": D, "R": R, "overlap": overlap, "dtype": "bfloat16"},
-                "args": functools.partial(prefill_inputs, B=B, S=S, m=m, D=D, R=R, overlap=overlap),
-                "kwargs": {"ratio": m, "overlap": overlap, "eps": FLASH_EPS},
-                "bytes": nbytes,
-                "flops": 6 * B * slots * D + 8 * B * nW * D,
-                "pallas": compress_prefill,
-                "reference": reference_prefill,
-            })
-    for kind, m, D, overlap in (("csa", 4, 512, True), ("hca", 128, 512, False), ("indexer", 4, 128, True)):
-        B = 32
-        span = _span(m, overlap)
-        C = 2 * D if overlap else D
-        # closing rows read span slots x D channels of kv and gate (fp32 ring; the new token from kv_new)
-        nbytes = B * (2 * (span - 1) * D * 4 + 2 * C * 4 + 2 * D * 4 + R * 4 + 8)  # + the entry's cache row
-        cases.append({
-            "name": f"decode_{kind}_m{m}_d{D}_B{B}",
-            "shapes": {"B": B, "m": m, "D": D, "R": R, "overlap": overlap, "state_dtype": "float32"},
-            "args": functools.partial(decode_inputs, B=B, m=m, D=D, R=R, overlap=overlap),
-            "kwargs": {"ratio": m, "overlap": overlap, "eps": FLASH_EPS},
-            "bytes": nbytes,
-            "flops": 6 * B * span * D + 8 * B * D,
-            "pallas": _decode_entry_pallas,
-            "reference": _decode_entry_reference,
-        })
-    return cases

@@ -6,12 +6,12 @@ Meaning (``reference``): ``out[r] = w[ids[r]] @ x[r]``, the product ``moe._gathe
 gathering the picked matrices; a one-row x is every row's (a token against its k experts, without an XLA
 kernel broadcasting it to k rows first).
 
-Why: at batch 1 a token's k experts are distinct (top-k, or the hash table's permutation), so each row's
-matrix is read once without grouping rows by expert. The grouped kernels need the rows sorted by expert
-and the group sizes, then a scatter-add back to tokens: an argsort, a bincount, gathers and a scatter-add,
-~6 small XLA kernels per MoE layer that a batch-1 step (~370 kernels on the Flash-width slice, bound by
-their count, docs/performance.md) pays for six rows. Rows sharing an expert (possible from batch 2 on)
-would read it once each, so the MoE layer uses this kernel for one token only.
+Why: at batch 1 a token's k experts are distinct (top-k, or the hash table's permutation), so each row's matrix
+is read once without grouping rows by expert. The grouped kernels need the rows sorted by expert and the group
+sizes, then a scatter-add back to tokens: an argsort, a bincount, gathers and a scatter-add, ~6 small XLA
+kernels per MoE layer that a batch-1 step, bound by its kernel count (docs/performance.md, Kernel design
+notes), pays for six rows. Rows sharing an expert (possible from batch 2 on) would read it once each, so the
+MoE layer uses this kernel for one token only.
 
 Backend: the Pallas **Triton** backend, like ``grouped_gemv``: grid ``(N / block_n, M)``, a program
 streams ``w[ids[r], n-block, :]`` in ``block_k`` steps against row r (loaded into a 16-row tile, the
@@ -31,7 +31,7 @@ from jax.experimental.pallas import triton as plt
 
 from .common import check_tuning, expert_blocks, triton_call
 
-__all__ = ["expert_rows", "reference", "TuningConfig", "choose_tuning", "bench_cases"]
+__all__ = ["expert_rows", "reference", "TuningConfig", "choose_tuning"]
 
 TILE_ROWS = 16  # Triton's smallest tensor-core tile
 
@@ -98,45 +98,3 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, tuning: TuningCon
         out_specs=[pl.BlockSpec((M, block_n), lambda n, r: (0, n))],
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
         name=f"dsv4_expert_rows_n{block_n}_k{block_k}", poison=poison_outputs)[0]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmarks (scripts/bench_kernels.py)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def bench_cases():
-    """A one-token decode step's 6 routed rows over 256 Flash-size experts as the MoE layer runs them (gate_up
-    from the token's one row, then down), against the gathered einsum; ``grouped_gemv``'s ``T=1`` cases time
-    the sorted alternative (without its sort)."""
-    E, d, F, k = 256, 4096, 2048, 6
-
-    def case(n, kk, name, shared):
-        x_rows = 1 if shared else k
-
-        def args(key):
-            kx, kw, ke = jax.random.split(key, 3)
-            x = jax.random.normal(kx, (x_rows, kk), jnp.bfloat16)
-            w = (0.02 * jax.random.normal(kw, (E, n, kk))).astype(jnp.bfloat16)
-            return x, w, jax.random.permutation(ke, E)[:k].astype(jnp.int32)
-
-        return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E} x_rows={x_rows}", "args": args,
-                "reference": reference, "pallas": expert_rows, "bytes": 2 * (x_rows * kk + k * n * kk + k * n),
-                "flops": 2 * k * n * kk}
-
-    def dense(n, kk, name):  # one matrix (G = 1) and one row: a dense layer's GEMV, against XLA's
-        def args(key):
-            kx, kw = jax.random.split(key)
-            x = jax.random.normal(kx, (1, kk), jnp.bfloat16)
-            w = (0.02 * jax.random.normal(kw, (1, n, kk))).astype(jnp.bfloat16)
-            return x, w, jnp.zeros((1,), jnp.int32)
-
-        return {"name": name, "shapes": f"M=1 N={n} K={kk} G=1", "args": args,
-                "reference": lambda x, w, ids: jnp.einsum("mk,nk->mn", x, w[0]), "pallas": expert_rows,
-                "bytes": 2 * (kk + n * kk + n), "flops": 2 * n * kk}
-
-    # The dense cases ask whether this kernel beats XLA's GEMVs of the decode step's dense layers (the
-    # shared expert's and q_a's ran at ~66-70% of copy rate in GPU run 22); sweep block_n down to 16 with
-    # --configs, since one row of N = 2048 gives only N / block_n programs.
-    return [case(2 * F, d, "gate_up T=1", True), case(d, F, "down T=1", False), dense(F, d, "dense shared gate T=1"),
-            dense(d, F, "dense shared down T=1"), dense(1024, d, "dense q_a T=1")]

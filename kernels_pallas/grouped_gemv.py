@@ -20,14 +20,13 @@ data-dependent row offset (no TMA store ladder), ``jnp.dot`` on registers with 1
 ``mma`` minimum; ``wgmma`` would need 64).
 
 Design:
-* Every group is cut into tiles of ``block_m`` rows that start at the group's first row, so a tile never
-  spans two groups and a matrix used by r rows is streamed ``cdiv(r, block_m)`` times: once in decode.
-  Each program finds its own tile from ``group_sizes`` (``tile_of``: a cumulative sum and a few sums
-  over the [G] vector, in registers). A tile table built by XLA before the kernel (cumulative sums, a
-  search, a stack) took ~18 us of small kernels per MoE layer, 109 us of a 1.9 ms batch-1 decode step
-  (H200 profile, docs/performance.md). The static tile count is ``cdiv(M, block_m) + min(G, M)`` (each
-  non-empty group adds at most one partial tile) plus ``cdiv(M, block_m)`` tiles that zero the rows past
-  ``sum(group_sizes)``; the rest exit at once.
+* Every group is cut into tiles of ``block_m`` rows that start at the group's first row, so a tile never spans
+  two groups and a matrix used by r rows is streamed ``cdiv(r, block_m)`` times: once in decode. Each program
+  finds its own tile from ``group_sizes`` (``tile_of``: a cumulative sum and a few sums over the [G] vector, in
+  registers). A tile table built by XLA before the kernel (cumulative sums, a search, a stack) cost small
+  kernels in every MoE layer (docs/performance.md, Kernel design notes). The static tile count is
+  ``cdiv(M, block_m) + min(G, M)`` (each non-empty group adds at most one partial tile) plus
+  ``cdiv(M, block_m)`` tiles that zero the rows past ``sum(group_sizes)``; the rest exit at once.
 * Grid ``(N / block_n, tiles)``: the column block is the fastest axis, so the programs of one tile (one
   expert's matrix, split by columns) run side by side. A program walks K in ``block_k`` steps (Triton
   software-pipelines ``num_stages`` loads): ``x[16, bk] @ w[g, bn, bk]^T`` into an fp32 ``[16, bn]`` register
@@ -48,7 +47,7 @@ from jax.experimental.pallas import triton as plt
 from .common import check_tuning, expert_blocks, triton_call
 from .grouped_matmul import reference
 
-__all__ = ["grouped_gemv", "tile_of", "reference", "TuningConfig", "choose_tuning", "bench_cases"]
+__all__ = ["grouped_gemv", "tile_of", "reference", "TuningConfig", "choose_tuning"]
 
 
 def tiles_per_group(group_sizes: jax.Array, block_m: int) -> jax.Array:
@@ -160,12 +159,3 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tuning: 
         out_specs=[pl.BlockSpec((M, block_n), lambda n, t: (0, n))],
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
         name=f"dsv4_grouped_gemv_m{block_m}_n{block_n}_k{block_k}", poison=poison_outputs)[0]
-
-
-def bench_cases():
-    """Decode expert shapes (d = 4096, F = 2048, 256 experts, 6 routed per token) at batch 1, 8, 32, 128,
-    against ``ragged_dot_general``; ``grouped_matmul``'s cases at the same shapes give the Mosaic GPU kernel's
-    time in the same run."""
-    from .grouped_matmul import bench_cases as mosaic_cases
-
-    return [{**c, "pallas": grouped_gemv} for c in mosaic_cases() if c["tokens"] <= 128]

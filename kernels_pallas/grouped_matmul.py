@@ -156,26 +156,3 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tuning
     out = kernel(*tile_table(group_sizes.astype(jnp.int32), M, block_m), x, w)
     # Rows past sum(group_sizes) belong to no tile; the reference defines them as 0.
     return jnp.where(jnp.arange(M)[:, None] < jnp.sum(group_sizes), out, 0).astype(x.dtype)
-
-
-def bench_cases():
-    """Flash expert shapes: d = 4096, F = 2048, 256 experts, 6 routed per token (gate_up, then down)."""
-    E, d, F, k = 256, 4096, 2048, 6
-
-    def case(tokens, n, kk, name):
-        def args(key):
-            kx, kw, ke = jax.random.split(key, 3)
-            M = tokens * k
-            x = jax.random.normal(kx, (M, kk), jnp.bfloat16)
-            w = (0.02 * jax.random.normal(kw, (E, n, kk))).astype(jnp.bfloat16)
-            picks = jax.random.randint(ke, (M,), 0, E)
-            return x, w, jnp.bincount(picks, length=E).astype(jnp.int32)
-
-        M = tokens * k
-        used = E * (1 - (1 - 1 / E) ** M)  # expected distinct experts under uniform picks
-        return {"name": name, "tokens": tokens, "shapes": f"M={M} (tokens={tokens} x k={k}) N={n} K={kk} G={E}",
-                "args": args, "reference": reference, "pallas": grouped_matmul,
-                "bytes": 2 * (M * kk + int(used) * n * kk + M * n), "flops": 2 * M * n * kk}
-
-    return [case(t, 2 * F, d, f"gate_up T={t}") for t in (1, 8, 32, 128, 4096)] + [
-        case(t, d, F, f"down T={t}") for t in (1, 8, 32, 128, 4096)]

@@ -9,23 +9,23 @@ normalisation (row softmax + eps, a column normalisation, then ``iters - 1`` rou
 normalisation, each ``x / (sum + eps)``); the sub-block input ``x = sum_i pre_i X_i`` in fp32; with
 ``norm_weight``, the sub-block's RMSNorm of that fp32 sum in the streams' dtype.
 
-Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as
-~10 small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per
-step of the 6-layer Flash-width slice: 213 us and ~118 kernels of a 1.9 ms batch-1 decode step on an H200
-(docs/performance.md). Here XLA computes the mixing logits with the function the XLA path uses too
-(``mix_logits``: the RMS factor and the products with the 1.5 MB of ``fn``, so both paths see the same
-logits), and one kernel does the rest. Up to ``MIX_AS_SUM_MAX_TOKENS`` tokens XLA forms only the products and
-the kernel applies the RMS factor with the same operations, from the streams' sum of squares: its own when a
-program holds whole rows (with the norm), XLA's (``mix_sums``) otherwise.
+Why a kernel: per token this is a 4 x 4 matrix, 24 logits and a weighted sum of 4 rows, but XLA runs it as ~10
+small kernels per sub-block (the Sinkhorn alone as ~21 dependent row / column sums), 12 sub-blocks per step of
+the 6-layer Flash-width slice: a large share of a batch-1 decode step's time and kernels (docs/performance.md,
+Kernel design notes). Here XLA computes the mixing logits with the function the XLA path uses too
+(``mix_logits``: the RMS factor and the products with the 1.5 MB of ``fn``, so both paths see the same logits),
+and one kernel does the rest. Up to ``MIX_AS_SUM_MAX_TOKENS`` tokens XLA forms only the products and the kernel
+applies the RMS factor with the same operations, from the streams' sum of squares: its own when a program holds
+whole rows (with the norm), XLA's (``mix_sums``) otherwise.
 
-Backend: the Pallas **Triton** backend. Grid ``(token blocks, d / block_d)``: a program owns ``block_t``
-tokens and ``block_d`` columns of each stream, so a one-token decode step still spreads its stream reads
-over ``d / block_d`` programs (one program walking all of ``d`` took 28 us on an H200). Each of the
-``(2+n)n`` logits is its own ``[block_t]`` vector (a strided masked load), so the weights and the Sinkhorn
-are elementwise arithmetic on those vectors: no reductions, reshapes or matmuls. Every program computes
-``pre`` for its sum; the programs of the first column block also compute and store ``post`` and ``comb``.
-The Sinkhorn rounds are a loop: unrolled, Triton took minutes to compile them. Tokens past the end are
-masked on load and store.
+Backend: the Pallas **Triton** backend. Grid ``(token blocks, d / block_d)``: a program owns ``block_t`` tokens
+and ``block_d`` columns of each stream, so a one-token decode step still spreads its stream reads over
+``d / block_d`` programs (one program walking all of ``d`` measured slow; docs/performance.md, Kernel design
+notes). Each of the ``(2+n)n`` logits is its own ``[block_t]`` vector (a strided masked load), so the weights
+and the Sinkhorn are elementwise arithmetic on those vectors: no reductions, reshapes or matmuls. Every
+program computes ``pre`` for its sum; the programs of the first column block also compute and store ``post``
+and ``comb``. The Sinkhorn rounds are a loop: unrolled, Triton took minutes to compile them. Tokens past the
+end are masked on load and store.
 
 With ``norm_weight`` a program owns whole rows (``block_d = d``, one token per program by default): the
 RMSNorm needs the row's sum of squares, and fused here it saves the two XLA kernels (a reduction, then the
@@ -51,9 +51,9 @@ __all__ = ["MIX_AS_SUM_MAX_TOKENS", "TuningConfig", "choose_tuning", "hc_pre", "
 
 # Up to this many tokens (decode) the mixing logits are products summed over vec(streams), with the RMS factor
 # applied after: two reductions of the raw streams that XLA runs without a normalised copy or a GPU fp32 matmul
-# (at full precision, two or three small kernels). An H200 batch-1 step of the Flash-width slice took 1.664 ms
-# against 1.682 with the factor applied first and 1.686 with the matmul (docs/performance.md, run 21). Above
-# it (prefill) the matmul, which does not re-read fn (1.5 MB at Flash width) per token.
+# (at full precision, two or three small kernels): the batch-1 step measured faster than with the factor
+# applied first or with the matmul (docs/performance.md, Kernel design notes). Above it (prefill) the matmul,
+# which does not re-read fn (1.5 MB at Flash width) per token.
 MIX_AS_SUM_MAX_TOKENS = 16
 
 
@@ -249,39 +249,3 @@ def hc_pre(streams, fn, base, scale, *, rms_eps: float, hc_eps: float, iters: in
         num_warps=tuning.num_warps, num_stages=1, interpret=interpret, name=f"dsv4_hc_pre_n{n}_i{iters}" + "_norm" * norm,
         poison=poison_outputs)
     return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmarks (scripts/bench_kernels.py)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _inputs(key, T, n, d, norm=False):
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    R = (2 + n) * n
-    args = (jax.random.normal(k1, (T, n, d), jnp.bfloat16), 0.02 * jax.random.normal(k2, (R, n * d), jnp.float32),
-            0.1 * jax.random.normal(k3, (R,), jnp.float32), jnp.ones((3,), jnp.float32))
-    return (*args, 1.0 + 0.1 * jax.random.normal(k4, (d,), jnp.float32)) if norm else args
-
-
-def _with_norm(fn):  # the norm weight as a fifth positional argument (the benchmark's inputs are positional)
-    return lambda streams, fn_w, base, scale, norm_weight, **kw: fn(streams, fn_w, base, scale,
-                                                                     norm_weight=norm_weight, **kw)
-
-
-def bench_cases():
-    """Flash mHC (n = 4, d = 4096, 20 Sinkhorn iterations): a batch-1 and a batch-128 decode step's tokens,
-    and a 16384-token prefill chunk, without and with the sub-block's RMSNorm; against the XLA path.
-    Bytes: fn once, the streams twice, x once (fp32 without the norm; and the norm weight)."""
-    n, d, iters = 4, 4096, 20
-    return [{
-        "name": f"hc_pre{'_norm' * norm}_T{T}",
-        "shapes": {"T": T, "n": n, "d": d, "iters": iters, "norm": norm},
-        "args": functools.partial(_inputs, T=T, n=n, d=d, norm=norm),
-        "kwargs": {"rms_eps": 1e-6, "hc_eps": 1e-6, "iters": iters, **({"norm_eps": 1e-6} if norm else {})},
-        "tuning": choose_tuning(d, norm),
-        "bytes": (2 + n) * n * n * d * 4 + T * 2 * n * d * 2 + T * d * (2 if norm else 4) + norm * d * 4,
-        "flops": 2 * T * (2 + n) * n * n * d,
-        "pallas": _with_norm(hc_pre) if norm else hc_pre,
-        "reference": _with_norm(reference) if norm else reference,
-    } for norm in (False, True) for T in (1, 128, 16384)]

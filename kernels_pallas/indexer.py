@@ -38,16 +38,9 @@ Prefill design (compute-bound: 2 * HI * DI FLOPs per visible (t, s) pair, 2.2 TF
 * Causal skipping: a tile whose first key is >= max(n_visible) over its queries skips the head loop and only
   writes -inf (n_visible may be any array; the block maximum makes the skip exact for any pattern).
 
-Measured on one H200 (jax 0.11.2 + CUDA plugin, medians of jitted loops; two runs on two machines, numbers
-moved by up to ~10 % between them; the figures of 2026-11-29 from a loop of dependent calls, decode 89 us,
-prefill 417 us / 4.39 ms, are in docs/performance.md):
-
-* decode B=32, N=32768: 88-97 us = 2.8-3.1 TB/s, the same as XLA's plain row-sum over the same 268 MB of keys
-  (86-89 us, 3.05-3.17 TB/s) and 2.6-2.8x faster than the XLA reference (248 us). Every (block_k,
-  blocks_per_program, num_warps, num_stages) tried was in 88-117 us; default (128, 4, 8, 3).
-* prefill causal S=8192 / N=2048: 382 us (360 TFLOP/s on visible pairs) with the default 64 x 128 tiles
-  (128 x 64 was best there, 345 us); XLA reference 4546 us. S=32768 / N=8192: 3.81 ms (578 TFLOP/s), the
-  XLA reference does not fit (per-head scores would be 68 GB).
+Measured: the decode kernel reads the keys at the rate of XLA's plain row-sum over them, and no decode
+setting tried beat the default; the prefill's 64 x 128 tiles are the default though 128 x 64 was faster at
+S = 8K. Figures: docs/performance.md (Kernels; Kernel design notes).
 """
 
 from __future__ import annotations
@@ -288,67 +281,3 @@ def index_scores_prefill(q, keys, weights, n_visible, *, tuning: PrefillTuningCo
                  out_shape=jax.ShapeDtypeStruct((B, S, N), jnp.float32), args=(nv, q, w_t, keys),
                  poison=poison_outputs, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
                  interpret=interpret, name=f"dsv4_indexer_prefill_q{block_q}_k{block_k}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmarks (scripts/bench_kernels.py)
-# ----------------------------------------------------------------------------------------------------------
-
-FLASH_HI, FLASH_DI = 64, 128
-
-
-def _decode_inputs(key, B, HI, DI, N, *, full=True):
-    """Random decode inputs; n_valid = N (full=True) or uniform in [1, N]."""
-    kq, kk, kw, kn = jax.random.split(key, 4)
-    q = jax.random.normal(kq, (B, HI, DI), jnp.float32).astype(jnp.bfloat16)
-    keys = jax.random.normal(kk, (B, N, DI), jnp.float32).astype(jnp.bfloat16)
-    w = jax.random.normal(kw, (B, HI), jnp.float32) * (DI ** -0.5 * HI ** -0.5)
-    n = jnp.full((B,), N, jnp.int32) if full else jax.random.randint(kn, (B,), 1, N + 1, jnp.int32)
-    return q, keys, w, n
-
-
-def causal_n_visible(B, S, *, offset=0, rate=4):
-    """n_visible[b, t] = (offset + t + 1) // rate: entries complete before query t of a chunk at ``offset``."""
-    t = jnp.arange(S, dtype=jnp.int32)
-    return jnp.broadcast_to((offset + t + 1) // rate, (B, S)).astype(jnp.int32)
-
-
-def _prefill_inputs(key, B, S, HI, DI, N):
-    kq, kk, kw = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (B, S, HI, DI), jnp.float32).astype(jnp.bfloat16)
-    keys = jax.random.normal(kk, (B, N, DI), jnp.float32).astype(jnp.bfloat16)
-    w = jax.random.normal(kw, (B, S, HI), jnp.float32) * (DI ** -0.5 * HI ** -0.5)
-    return q, keys, w, causal_n_visible(B, S)
-
-
-def bench_cases():
-    """Flash sizes: decode B=32 x N=32768 keys; causal prefill S=8192 and 32768 (N = S/4), B=1."""
-    HI, DI = FLASH_HI, FLASH_DI
-    cases = []
-    B, N = 32, 32768
-    cases.append({
-        "name": f"decode_B{B}_N{N}",
-        "shapes": {"B": B, "HI": HI, "DI": DI, "N": N},
-        "args": functools.partial(_decode_inputs, B=B, HI=HI, DI=DI, N=N),
-        "kwargs": {},
-        "bytes": B * (N * DI * 2 + N * 4 + HI * DI * 2 + HI * 4 + 4),  # keys once + scores out + q, w, n
-        "flops": 2 * B * N * HI * DI,
-        "tuning": choose_decode_tuning(),
-        "pallas": index_scores_decode,
-        "reference": reference_decode,
-    })
-    for S in (8192, 32768):
-        N = S // 4
-        visible_pairs = sum((t + 1) // 4 for t in range(S))
-        cases.append({
-            "name": f"prefill_S{S}_N{N}",
-            "shapes": {"B": 1, "S": S, "HI": HI, "DI": DI, "N": N},
-            "args": functools.partial(_prefill_inputs, B=1, S=S, HI=HI, DI=DI, N=N),
-            "kwargs": {},
-            "bytes": S * HI * DI * 2 + N * DI * 2 + S * HI * 4 + S * 4 + S * N * 4,
-            "flops": 2 * visible_pairs * HI * DI,
-            "tuning": choose_prefill_tuning(),
-            "pallas": index_scores_prefill,
-            "reference": reference_prefill,
-        })
-    return cases

@@ -60,7 +60,7 @@ Design (flash-decoding over a gathered key list; decode is the prefill kernel wi
 * Split-K (``num_splits`` > 1) for small batches: the token's (window + entry) key blocks are divided
   evenly among the splits (dynamically, from the actual lengths); each split writes a normalised bf16 partial
   plus its running max / sum, and a small fp32 JAX epilogue merges them (log-sum-exp). With D = 512 and 64
-  heads a partial is as large as 64 key rows, so splitting costs HBM traffic; the default (``num_splits=None``)
+  heads a partial is as large as 64 key rows, so splitting costs HBM traffic; ``choose_tuning``
   splits only when ``B * C * H/block_h`` programs leave over a quarter of the 132 SMs idle, and then aims at
   about two programs per SM. With one split the kernel writes the final bf16 output directly and no epilogue
   runs. At 64 heads a batch of a few dozen query tokens (B * C >= 25) already fills the SMs, so prefill
@@ -75,42 +75,14 @@ window block of W + Bq rows, on HCA layers the whole entry list, on CSA layers t
 the picks come from: 2048 rows = 2 MB at 8K tokens, 8 MB at 32K) is re-read from the 50 MB L2 by neighbouring
 programs (grid order above), so HBM traffic is about q + output + each key row once.
 
-Expected bound of the prefill kernel (not measured yet; scripts/bench_kernels.py cases ``prefill_*`` measure
-it). Flash CSA, one 2048-token chunk (bench_generate's default) at the end of an 8K / 32K prompt: 128 window +
-512 picked keys per query, so 4 * 64 * 512 * 640 = 84 MFLOP per query token, 172 GFLOP per chunk, against
-~280 MB of HBM traffic (q and output 128 KB per token; window blocks 4 MB, entries 2 / 8 MB): ~610 FLOP/byte,
-far above the H200's ridge (790 TFLOP/s / 4.24 TB/s = 186), so the **tensor-core rate bounds it** (217 us at
-the bf16 peak). The inner loop is the decode kernel's, which reaches ~185 TFLOP/s at large batch with its
-32-row ``mma`` tiles; the same rate predicts ~0.9 ms per chunk per CSA layer, ~23 % of the bf16 peak. The L2 ->
-SM traffic (two head blocks x 640 KB per query = 2.6 GB per chunk) is ~2.8 TB/s at that rate, assumed to be
-within the L2's bandwidth (not measured). HCA layers attend to 128 + at most 64 (8K) / 256 (32K) keys per
-query: proportionally less work. Beyond that: 64-row ``wgmma`` tiles with the 512-wide accumulator split over
-two warpgroups (all 64 heads per program, which also halves the L2 traffic), i.e. the Mosaic GPU port.
-
-Decode measured on one H200 (jax 0.11.2, triton 3.6; H=64, D=512, Wk=128, N=8192, all keys valid; each time
-is per call inside one jitted chain of 20 dependent calls, median of 10; reference = ``reference`` under XLA;
-measured before prefill shared the kernel, whose only change for decode is the window walk's start bound;
-the figures of 2026-11-29, 88 / 134 us at B=128 and 52 / 69 us at B=32, are in docs/performance.md, where
-a sweep of block_h 16-64, block_k 32-128, 4-8 warps found nothing faster than the defaults; ``bench_cases``
-now runs decode as the model does, one query token through ``sparse_attention_prefill`` with the W = 128 ring
-rows as its window block, the same kernel call as ``sparse_attention_decode`` at these sizes):
-
-    B    K     kernel (defaults)   reference    HBM bytes / time
-    1    1024     14.6 us           18.8 us      0.09 TB/s   (latency: 18 key blocks over 18 splits)
-    4    512      17.9 us           20.4 us      0.18 TB/s
-    8    1024     32.2 us           28.5 us      0.33 TB/s   (8 splits measured 27.5 us; heuristic retuned after)
-    32   512      36.2 us           53.7 us      0.70 TB/s
-    32   1024     53.0 us           66.3 us      0.79 TB/s
-    128  512      70.4 us          135.1 us      1.43 TB/s
-    128  1024    104.4 us          219.3 us      1.61 TB/s   (~185 TFLOP/s of QK + PV)
-
-so the large-batch cases run at ~1/3 of the HBM roofline (4.8 TB/s) and ~20 % of the bf16 tensor peak.
-Nsight Compute (2026-12-04, run 45, B=128 x 640 keys) says what bounds it: 255 registers a thread (the fp32
-[32, 512] accumulator alone is 128), so two 4-warp programs fit on an SM, and in 69% of cycles no warp can
-issue; DRAM runs at 29% of its peak, the shared pipe (mostly its tensor part) at 31%. Triton's ``wgmma`` variant (64 heads, 8 warps)
-spills the [64, 512] accumulator and fits one program per SM (slower). Getting closer needs the 512-wide
-accumulator split over two warpgroups under an explicit register budget (FlashMLA-style), i.e. a Mosaic GPU
-kernel.
+Bounds. On Flash CSA chunks prefill does far more FLOPs per HBM byte than the H200's ridge, so the
+tensor-core rate bounds it; HCA layers attend to fewer keys per query, proportionally less work. Decode at
+large batch runs well below the HBM roofline: with the fp32 [32, 512] accumulator (128 registers a thread at
+4 warps) only two 4-warp programs fit on an SM and most cycles have no warp ready to issue; Triton's
+``wgmma`` variant (64 heads, 8 warps) spills the [64, 512] accumulator and fits one program per SM (slower).
+Both need the 512-wide accumulator split over two warpgroups under an explicit register budget
+(FlashMLA-style, all 64 heads per program, which also halves the L2 traffic), i.e. a Mosaic GPU kernel. The
+estimate, the measurements and the sweeps behind the defaults: docs/performance.md, Kernel design notes.
 
 Entries with ``entry_idx >= N`` are treated as invalid (never read) in both the kernel and the reference;
 callers should not pass them.
@@ -118,6 +90,7 @@ callers should not pass them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -127,7 +100,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import NUM_SMS, triton_call
+from .common import NUM_SMS, check_tuning, triton_call
 
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) finite when nothing is valid yet
@@ -200,8 +173,8 @@ def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out
     bh = q_ref.shape[0]
 
     # The walk's bounds, from the token's whole mask and id rows (Triton vectors are a power of two long), in
-    # place of an XLA reduction and a stack before the call: two launches fewer per layer (the batch-1 step's
-    # time unchanged within noise, run 40).
+    # place of an XLA reduction and a stack before the call: two launches fewer per layer (the step's time
+    # unchanged; docs/performance.md, Kernel design notes).
     rows = jnp.arange(pl.next_power_of_2(Wk), dtype=jnp.int32)
     win_lo, win_hi = _valid_bounds(plt.load(wval_ref.at[pl.ds(0, rows.shape[0])], mask=rows < Wk, other=0) != 0,
                                    rows, Wk)
@@ -261,19 +234,45 @@ def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out
         out_refs[2][...] = l
 
 
-def _auto_block_h(programs_per_head_block: int, heads: int) -> int:
-    """32 heads per program (fastest per key on H200) unless that leaves over half the SMs without a program."""
-    return 32 if programs_per_head_block * pl.cdiv(heads, 32) * 2 >= NUM_SMS else 16
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """The launch choices of ``sparse_attention_decode`` / ``_prefill``: block_h heads per program (clipped to
+    the padded head count) and block_k keys per inner step (powers of two >= 16), num_splits programs per
+    (query token, head block) over disjoint key blocks (1: the kernel writes the output, no epilogue),
+    Triton's warps and software-pipelining stages."""
+    block_h: int = 32
+    block_k: int = 64
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        check_tuning(self, blocks=("block_h", "block_k"))
 
 
-def _auto_splits(programs: int, max_blocks: int) -> int:
+def _heads_per_program(block_h: int, heads: int) -> int:
+    """block_h clipped to the head count padded to a power of two >= 16."""
+    return min(block_h, max(16, pl.next_power_of_2(heads)))
+
+
+def choose_tuning(tokens: int, heads: int, window: int, picks: int) -> TuningConfig:
+    """``tokens`` query tokens (B * C) of ``heads`` heads, each with ``window`` window rows and ``picks`` entry
+    ids: 32 heads per program (fastest per key on H200) unless that leaves over half the SMs without a
+    program, then 16; split-K only when one split leaves over a quarter of the SMs idle, then about two
+    programs per SM (at most one split per key block, at most 32)."""
+    base = TuningConfig()
+    block_h = 32 if tokens * pl.cdiv(heads, 32) * 2 >= NUM_SMS else 16
+    programs = tokens * pl.cdiv(heads, _heads_per_program(block_h, heads))
     if programs * 4 >= NUM_SMS * 3:  # >= ~3/4 of the SMs busy with one split: don't pay for partials
-        return 1
-    return max(1, min(pl.cdiv(2 * NUM_SMS, programs), max_blocks, 32))
+        splits = 1
+    else:
+        key_blocks = pl.cdiv(window, base.block_k) + pl.cdiv(picks, base.block_k)
+        splits = max(1, min(pl.cdiv(2 * NUM_SMS, programs), key_blocks, 32))
+    return dataclasses.replace(base, block_h=block_h, num_splits=splits)
 
 
-def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: float, *, block_h, block_k: int,
-                      num_splits, num_warps: int, num_stages: int, interpret: bool, poison_outputs: bool):
+def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: float, *,
+                      tuning: TuningConfig | None, interpret: bool, poison_outputs: bool):
     """The kernel call for a chunk of T query tokens (decode: T = 1); see ``sparse_attention_prefill``.
 
     q [B,T,H,D]; win_keys [B,nb,Wk,D] (token t uses block t // (T/nb)); win_valid [B,T,Wk]; entries [B,N,D];
@@ -285,14 +284,13 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
     K = entry_ids.shape[2]
     if D & (D - 1) or D < 16:
         raise ValueError(f"head dim {D} must be a power of two >= 16")
-    block_h = block_h or _auto_block_h(B * T, H)
-    if block_k & (block_k - 1) or block_k < 16 or block_h & (block_h - 1) or block_h < 16:
-        raise ValueError("block_h and block_k must be powers of two >= 16")
+    tuning = tuning or choose_tuning(B * T, H, Wk, K)
+    block_k = tuning.block_k
     assert T % nb == 0 and win_keys.shape == (B, nb, Wk, D) and win_valid.shape == (B, T, Wk)
     assert entries.shape == (B, N, D) and entry_ids.shape == (B, T, K) and sinks.shape == (H,)
     bq = T // nb
 
-    bh = min(block_h, max(16, pl.next_power_of_2(H)))
+    bh = _heads_per_program(tuning.block_h, H)
     Hp = pl.cdiv(H, bh) * bh
     if Hp != H:
         q = jnp.pad(q, ((0, 0), (0, 0), (0, Hp - H), (0, 0)))
@@ -302,7 +300,7 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
     entry_ids = entry_ids.astype(jnp.int32)
     wval = win_valid.astype(jnp.int32)
 
-    S = num_splits or _auto_splits(B * T * n_hb, pl.cdiv(Wk, block_k) + pl.cdiv(K, block_k))
+    S = tuning.num_splits
     kernel = functools.partial(_attention_kernel, block_k=block_k, num_splits=S, qk_scale=scale * LOG2E)
 
     # grid (head block h, query token x split i, sequence b): token t = i // S, split s = i % S
@@ -326,8 +324,8 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
                      pl.BlockSpec((None, None, None, bh), lambda h, i, b: (i % S, b, i // S, h))]
     args = [q, win_keys, wval, entries, entry_ids, sinks]
     outs = triton_call(kernel, args, grid=(n_hb, T * S, B), in_specs=in_specs, out_shape=out_shape,
-                       out_specs=out_specs, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                       name=f"dsv4_sparse_attn_h{bh}_k{block_k}_s{S}", poison=poison_outputs)
+                       out_specs=out_specs, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+                       interpret=interpret, name=f"dsv4_sparse_attn_h{bh}_k{block_k}_s{S}", poison=poison_outputs)
 
     if S == 1:
         out = outs[0]
@@ -340,38 +338,29 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
     return out[:, :, :H]
 
 
-_STATIC = ("scale", "block_h", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "poison_outputs")
+_STATIC = ("scale", "tuning", "interpret", "poison_outputs")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def sparse_attention_decode(q, window_kv, window_valid, entries, entry_idx, sinks, scale: float, *,
-                            block_h: int | None = None, block_k: int = 64, num_splits: int | None = None,
-                            num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
+                            tuning: TuningConfig | None = None, interpret: bool = False,
                             poison_outputs: bool = False):
     """Pallas (Triton) sparse sink attention, decode. Same arguments and result as ``reference``.
 
-    block_h: heads per program (power of two >= 16; clipped to the padded head count); None = 32, or 16 when
-      the batch is too small to give every other SM a program.
-    block_k: keys per inner step (power of two >= 16).
-    num_splits: programs per (sequence, head block) over disjoint key blocks; None = automatic.
-    poison_outputs: testing aid; the kernel writes into NaN-filled aliased buffers, so any element it fails
-      to write stays NaN.
+    tuning: None for ``choose_tuning(B, H, Wk, K)``. poison_outputs: testing aid; the kernel writes into
+    NaN-filled aliased buffers, so any element it fails to write stays NaN.
     """
     out = _sparse_attention(q[:, None], window_kv[:, None], window_valid[:, None], entries, entry_idx[:, None],
-                            sinks, scale, block_h=block_h, block_k=block_k, num_splits=num_splits,
-                            num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                            poison_outputs=poison_outputs)
+                            sinks, scale, tuning=tuning, interpret=interpret, poison_outputs=poison_outputs)
     return out[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def sparse_attention_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale: float, *,
-                             block_h: int | None = None, block_k: int = 64, num_splits: int | None = None,
-                             num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
+                             tuning: TuningConfig | None = None, interpret: bool = False,
                              poison_outputs: bool = False):
     """Pallas (Triton) sparse sink attention for a chunk of query tokens. Same arguments and result as
-    ``reference_prefill``; the options are ``sparse_attention_decode``'s, counted per query token (one
-    program per head block, query token and split)."""
-    return _sparse_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale, block_h=block_h,
-                             block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+    ``reference_prefill``; tuning: None for ``choose_tuning(B * C, H, Kw, K)`` (one program per head block,
+    query token and split)."""
+    return _sparse_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale, tuning=tuning,
                              interpret=interpret, poison_outputs=poison_outputs)

@@ -28,8 +28,8 @@ def compile_for_h100(fn, *args) -> dict[str, float]:
     """Lower ``fn(*args)`` as ``lower_for_h100`` does, then compile each Pallas Triton kernel in it to a
     cubin for sm_90 with the ``triton`` package's compiler, which needs no GPU. Returns seconds per kernel.
 
-    Catches kernels that lower but do not compile, and compiles that take minutes: GPU run 11 (2026-11-29)
-    timed out while the GPU compiler worked through an unrolled kernel. The ``triton`` package (a torch
+    Catches kernels that lower but do not compile, and compiles that take minutes (an unrolled kernel once
+    timed a GPU run out; docs/performance.md, Kernel design notes). The ``triton`` package (a torch
     dependency) stands in for the Triton inside jaxlib: the same dialect, a nearby version. ``args`` may
     be ``jax.ShapeDtypeStruct``s."""
     import os

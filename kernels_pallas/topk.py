@@ -13,10 +13,10 @@ follows: no top-k or sort lowers inside either Pallas GPU backend, but Triton lo
 select needs: block reductions, ``cumsum`` (Triton's scan), bit casts, masked loads and a masked scatter
 store by an index array. Mosaic GPU has no masked or indexed store.
 
-Why a select and not a sort: XLA's ``lax.top_k`` with k > 16 is a sort of every row (the chunked
-``lax.top_k`` tournament before this kernel spent 127 us on [32, 32K], k = 512, against 85 us to compute
-the scores). Selection needs only the k-th largest value ``t``; then the picks are ``score > t`` plus the
-first few ``score == t``, written in place by a prefix sum.
+Why a select and not a sort: XLA's ``lax.top_k`` with k > 16 is a sort of every row (the chunked ``lax.top_k``
+tournament before this kernel took longer than computing the scores; docs/performance.md, Kernel design notes).
+Selection needs only the k-th largest value ``t``; then the picks are ``score > t`` plus the first few
+``score == t``, written in place by a prefix sum.
 
 Design (one program per row; the row lives in registers):
 
@@ -34,10 +34,10 @@ Design (one program per row; the row lives in registers):
 So the row is read from HBM once (128 KB at N = 32K) and everything else is register and shared-memory work,
 bounded by the 32 reductions. A decode step has only B rows (32 programs for 132 SMs at batch 32), so
 ``topk_indices`` splits few long rows into slices (``segmented``: the top-k of each slice, then of the
-candidates; exact), which took [32, 32768], k = 512 from 63 to 36 us on an H200. Rows longer than
-``MAX_BLOCK`` (N > 64K: over 256K tokens of context at ratio 4) do not fit in one program's registers; they
-take ``tournament``, a chunked ``lax.top_k`` (top k of each 4096-entry chunk, then of the candidates), with
-its result put in the same ascending order.
+candidates; exact), measured faster at decode sizes (docs/performance.md, Kernel design notes). Rows longer
+than ``MAX_BLOCK`` (N > 64K: over 256K tokens of context at ratio 4) do not fit in one program's registers;
+they take ``tournament``, a chunked ``lax.top_k`` (top k of each 4096-entry chunk, then of the candidates),
+with its result put in the same ascending order.
 
 Measured on an H200: see docs/performance.md (``scripts/bench_kernels.py --only topk``).
 """
@@ -218,10 +218,9 @@ def segmented(scores, n_visible, k: int, segments: int, *, num_warps: int | None
 
 def auto_segments(rows: int, n: int, k: int) -> int:
     """Slices per row: the largest power of two up to 8 that keeps ``rows * segments`` within the SM count
-    and slices of at least 2k entries (so the first round discards at least half). Measured on an H200
-    (device-timed, 2026-11-29): [32, 32768], k = 512 took 63 us in one round and 36 us in 4 slices of 8
-    warps (8 slices: 42 us); [2048, 8192] is already 2048 programs and stays at one round (221 us; 4 slices
-    233 us)."""
+    and slices of at least 2k entries (so the first round discards at least half). Measured: [32, 32768],
+    k = 512 fastest in 4 slices of 8 warps; [2048, 8192] is already 2048 programs and fastest in one round
+    (docs/performance.md, Kernel design notes)."""
     segments = 1
     while segments < 8 and rows * segments * 2 <= NUM_SMS and n // (segments * 2) >= 2 * k:
         segments *= 2
@@ -249,34 +248,3 @@ def topk_indices(scores, n_visible, k: int, *, tuning: TuningConfig | None = Non
     x = scores.reshape(-1, N).astype(jnp.float32)
     n = jnp.clip(n_visible.reshape(-1), 0, N).astype(jnp.int32)
     return segmented(x, n, k, segments, num_warps=num_warps, interpret=interpret).reshape(*lead, k)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmarks (scripts/bench_kernels.py)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _topk_inputs(key, R, N):
-    ks, kn = jax.random.split(key)
-    scores = jax.random.normal(ks, (R, N), jnp.float32)
-    n = jax.random.randint(kn, (R,), N // 2, N + 1, jnp.int32)
-    return scores, n
-
-
-def bench_cases():
-    """Flash decode at 128K context, batch 32 (32K index keys, k = 512; Pro's k = 1024 too), and a prefill
-    chunk of 2048 query rows at the end of a 32K prompt (8K keys), against one ``lax.top_k``."""
-    cases = []
-    for R, N, k in ((32, 32768, 512), (32, 32768, 1024), (2048, 8192, 512)):
-        cases.append({
-            "name": f"topk{k}_R{R}_N{N}",
-            "shapes": {"rows": R, "N": N, "k": k},
-            "args": functools.partial(_topk_inputs, R=R, N=N),
-            "kwargs": {"k": k},
-            "tuning": choose_tuning(R, N, k),
-            "bytes": R * (N * 4 + 4 + k * 4),
-            "flops": 0,
-            "pallas": topk_indices,
-            "reference": reference,
-        })
-    return cases

@@ -90,12 +90,10 @@ def busy_time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
 
 def tuning_kwargs(kernel: str, case: dict, config: dict) -> dict:
     """One ``--configs`` entry -> the Pallas function's keywords: ``tuning=`` the case's ``tuning`` (else the
-    module's ``TuningConfig()``) with the entry's fields replaced (``{}``: none, the kernel's own choice),
-    or the loose keywords of a kernel without a tuning config yet."""
-    module = importlib.import_module(f"kernels_pallas.{kernel}")
-    base = case.get("tuning") or (module.TuningConfig() if hasattr(module, "TuningConfig") else None)
-    if not config or base is None:
-        return config
+    module's ``TuningConfig()``) with the entry's fields replaced; ``{}``: none, the kernel's own choice."""
+    if not config:
+        return {}
+    base = case.get("tuning") or importlib.import_module(f"kernels_pallas.{kernel}").TuningConfig()
     return {"tuning": dataclasses.replace(base, **config)}
 
 

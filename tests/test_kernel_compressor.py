@@ -22,6 +22,9 @@ from dsv4_jax.model.metadata import build_metadata, padded_chunk_len
 from dsv4_jax.ops.compressor import compress_chunk, pallas_chunk_entries, pallas_decode_step, write_entries
 from kernels_pallas import compressor as cp
 from kernels_pallas.testing import lower_for_h100
+from scripts import kernel_cases
+from scripts.kernel_cases import compressor_decode_inputs as decode_inputs
+from scripts.kernel_cases import compressor_prefill_inputs as prefill_inputs
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 EPS = 1e-6
@@ -157,7 +160,7 @@ def test_reference_decode_steps_rebuild_prefill(kind):
     rng = np.random.default_rng(11 + m)
     kv, gate = randn(rng, (B, S, C)), randn(rng, (B, S, C), 2.0)
     ape, w = model_params(rng, m, D, overlap)
-    cos, sin = cp._angles(rng, (B, S // m, R // 2))
+    cos, sin = kernel_cases.rope_angles(rng, (B, S // m, R // 2))
     prefill = ref_prefill(kv, gate, ape, w, cos, sin, ratio=m, overlap=overlap, eps=EPS)
     skv = sg = jnp.zeros((B, span, C))
     cache = jnp.zeros((B, S // m, D))
@@ -165,7 +168,7 @@ def test_reference_decode_steps_rebuild_prefill(kind):
     step = _jit(cp.reference_decode_step, ratio=m, overlap=overlap, eps=EPS)
     for t in range(S):
         wi = min((t + 1) // m - 1, S // m - 1)
-        slot, index = cp.decode_indices(jnp.full((B,), t), m, overlap, S // m)
+        slot, index = kernel_cases.compressor_decode_indices(jnp.full((B,), t), m, overlap, S // m)
         entry, skv, sg, cache = step(kv[:, t], gate[:, t], skv, sg, slot, index, ape, w, cos[:, max(wi, 0)],
                                      sin[:, max(wi, 0)], cache)
         if (t + 1) % m == 0:
@@ -180,60 +183,145 @@ def test_reference_decode_steps_rebuild_prefill(kind):
 # Kernels in interpret mode against the references
 # ------------------------------------------------------------------------------------------------------------
 
-# name -> (seed, B, S, m, D, R, overlap, dtype, kernel options)
+P = cp.PrefillTuningConfig  # (Wb, Ts, num_warps, slot_rows)
+# name -> (seed, B, S, m, D, R, overlap, dtype, tuning (None: choose_prefill_tuning))
 PREFILL_CASES = {
     # CSA layout, S not a multiple of m (3 trailing tokens), odd window count 16 -> one partial block of 32
-    "csa_d32_s67": (1, 2, 67, 4, 32, 16, True, jnp.float32, {}),
+    "csa_d32_s67": (1, 2, 67, 4, 32, 16, True, jnp.float32, None),
     # CSA, bf16, blocks of 4 windows, last block partial (nW = 13), [Wb, Ts, D] tile layout instead of slot rows
-    "csa_d64_bf16_wb4_tiles": (2, 3, 53, 4, 64, 16, True, jnp.bfloat16, dict(windows_per_block=4, slot_rows=False)),
+    "csa_d64_bf16_wb4_tiles": (2, 3, 53, 4, 64, 16, True, jnp.bfloat16, P(4, 4, num_warps=4, slot_rows=False)),
     # HCA-like m=8, no overlap, odd S
-    "hca_m8_d64": (3, 2, 45, 8, 64, 16, False, jnp.float32, {}),
+    "hca_m8_d64": (3, 2, 45, 8, 64, 16, False, jnp.float32, None),
     # HCA m=16 with the multi-step online softmax (4 slot steps of 4) and 2 windows per block
-    "hca_m16_steps": (4, 2, 70, 16, 32, 16, False, jnp.float32, dict(slots_per_step=4, windows_per_block=2)),
+    "hca_m16_steps": (4, 2, 70, 16, 32, 16, False, jnp.float32, P(2, 4, num_warps=4, slot_rows=True)),
     # the same through the tile layout, 2 steps of 8
-    "hca_m16_steps_tiles": (11, 3, 50, 16, 32, 16, False, jnp.bfloat16, dict(slots_per_step=8, slot_rows=False)),
+    "hca_m16_steps_tiles": (11, 3, 50, 16, 32, 16, False, jnp.bfloat16, P(1, 8, num_warps=4, slot_rows=False)),
     # overlap with several slot steps (m=8 in steps of 2): a- and b-halves folded step by step
-    "csa_m8_steps": (5, 2, 41, 8, 32, 16, True, jnp.bfloat16, dict(slots_per_step=2)),
+    "csa_m8_steps": (5, 2, 41, 8, 32, 16, True, jnp.bfloat16, P(1, 2, num_warps=4, slot_rows=True)),
     # rope on every channel (indexer-like D = R)
-    "indexer_d16_full_rope": (6, 2, 30, 4, 16, 16, True, jnp.float32, {}),
+    "indexer_d16_full_rope": (6, 2, 30, 4, 16, 16, True, jnp.float32, None),
     # S < m: no entries at all
-    "short_no_entries": (7, 2, 3, 4, 32, 16, True, jnp.float32, {}),
+    "short_no_entries": (7, 2, 3, 4, 32, 16, True, jnp.float32, None),
     # real widths at small S: CSA D=512 (kv width 1024), HCA m=128 D=512 with its default 32-slot steps
-    "csa_real_d512": (8, 1, 37, 4, 512, 64, True, jnp.bfloat16, {}),
-    "hca_real_m128_d512": (9, 2, 300, 128, 512, 64, False, jnp.float32, {}),
-    # the 16-slot steps HCA takes with more windows than half the SMs (prefill_tiling)
-    "hca_real_16_slot_steps": (12, 2, 300, 128, 512, 64, False, jnp.bfloat16, dict(slots_per_step=16)),
+    "csa_real_d512": (8, 1, 37, 4, 512, 64, True, jnp.bfloat16, None),
+    "hca_real_m128_d512": (9, 2, 300, 128, 512, 64, False, jnp.float32, None),
+    # the 16-slot steps HCA takes with more windows than half the SMs (choose_prefill_tuning)
+    "hca_real_16_slot_steps": (12, 2, 300, 128, 512, 64, False, jnp.bfloat16, P(1, 16, num_warps=8, slot_rows=False)),
     # the indexer's compressor width D_I = 128
-    "indexer_real_d128": (10, 2, 41, 4, 128, 64, True, jnp.float32, {}),
+    "indexer_real_d128": (10, 2, 41, 4, 128, 64, True, jnp.float32, None),
 }
 
 
 @pytest.mark.parametrize("name", list(PREFILL_CASES))
 def test_prefill_interpret_matches_reference(name):
-    seed, B, S, m, D, R, overlap, dtype, kw = PREFILL_CASES[name]
-    args = cp.prefill_inputs(jax.random.PRNGKey(seed), B, S, m, D, R, overlap, dtype=dtype)
+    seed, B, S, m, D, R, overlap, dtype, tuning = PREFILL_CASES[name]
+    args = prefill_inputs(jax.random.PRNGKey(seed), B, S, m, D, R, overlap, dtype=dtype)
     ref = ref_prefill(*args, ratio=m, overlap=overlap, eps=EPS)
-    out = cp.compress_prefill(*args, ratio=m, overlap=overlap, eps=EPS, interpret=True, poison_outputs=True, **kw)
+    out = cp.compress_prefill(*args, ratio=m, overlap=overlap, eps=EPS, tuning=tuning, interpret=True,
+                              poison_outputs=True)
     assert out.shape == (B, S // m, D) and out.dtype == jnp.float32
     assert max_rel_err(out, ref) <= CPU_TOL, name
 
 
-@pytest.mark.parametrize("B,S,m,D,expected", [
-    (1, 8192, 128, 512, (1, 32, 16)),    # HCA, 64 windows: not more than half the 132 SMs
-    (1, 16384, 128, 512, (1, 16, 4)),    # HCA, 128 windows (the engine's prefill chunk)
-    (1, 32768, 128, 512, (1, 16, 4)),    # HCA, 256 windows
-    (3, 2816, 128, 512, (1, 32, 16)),    # HCA, 3 x 22 = 66 windows: exactly half the SMs
-    (1, 8576, 128, 512, (1, 16, 4)),     # HCA, 67 windows
-    (1, 32768, 4, 512, (1, 4, 4)),       # CSA: unchanged by the window count
-    (1, 32768, 4, 128, (8, 4, 8)),       # the indexer's compressor
-])
-def test_prefill_tiling_defaults(B, S, m, D, expected):
-    """The measured choices (compressor.prefill_tiling's docstring) stay the defaults."""
-    assert cp.prefill_tiling(B, S // m, m, D) == expected
+# The tiling choices the model's kernels compiled with before the choice became a TuningConfig, frozen: any
+# change to them changes the model's HLO. A grid of the model's (m, D) (Flash CSA 4/512, HCA 128/512, the
+# indexer's 4/128; the tiny model's 4/32, 8/32, 4/16) and the test widths 8/64, 16/32, every batch of BATCHES
+# and every token count S >= m of TOKENS. Rows: (m, D, batches, lo, hi, (Wb, Ts, warps, slot rows)) for the
+# token counts lo <= S <= hi.
+BATCHES = (1, 2, 3, 4, 8, 16, 32)
+TOKENS = (4, 8, 12, 16, 32, 64, 128, 256, 1024, 2048, 2816, 4096, 8192, 8576, 16384, 32768)
+PREFILL_TILINGS = [
+    (4, 512, BATCHES, 4, 32768, (1, 4, 4, True)),  # CSA: unchanged by the window count
+    # HCA: 32-slot steps at 16 warps while 2 * B * S/m <= 132 SMs (B = 1, S = 8K: 64 windows; B = 3, S = 2816:
+    # exactly half the SMs), then 16-slot steps at 4 warps (B = 1, S = 8576: 67 windows; 16K, the engine's chunk)
+    (128, 512, (1,), 128, 8192, (1, 32, 16, False)),
+    (128, 512, (1,), 8576, 32768, (1, 16, 4, False)),
+    (128, 512, (2,), 128, 4096, (1, 32, 16, False)),
+    (128, 512, (2,), 8192, 32768, (1, 16, 4, False)),
+    (128, 512, (3,), 128, 2816, (1, 32, 16, False)),
+    (128, 512, (3,), 4096, 32768, (1, 16, 4, False)),
+    (128, 512, (4,), 128, 2048, (1, 32, 16, False)),
+    (128, 512, (4,), 2816, 32768, (1, 16, 4, False)),
+    (128, 512, (8,), 128, 1024, (1, 32, 16, False)),
+    (128, 512, (8,), 2048, 32768, (1, 16, 4, False)),
+    (128, 512, (16, 32), 128, 256, (1, 32, 16, False)),
+    (128, 512, (16, 32), 1024, 32768, (1, 16, 4, False)),
+    # the indexer's compressor: up to 8 windows per program
+    (4, 128, BATCHES, 4, 4, (1, 4, 4, True)),
+    (4, 128, BATCHES, 8, 8, (2, 4, 4, True)),
+    (4, 128, BATCHES, 12, 16, (4, 4, 4, True)),
+    (4, 128, BATCHES, 32, 32768, (8, 4, 8, True)),
+    (4, 32, BATCHES, 4, 4, (1, 4, 4, True)),
+    (4, 32, BATCHES, 8, 8, (2, 4, 4, True)),
+    (4, 32, BATCHES, 12, 16, (4, 4, 4, True)),
+    (4, 32, BATCHES, 32, 32, (8, 4, 4, True)),
+    (4, 32, BATCHES, 64, 64, (16, 4, 4, True)),
+    (4, 32, BATCHES, 128, 32768, (32, 4, 8, True)),
+    (8, 32, BATCHES, 8, 12, (1, 8, 4, True)),
+    (8, 32, BATCHES, 16, 16, (2, 8, 4, True)),
+    (8, 32, BATCHES, 32, 32, (4, 8, 4, True)),
+    (8, 32, BATCHES, 64, 64, (8, 8, 4, True)),
+    (8, 32, BATCHES, 128, 32768, (16, 8, 8, True)),
+    (4, 16, BATCHES, 4, 4, (1, 4, 4, True)),
+    (4, 16, BATCHES, 8, 8, (2, 4, 4, True)),
+    (4, 16, BATCHES, 12, 16, (4, 4, 4, True)),
+    (4, 16, BATCHES, 32, 32, (8, 4, 4, True)),
+    (4, 16, BATCHES, 64, 64, (16, 4, 4, True)),
+    (4, 16, BATCHES, 128, 128, (32, 4, 4, True)),
+    (4, 16, BATCHES, 256, 32768, (64, 4, 8, True)),
+    (8, 64, BATCHES, 8, 12, (1, 8, 4, True)),
+    (8, 64, BATCHES, 16, 16, (2, 8, 4, True)),
+    (8, 64, BATCHES, 32, 32, (4, 8, 4, True)),
+    (8, 64, BATCHES, 64, 32768, (8, 8, 8, True)),
+    (16, 32, BATCHES, 16, 16, (1, 16, 4, False)),
+    (16, 32, BATCHES, 32, 32, (2, 16, 4, False)),
+    (16, 32, BATCHES, 64, 64, (4, 16, 4, False)),
+    (16, 32, BATCHES, 128, 32768, (8, 16, 8, False)),
+]
+# (m, D) -> (Ts, warps, slot rows) of the decode step, as PREFILL_TILINGS
+DECODE_TILINGS = {
+    (4, 16): (4, 4, True), (4, 32): (4, 4, True), (4, 64): (4, 4, True), (4, 128): (4, 4, True),
+    (4, 512): (4, 4, True), (8, 16): (8, 4, True), (8, 32): (8, 4, True), (8, 64): (8, 4, True),
+    (8, 128): (8, 4, True), (8, 512): (8, 4, True), (16, 16): (16, 4, False), (16, 32): (16, 4, False),
+    (16, 64): (16, 4, False), (16, 128): (16, 4, False), (16, 512): (16, 8, False), (128, 16): (128, 4, False),
+    (128, 32): (128, 8, False), (128, 64): (128, 16, False), (128, 128): (128, 16, False),
+    (128, 512): (32, 16, False),
+}
+
+
+def test_prefill_tuning_choice_is_frozen():
+    """choose_prefill_tuning gives the frozen tilings on the whole grid (which the rows cover exactly once)."""
+    covered = []
+    for m, D, batches, lo, hi, tiling in PREFILL_TILINGS:
+        for B in batches:
+            for S in (S for S in TOKENS if lo <= S <= hi):
+                assert cp.choose_prefill_tuning(B, S // m, m, D) == P(*tiling), (m, D, B, S)
+                covered.append((m, D, B, S))
+    pairs = {(m, D) for m, D, *_ in PREFILL_TILINGS}
+    grid = [(m, D, B, S) for m, D in pairs for B in BATCHES for S in TOKENS if S >= m]
+    assert sorted(covered) == sorted(grid)
+
+
+def test_decode_tuning_choice_is_frozen():
+    for (m, D), tiling in DECODE_TILINGS.items():
+        assert cp.choose_decode_tuning(m, D) == cp.DecodeTuningConfig(*tiling), (m, D)
+
+
+def test_tuning_config_errors():
+    with pytest.raises(ValueError, match="windows_per_block=3 must be a power of two"):
+        P(3, 4, num_warps=4, slot_rows=True)
+    with pytest.raises(ValueError, match="slot_rows=1: expected a bool"):
+        cp.DecodeTuningConfig(4, 4, slot_rows=1)
+    with pytest.raises(ValueError, match="num_warps=0: expected a positive int"):
+        cp.DecodeTuningConfig(4, 0, slot_rows=True)
+    args = prefill_inputs(jax.random.PRNGKey(0), 1, 16, 4, 16, 16, True)
+    with pytest.raises(ValueError, match="slots_per_step=8 must divide m=4"):
+        cp.compress_prefill(*args, ratio=4, overlap=True, eps=EPS, tuning=P(1, 8, num_warps=4, slot_rows=True),
+                            interpret=True)
 
 
 def test_prefill_interpret_bf16_output():
-    args = cp.prefill_inputs(jax.random.PRNGKey(12), 2, 24, 4, 32, 16, True, dtype=jnp.bfloat16)
+    args = prefill_inputs(jax.random.PRNGKey(12), 2, 24, 4, 32, 16, True, dtype=jnp.bfloat16)
     ref = ref_prefill(*args, ratio=4, overlap=True, eps=EPS)
     out = cp.compress_prefill(*args, ratio=4, overlap=True, eps=EPS, out_dtype=jnp.bfloat16, interpret=True,
                               poison_outputs=True)
@@ -249,24 +337,25 @@ def _decode_positions(m, B, seed):
     return jnp.asarray((base + extra)[:B], jnp.int32)
 
 
-# name -> (seed, B, m, D, R, overlap, new-token dtype, kernel options)
+Dc = cp.DecodeTuningConfig  # (Ts, num_warps, slot_rows)
+# name -> (seed, B, m, D, R, overlap, new-token dtype, tuning (None: choose_decode_tuning))
 DECODE_CASES = {
-    "csa_d32": (21, 7, 4, 32, 16, True, jnp.float32, {}),
-    "hca_m8_d64": (22, 6, 8, 64, 16, False, jnp.float32, {}),
-    "hca_m16_steps": (23, 8, 16, 32, 16, False, jnp.float32, dict(slots_per_step=4)),
-    "csa_m8_steps_bf16": (24, 6, 8, 32, 16, True, jnp.bfloat16, dict(slots_per_step=2)),
-    "csa_m8_steps_tiles": (28, 6, 8, 32, 16, True, jnp.float32, dict(slots_per_step=4, slot_rows=False)),
-    "indexer_d16_full_rope": (25, 6, 4, 16, 16, True, jnp.float32, {}),
-    "csa_real_d512": (26, 6, 4, 512, 64, True, jnp.float32, {}),
-    "hca_real_m128_d512": (27, 3, 128, 512, 64, False, jnp.float32, {}),
+    "csa_d32": (21, 7, 4, 32, 16, True, jnp.float32, None),
+    "hca_m8_d64": (22, 6, 8, 64, 16, False, jnp.float32, None),
+    "hca_m16_steps": (23, 8, 16, 32, 16, False, jnp.float32, Dc(4, 4, slot_rows=True)),
+    "csa_m8_steps_bf16": (24, 6, 8, 32, 16, True, jnp.bfloat16, Dc(2, 4, slot_rows=True)),
+    "csa_m8_steps_tiles": (28, 6, 8, 32, 16, True, jnp.float32, Dc(4, 4, slot_rows=False)),
+    "indexer_d16_full_rope": (25, 6, 4, 16, 16, True, jnp.float32, None),
+    "csa_real_d512": (26, 6, 4, 512, 64, True, jnp.float32, None),
+    "hca_real_m128_d512": (27, 3, 128, 512, 64, False, jnp.float32, None),
 }
 
 
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_decode_interpret_matches_reference(name):
-    seed, B, m, D, R, overlap, dtype, kw = DECODE_CASES[name]
+    seed, B, m, D, R, overlap, dtype, tuning = DECODE_CASES[name]
     pos = np.asarray(_decode_positions(m, B, seed))
-    args = list(cp.decode_inputs(jax.random.PRNGKey(seed), B, m, D, R, overlap, dtype=dtype, positions=pos))
+    args = list(decode_inputs(jax.random.PRNGKey(seed), B, m, D, R, overlap, dtype=dtype, positions=pos))
     # NaN in every ring slot the step must not read (slots of positions < 0, i.e. the missing w = 0 a-half,
     # and the whole ring of rows that do not close): the kernel has to mask them, not just weight them 0.
     span = cp._span(m, overlap)
@@ -282,8 +371,8 @@ def test_decode_interpret_matches_reference(name):
     args[3] = jnp.where(nan_mask, jnp.nan, args[3])
     ref = ref_decode(*args, ratio=m, overlap=overlap, eps=EPS)
     # the reference itself gathers the NaN slots of non-closing rows: compare closing rows there
-    out = cp.compress_decode_step(*args, ratio=m, overlap=overlap, eps=EPS, interpret=True, poison_outputs=True,
-                                  **kw)
+    out = cp.compress_decode_step(*args, ratio=m, overlap=overlap, eps=EPS, tuning=tuning, interpret=True,
+                                  poison_outputs=True)
     entry, new_kv, new_gate, new_cache = out
     np.testing.assert_array_equal(np.asarray(args[5]) < args[10].shape[1], closes)
     assert np.all(np.asarray(entry)[~closes] == 0)
@@ -303,7 +392,7 @@ def test_decode_interpret_writes_entries_into_cache(m, overlap):
     or a closing row of the batch sitting out) writes nothing and emits 0; every other cache element is
     unchanged, and the ring and entries are the reference's."""
     B, D, R, N = 5, 64, 16, 12
-    args = list(cp.decode_inputs(jax.random.PRNGKey(m), B, m, D, R, overlap, all_close=False))
+    args = list(decode_inputs(jax.random.PRNGKey(m), B, m, D, R, overlap, all_close=False))
     pos = np.where(np.arange(B) < 2, (np.arange(B) + 3) * m - 1, np.asarray(args[4]))  # rows 0, 1 close
     closes = (pos + 1) % m == 0
     index = np.where(closes & (pos < N * m), (pos + 1) // m - 1, N).astype(np.int32)  # the window it closes
@@ -329,7 +418,7 @@ def test_decode_interpret_writes_entries_into_cache(m, overlap):
 
 def test_decode_interpret_all_rows_close_without_nan():
     """Every row closes; plain random ring (the bench layout)."""
-    args = cp.decode_inputs(jax.random.PRNGKey(31), 4, 4, 64, 16, True)
+    args = decode_inputs(jax.random.PRNGKey(31), 4, 4, 64, 16, True)
     ref = ref_decode(*args, ratio=4, overlap=True, eps=EPS)
     out = cp.compress_decode_step(*args, ratio=4, overlap=True, eps=EPS, interpret=True, poison_outputs=True)
     assert bool((args[5] < args[10].shape[1]).all()) and np.asarray(out[0]).any(axis=1).all()
@@ -433,7 +522,7 @@ def test_decode_lowers_for_h100(m, D, overlap):
 
 
 @on_gpu
-@pytest.mark.parametrize("case", cp.bench_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", kernel_cases.bench_cases("compressor"), ids=lambda c: c["name"])
 def test_gpu_bench_shapes_match_reference(case):
     inputs = case["args"](jax.random.PRNGKey(41))
     ref = jax.jit(functools.partial(case["reference"], **case["kwargs"]))(*inputs)
@@ -450,7 +539,7 @@ def test_gpu_bench_shapes_match_reference(case):
     (5, 777, 4, 128, True, jnp.bfloat16),     # indexer width
 ])
 def test_gpu_prefill_ragged_match_reference(B, S, m, D, overlap, dtype):
-    args = cp.prefill_inputs(jax.random.PRNGKey(B * S), B, S, m, D, 64, overlap, dtype=dtype)
+    args = prefill_inputs(jax.random.PRNGKey(B * S), B, S, m, D, 64, overlap, dtype=dtype)
     ref = jax.jit(functools.partial(cp.reference_prefill, ratio=m, overlap=overlap, eps=EPS))(*args)
     out = cp.compress_prefill(*args, ratio=m, overlap=overlap, eps=EPS, poison_outputs=True)
     assert max_rel_err(out, ref) <= (1e-5 if dtype == jnp.float32 else 1e-4)
@@ -460,7 +549,7 @@ def test_gpu_prefill_ragged_match_reference(B, S, m, D, overlap, dtype):
 @pytest.mark.parametrize("m,D,overlap", [(4, 512, True), (128, 512, False), (4, 128, True)])
 def test_gpu_decode_mixed_rows_match_reference(m, D, overlap):
     B = 32
-    args = cp.decode_inputs(jax.random.PRNGKey(m + D), B, m, D, 64, overlap, positions=_decode_positions(m, B, m + D))
+    args = decode_inputs(jax.random.PRNGKey(m + D), B, m, D, 64, overlap, positions=_decode_positions(m, B, m + D))
     ref = jax.jit(functools.partial(cp.reference_decode_step, ratio=m, overlap=overlap, eps=EPS))(*args)
     out = cp.compress_decode_step(*args, ratio=m, overlap=overlap, eps=EPS, poison_outputs=True)
     assert max_rel_err(out[0], ref[0]) <= 1e-5

@@ -18,6 +18,7 @@ import pytest
 from dsv4_jax import ops
 from kernels_pallas import expert_rows as er
 from kernels_pallas.testing import lower_for_h100
+from scripts import kernel_cases
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 SMALL = er.TuningConfig(block_n=32, block_k=32)
@@ -103,7 +104,7 @@ def test_lowers_for_h100(N, K, x_rows):
 
 
 @on_gpu
-@pytest.mark.parametrize("case", er.bench_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", kernel_cases.bench_cases("expert_rows"), ids=lambda c: c["name"])
 def test_gpu_bench_cases_match_reference(case):
     x, w, ids = case["args"](jax.random.PRNGKey(0))
     out = jax.jit(functools.partial(er.expert_rows, poison_outputs=True))(x, w, ids)

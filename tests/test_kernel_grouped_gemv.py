@@ -17,6 +17,7 @@ import pytest
 
 from kernels_pallas import grouped_gemv as gg
 from kernels_pallas.testing import lower_for_h100
+from scripts import kernel_cases
 from test_kernel_grouped_matmul import assert_close, make_inputs
 
 # CPU interpret mode: measured 0-4.82e-5 of max |ref| (M 40); 10x.
@@ -75,7 +76,7 @@ def test_lowers_for_h100(M, N, K):
 
 
 @on_gpu
-@pytest.mark.parametrize("case", gg.bench_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", kernel_cases.bench_cases("grouped_gemv"), ids=lambda c: c["name"])
 def test_gpu_bench_cases_match_reference(case):
     x, w, gs = case["args"](jax.random.PRNGKey(0))
     out = jax.jit(functools.partial(gg.grouped_gemv, poison_outputs=True))(x, w, gs)

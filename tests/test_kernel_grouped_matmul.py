@@ -17,6 +17,7 @@ from dsv4_jax import ops
 from dsv4_jax.ops.moe import routed_experts
 from kernels_pallas import grouped_matmul as gm
 from kernels_pallas.testing import lower_for_h100
+from scripts import kernel_cases
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 
@@ -97,7 +98,7 @@ def test_moe_kernel_paths_match_xla_in_interpret_mode(T, k, E, d, F, seed):
 
 
 @on_gpu
-@pytest.mark.parametrize("case", gm.bench_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", kernel_cases.bench_cases("grouped_matmul"), ids=lambda c: c["name"])
 def test_gpu_bench_cases_match_reference(case):
     x, w, gs = case["args"](jax.random.PRNGKey(0))
     assert_close(jax.jit(gm.grouped_matmul)(x, w, gs), jax.jit(gm.reference)(x, w, gs))

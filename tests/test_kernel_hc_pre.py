@@ -20,6 +20,7 @@ import pytest
 from dsv4_jax.ops.hyper_connection import hc_weights, sinkhorn
 from kernels_pallas import hc_pre as hp
 from kernels_pallas.testing import lower_for_h100
+from scripts import kernel_cases
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 EPS = 1e-6
@@ -145,7 +146,7 @@ def test_lowers_for_h100(T, kw, norm):
     args = (jax.ShapeDtypeStruct((T, n, d), jnp.bfloat16), jax.ShapeDtypeStruct(((2 + n) * n, n * d), jnp.float32),
             jax.ShapeDtypeStruct(((2 + n) * n,), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.float32))
     if norm:
-        fn = hp._with_norm(fn)
+        fn = kernel_cases.with_norm(fn)
         args = (*args, jax.ShapeDtypeStruct((d,), jnp.float32))
     assert "triton" in lower_for_h100(fn, *args).lower()
 

@@ -18,6 +18,7 @@ import pytest
 
 from kernels_pallas import indexer as ix
 from kernels_pallas.testing import lower_for_h100
+from scripts import kernel_cases
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 
@@ -48,7 +49,7 @@ def check_scores(out, ref, *, tol, what=""):
 
 def decode_inputs(key, B, HI, DI, N, n_valid, *, garbage=False):
     """Random bf16 decode inputs; garbage: NaN in every key row at or beyond n_valid[b] (must never be read)."""
-    q, keys, w, _ = ix._decode_inputs(key, B, HI, DI, N)
+    q, keys, w, _ = kernel_cases.indexer_decode_inputs(key, B, HI, DI, N)
     n = jnp.asarray(n_valid, jnp.int32)
     if garbage:
         rows = jnp.arange(N)[None, :, None] < n[:, None, None]
@@ -58,7 +59,7 @@ def decode_inputs(key, B, HI, DI, N, n_valid, *, garbage=False):
 
 def prefill_inputs(key, B, S, HI, DI, N, n_visible, *, garbage=False):
     """Random bf16 prefill inputs; garbage: NaN in key rows no query of the sequence can see."""
-    q, keys, w, _ = ix._prefill_inputs(key, B, S, HI, DI, N)
+    q, keys, w, _ = kernel_cases.indexer_prefill_inputs(key, B, S, HI, DI, N)
     nv = jnp.asarray(n_visible, jnp.int32)
     if garbage:
         rows = jnp.arange(N)[None, :, None] < jnp.max(nv, axis=1)[:, None, None]
@@ -167,7 +168,7 @@ def test_decode_equals_prefill_of_one_query():
 # ------------------------------------------------------------------------------------------------------------
 
 sds = jax.ShapeDtypeStruct
-HI, DI = ix.FLASH_HI, ix.FLASH_DI
+HI, DI = kernel_cases.FLASH_HI, kernel_cases.FLASH_DI
 
 
 @pytest.mark.parametrize("B,N,kw", [
@@ -205,7 +206,7 @@ def test_prefill_lowers_for_h100(B, S, N, kw):
 @on_gpu
 @pytest.mark.parametrize("B,N,full", [(32, 32768, True), (32, 32768, False), (3, 5000, False)])
 def test_gpu_decode_matches_reference(B, N, full):
-    q, keys, w, n = ix._decode_inputs(jax.random.PRNGKey(B + N), B, HI, DI, N, full=full)
+    q, keys, w, n = kernel_cases.indexer_decode_inputs(jax.random.PRNGKey(B + N), B, HI, DI, N, full=full)
     if not full:
         n = n.at[0].set(0).at[1].set(1)
         keys = jnp.where(jnp.arange(N)[None, :, None] < n[:, None, None], keys, jnp.nan).astype(keys.dtype)
@@ -219,7 +220,7 @@ def test_gpu_decode_matches_reference(B, N, full):
 def test_gpu_prefill_matches_reference(S):
     """Full causal prefill at Flash sizes; the reference runs on query slices (it materialises [S,HI,N])."""
     N = S // 4
-    q, keys, w, nv = ix._prefill_inputs(jax.random.PRNGKey(S), 1, S, HI, DI, N)
+    q, keys, w, nv = kernel_cases.indexer_prefill_inputs(jax.random.PRNGKey(S), 1, S, HI, DI, N)
     out = np.asarray(ix.index_scores_prefill(q, keys, w, nv, poison_outputs=True))
     ref_fn = jax.jit(ix.reference_prefill)
     for lo in (0, S // 2 - 100, S - 512):
@@ -231,7 +232,7 @@ def test_gpu_prefill_matches_reference(S):
 
 
 @on_gpu
-@pytest.mark.parametrize("case", ix.bench_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", kernel_cases.bench_cases("indexer"), ids=lambda c: c["name"])
 def test_gpu_bench_cases_run(case):
     """Every bench case's Pallas callable runs at its real size (the comparisons are the tests above)."""
     inputs = case["args"](jax.random.PRNGKey(5))

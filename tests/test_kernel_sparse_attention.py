@@ -8,6 +8,7 @@ kernel against the references at real sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -85,48 +86,51 @@ def check_close(out, ref, *, what=""):
     assert rel <= FROB_TOL, f"{what}: relative Frobenius error {rel:.3g}"
 
 
-# name -> (seed, dims (B, H, D, Wk, K, N), input options, kernel options)
+T = sa.TuningConfig
+# name -> (seed, dims (B, H, D, Wk, K, N), input options, tuning (None: choose_tuning))
 CASES = {
     # rows: single valid key (window), no valid key at all, window not full + few entries, entries only,
-    # full window + some entries; odd head count 5 (padded to 16 inside the wrapper); automatic split-K.
+    # full window + some entries; odd head count 5 (padded to 16 inside the wrapper); split-K, one split per
+    # key block.
     "ragged_h5": (1, (5, 5, 64, 20, 40, 50),
-                  dict(win_counts=[1, 0, 7, 0, 20], ent_counts=[0, 0, 3, 40, 17], holes=0.2), dict(block_k=16)),
+                  dict(win_counts=[1, 0, 7, 0, 20], ent_counts=[0, 0, 3, 40, 17], holes=0.2),
+                  T(block_h=16, block_k=16, num_splits=5)),
     # same kind of rows, 12 heads, one split (final output written by the kernel itself), NaN in unused rows.
     "ragged_h12_one_split": (2, (4, 12, 64, 33, 24, 40),
                              dict(win_counts=[33, 0, 5, 1], ent_counts=[24, 1, 0, 10], garbage=True),
-                             dict(block_k=16, num_splits=1)),
+                             T(block_h=16, block_k=16, num_splits=1)),
     # explicit 3 splits over 5-7 blocks, several splits end up empty for the short rows; NaN garbage.
     "three_splits_garbage": (3, (3, 16, 64, 32, 64, 80),
                              dict(win_counts=[2, 32, 17], ent_counts=[64, 0, 21], holes=0.1, garbage=True),
-                             dict(block_k=16, num_splits=3)),
+                             T(block_h=16, block_k=16, num_splits=3)),
     # HCA layout: entry_idx = arange(N) masked to -1 beyond the visible count (K == N).
     "hca_prefix": (4, (3, 8, 64, 16, 96, 96), dict(win_counts=[16, 9, 0], ent_counts=[96, 37, 1], hca=True),
-                   dict(block_k=32)),
+                   T(block_h=16, block_k=32, num_splits=4)),
     # real head dim 512 with the window of 129 (not a multiple of the key block), 2 head blocks of 16.
     "d512_w129": (5, (2, 32, 512, 129, 64, 200), dict(win_counts=[129, 60], ent_counts=[50, 64], holes=0.1),
-                  dict(block_h=16, block_k=32)),
-    # real Flash head count and dim at tiny batch / top-k: block_h 32 (the large-batch default), default block_k.
+                  T(block_h=16, block_k=32, num_splits=7)),
+    # real Flash head count and dim at tiny batch / top-k: block_h 32 (the large-batch choice), block_k 64.
     "flash_heads_d512": (6, (2, 64, 512, 128, 64, 256), dict(win_counts=[128, 3], ent_counts=[64, 30]),
-                         dict(block_h=32)),
-    # all defaults (block_h 16 at this batch, block_k 64, automatic splits).
+                         T(block_h=32, num_splits=3)),
+    # the kernel's own choice (block_h 16 at this batch, block_k 64, split-K).
     "defaults_d512": (9, (2, 16, 512, 128, 128, 200), dict(win_counts=[100, 128], ent_counts=[128, 77], holes=0.05),
-                      {}),
+                      None),
     # the bench shape (Flash heads, D 512, window 128 + 512 picks) with rows of 1-3 keys and a full row: with
     # all 640 keys a missing sink moves the output by only 1-2% of its maximum, inside the bound; with few keys
     # the sink holds a large share of each softmax.
     "bench_few_keys_d512": (10, (4, 64, 512, 128, 512, 1024),
-                            dict(win_counts=[1, 2, 0, 128], ent_counts=[0, 1, 3, 512], garbage=True), {}),
+                            dict(win_counts=[1, 2, 0, 128], ent_counts=[0, 1, 3, 512], garbage=True), None),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpret_matches_reference(name):
-    seed, dims, opts, kw = CASES[name]
+    seed, dims, opts, tuning = CASES[name]
     q, wkv, wval, ent, idx, sinks = make_inputs(jax.random.PRNGKey(seed), *dims, **opts)
     scale = dims[2] ** -0.5
     ref = sa.reference(q, wkv, wval, ent, idx, sinks, scale)
-    out = sa.sparse_attention_decode(q, wkv, wval, ent, idx, sinks, scale, interpret=True, poison_outputs=True,
-                                     **kw)
+    out = sa.sparse_attention_decode(q, wkv, wval, ent, idx, sinks, scale, tuning=tuning, interpret=True,
+                                     poison_outputs=True)
     check_close(out, ref, what=name)
     # rows without any valid key return exactly zero (sink only)
     empty = ~(np.asarray(wval).any(1) | (np.asarray(idx) >= 0).any(1))
@@ -134,15 +138,85 @@ def test_interpret_matches_reference(name):
 
 
 def test_interpret_split_counts_agree():
-    """The same inputs through 1, 2, 5 splits and the automatic choice give the same answer."""
+    """The same inputs through 1, 2, 5 and 6 splits (one per key block) give the same answer."""
     dims = (3, 16, 64, 40, 48, 60)
     q, wkv, wval, ent, idx, sinks = make_inputs(jax.random.PRNGKey(7), *dims, win_counts=[40, 13, 0],
                                                 ent_counts=[48, 5, 20], holes=0.25)
     ref = sa.reference(q, wkv, wval, ent, idx, sinks, 0.125)
-    for s in (1, 2, 5, None):
-        out = sa.sparse_attention_decode(q, wkv, wval, ent, idx, sinks, 0.125, block_k=16, num_splits=s,
-                                         interpret=True, poison_outputs=True)
+    for s in (1, 2, 5, 6):
+        out = sa.sparse_attention_decode(q, wkv, wval, ent, idx, sinks, 0.125,
+                                         tuning=T(block_h=16, block_k=16, num_splits=s), interpret=True,
+                                         poison_outputs=True)
         check_close(out, ref, what=f"num_splits={s}")
+
+
+# The choices the model's kernel compiled with before the choice became a TuningConfig, frozen: any change
+# to them changes the model's HLO. (heads, window rows Kw, picks K) -> (block_h, num_splits) for each query
+# token count B * C of TOKENS (block_k 64, 4 warps, 3 stages throughout).
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 2048)
+TILINGS = {
+    (5, 128, 64): ((16, 3), (16, 3), (16, 3), (16, 3), (16, 3), (16, 3), (16, 3), (32, 1), (32, 1)),
+    (5, 128, 512): ((16, 10), (16, 10), (16, 10), (16, 10), (16, 10), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (5, 128, 1024): ((16, 18), (16, 18), (16, 18), (16, 18), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (5, 128, 8192): ((16, 32), (16, 32), (16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (5, 129, 64): ((16, 4), (16, 4), (16, 4), (16, 4), (16, 4), (16, 4), (16, 4), (32, 1), (32, 1)),
+    (5, 129, 512): ((16, 11), (16, 11), (16, 11), (16, 11), (16, 11), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (5, 129, 1024): ((16, 19), (16, 19), (16, 19), (16, 19), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (5, 129, 8192): ((16, 32), (16, 32), (16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (5, 256, 64): ((16, 5), (16, 5), (16, 5), (16, 5), (16, 5), (16, 5), (16, 5), (32, 1), (32, 1)),
+    (5, 256, 512): ((16, 12), (16, 12), (16, 12), (16, 12), (16, 12), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (5, 256, 1024): ((16, 20), (16, 20), (16, 20), (16, 20), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (5, 256, 8192): ((16, 32), (16, 32), (16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 128, 64): ((16, 3), (16, 3), (16, 3), (16, 3), (16, 3), (16, 3), (16, 3), (32, 1), (32, 1)),
+    (16, 128, 512): ((16, 10), (16, 10), (16, 10), (16, 10), (16, 10), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 128, 1024): ((16, 18), (16, 18), (16, 18), (16, 18), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 128, 8192): ((16, 32), (16, 32), (16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 129, 64): ((16, 4), (16, 4), (16, 4), (16, 4), (16, 4), (16, 4), (16, 4), (32, 1), (32, 1)),
+    (16, 129, 512): ((16, 11), (16, 11), (16, 11), (16, 11), (16, 11), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 129, 1024): ((16, 19), (16, 19), (16, 19), (16, 19), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 129, 8192): ((16, 32), (16, 32), (16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 256, 64): ((16, 5), (16, 5), (16, 5), (16, 5), (16, 5), (16, 5), (16, 5), (32, 1), (32, 1)),
+    (16, 256, 512): ((16, 12), (16, 12), (16, 12), (16, 12), (16, 12), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 256, 1024): ((16, 20), (16, 20), (16, 20), (16, 20), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (16, 256, 8192): ((16, 32), (16, 32), (16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (32, 1), (32, 1)),
+    (64, 128, 64): ((16, 3), (16, 3), (16, 3), (16, 3), (16, 3), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 128, 512): ((16, 10), (16, 10), (16, 10), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 128, 1024): ((16, 18), (16, 18), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 128, 8192): ((16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 129, 64): ((16, 4), (16, 4), (16, 4), (16, 4), (16, 4), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 129, 512): ((16, 11), (16, 11), (16, 11), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 129, 1024): ((16, 19), (16, 19), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 129, 8192): ((16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 256, 64): ((16, 5), (16, 5), (16, 5), (16, 5), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 256, 512): ((16, 12), (16, 12), (16, 12), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 256, 1024): ((16, 20), (16, 20), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (64, 256, 8192): ((16, 32), (16, 32), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 128, 64): ((16, 3), (16, 3), (16, 3), (16, 3), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 128, 512): ((16, 10), (16, 10), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 128, 1024): ((16, 18), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 128, 8192): ((16, 32), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 129, 64): ((16, 4), (16, 4), (16, 4), (16, 4), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 129, 512): ((16, 11), (16, 11), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 129, 1024): ((16, 19), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 129, 8192): ((16, 32), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 256, 64): ((16, 5), (16, 5), (16, 5), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 256, 512): ((16, 12), (16, 12), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 256, 1024): ((16, 20), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+    (128, 256, 8192): ((16, 32), (16, 17), (16, 9), (16, 5), (16, 1), (32, 1), (32, 1), (32, 1), (32, 1)),
+}
+
+
+def test_tuning_choice_is_frozen():
+    for (H, Wk, K), row in TILINGS.items():
+        for tokens, (block_h, splits) in zip(TOKENS, row, strict=True):
+            assert sa.choose_tuning(tokens, H, Wk, K) == T(block_h=block_h, num_splits=splits), (tokens, H, Wk, K)
+
+
+def test_tuning_config_errors():
+    with pytest.raises(ValueError, match="block_k=24 must be a power of two >= 16"):
+        T(block_k=24)
+    with pytest.raises(ValueError, match="num_splits=0: expected a positive int"):
+        T(num_splits=0)
 
 
 def test_reference_matches_model_sink_attention():
@@ -209,49 +283,50 @@ def make_prefill_inputs(key, B, C, H, D, W, K, N, *, starts, lens, hca_ratio=Non
     return q, win_keys, jnp.asarray(mask), entries, jnp.asarray(ids), sinks
 
 
-# name -> (seed, dims (B, C, H, D, W, K, N), input options, kernel options)
+# name -> (seed, dims (B, C, H, D, W, K, N), input options, tuning (None: choose_tuning))
 PREFILL_CASES = {
     # CSA form, 5 heads (padded to 16), two query blocks of 8: a full chunk from position 0 (window not full,
     # fewer visible entries than k), a 1-token row, a 0-token row, a row mid-sequence with 9 tokens; -1 holes,
-    # NaN in unused rows, automatic split-K over the 64 programs.
+    # NaN in unused rows, 2 splits over the 64 programs.
     "csa_ragged_h5": (1, (4, 16, 5, 64, 8, 6, 12),
-                      dict(starts=[0, 3, 20, 7], lens=[16, 1, 0, 9], holes=0.2, garbage=True), dict(block_k=16)),
+                      dict(starts=[0, 3, 20, 7], lens=[16, 1, 0, 9], holes=0.2, garbage=True),
+                      T(block_h=16, block_k=16, num_splits=2)),
     # HCA form (m = 8, K = N = 10 ids): rows that see all, some and none of the entries; one split.
     "hca_prefix_h8": (2, (3, 16, 8, 64, 8, 10, 10),
                       dict(starts=[60, 0, 9], lens=[16, 16, 5], hca_ratio=8, garbage=True),
-                      dict(block_k=16, num_splits=1)),
+                      T(block_h=16, block_k=16, num_splits=1)),
     # 12 heads, three splits (several empty for the short rows), window keys dropped at random inside the band.
     "csa_three_splits_h12": (3, (2, 8, 12, 32, 8, 8, 20),
                              dict(starts=[40, 2], lens=[8, 6], holes=0.1, drop=0.3, garbage=True),
-                             dict(block_k=16, num_splits=3)),
+                             T(block_h=16, block_k=16, num_splits=3)),
     # the real window 128 with a short chunk (Bq = C = 8: 136-row window blocks, not a multiple of block_k),
-    # real head dim 512 and the Flash head count, all defaults (block_h 16 and split-K at this size).
-    "csa_flash_heads_d512": (4, (1, 8, 64, 512, 128, 32, 64), dict(starts=[150], lens=[8], holes=0.1), {}),
+    # real head dim 512 and the Flash head count, the kernel's choice (block_h 16 and split-K at this size).
+    "csa_flash_heads_d512": (4, (1, 8, 64, 512, 128, 32, 64), dict(starts=[150], lens=[8], holes=0.1), None),
     # two query blocks of the real window (C = 256 > W = 128) at head dim 64, block_h 32, one split.
     "hca_w128_two_blocks": (5, (1, 256, 32, 64, 128, 40, 40), dict(starts=[30], lens=[250], hca_ratio=8),
-                            dict(block_h=32, num_splits=1)),
+                            T(block_h=32, num_splits=1)),
     # decode steps (C = 1: the window block is the W ring slots in slot order): from position 0, a window not yet
     # full, an inactive row, a ring that has wrapped several times; NaN in the slots no token may read.
     "csa_decode_h5": (6, (4, 1, 5, 64, 8, 6, 12), dict(starts=[0, 3, 20, 43], lens=[1, 1, 0, 1], holes=0.2,
-                                                        garbage=True), dict(block_k=16)),
+                                                        garbage=True), T(block_h=16, block_k=16, num_splits=2)),
     # decode at the real window 128 and head dim 512 (two 64-key window blocks), a full and a partial ring.
     "hca_decode_w128_d512": (7, (2, 1, 64, 512, 128, 32, 32), dict(starts=[300, 40], lens=[1, 1], hca_ratio=8),
-                             {}),
+                             None),
     # bench widths (Flash heads, D 512, window 128, 512 picks) on a sequence's first 8 tokens: 1-8 window keys
     # and 0-2 entries per token, so the sink's share of each softmax is large (a missing sink is visible).
     "csa_bench_first_tokens_d512": (8, (1, 8, 64, 512, 128, 512, 1024), dict(starts=[0], lens=[8], garbage=True),
-                                    {}),
+                                    None),
 }
 
 
 @pytest.mark.parametrize("name", list(PREFILL_CASES))
 def test_prefill_interpret_matches_reference(name):
-    seed, dims, opts, kw = PREFILL_CASES[name]
+    seed, dims, opts, tuning = PREFILL_CASES[name]
     q, wk, wm, ent, ids, sinks = make_prefill_inputs(jax.random.PRNGKey(seed), *dims, **opts)
     scale = dims[3] ** -0.5
     ref = sa.reference_prefill(q, wk, wm, ent, ids, sinks, scale)
-    out = sa.sparse_attention_prefill(q, wk, wm, ent, ids, sinks, scale, interpret=True, poison_outputs=True,
-                                      **kw)
+    out = sa.sparse_attention_prefill(q, wk, wm, ent, ids, sinks, scale, tuning=tuning, interpret=True,
+                                      poison_outputs=True)
     check_close(out, ref, what=name)
     # query tokens without any valid key (the padding rows of every case but the full one) return exactly 0
     empty = ~(np.asarray(wm).any(-1) | (np.asarray(ids) >= 0).any(-1))
@@ -295,6 +370,12 @@ def test_prefill_lowers_for_h100(B, C, H, K, N):
     assert "triton" in text.lower()
 
 
+def with_splits(B, H, Wk, K, splits):
+    """The kernel's choice for a decode batch with ``splits`` splits (None: the choice's)."""
+    tuning = sa.choose_tuning(B, H, Wk, K)
+    return tuning if splits is None else dataclasses.replace(tuning, num_splits=splits)
+
+
 def _abstract(B, H, D, Wk, K, N):
     sds = jax.ShapeDtypeStruct
     return (sds((B, H, D), jnp.bfloat16), sds((B, Wk, D), jnp.bfloat16), sds((B, Wk), jnp.bool_),
@@ -310,7 +391,7 @@ def _abstract(B, H, D, Wk, K, N):
 ])
 def test_lowers_for_h100(B, H, K, Wk, splits):
     D, N = 512, 8192
-    fn = functools.partial(sa.sparse_attention_decode, scale=D ** -0.5, num_splits=splits)
+    fn = functools.partial(sa.sparse_attention_decode, scale=D ** -0.5, tuning=with_splits(B, H, Wk, K, splits))
     text = lower_for_h100(fn, *_abstract(B, H, D, Wk, K, N))
     assert "triton" in text.lower()
 
@@ -344,8 +425,8 @@ def test_gpu_ragged_match_reference(B, H, K, splits):
                                                 win_counts=win_counts, ent_counts=ent_counts, holes=0.1,
                                                 garbage=True)
     ref = jax.jit(sa.reference, static_argnums=6)(q, wkv, wval, ent, idx, sinks, D ** -0.5)
-    out = sa.sparse_attention_decode(q, wkv, wval, ent, idx, sinks, D ** -0.5, num_splits=splits,
-                                     poison_outputs=True)
+    out = sa.sparse_attention_decode(q, wkv, wval, ent, idx, sinks, D ** -0.5,
+                                     tuning=with_splits(B, H, Wk, K, splits), poison_outputs=True)
     check_close(out, ref, what=f"B{B} H{H} K{K} splits={splits}")
     assert np.all(np.asarray(out[0]) == 0)
 
