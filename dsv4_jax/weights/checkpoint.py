@@ -3,14 +3,14 @@
 
 Tensors are streamed one at a time (never the whole checkpoint in host memory), checked against the
 shapes the config implies, cast to each parameter's dtype (its declared storage, model/spec.py) and
-placed straight onto its target sharding (sharding.py). DeepSeek's released formats load as they are
-published: FP8 linears and FP4 experts are dequantised with their ue8m0 scales (dequantise.py), which may
-sit in another shard; the MTP block loads when asked for (``mtp=True``).
+placed straight onto the shards of its target placement (placing.py), each device sent only its own.
+DeepSeek's released formats load as they are published: FP8 linears and FP4 experts are dequantised with
+their ue8m0 scales (dequantise.py), which may sit in another shard; the MTP block loads when asked for
+(``mtp=True``).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, Sharding
+from jax.sharding import Mesh
 
 from . import orbax as checkpoint_orbax
 from .dequantise import iter_tensors
@@ -26,32 +26,32 @@ from .errors import CheckpointError
 from .names import IGNORED_SUFFIXES, MTP_PREFIXES, canonical_name
 from .params import abstract_model, checkpoint_config, checkpoint_dtype, model_dtype, param_table
 from .safetensors_io import checkpoint_files
-from .sharding import ShardingRules, target_shardings
+from .placing import Placement, ShardedBuffer, paired_axis, target_layout
+from .sharding import ShardingRules, to_placed
 from ..model.mtp import DeepseekV4WithMTP
 from ..model.transformer import DeepseekV4ForCausalLM
+from ..runtime.mesh import ModelMesh
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
-def _set_expert_slice(stacked, value, rows: tuple[int, int], expert):
-    # auto_axes: on a mesh with explicit axes (jax.make_mesh's default) the one-expert update cannot carry
-    # the stacked array's sharding (its expert dim may be split), so XLA places it; the result keeps
-    # the stacked sharding.
-    update = jax.sharding.auto_axes(
-        lambda s, v: jax.lax.dynamic_update_slice(s, v[None].astype(s.dtype), (expert, rows[0], 0)),
-        out_sharding=jax.typeof(stacked).sharding)
-    return update(stacked, value)
+def _place_whole(host: np.ndarray, placed: Placement) -> jax.Array:
+    """A host tensor in its placed form, each device sent its own shard."""
+    shape, sharding = placed
+    host = to_placed(host, shape)
+    return jax.make_array_from_callback(shape, sharding, lambda index: host[index])
 
 
-def load_weights(model: nnx.Module, files: list[Path], shardings: Mapping[str, Sharding]) -> None:
+def load_weights(model: nnx.Module, files: list[Path], placements: Mapping[str, Placement]) -> None:
     """Fill every variable of ``model`` (abstract or real) from ``files``; strict about names and shapes.
-    Each tensor goes from host memory straight to its ``shardings[canonical name]`` (``target_shardings``),
-    one at a time."""
+    Tensors are read one at a time; each goes from host memory straight to the shards of its
+    ``placements[canonical name]`` (placing.target_layout), in that placed shape. A per-expert matrix is
+    written into its slice of the stack on the devices that hold that slice, so no device receives a
+    whole stack."""
     cfg = model.config
     table = param_table(model)
     has_mtp = isinstance(model, DeepseekV4WithMTP)
     loaded: set[str] = set()
     expert_parts: dict[str, set[tuple[int, int]]] = {}
-    stacked: dict[str, jax.Array] = {}
+    stacked: dict[str, ShardedBuffer] = {}
     F = cfg.moe_intermediate_size
 
     def skip(name: str) -> bool:
@@ -77,7 +77,7 @@ def load_weights(model: nnx.Module, files: list[Path], shardings: Mapping[str, S
         if slot is None:
             if key in loaded:
                 raise CheckpointError(f"tensor {name} appears twice (again in {f.name})")
-            var.set_value(jax.device_put(np.asarray(array).astype(want.dtype), shardings[key]))
+            var.set_value(_place_whole(np.asarray(array).astype(want.dtype), placements[key]))
             loaded.add(key)
             continue
         expert, part = slot
@@ -89,10 +89,10 @@ def load_weights(model: nnx.Module, files: list[Path], shardings: Mapping[str, S
             raise CheckpointError(f"tensor {name} appears twice (again in {f.name})")
         parts.add(slot)
         if key not in stacked:
-            stacked[key] = jnp.zeros(want.shape, want.dtype, device=shardings[key])
-        rows = (F, 2 * F) if part == 3 else (0, F if part == 1 else want.shape[1])
-        # Wait for the update: on CPU the device array may alias ``array``, which must not outlive this step.
-        stacked[key] = _set_expert_slice(stacked[key], jnp.asarray(array), rows, expert).block_until_ready()
+            stacked[key] = ShardedBuffer(want.shape, placements[key], want.dtype,
+                                         paired_axis(var, placements[key][0]))
+        stacked[key].write((expert, F if part == 3 else 0, 0), np.asarray(array).astype(want.dtype)[None])
+        stacked[key].ready()  # the host tensor must not outlive this step (streaming)
     for key, parts in expert_parts.items():
         if key in loaded:
             raise CheckpointError(f"{key} is given both stacked and as per-expert matrices")
@@ -101,7 +101,7 @@ def load_weights(model: nnx.Module, files: list[Path], shardings: Mapping[str, S
             e, p = min(need - parts)
             raise CheckpointError(f"checkpoint is missing tensor {key.rsplit('.', 1)[0]}.{e}.w{p}.weight "
                                   f"({len(need - parts)} expert matrices missing for {key})")
-        table[key].set_value(jax.device_put(stacked[key], shardings[key]))  # no-op unless XLA moved it
+        table[key].set_value(stacked[key].array())
         loaded.add(key)
     missing = sorted(set(table) - loaded)
     if missing:
@@ -110,13 +110,15 @@ def load_weights(model: nnx.Module, files: list[Path], shardings: Mapping[str, S
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}{more}")
 
 
-def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, sharding=None, mesh: Mesh | None = None,
-                    rules: ShardingRules | None = None) -> DeepseekV4ForCausalLM:
+def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, sharding=None,
+                    mesh: ModelMesh | Mesh | None = None, rules: ShardingRules | None = None) -> DeepseekV4ForCausalLM:
     """Load a DeepSeek-V4 directory, Hugging Face format or orbax (orbax.py), and return the model (call it on
     input_ids). ``mtp=True`` also loads the multi-token-prediction block (``mtp.0.*``) and returns an
-    mtp.DeepseekV4WithMTP; otherwise those tensors are skipped. ``mesh`` + ``rules`` (a
-    sharding.ShardingRules, default replicated) or ``sharding``: where each parameter lives (see
-    ``sharding.target_shardings``); tensors are placed there one by one.
+    mtp.DeepseekV4WithMTP; otherwise those tensors are skipped. Where each parameter lives
+    (placing.target_layout): ``mesh`` a runtime.mesh.ModelMesh (``make_mesh``; the model's arrays are then
+    those ``Engine(model, mesh=)`` runs on, in their placed shapes: padded vocabulary, paired gate | up
+    rows), a jax Mesh + ``rules`` (a sharding.ShardingRules, default replicated), or ``sharding``; tensors
+    are placed there one by one, each device given its shards only.
     ``dtype="auto"``: the checkpoint's own (params.checkpoint_dtype)."""
     if dtype == "auto":
         dtype = checkpoint_dtype(path)
@@ -130,6 +132,6 @@ def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, shardin
         raise CheckpointError(f"{Path(path) / 'config.json'} has num_nextn_predict_layers "
                               f"{cfg.num_nextn_predict_layers}; mtp=True needs 1 (one MTP block, as released)")
     model = abstract_model(cfg, model_dtype(dtype), mtp)
-    shardings = target_shardings(param_table(model), sharding, mesh, rules)
-    load_weights(model, checkpoint_files(Path(path)), shardings)
+    placements = target_layout(cfg, param_table(model), sharding, mesh, rules)
+    load_weights(model, checkpoint_files(Path(path)), placements)
     return model

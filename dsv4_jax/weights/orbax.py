@@ -9,7 +9,8 @@ A checkpoint directory holds::
 
 config.json is the Hugging Face spelling, so ``checkpoint_config`` and ``load_tokenizer`` read this
 directory as they read a Hugging Face one; ``checkpoint.from_pretrained`` picks the format by the
-``orbax/`` folder. Target shardings come from the parameters' logical axes and a ``sharding.ShardingRules``.
+``orbax/`` folder. Target placements come from the parameters' logical axes and a ``sharding.ShardingRules``
+(placing.py).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import uuid
 from pathlib import Path
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .errors import CheckpointError
 from .params import abstract_model, checkpoint_config, model_dtype, param_table
-from .sharding import ShardingRules, target_shardings
+from .placing import Placement, ShardedBuffer, paired_axis, target_layout
+from .sharding import ShardingRules
 from ..model.config import DeepseekV4Config
 from ..model.transformer import DeepseekV4ForCausalLM
+from ..runtime.mesh import ModelMesh
 
 ORBAX_DIR = "orbax"
 CONFIG_FILE = "config.json"
@@ -176,12 +179,14 @@ def _check_shapes(path: Path, stored: dict[str, tuple[int, ...]], want: dict[str
 
 
 def restore(path, dtype: str | None = None, *, config: DeepseekV4Config | None = None, sharding=None,
-            mesh: Mesh | None = None, rules: ShardingRules | None = None) -> DeepseekV4ForCausalLM:
-    """Restore an orbax checkpoint into a new model, each array placed with its target sharding.
+            mesh: ModelMesh | Mesh | None = None, rules: ShardingRules | None = None) -> DeepseekV4ForCausalLM:
+    """Restore an orbax checkpoint into a new model, each array read straight into its target shards.
 
     ``dtype``: the model dtype, default the saved one (another one casts, like ``from_pretrained``; fp32
     parameters stay fp32). ``config``: when given, the checkpoint's config must equal it.
-    ``mesh`` + ``rules`` / ``sharding``: see ``sharding.target_shardings``.
+    ``mesh`` (a runtime.mesh.ModelMesh, or a jax Mesh + ``rules``) / ``sharding``: see
+    ``placing.target_layout``; the arrays are restored in their placed shapes (padded vocabulary rows are
+    zeros; paired gate | up rows are restored split like their pairs, then moved device to device).
     """
     path = Path(path)
     if not is_orbax_checkpoint(path):
@@ -194,12 +199,38 @@ def restore(path, dtype: str | None = None, *, config: DeepseekV4Config | None =
     model = abstract_model(cfg, model_dtype(dtype or saved_dtype(path)))
     table = param_table(model)
     want = {name: tuple(var.get_value().shape) for name, var in table.items()}
+    placements = target_layout(cfg, table, sharding, mesh, rules)
     _check_shapes(path, _stored_shapes(path), want)
-    shardings = target_shardings(table, sharding, mesh, rules)
-    target = {name: jax.ShapeDtypeStruct(want[name], var.get_value().dtype, sharding=shardings[name])
+    pairs = {name: paired_axis(var, placements[name][0]) for name, var in table.items()}
+    target = {name: _read_as(want[name], placements[name], pairs[name], var.get_value().dtype)
               for name, var in table.items()}
     with _reading(path), _checkpointer() as ckptr:
-        arrays = ckptr.restore(path / ORBAX_DIR, target)
+        # strict=False: a padded placement reads its stored rows and zeros beyond them (shapes checked above).
+        arrays = ckptr.restore(path / ORBAX_DIR, target, strict=False)
     for name, var in table.items():
-        var.set_value(arrays[name])
+        value = arrays.pop(name)  # a paired one's restored rows are freed once moved
+        var.set_value(value if pairs[name] is None else _paired(value, placements[name], pairs[name]))
     return model
+
+
+def _read_as(shape: tuple[int, ...], placed: Placement, pair: int | None, dtype) -> jax.ShapeDtypeStruct:
+    """What orbax restores a variable as: its placement, or for a paired one its canonical shape split like
+    the pairs (the pair dimension dropped), so each device reads as many rows as it will hold."""
+    placed_shape, sharding = placed
+    if pair is None:
+        return jax.ShapeDtypeStruct(placed_shape, dtype, sharding=sharding)
+    spec = list(sharding.spec)  # one entry per placed dimension (sharding.placement)
+    del spec[pair]
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+
+
+def _paired(array: jax.Array, placed: Placement, pair: int) -> jax.Array:
+    """A canonical array restored by ``_read_as`` -> its paired placement, one shard at a time."""
+    buffer = ShardedBuffer(array.shape, placed, array.dtype, pair)
+    done = set()
+    for shard in array.addressable_shards:
+        start = tuple(s.indices(n)[0] for s, n in zip(shard.index, array.shape))
+        if start not in done:  # replicas hold the same rows
+            done.add(start)
+            buffer.write(start, shard.data)
+    return buffer.array()
