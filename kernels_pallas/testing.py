@@ -109,9 +109,18 @@ def h100_compile_only_sharding():
     a test can read the optimized GPU HLO. The GPU machines' plugin is jax-cuda13-plugin. On a host without a GPU,
     run with ``JAX_PLATFORMS=cpu`` (tests/conftest.py sets it): otherwise the plugin fails to initialise and JAX
     drops it."""
+    devices = h100_compile_only_devices(1)
+    return None if devices is None else jax.sharding.SingleDeviceSharding(devices[0])
+
+
+def h100_compile_only_devices(n: int) -> list | None:
+    """``n`` compile-only H100s of one host (an NVLink node), or None without a CUDA plugin for JAX: a
+    ``jax.sharding.Mesh`` of them compiles a sharded program, its collectives included, as
+    ``h100_compile_only_sharding`` does one device's."""
     if not cuda_plugin_installed():
         return None
     from jax.experimental import topologies
 
-    topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
-    return jax.sharding.SingleDeviceSharding(topology.devices[0])
+    # "slices x hosts per slice x devices per host"
+    topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology=f"1x1x{n}")
+    return list(topology.devices)
