@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.runtime.engine import Engine
-from dsv4_jax.runtime.pipeline import PipelineEngine
+from dsv4_jax.runtime.engine import PipelineEngine
 from dsv4_jax.weights.random_init import random_model
 from dsv4_jax.runtime.sampling import SamplingParams
 from scripts.bench_generate import make_config

@@ -287,7 +287,7 @@ def test_pipelined_decode_keeps_the_engines_lookahead(pipelined, reference):
 def test_pipeline_kernels_default_is_the_engines(monkeypatch):
     from dsv4_jax import ops
     from dsv4_jax.runtime import engine
-    from dsv4_jax.runtime.pipeline import PipelineEngine
+    from dsv4_jax.runtime.engine import PipelineEngine
     model = _small_model()
     default = ops.Kernels(engine.default_kernels())
     assert PipelineEngine(model, pp=1).kernels == engine.Engine(model).kernels == default
@@ -331,7 +331,7 @@ def test_stage_assignment():
 ])
 def test_bad_pipeline_arguments(pp, boundaries, message):
     from dsv4_jax.model.transformer import InputError
-    from dsv4_jax.runtime.pipeline import PipelineEngine
+    from dsv4_jax.runtime.engine import PipelineEngine
     with pytest.raises(InputError, match=message) as e:
         PipelineEngine(_small_model(), pp=pp, boundaries=boundaries)
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
@@ -341,7 +341,7 @@ def test_more_stages_than_devices():
     import jax
 
     from dsv4_jax.model.transformer import InputError
-    from dsv4_jax.runtime.pipeline import PipelineEngine
+    from dsv4_jax.runtime.engine import PipelineEngine
     n = len(jax.devices())
     verb = "is" if n == 1 else "are"
     with pytest.raises(InputError, match=rf"^pp {n + 1} needs {n + 1} devices but {n} {verb} available \(on CPU: "
@@ -457,7 +457,7 @@ def _jaxpr_report(engine, batch: int, chunk: int) -> dict:
 def _worker_cases(out_dir: Path, names: list[str]):
     import jax
 
-    from dsv4_jax.runtime.pipeline import PipelineEngine
+    from dsv4_jax.runtime.engine import PipelineEngine
     assert len(jax.devices()) == 8, jax.devices()
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model()
@@ -503,7 +503,7 @@ def _worker_multihost(out_dir: Path, port: int, process_id: int):
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-    from dsv4_jax.runtime.pipeline import PipelineEngine
+    from dsv4_jax.runtime.engine import PipelineEngine
     pp, boundaries, micro = CASES["pp4"]
     eng = PipelineEngine(build_model(), pp=pp, boundaries=boundaries, microbatches=micro, capacity=CAPACITY,
                          prefill_chunk=CHUNK)

@@ -157,17 +157,12 @@ def run(argv=None) -> int:
             boundaries = [int(t) for t in args.pp_boundaries.split(",") if t.strip()]
         except ValueError:
             raise InputError(f"--pp-boundaries {args.pp_boundaries!r} must be comma-separated integers") from None
-    pipelined = args.pp != 1 or boundaries is not None
-    sharded = args.tp != 1 or args.dp != 1 or args.ep
-    if pipelined and sharded:
-        raise InputError(f"--pp {args.pp} with --tp, --dp or --ep is not supported yet; use --pp alone or --tp / "
-                         "--dp / --ep alone")
-    if pipelined:
-        from .pipeline import check_pipeline
-        check_pipeline(cfg.num_hidden_layers, args.pp, boundaries, names=("--pp", "--pp-boundaries"))
+    sharded = args.pp != 1 or boundaries is not None or args.tp != 1 or args.dp != 1 or args.ep
     if sharded:
         from .mesh import check_layout
-        check_layout(cfg, args.tp, args.dp, 1, args.ep, names={k: f"--{k}" for k in ("tp", "dp", "pp", "ep")})
+        from .pipeline import stage_starts
+        stage_starts(cfg.num_hidden_layers, args.pp, boundaries, names=("--pp", "--pp-boundaries"))
+        check_layout(cfg, args.tp, args.dp, args.pp, args.ep, names={k: f"--{k}" for k in ("tp", "dp", "pp", "ep")})
     if args.max_new_tokens == 0:  # nothing to generate: no weights loaded, no prefill run
         if args.json:
             print(json.dumps({"tokens": [], "finish_reason": "length", **({"text": ""} if tokenizer else {})}))
@@ -175,6 +170,10 @@ def run(argv=None) -> int:
         return 0
 
     t_load = time.time()
+    mesh = None
+    if sharded:
+        from .mesh import make_mesh
+        mesh = make_mesh(tp=args.tp, dp=args.dp, pp=args.pp, ep=args.ep)
     if args.checkpoint is None:
         if demo.has_trained_weights():
             print("dsv4_jax: no --checkpoint given; running the built-in demo model (a tiny byte-level model "
@@ -184,17 +183,10 @@ def run(argv=None) -> int:
                   "weights (no trained demo checkpoint exists yet), so its text is noise", file=sys.stderr)
         model, _ = demo.demo_model("float32" if args.dtype == "auto" else args.dtype)
     else:
-        model = from_pretrained(path, dtype=args.dtype)
-    if pipelined:
-        from .pipeline import PipelineEngine
-        engine = PipelineEngine(model, pp=args.pp, boundaries=boundaries, capacity=capacity, tokenizer=tokenizer,
-                                kernels=args.kernels)
-    else:
-        mesh = None
-        if sharded:
-            from .mesh import make_mesh
-            mesh = make_mesh(tp=args.tp, dp=args.dp, ep=args.ep)
-        engine = Engine(model, capacity=capacity, tokenizer=tokenizer, kernels=args.kernels, mesh=mesh)
+        # Without pipeline stages each tensor goes straight to its shards; the stages restack the layers.
+        model = from_pretrained(path, dtype=args.dtype, mesh=mesh if mesh is not None and mesh.pp == 1 else None)
+    engine = Engine(model, capacity=capacity, tokenizer=tokenizer, kernels=args.kernels, mesh=mesh,
+                    pp_boundaries=boundaries if args.pp > 1 else None)
     t_gen = time.time()
 
     new: list[int] = []

@@ -22,7 +22,8 @@ from .. import ops
 from ..model.cache import init_cache
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
 from .compile_cache import enable_compile_cache
-from .mesh import ModelMesh, ShardedStep, check_layout, place_weights, replicated
+from .mesh import ModelMesh, ShardedStep, check_layout, make_mesh, place_weights, replicated, weight_specs
+from .pipeline import PipelinePlan, check_pipeline, stage_starts
 from .sampling import SamplingParams, sample, sampling_args
 
 
@@ -44,37 +45,23 @@ class DeviceSteps:
     which flattens in C++ (docs/performance.md, "Host time").
     """
 
-    def __init__(self, graphdef, state_def, capacity: int, layers=None, sharded=None):
-        """``layers``: how the layer stack runs when it is not the model's own loop on one device (the
-        pipeline's stages: ``runtime.pipeline.PipelinePlan``). Its weights then follow the model's in the
-        weights list, the model's state (``state_def``) holds everything but the layers
-        (``layers.abstract_state`` stands in for them), and the batch is padded to ``layers.rows(B)``
-        before the metadata is built. ``sharded``: a ``runtime.mesh.ShardedStep`` runs the forward on a
-        device mesh instead (the batch padded to a multiple of its dp)."""
-        n = state_def.num_leaves
-        pad_rows = layers.rows if layers is not None else sharded.mesh.rows if sharded is not None else None
-
-        def bind(weights):
-            """weights -> (the model, how its layer stack runs)."""
-            if layers is None:
-                model = nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
-                return model, model.run_layers
-            model = nnx.merge(graphdef, layers.abstract_state, jax.tree.unflatten(state_def, weights[:n]))
-            return model, functools.partial(layers, weights[n:])
+    def __init__(self, graphdef, state_def, capacity: int, sharded=None):
+        """``sharded``: a ``runtime.mesh.ShardedStep`` runs the forward on a device mesh (its weights list and
+        caches; the batch padded to ``sharded.rows(B)`` before the metadata is built); else the model's own
+        loop on one device."""
 
         def forward(weights, cache, token_ids, start, n_new, last_only, kernels):
+            if sharded is None:
+                with ops.use(kernels):
+                    model = nnx.merge(graphdef, jax.tree.unflatten(state_def, weights))
+                    return run_chunk(model, cache, token_ids, start, n_new, capacity, last_only)
             B = token_ids.shape[0]
-            rows = B if pad_rows is None else pad_rows(B)
+            rows = sharded.rows(B)
             if rows != B:  # empty rows (n_new 0) write nothing
                 token_ids, start, n_new = (jnp.pad(x, [(0, rows - B)] + [(0, 0)] * (x.ndim - 1))
                                            for x in (token_ids, start, n_new))
-            if sharded is not None:
-                logits, cache = sharded(weights, cache, token_ids, start, n_new, last_only, kernels)
-            else:
-                with ops.use(kernels):
-                    model, run_layers = bind(weights)
-                    logits, cache = run_chunk(model, cache, token_ids, start, n_new, capacity, last_only, run_layers)
-            return (logits if rows == B else logits[:B]), cache
+            logits, cache = sharded(weights, cache, token_ids, start, n_new, last_only, kernels)
+            return logits[:B], cache
 
         def chunk(weights, cache, token_ids, start, n_new, *, last_only: bool, kernels: ops.Kernels = ops.Kernels()):
             return forward(weights, cache, token_ids, start, n_new, last_only, kernels)
@@ -177,13 +164,19 @@ class Engine:
     >>> engine = Engine(dsv4_jax.from_pretrained(path), capacity=4096, tokenizer=tok)
     >>> engine.generate(["Once upon a time"], max_new_tokens=32)
 
-    ``mesh``: a ``runtime.mesh.ModelMesh`` (``make_mesh(tp=, dp=, ep=)``) to shard the model over; the
-    weights are placed as its rules say (weights already placed there stay where they are).
+    ``mesh``: a ``runtime.mesh.ModelMesh`` (``make_mesh(tp=, dp=, pp=, ep=)``) to shard the model over; the
+    weights are placed as its rules say (weights already placed there stay where they are). With pp > 1 the
+    layers run as pipeline stages (``runtime.pipeline``): ``pp_boundaries``, the first layer of stages
+    1..pp-1 (default: an even split); ``microbatches``, GPipe microbatches per dp shard of rows (default
+    min(pp, rows)).
     """
+
+    pipelined = False  # layers as pipeline stages (runtime.pipeline) only when the mesh has pp > 1
 
     def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int | None = None,
                  tokenizer=None, kernels: str | ops.Kernels | None = None, compile_cache: bool = True,
-                 mesh: ModelMesh | None = None):
+                 mesh: ModelMesh | None = None, pp_boundaries: Sequence[int] | None = None,
+                 microbatches: int | None = None):
         if compile_cache:  # (dsv4_jax.runtime.compile_cache): a second run loads its steps from disk
             enable_compile_cache()
         if prefill_chunk is None:
@@ -193,10 +186,14 @@ class Engine:
         self.kernels = parse_kernels(kernels)
         if mesh is not None:
             check_layout(model.config, mesh.tp, mesh.dp, mesh.pp, mesh.ep, mesh.mesh.size)
-            if mesh.pp > 1:
-                raise InputError(f"a mesh with pp {mesh.pp} > 1 is not supported by Engine yet; PipelineEngine runs "
-                                 "pipeline stages alone")
-        self.mesh = mesh
+        if microbatches is not None and (isinstance(microbatches, bool) or microbatches < 1):
+            raise InputError(f"microbatches {microbatches!r} must be a positive integer")
+        if (pp_boundaries is not None or microbatches is not None) and (mesh is None or not (
+                mesh.pp > 1 or self.pipelined)):
+            raise InputError("pp_boundaries and microbatches need a mesh with pp > 1")
+        self.mesh, self.pp_boundaries, self.microbatches = mesh, pp_boundaries, microbatches
+        self.plan = None  # the pipeline's stages (runtime.pipeline.PipelinePlan), when the layers run as such
+        self.pp = 1 if mesh is None else mesh.pp
         self.model = model
         self.config = model.config
         self.capacity = capacity
@@ -227,21 +224,32 @@ class Engine:
     def _check_capacity(self, prompts: list[list[int]], max_new_tokens: int):
         check_capacity(max(len(p) for p in prompts), max_new_tokens, self.capacity)
 
-    # ----- device steps (dsv4_jax.runtime.pipeline.PipelineEngine overrides these four) --------------
+    # ----- device steps ------------------------------------------------------------------------
     def _place(self, model: DeepseekV4ForCausalLM) -> tuple[DeviceSteps, list]:
         """(the jitted steps, their weights argument): the model's own layer loop on one device, or the
         sharded step on the mesh."""
         if self.mesh is None:
             graphdef, state_def, weights = split_weights(model)
             return DeviceSteps(graphdef, state_def, self.capacity), weights
-        graphdef, state_def, weights = place_weights(model, self.mesh)
-        self.sharded = ShardedStep(self.config, graphdef, state_def, [w.sharding.spec for w in weights], self.mesh,
-                                   self.capacity, model.dtype)
+        if self.mesh.pp == 1 and not self.pipelined:
+            graphdef, state_def, weights = place_weights(model, self.mesh)
+        else:
+            starts = stage_starts(self.config.num_hidden_layers, self.mesh.pp, self.pp_boundaries)
+            self.plan = PipelinePlan(model, starts, self.mesh, self.capacity, self.microbatches)
+            graphdef, state_def, weights = self.plan.graphdef, self.plan.state_def, self.plan.place_weights()
+        self.sharded = ShardedStep(self.config, graphdef, state_def, weight_specs(weights), self.mesh, self.capacity,
+                                   model.dtype, plan=self.plan)
         return DeviceSteps(graphdef, state_def, self.capacity, sharded=self.sharded), weights
+
+    def layout(self, batch: int) -> tuple[int, int]:
+        """(microbatches per dp shard, padded batch) a step of ``batch`` rows runs with."""
+        if self.mesh is None:
+            return 1, batch
+        return (1, self.mesh.rows(batch)) if self.plan is None else self.plan.layout(batch)
 
     def _new_cache(self, batch: int):
         if self.mesh is not None:
-            return self.sharded.new_cache(self.mesh.rows(batch))
+            return self.sharded.new_cache(batch)
         return init_cache(self.config, batch, self.capacity, self.model.dtype)
 
     def _inputs(self, *xs) -> list:
@@ -360,3 +368,24 @@ class Engine:
             text = self.tokenizer.decode(toks) if self.tokenizer is not None else None
             results.append(GenerationResult(tokens=toks, text=text, finish_reason=self.finish_reasons[b]))
         return results
+
+
+class PipelineEngine(Engine):
+    """``Engine`` with the layers pipelined over ``pp`` devices, one stage each: ``Engine(model,
+    mesh=make_mesh(pp=pp, devices=devices), pp_boundaries=boundaries, microbatches=microbatches)``.
+
+    >>> engine = PipelineEngine(model, pp=4, boundaries=(2, 3, 6), microbatches=2, capacity=4096)
+    >>> engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)
+
+    ``devices``: the pipeline's devices in stage order (default: the first pp of ``jax.devices()``, which spans
+    all processes after ``jax.distributed.initialize``).
+    """
+
+    def __init__(self, model: DeepseekV4ForCausalLM, pp: int, boundaries: Sequence[int] | None = None,
+                 microbatches: int | None = None, capacity: int = 2048, prefill_chunk: int | None = None,
+                 tokenizer=None, devices=None, kernels: str | ops.Kernels | None = None):
+        _, devices = check_pipeline(model.config.num_hidden_layers, pp, boundaries, devices)
+        super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, kernels=kernels,
+                         mesh=make_mesh(pp=pp, devices=devices), pp_boundaries=boundaries, microbatches=microbatches)
+
+    pipelined = True  # even at pp = 1: the stage program, with its microbatches

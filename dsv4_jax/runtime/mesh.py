@@ -18,6 +18,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -94,9 +95,9 @@ def check_layout(cfg: DeepseekV4Config, tp: int = 1, dp: int = 1, pp: int = 1, e
                          "stage needs a layer")
     devices = jax.device_count() if devices is None else devices
     if pp * dp * tp > devices:
-        raise InputError(f"{names['pp']} {pp} x {names['dp']} {dp} x {names['tp']} {tp} needs {pp * dp * tp} devices "
-                         f"but {devices} {'is' if devices == 1 else 'are'} available (on CPU: "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={pp * dp * tp})")
+        layout = " x ".join(f"{names[k]} {v}" for k, v in (("pp", pp), ("dp", dp), ("tp", tp)) if v > 1)
+        raise InputError(f"{layout} needs {pp * dp * tp} devices but {devices} {'is' if devices == 1 else 'are'} "
+                         f"available (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count={pp * dp * tp})")
 
 
 def make_mesh(tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False, devices=None,
@@ -113,61 +114,94 @@ def make_mesh(tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False, devices=N
     return ModelMesh(Mesh(grid, (PP, DP, TP)), bool(ep))
 
 
+def place_variable(name: str, var: nnx.Variable, mesh: ModelMesh, abstract: bool = False) -> jax.Array:
+    """A variable's value placed on ``mesh`` as its rules say. A value already placed there
+    (``from_pretrained(..., mesh=)``) is kept; any other is read to the host and each device given its shard
+    (every process places its own). ``abstract``: a ShapeDtypeStruct of the placed array instead (no memory;
+    for compiling ahead of time)."""
+    shape, sharding = placement(f"parameter {name}", axes_of(var), canonical_shape(var), mesh.mesh, mesh.rules)
+    value = var.get_value()
+    if abstract:
+        return jax.ShapeDtypeStruct(shape, value.dtype, sharding=sharding)
+    if tuple(value.shape) == shape and getattr(value, "sharding", None) == sharding:
+        return value
+    host = to_placed(np.asarray(value), shape)
+    return jax.make_array_from_callback(shape, sharding, lambda index: host[index])
+
+
 def place_weights(model: nnx.Module, mesh: ModelMesh) -> tuple:
-    """model -> (graph definition, the state's tree structure, its leaves placed on ``mesh`` as its rules say):
-    ``engine.split_weights`` for a mesh. A leaf already placed there (``from_pretrained(..., mesh=)``) is kept;
-    any other is read to the host and each device given its shard (every process places its own)."""
+    """model -> (graph definition, the state's tree structure, its leaves placed on ``mesh``): what
+    ``engine.split_weights`` gives for one device."""
     graphdef, state = nnx.split(model)
-    variables, state_def = jax.tree.flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    weights = []
-    for path, var in zip(jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0],
-                         variables):
-        name = jax.tree_util.keystr(path[0])
-        shape, sharding = placement(f"parameter {name}", axes_of(var), canonical_shape(var), mesh.mesh, mesh.rules)
-        value = var.get_value()
-        if tuple(value.shape) == shape and getattr(value, "sharding", None) == sharding:
-            weights.append(value)
-            continue
-        host = to_placed(np.asarray(value), shape)
-        weights.append(jax.make_array_from_callback(shape, sharding, lambda index, host=host: host[index]))
-    return graphdef, jax.tree.structure(jax.tree.unflatten(state_def, [0] * len(weights))), weights
+    variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    weights = [place_variable(jax.tree_util.keystr(path), var, mesh) for path, var in variables]
+    return graphdef, jax.tree.structure(state), weights
 
 
 def weight_specs(weights: list) -> list:
+    """The PartitionSpec of each placed weight (the sharded step's in_specs)."""
     return [w.sharding.spec for w in weights]
 
 
 class ShardedStep:
     """``forward`` of ``engine.DeviceSteps`` on a mesh: (weights, cache, token_ids [B, S], start [B], n_new [B])
-    -> (logits [B, S, V] or [B, V], caches), B a multiple of dp. The chunk is prepared once, then one
-    shard_map runs the embedding, the layers and the head on every device's shards."""
+    -> (logits [B, S, V] or [B, V], caches), B = ``rows(B)``. The chunk is prepared once, then one shard_map
+    runs the embedding, the layers and the head on every device's shards.
+
+    ``plan``: with pp > 1, a ``runtime.pipeline.PipelinePlan`` runs the layers as stages; the weights list is
+    then the model's leaves outside the layers (``state_def``) followed by the plan's stacks, and the caches
+    are the plan's."""
 
     def __init__(self, cfg: DeepseekV4Config, graphdef, state_def, specs: list, mesh: ModelMesh, capacity: int,
-                 dtype):
+                 dtype, plan=None):
         self.cfg, self.graphdef, self.state_def, self.specs = cfg, graphdef, state_def, specs
-        self.mesh, self.capacity, self.dtype = mesh, capacity, dtype
+        self.mesh, self.capacity, self.dtype, self.plan = mesh, capacity, dtype, plan
+
+    def rows(self, batch: int) -> int:
+        """The batch a step of ``batch`` rows runs at (the extra rows are empty)."""
+        return self.mesh.rows(batch) if self.plan is None else self.plan.rows(batch)
 
     def cache_shardings(self, batch: int):
+        if self.plan is not None:
+            return jax.tree.map(lambda s: s.sharding, self.plan.cache_shapes(batch))
         shapes = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype))
         return cache_shardings(shapes, self.mesh.mesh, self.mesh.rules)
 
     def new_cache(self, batch: int):
-        """Zero caches for ``batch`` rows (a multiple of dp), made in place on their shards."""
+        """Zero caches for ``rows(batch)`` rows, made in place on their shards."""
+        return self._cache_initializer(self.rows(batch))()
+
+    @functools.cache
+    def _cache_initializer(self, batch: int):
+        """The jitted allocation of ``batch`` rows' caches (compiled once per batch size, not per generation)."""
+        if self.plan is not None:
+            shapes = self.plan.cache_shapes(batch)
+            return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                           out_shardings=jax.tree.map(lambda s: s.sharding, shapes))
         init = functools.partial(init_cache, self.cfg, batch, self.capacity, self.dtype)
-        return jax.jit(init, out_shardings=self.cache_shardings(batch))()
+        return jax.jit(init, out_shardings=self.cache_shardings(batch))
+
+    def _bind(self, weights):
+        """This device's weights -> (the model, how its layer stack runs)."""
+        if self.plan is None:
+            model = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, weights))
+            return model, None
+        n = self.state_def.num_leaves
+        model = nnx.merge(self.graphdef, self.plan.abstract_state, jax.tree.unflatten(self.state_def, weights[:n]))
+        return model, functools.partial(self.plan.run, weights[n:])
 
     def __call__(self, weights, cache, token_ids, start, n_new, last_only: bool, kernels: ops.Kernels):
         B, S = token_ids.shape
-        if B % self.mesh.dp:
-            raise ValueError(f"batch {B} is not a multiple of dp {self.mesh.dp}")
+        if B != self.rows(B):
+            raise ValueError(f"batch {B} is not a multiple of dp (x microbatches): {self.rows(B)}")
         token_ids, meta, logits_at = prepare_chunk(self.cfg, token_ids, start, n_new, self.capacity, last_only)
         rows = P(DP)
         cache_specs = jax.tree.map(lambda s: s.spec, self.cache_shardings(B))
 
         def body(weights, cache, token_ids, meta, *logits_at):
             with ops.use(kernels), use_axes(self.mesh.axes):
-                model = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, weights))
-                return forward_prepared(model, token_ids, meta, cache, *(logits_at or (None,)))
+                model, layers = self._bind(weights)
+                return forward_prepared(model, token_ids, meta, cache, *(logits_at or (None,)), layers=layers)
 
         extra = () if logits_at is None else (logits_at,)
         logits, cache = jax.shard_map(

@@ -1,19 +1,20 @@
-"""Pipeline parallelism: the decoder layers split over a ``pp`` mesh axis, one SPMD program under
-``jax.shard_map``, activations handed from stage to stage with ``lax.ppermute``.
+"""Pipeline parallelism: the decoder layers split over the ``pp`` axis of the engine's mesh
+(runtime/mesh.py), activations handed from stage to stage with ``lax.ppermute``.
 
-One step. ``PipelineEngine`` runs the engine's own jitted steps (``engine.DeviceSteps``) and its
-generation loop (``Engine.stream``, with its one step of lookahead): chunk preparation (padding,
-the metadata), the embedding, the head and the sampler are the engine's code; ``PipelinePlan`` only
-takes the place of the model's layer loop (``DeepseekV4ForCausalLM.run_layers``) and says how the
-layers' weights and caches are placed. The weights outside the layers (embedding, hc_head, final norm,
-LM head) are replicated on every stage, and the embedding and the head run on every device outside
-the stage program (so every device holds both vocabulary-sized tables).
+One step. An engine whose mesh has pp > 1 (``Engine(mesh=make_mesh(pp=, dp=, tp=, ep=))``, or
+``engine.PipelineEngine``) runs its own jitted steps and generation loop (with its one step of lookahead):
+chunk preparation (padding, the metadata), the embedding, the head and the sampler are the engine's code,
+all inside the sharded step's one ``shard_map``; ``PipelinePlan.run`` only takes the place of the model's
+layer loop (``DeepseekV4ForCausalLM.run_layers``) and says how the layers' weights and caches are placed.
+Within a stage the layers' weights and caches are split over dp and tp as the mesh's rules say, and the
+ops' collectives (ops/parallel.py) run among the stage's devices. The weights outside the layers
+(embedding, hc_head, final norm, LM head) are on every stage (split over tp), and the embedding and the
+head run on every stage.
 
 Stages. ``stage_starts(L, pp, boundaries)`` gives each stage's first layer (``boundaries`` = the
 first layer of stages 1..pp-1; default: contiguous, as even as possible, earlier stages take the
-remainder). Each stage runs on one device of a 1-D mesh ``('pp',)``; across processes
-(``jax.distributed.initialize``) the mesh spans every process's devices, so the same program runs
-multi-host.
+remainder). Across processes (``jax.distributed.initialize``) the mesh spans every process's devices, so
+the same program runs multi-host.
 
 One program for heterogeneous layers. Layers differ by attention type (sliding / CSA / HCA: CSA
 and HCA add a compressor, CSA an indexer) and MoE type (hash: a token->expert table; learned: a
@@ -47,8 +48,8 @@ metadata, so what a stage computes cannot depend on which layer type it starts w
 bug: issue #25662 / PR #25729). (Being replicated, that one computation is executed by every device,
 like any replicated op in an SPMD program; it is a few small integer tensors.)
 
-Schedule: GPipe. The batch (padded with empty rows to a multiple of ``microbatches``) is split
-into M microbatches; the program is a ``lax.scan`` over T = M + pp - 1 ticks; at tick t stage s
+Schedule: GPipe. Each dp shard of rows (padded with empty rows to a multiple of ``microbatches``) is
+split into M microbatches; the program is a ``lax.scan`` over T = M + pp - 1 ticks; at tick t stage s
 works on microbatch t - s (if in range), then ppermutes its streams and token ids to stage s + 1.
 Prefill chunks and decode steps both use it. Each stage idles pp - 1 of the T ticks: the bubble is
 (pp - 1) / (M + pp - 1) (e.g. pp = 4, M = 4: 3/7). Cutting it: more microbatches; interleaved
@@ -61,13 +62,12 @@ is implemented here.
 
 Numerics: with one microbatch every op sees the unpipelined shapes and the logits are bitwise
 equal to ``Engine``'s; with several, per-microbatch matmul shapes differ and fp32 logits agree to
-~5e-7 relative (CPU). The streams leave the last stage replicated (a sharding constraint), so the
-head's logits and sampled tokens are readable by every process. ``shard_map`` runs with
-``check_vma=False``.
+~5e-7 relative (CPU). The last stage's streams reach every stage by a sum over pp in which the others
+add zeros (exact), so every stage runs the head and every process reads the logits.
 
 Not done / costs: microbatch cache rows are sliced out and written back per layer
 (dynamic_slice / dynamic_update_slice; no copy with one microbatch); bubble ticks still
-ppermute; the embedding and the head run replicated on every device; extras weights are read with
+ppermute; the embedding and the head run on every stage; extras weights are read with
 a dynamic index; weights are stacked from a fully built host model (a real multi-host loader would
 build only the local stages' slices: the callbacks below already ask only for those).
 """
@@ -75,7 +75,6 @@ build only the local stages' slices: the callbacks below already ask only for th
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -83,15 +82,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .. import ops
 from ..model.cache import init_cache
+from ..model.spec import axes_of
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, at_positions
-from .engine import DeviceSteps, Engine
+from ..weights.sharding import PP, cache_shardings, placement, to_placed
+from .mesh import ModelMesh, place_variable
 
-PP_AXIS = "pp"
+PP_AXIS = PP
 STAGE_SCOPE = "pipeline_stage"
 TRUNK = "trunk"
 
@@ -162,6 +162,12 @@ def _flat(tree) -> list[tuple[str, object]]:
     return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _flat_variables(state) -> list[tuple[str, nnx.Variable]]:
+    """``_flat``'s keys (which end in ``.value``) with the variables themselves, in the same order."""
+    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return [(k, var) for (k, _), (_, var) in zip(_flat(state), leaves)]
+
+
 def _head_name(key: str) -> str:
     return key.split("'")[1] if key.startswith("['") else key.lstrip(".").split(".")[0]
 
@@ -181,23 +187,26 @@ class _Variant:
 class PipelinePlan:
     """Static description of a split: stages, positions, variants, stacking groups, index tables."""
 
-    def __init__(self, model: DeepseekV4ForCausalLM, starts: Sequence[int], devices, capacity: int,
+    def __init__(self, model: DeepseekV4ForCausalLM, starts: Sequence[int], mesh: ModelMesh, capacity: int,
                  microbatches: int | None = None):
         cfg = model.config
         L = cfg.num_hidden_layers
         self.cfg, self.dtype, self.capacity, self.microbatches = cfg, model.dtype, capacity, microbatches
         self.pp = pp = len(starts)
+        if mesh.pp != pp:
+            raise ValueError(f"{pp} stages on a mesh of pp {mesh.pp}")
         self.starts = tuple(starts)
         ends = (*starts[1:], L)
         self.stage_layers = tuple(tuple(range(a, b)) for a, b in zip(starts, ends))
         self.P = max(len(s) for s in self.stage_layers)
-        self.mesh = Mesh(np.asarray(devices, dtype=object), (PP_AXIS,))
+        self.model_mesh, self.mesh = mesh, mesh.mesh
         kinds = [(cfg.layer_types[i], cfg.mlp_layer_types[i]) for i in range(L)]
         group_of = {"self_attn": lambda i: f"attn:{kinds[i][0]}", "mlp": lambda i: f"mlp:{kinds[i][1]}"}
 
         # Split every layer; sort its weight and cache leaves into trunk and per-type groups.
         splits = [nnx.split(layer) for layer in model.model.layers]
         self._layer_leaves = [dict(_flat(state)) for _, state in splits]
+        self._axes = {k: axes_of(var) for _, state in splits for k, var in _flat_variables(state)}
         cache_shapes = jax.eval_shape(lambda: init_cache(cfg, 1, capacity, model.dtype))
         cache_leaves = [dict(_flat(c)) for c in cache_shapes]
 
@@ -274,62 +283,69 @@ class PipelinePlan:
                                                           for g, spec in self.param_groups.items()}})
 
     # -- placing weights and caches -------------------------------------------------------------
-    @property
-    def sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P(PP_AXIS))
-
-    def _stacked(self, shape, dtype, stage_value):
-        """Global [pp, *shape] array sharded over stages; stage_value(s) -> np array of ``shape``."""
+    def _stacked(self, shape, dtype, stage_value, spec: P):
+        """Global [pp, n, *shape] array split over stages (and within a stage as ``spec``, a layer leaf's
+        PartitionSpec, says); stage_value(s) -> np array [n, *shape]."""
         def cb(index):
             rows = range(self.pp)[index[0]]
             out = np.stack([np.asarray(stage_value(s), dtype) for s in rows])
             return out[(slice(None), *index[1:])]
-        return jax.make_array_from_callback((self.pp, *shape), self.sharding, cb)
+        return jax.make_array_from_callback((self.pp, *shape), NamedSharding(self.mesh, P(PP, None, *spec)), cb)
 
     def layout(self, batch: int) -> tuple[int, int]:
-        """(microbatches, padded batch) used for a batch of ``batch`` rows."""
-        M = min(self.microbatches or self.pp, batch)
-        return M, -(-batch // M) * M
+        """(microbatches, padded batch) used for a batch of ``batch`` rows: each of the dp row shards is split
+        into the microbatches."""
+        dp = self.model_mesh.dp
+        local = -(-batch // dp)
+        M = min(self.microbatches or self.pp, local)
+        return M, -(-local // M) * M * dp
 
     def rows(self, batch: int) -> int:
-        """The padded batch (a multiple of the microbatches) the engine's step runs for ``batch`` rows."""
+        """The padded batch (a multiple of dp x the microbatches) the engine's step runs for ``batch`` rows."""
         return self.layout(batch)[1]
 
-    def place_weights(self) -> list:
-        """The weights argument of the engine's steps: the model's leaves outside the layers, replicated on
-        every stage, then the layers' leaves as stage-sharded stacks (each process materialises only its
-        stages)."""
+    def place_weights(self, abstract: bool = False) -> list:
+        """The weights argument of the engine's steps: the model's leaves outside the layers, placed as the
+        mesh's rules say (the same on every stage), then the layers' leaves as stage-split stacks, each layer
+        leaf placed within its stage as the rules say (each process materialises only its own shards).
+        ``abstract``: ShapeDtypeStructs of those arrays instead (no memory; for compiling ahead of time, from an
+        abstract model)."""
+        rules = self.model_mesh.rules
+
         def stacked_layers(key, shape, dtype, n, layers_of_stage):
+            placed_shape, sharding = placement(f"layer parameter {key}", self._axes[key], shape, self.mesh, rules)
+            if abstract:
+                return jax.ShapeDtypeStruct((self.pp, n, *placed_shape), dtype,
+                                            sharding=NamedSharding(self.mesh, P(PP, None, *sharding.spec)))
+
             def stage_value(s):
-                out = np.zeros((n, *shape), dtype)  # padding slots stay zero and are never read
+                out = np.zeros((n, *placed_shape), dtype)  # padding slots stay zero and are never read
                 for j, i in enumerate(layers_of_stage(s)):
-                    out[j] = np.asarray(self._layer_leaves[i][key])
+                    out[j] = to_placed(np.asarray(self._layer_leaves[i][key]), placed_shape)
                 return out
-            return self._stacked((n, *shape), dtype, stage_value)
+            return self._stacked((n, *placed_shape), dtype, stage_value, sharding.spec)
 
         trunk = {k: stacked_layers(k, shape, dtype, self.P, lambda s: self.stage_layers[s])
                  for k, (shape, dtype) in self._trunk_spec.items()}
         groups = {g: {k: stacked_layers(k, shape, dtype, self.group_size[g], lambda s, g=g: self.members[g][s])
                       for k, (shape, dtype) in spec.items()}
                   for g, spec in self.param_groups.items()}
-        replicated = NamedSharding(self.mesh, P())
-        rest = [jax.make_array_from_callback(x.shape, replicated, lambda i, x=x: np.asarray(x)[i])
-                for x in jax.tree.leaves(self._rest)]
+        rest = [place_variable(key, var, self.model_mesh, abstract) for key, var in _flat_variables(self._rest)]
         return rest + jax.tree.leaves({"trunk": trunk, "groups": groups})
 
     def cache_shapes(self, batch: int) -> dict:
-        def spec(shape, dtype, n):
-            return jax.ShapeDtypeStruct((self.pp, n, batch, *shape[1:]), dtype, sharding=self.sharding)
-        return {"trunk": {k: spec(s, d, self.P) for k, (s, d) in self._cache_trunk_spec.items()},
-                "groups": {g: {k: spec(s, d, self.group_size[g]) for k, (s, d) in sp.items()}
-                           for g, sp in self.cache_groups.items()}}
+        """The stacked caches of ``batch`` rows (a multiple of dp) as ShapeDtypeStructs with their shardings:
+        [pp, n, batch, ...], split over stages and, within a stage, as each field's logical axes say."""
+        layer_caches = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype))
+        specs = {k: s.spec for c in cache_shardings(layer_caches, self.mesh, self.model_mesh.rules)
+                 for k, s in _flat(c)}
 
-    def new_cache(self, batch: int) -> dict:
-        """Zero caches for ``batch`` rows, stacked like the weights (each stage owns its layers' caches)."""
-        shapes = self.cache_shapes(batch)
-        zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                        out_shardings=jax.tree.map(lambda s: s.sharding, shapes))
-        return zeros()
+        def spec(key, shape, dtype, n):
+            return jax.ShapeDtypeStruct((self.pp, n, batch, *shape[1:]), dtype,
+                                        sharding=NamedSharding(self.mesh, P(PP, None, *specs[key])))
+        return {"trunk": {k: spec(k, s, d, self.P) for k, (s, d) in self._cache_trunk_spec.items()},
+                "groups": {g: {k: spec(k, s, d, self.group_size[g]) for k, (s, d) in sp.items()}
+                           for g, sp in self.cache_groups.items()}}
 
     def unstack_cache(self, cache: dict) -> tuple:
         """Stacked caches -> the per-layer LayerCache tuple of ``init_cache`` (host copies; for tests)."""
@@ -344,17 +360,19 @@ class PipelinePlan:
             out.append(jax.tree_util.tree_unflatten(var.cache_treedef, leaves))
         return tuple(out)
 
-    # -- the layer stack over the stages (``run_layers`` of the engine's step) ---------------------
-    def __call__(self, weights: list, streams, token_ids, meta, cache, logits_at=None):
-        """``DeepseekV4ForCausalLM.run_layers`` over the stages; ``weights``: the stacks of ``place_weights``.
+    # -- the layer stack over the stages (``run_layers`` inside the sharded step's shard_map) --------
+    def run(self, weights: list, streams, token_ids, meta, cache, logits_at=None):
+        """``DeepseekV4ForCausalLM.run_layers`` over the stages, on one device's shards (inside
+        ``runtime.mesh.ShardedStep``'s shard_map); ``weights``: its shards of ``place_weights``' stacks.
 
-        streams [B, C, n, d] (replicated; B a multiple of the microbatches), the metadata built once for the
-        whole batch (every stage slices its microbatch's rows). Returns (streams after the last layer,
-        [B, C, n, d] or [B, n, d] at ``logits_at`` [B], replicated on every device; stacked caches).
+        streams [B, C, n, d] of this device's dp shard of rows (B a multiple of the microbatches), the
+        metadata of those rows (built once for the whole batch before the shard_map; every stage slices its
+        microbatch's rows). Returns (streams after the last layer, [B, C, n, d] or [B, n, d] at ``logits_at``
+        [B], on every stage; this device's stacked caches).
         """
         B = token_ids.shape[0]
-        M, Bp = self.layout(B)
-        if Bp != B:
+        M = min(self.microbatches or self.pp, B)
+        if B % M:
             raise ValueError(f"batch {B} is not a multiple of microbatches {M}")
         bad = [x.shape for x in jax.tree.leaves(meta) if x.shape[:1] != (B,)]
         if bad:  # microbatches take row slices of the metadata, so every field must be per row
@@ -362,17 +380,16 @@ class PipelinePlan:
         last_only = logits_at is not None
         params = jax.tree.unflatten(self._stacks_def, weights)
         at = logits_at if last_only else jnp.zeros((B,), jnp.int32)
-        body = functools.partial(self.stage_program, M, last_only)
-        ys, cache = jax.shard_map(body, mesh=self.mesh, in_specs=(P(PP_AXIS), P(PP_AXIS), P(), P(), P(), P()),
-                                  out_specs=(P(PP_AXIS), P(PP_AXIS)), check_vma=False)(
-            params, cache, streams, token_ids, meta, at)
-        # The last stage finishes microbatch m at tick m + pp - 1.
-        out = ys[self.pp - 1, self.pp - 1:].reshape(B, *ys.shape[3:])
-        return lax.with_sharding_constraint(out, NamedSharding(self.mesh, P())), cache
+        ys, cache = self.stage_program(M, last_only, params, cache, streams, token_ids, meta, at)
+        # The last stage finishes microbatch m at tick m + pp - 1; every stage gets its result (the others add 0).
+        out = ys[0, self.pp - 1:].reshape(B, *ys.shape[3:])
+        out = lax.psum(jnp.where(lax.axis_index(PP) == self.pp - 1, out, jnp.zeros_like(out)), PP)
+        return out, cache
 
     # -- the stage program (runs inside shard_map; every leaf has a leading stage axis of 1) ----
     def stage_program(self, microbatches: int, last_only: bool, params, cache, first_streams,
                       token_ids, meta, logits_at):
+        """One device's stage: a scan over the GPipe ticks (module docstring); leaves carry a stage axis of 1."""
         cfg, pp, M = self.cfg, self.pp, microbatches
         with jax.named_scope(STAGE_SCOPE):
             params = jax.tree.map(lambda x: x[0], params)
@@ -463,58 +480,3 @@ class PipelinePlan:
                  "groups": {g: ({k: put(x, new_groups[g][k], idx[g]) for k, x in c.items()}
                                 if g in new_groups else c) for g, c in cache["groups"].items()}}
         return streams, cache
-
-
-class PipelineEngine(Engine):
-    """``Engine`` with the layers pipelined over ``pp`` devices (same generate / stream / prefill API).
-
-    >>> engine = PipelineEngine(model, pp=4, boundaries=(2, 3, 6), microbatches=2, capacity=4096)
-    >>> engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)
-
-    ``boundaries``: first layer of stages 1..pp-1 (default: an even split). ``microbatches``: GPipe
-    microbatches per step (default min(pp, batch)); the batch is padded with empty rows to a multiple.
-    ``devices``: the pipeline's devices in stage order (default: the first pp of ``jax.devices()``,
-    which spans all processes after ``jax.distributed.initialize``). ``kernels``: as for ``Engine``.
-    The steps are the engine's (``DeviceSteps`` with the plan running the layers), so is the generation
-    loop with its one step of lookahead; only the placement of weights, caches and inputs differs.
-    """
-
-    def __init__(self, model: DeepseekV4ForCausalLM, pp: int, boundaries: Sequence[int] | None = None,
-                 microbatches: int | None = None, capacity: int = 2048, prefill_chunk: int | None = None,
-                 tokenizer=None, devices=None, kernels: str | ops.Kernels | None = None):
-        self._starts, self._devices = check_pipeline(model.config.num_hidden_layers, pp, boundaries, devices)
-        if microbatches is not None and (isinstance(microbatches, bool) or microbatches < 1):
-            raise InputError(f"microbatches {microbatches!r} must be a positive integer")
-        self.pp, self.microbatches = pp, microbatches
-        super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, kernels=kernels)
-
-    def _place(self, model: DeepseekV4ForCausalLM) -> tuple[DeviceSteps, list]:
-        self.plan = PipelinePlan(model, self._starts, self._devices, self.capacity, self.microbatches)
-        weights = self.plan.place_weights()
-        return DeviceSteps(self.plan.graphdef, self.plan.state_def, self.capacity, layers=self.plan), weights
-
-    def layout(self, batch: int) -> tuple[int, int]:
-        """(microbatches, padded batch) used for a batch of ``batch`` rows."""
-        return self.plan.layout(batch)
-
-    def _global(self, x) -> jax.Array:
-        """An input as a replicated global array (valid across processes); the device outputs of the previous
-        step already are one and pass through without a host read."""
-        if isinstance(x, jax.Array) and x.sharding.device_set == set(self.plan.mesh.devices.flat):
-            return x
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, NamedSharding(self.plan.mesh, P()), lambda i: x[i])
-
-    def _new_cache(self, batch: int):
-        return self.plan.new_cache(self.plan.rows(batch))
-
-    def _run_chunk(self, cache, ids, start, n_new, last_only: bool):
-        logits, cache = self.steps.chunk(self.weights, cache, *map(self._global, (ids, start, n_new)),
-                                         last_only=last_only, kernels=self.kernels)
-        return np.asarray(logits), cache
-
-    def _run_decode(self, cache, tokens, pos, active, key, temperature, top_k, top_p, filters: bool):
-        """``Engine._run_decode``'s contract; host inputs are sent as global arrays, device outputs fed back."""
-        return self.steps.decode(self.weights, cache, *map(self._global, (tokens, pos, active, key, temperature,
-                                                                          top_k, top_p)),
-                                 kernels=self.kernels, filters=filters)
