@@ -15,7 +15,7 @@ from kernels_pallas.grouped_gemv import grouped_gemv
 from kernels_pallas.grouped_matmul import grouped_matmul
 
 from .choice import interpret, pallas
-from .parallel import combine_experts, current_axes, expert_shard_index, gather_tokens
+from .parallel import combine_experts, expert_shard_count, expert_shard_index, gather_tokens
 
 _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -37,23 +37,26 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: ja
     dropped, whatever the routing.
     """
     x, idx, weights = gather_tokens(x, idx, weights)
-    if current_axes().ep:
+    spread = expert_shard_count()
+    if spread > 1:
         idx, weights = _local_assignments(idx, weights, gate_up.shape[0])
-    return combine_experts(_experts_on_device(x, idx, weights, gate_up, down, limit))
+    return combine_experts(_experts_on_device(x, idx, weights, gate_up, down, limit, spread))
 
 
 def _local_assignments(idx: jax.Array, weights: jax.Array, local_experts: int):
-    """Global expert ids [T, k] -> ids into this device's ``local_experts`` experts, with the weight of an
-    assignment to another device's expert zeroed (its row is computed against expert 0 and multiplied by 0)."""
+    """Global expert ids [T, k] -> ids into this device's ``local_experts`` experts; an assignment to another
+    device's expert gets id ``local_experts`` (past every group) and weight 0."""
     first = expert_shard_index() * local_experts
     mine = (idx >= first) & (idx < first + local_experts)
-    return jnp.where(mine, idx - first, 0), jnp.where(mine, weights, 0.0)
+    return jnp.where(mine, idx - first, local_experts), jnp.where(mine, weights, 0.0)
 
 
 def _experts_on_device(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
-                       limit: float) -> jax.Array:
+                       limit: float, spread: int = 1) -> jax.Array:
     """``routed_experts`` on the experts and width this device holds: x [T, d]; idx, weights [T, k] -> [T, d]
-    fp32.
+    fp32. ``spread``: the devices the experts are spread over; ids >= E then name another device's experts,
+    whose assignments sort past every group and are neither computed nor read (their rows are zeros), and
+    the kernel is chosen by the assignments expected on this device (T k / spread).
 
     Only the picked experts' weights are read. XLA: with fewer assignments than experts (decode) the picked
     matrices gathered per assignment, since XLA's GPU ragged dot is dense; else the assignments sorted by
@@ -67,9 +70,10 @@ def _experts_on_device(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up
     T, k = idx.shape
     E = gate_up.shape[0]
     use_kernel = pallas("routed_experts") and gate_up.dtype != jnp.float32
-    if T * k < E and not use_kernel:
-        return _gathered_experts(x, idx, weights, gate_up, down, limit)
-    if use_kernel and T == 1:  # one token's experts are distinct: no sorting, no scatter back
+    local_rows = T * k // spread
+    if local_rows < E and not use_kernel:  # another device's assignments: any matrix, weight 0
+        return _gathered_experts(x, idx if spread == 1 else jnp.minimum(idx, E - 1), weights, gate_up, down, limit)
+    if use_kernel and T == 1 and spread == 1:  # one token's experts are distinct: no sorting, no scatter back
         rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret())
         # gate_up reads the token's one row for all k experts: [1, d] -> [k, 2F]
         y = _expert_mlp(x.astype(gate_up.dtype), functools.partial(rows, w=gate_up), functools.partial(rows, w=down),
@@ -78,14 +82,16 @@ def _experts_on_device(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
-    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # ids >= E count in no group
     xs = x[token].astype(gate_up.dtype)
     if use_kernel:
-        matmul = functools.partial(grouped_gemv if T * k <= 3 * E else grouped_matmul, interpret=interpret())
+        matmul = functools.partial(grouped_gemv if local_rows <= 3 * E else grouped_matmul, interpret=interpret())
     else:
         matmul = functools.partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=_RAGGED_DN,
                                    preferred_element_type=jnp.float32)
     y = _expert_mlp(xs, lambda a: matmul(a, gate_up, group_sizes), lambda a: matmul(a, down, group_sizes), limit)
+    if spread > 1:  # the rows past the groups (other devices' assignments) were never written
+        y = jnp.where((jnp.arange(T * k) < jnp.sum(group_sizes))[:, None], y, 0.0)
     # Back to assignment order by the inverse permutation (a gather), then each token's k rows summed in a
     # fixed order: a scatter-add back is not deterministic on a GPU (its adds land in any order).
     unsorted = y[jnp.argsort(order)].reshape(T, k, -1)

@@ -72,6 +72,14 @@ def gather_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
     return logits[..., :vocab_size]
 
 
+def expert_shard_count() -> int:
+    """How many devices the routed experts are spread over (1 when they are not)."""
+    count = 1
+    for axis in _CURRENT.get().ep:
+        count *= jax.lax.axis_size(axis)
+    return count
+
+
 def expert_shard_index() -> jax.Array | int:
     """This device's position among the expert-parallel devices (0 when the experts are not spread)."""
     index = 0
