@@ -1,14 +1,16 @@
 """Benchmark the Pallas kernels against their plain-JAX references (a benchmark, not a test).
 
     python -m scripts.bench_kernels
-        [--only sparse_attention indexer topk compressor hc_pre grouped_matmul grouped_gemv expert_rows]
+        [--only sparse_attention indexer topk compressor hc_pre grouped_matmul grouped_gemv expert_rows fp8_linear]
         [--cases decode_B128] [--configs '[{}, {"block_h": 64, "num_warps": 8}]'] [--reps 50]
 
 Each kernel's cases (scripts/kernel_cases.py ``bench_cases``) give inputs, the minimal HBM bytes and the FLOPs. Both
 implementations are timed the same way: the median of ``--reps`` runs of one jitted loop of ``--inner``
 dependent calls, after a warm-up (device time: the host dispatches once per loop; see ``time_fn``), or with
 ``--busy`` the kernels' own execution time from a profiler trace of those loops (``busy_time_fn``). The roofline uses
-the copy bandwidth and bf16 matmul rate measured in the same run (scripts/roofline.py). Prints one
+the copy bandwidth and bf16 matmul rate measured in the same run (scripts/roofline.py); the reference and a
+case's ``baselines`` (other implementations, e.g. bf16 weights for the FP8 linear) are reported as bytes/s and
+% of the copy rate on their own bytes. Prints one
 JSON object per case and kernel configuration: ``--configs`` (a JSON list of the kernel's ``TuningConfig``
 fields, unset fields at the case's choice, ``{}`` = the kernel's own per-shape choice) sweeps block
 sizes and warps in one run; ``--cases`` keeps the cases whose name contains one of the given strings.
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "grouped_matmul", "grouped_gemv", "expert_rows")
+MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "grouped_matmul", "grouped_gemv",
+           "expert_rows", "fp8_linear")
 
 
 def dependent_loop(fn, args, kwargs, inner: int):
@@ -88,6 +91,11 @@ def busy_time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
     return sum(per_op.values()) / 1e9 / (reps * inner)
 
 
+def rates(prefix: str, nbytes: int, seconds: float, bw: float) -> dict:
+    """``{prefix}TBps`` and ``{prefix}pct_of_copy``: ``nbytes`` in ``seconds`` against the copy rate ``bw`` (B/s)."""
+    return {f"{prefix}TBps": nbytes / seconds / 1e12, f"{prefix}pct_of_copy": 100 * nbytes / bw / seconds}
+
+
 def tuning_kwargs(kernel: str, case: dict, config: dict) -> dict:
     """One ``--configs`` entry -> the Pallas function's keywords: ``tuning=`` the case's ``tuning`` (else the
     module's ``TuningConfig()``) with the entry's fields replaced; ``{}``: none, the kernel's own choice."""
@@ -124,10 +132,13 @@ def main(argv=None) -> int:
                     "timing": "kernel_busy" if args.busy else "loop"}
             try:
                 t_ref = timer(case["reference"], inputs, case.get("kwargs", {}), args.reps, args.inner)
-                base["reference_us"] = t_ref * 1e6
+                base.update({"reference_us": t_ref * 1e6, **rates("reference_", case["bytes"], t_ref, bw)})
             except Exception as e:  # the reference may not fit (e.g. materialised per-head scores)
                 t_ref = None
                 base["reference_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            for b in case.get("baselines", []):
+                t_b = timer(b["fn"], b["args"](jax.random.PRNGKey(0)), b.get("kwargs", {}), args.reps, args.inner)
+                base.update({f"{b['name']}_us": t_b * 1e6, **rates(f"{b['name']}_", b["bytes"], t_b, bw)})
             for config in args.configs:
                 row = {**base, "config": config}
                 try:
@@ -141,7 +152,7 @@ def main(argv=None) -> int:
                 floor_mm = case.get("flops", 0) / mm
                 row.update({
                     "pallas_us": t * 1e6,
-                    "achieved_TBps": case["bytes"] / t / 1e12,
+                    **rates("achieved_", case["bytes"], t, bw),
                     "achieved_TFLOPs": case.get("flops", 0) / t / 1e12,
                     "roofline_bound": "memory" if floor_bw >= floor_mm else "matmul",
                     "pct_of_roofline": 100 * max(floor_bw, floor_mm) / t,

@@ -2,25 +2,33 @@
 
 ``bench_cases(kernel)``: a list of dicts, each with ``name``, ``shapes``, ``args`` (PRNG key -> the positional
 inputs), ``kwargs``, the kernel's ``tuning`` for the case where it depends on the shape, the minimal HBM
-``bytes``, the ``flops``, and the ``pallas`` and ``reference`` functions to time. The inputs are built here,
+``bytes``, the ``flops``, and the ``pallas`` and ``reference`` functions to time; optionally ``baselines``, other
+implementations timed beside them (each a dict of ``name``, ``fn``, its own ``args`` builder, ``kwargs`` and
+``bytes``). The inputs are built here,
 some from the model (its metadata, config and XLA path), so the kernel modules hold only kernels, tuning and
 references and import nothing from dsv4_jax.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
 
 from dsv4_jax import ops
 from dsv4_jax.model.config import DeepseekV4Config
 from dsv4_jax.model.metadata import build_metadata
+from dsv4_jax.model.spec import Storage, storage_of
 from dsv4_jax.ops.indexer import select_topk
+from dsv4_jax.weights.params import abstract_model, param_table
 from kernels_pallas import compressor as cp
 from kernels_pallas import expert_rows as er
+from kernels_pallas import fp8_linear as fl
 from kernels_pallas import grouped_gemv as gg
 from kernels_pallas import grouped_matmul as gm
 from kernels_pallas import hc_pre as hc
@@ -466,6 +474,77 @@ def expert_rows_cases():
             dense(d, F, "dense shared down T=1"), dense(1024, d, "dense q_a T=1")]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# FP8 block-scaled linears
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fp8_linear_shapes(cfg: DeepseekV4Config) -> dict[str, tuple[int, int, int]]:
+    """The distinct FP8 linears of ``cfg``'s model with its MTP block, read off the abstract model: label ->
+    (N, K, groups) as ``fp8_linear`` takes them (``o_a_proj``: K of one group, groups = ``o_groups``). The
+    first four layers hold every attention and MLP kind; a label joins the names of one shape (gate and up)."""
+    first4 = dataclasses.replace(cfg, num_hidden_layers=4, layer_types=cfg.layer_types[:4],
+                                 mlp_layer_types=cfg.mlp_layer_types[:4])
+    model = abstract_model(first4, jnp.bfloat16, mtp=True)
+    shapes = {}
+    for name, var in param_table(model).items():
+        if storage_of(var) is not Storage.FP8:
+            continue
+        module = name.split(".")[-2]
+        label = f"indexer.{module}" if ".indexer." in name else f"shared.{module}" if ".shared_experts." in name \
+            else module
+        N, K = var.get_value().shape
+        groups = cfg.o_groups if module == "o_a_proj" else 1
+        shapes.setdefault((N, K, groups), set()).add(label)
+    return {"+".join(sorted(labels)): shape for shape, labels in shapes.items()}
+
+
+def fp8_linear_inputs(key, M, N, K, groups=1):
+    """x [M, groups*K] bf16 (normal), w_q [N, K] e4m3 (every finite code equally likely), w_scale
+    [cdiv(N,128), cdiv(K,128)] fp32, powers of two 2^-12 .. 2^-4 (distinct per block, so a wrong block's
+    scale shows)."""
+    kx, kw, ks = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (M, groups * K), jnp.float32).astype(jnp.bfloat16)
+    bits = jax.random.bits(kw, (N, K), jnp.uint8)
+    bits = jnp.where(bits & 0x7F == 0x7F, 0, bits)  # e4m3fn's two NaN codes -> 0
+    w_q = lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+    exponents = jax.random.randint(ks, (pl.cdiv(N, fl.BLOCK), pl.cdiv(K, fl.BLOCK)), -12, -3)
+    return x, w_q, jnp.ldexp(jnp.ones((), jnp.float32), exponents)
+
+
+def bf16_linear_inputs(key, M, N, K, groups=1):
+    """The same x with the weight dequantised to bf16: the bf16 model's linear of the same shape."""
+    x, w_q, w_scale = fp8_linear_inputs(key, M, N, K, groups)
+    return x, fl.dequantize(w_q, w_scale, jnp.bfloat16)
+
+
+def fp8_linear_cases():
+    """Every FP8 linear of Flash (``fp8_linear_shapes``) at 1, 8 and 32 rows (decode batches), against the
+    plain-JAX path (``reference``: the weight dequantised inside the jit, then one dot), with the same shape's
+    bf16 weight under XLA as the baseline ``bf16_weights``. Bytes: the e4m3 weight, its scales, x and the
+    bf16 output. The benchmark's dependent loop threads the smallest float input, here w_scale, so XLA
+    cannot hoist the reference's dequantisation out of the loop."""
+    cases = []
+    for label, (N, K, groups) in fp8_linear_shapes(DeepseekV4Config.flash()).items():
+        for M in (1, 8, 32):
+            io = 2 * M * (groups * K + N)
+            cases.append({
+                "name": f"{label} M={M}",
+                "shapes": {"M": M, "N": N, "K": K, "groups": groups},
+                "args": functools.partial(fp8_linear_inputs, M=M, N=N, K=K, groups=groups),
+                "kwargs": {"groups": groups},
+                "tuning": fl.choose_tuning(M, N, K),
+                "bytes": N * K + 4 * pl.cdiv(N, fl.BLOCK) * pl.cdiv(K, fl.BLOCK) + io,
+                "flops": 2 * M * N * K,
+                "pallas": fl.fp8_linear,
+                "reference": fl.reference,
+                "baselines": [{"name": "bf16_weights", "fn": fl.grouped_linear, "kwargs": {"groups": groups},
+                               "args": functools.partial(bf16_linear_inputs, M=M, N=N, K=K, groups=groups),
+                               "bytes": 2 * N * K + io}],
+            })
+    return cases
+
+
 CASES = {
     "sparse_attention": sparse_attention_cases,
     "indexer": indexer_cases,
@@ -475,4 +554,5 @@ CASES = {
     "grouped_matmul": grouped_matmul_cases,
     "grouped_gemv": grouped_gemv_cases,
     "expert_rows": expert_rows_cases,
+    "fp8_linear": fp8_linear_cases,
 }
