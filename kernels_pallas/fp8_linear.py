@@ -11,8 +11,8 @@ attention output projection ``o_a`` (weight [G * r_o, in_per_group], x [..., G, 
 power of two, for every scale from 2^-124 to 2^119) and one dot with fp32 accumulation.
 
 Why: decode reads every weight once per step, so its time is the weight bytes over the copy rate. Kept in
-e4m3, a linear is half its bf16 bytes; XLA's own paths either dequantise into a bf16 buffer first (the
-weight is read, written and read again) or run FP8 x FP8 ``dot``, slower than bf16 at 1-32 rows (issue 26).
+e4m3, a linear is half its bf16 bytes; XLA's own paths, the dequantise-then-dot of ``reference`` and an
+FP8 x FP8 ``dot``, fall well short of that rate at 1-32 rows (issue 26).
 
 Backend: the Pallas **Triton** backend, like ``expert_rows``: masked loads, ``jnp.dot`` on 16-row register
 tiles (Triton's ``mma`` minimum; ``wgmma`` would need 64 rows that decode does not have).
