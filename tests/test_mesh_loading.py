@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from conftest import tiny  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
+from workers import finish, spawn  # noqa: E402
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
 
 # 8 query heads in 4 output groups and 8 indexer heads split over tp 4; 8 experts over dp x tp 4; vocabulary 250
@@ -133,23 +133,7 @@ def load(root: Path, which: str, **kw):
 # ----- the pytest side ------------------------------------------------------------------------------------------
 
 def run_worker(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=env, cwd=ROOT,
-                                stdout=err, stderr=err, text=True)
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: float = 900) -> None:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"worker timed out after {timeout} s:\n{proc.log.read_text()[-4000:]}")
-    assert proc.returncode == 0, f"worker failed (rc {proc.returncode}):\n{proc.log.read_text()[-6000:]}"
+    return spawn([str(Path(__file__).resolve()), *args], 8, log)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +25,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from conftest import tiny  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
+from workers import finish, free_port, jaxpr_walk, spawn  # noqa: E402
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
 
 # 8 layers: every stage split below starts some stage on a sliding, a CSA and an HCA layer, and the
@@ -143,34 +142,13 @@ def run_script(args: list[str], devices: int, log: Path) -> subprocess.Popen:
     return spawn([str(Path(__file__).resolve()), *args], devices, log)
 
 
-def spawn(args: list[str], devices: int, log: Path, stdout: Path | None = None) -> subprocess.Popen:
-    """``python args...`` with ``devices`` fake CPU devices; stderr (and stdout unless given) to ``log``."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    with open(log, "w") as err, open(stdout or os.devnull, "w") as out:
-        proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=out if stdout else err,
-                                stderr=err, text=True)
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: float = 900) -> None:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"worker timed out after {timeout} s:\n{proc.log.read_text()[-4000:]}")
-    assert proc.returncode == 0, f"worker failed (rc {proc.returncode}):\n{proc.log.read_text()[-6000:]}"
-
-
 # ----- the pytest side -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     """Start every multi-device subprocess at once (they compile while the reference is computed):
     the 8-device run of all CASES (+ determinism + jaxpr checks) and the two multi-host processes."""
     out_dir = tmp_path_factory.mktemp("pipeline")
-    port = _free_port()
+    port = free_port()
     procs = {f"cases{i}": run_script(["cases", str(out_dir / f"cases{i}"), *group], 8, out_dir / f"cases{i}.log")
              for i, group in enumerate(CASE_GROUPS)}
     for i in range(2):
@@ -359,12 +337,6 @@ def _small_model():
     return DeepseekV4ForCausalLM(CFG, rngs=nnx.Rngs(0))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_multihost_matches_single_process(workers, reference):
     """2 processes x 2 fake CPU devices, gloo collectives, one pp=4 mesh over both processes."""
     out_dir, procs = workers
@@ -411,20 +383,6 @@ def test_generate_cli_pp(workers):
 
 
 # ----- the subprocess side -----------------------------------------------------------------------
-def _jaxpr_walk(jaxpr, inherited=""):
-    """(name stack, eqn) over a jaxpr and all sub-jaxprs (closed or open, also in tuples), in order."""
-    import jax
-    for eqn in jaxpr.eqns:
-        stack = inherited + "/" + str(eqn.source_info.name_stack)
-        yield stack, eqn
-        for val in eqn.params.values():
-            for v in (val if isinstance(val, (tuple, list)) else (val,)):
-                if isinstance(v, jax.extend.core.ClosedJaxpr):
-                    v = v.jaxpr
-                if isinstance(v, jax.extend.core.Jaxpr):
-                    yield from _jaxpr_walk(v, stack)
-
-
 def _jaxpr_report(engine, batch: int, chunk: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -438,14 +396,14 @@ def _jaxpr_report(engine, batch: int, chunk: int) -> dict:
     ids, rows = jnp.zeros((batch, chunk), jnp.int32), jnp.zeros((batch,), jnp.int32)
     jaxpr = jax.make_jaxpr(fn)(engine.weights, engine.plan.cache_shapes(Bp), ids, rows, rows + chunk).jaxpr
     vec = jnp.zeros((Bp,), jnp.int32)
-    walk = list(_jaxpr_walk(jaxpr))
+    walk = list(jaxpr_walk(jaxpr))
     meta = [i for i, (s, _) in enumerate(walk) if METADATA_SCOPE in s]
     stage = [i for i, (s, _) in enumerate(walk) if STAGE_SCOPE in s]
 
     def one_build(start, n_new):
         with jax.named_scope(METADATA_SCOPE):
             return build_metadata(CFG, start, n_new, chunk, CAPACITY)
-    alone = list(_jaxpr_walk(jax.make_jaxpr(one_build)(vec, vec + chunk).jaxpr))
+    alone = list(jaxpr_walk(jax.make_jaxpr(one_build)(vec, vec + chunk).jaxpr))
     perms = [e for s, e in walk if e.primitive.name == "ppermute"]
     return dict(meta_eqns=len(meta), stage_eqns=len(stage), last_meta=max(meta), first_stage=min(stage),
                 meta_inside_stage=sum(METADATA_SCOPE in s and STAGE_SCOPE in s for s, _ in walk),

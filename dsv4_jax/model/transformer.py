@@ -101,8 +101,8 @@ class DeepseekV4ForCausalLM(nnx.Module):
 
     def run_layers(self, streams: jax.Array, token_ids: jax.Array, meta: ForwardMetadata,
                    cache: tuple[LayerCache, ...], logits_at: jax.Array | None = None):
-        """The layer stack on one device: streams [B, C, n, d] -> (streams after the last layer, [B, C, n, d]
-        or [B, n, d] at ``logits_at`` [B]; new caches). ``runtime.pipeline`` runs the same stack over stages."""
+        """The layer stack: streams [B, C, n, d] -> (streams after the last layer, [B, C, n, d] or [B, n, d] at
+        ``logits_at`` [B]; new caches). ``runtime.pipeline`` runs the same layers as stages."""
         new_cache = []
         for i, (layer, layer_cache) in enumerate(zip(self.model.layers, cache)):
             with jax.named_scope(f"layer_{i}"):
@@ -158,18 +158,16 @@ def prepare_chunk(cfg: DeepseekV4Config, token_ids: jax.Array, start: jax.Array,
 
 
 def run_chunk(model: DeepseekV4ForCausalLM, cache, token_ids: jax.Array, start: jax.Array, n_new: jax.Array,
-              capacity: int, last_only: bool = False, layers=None):
-    """One forward over a chunk: the metadata step once, then every layer.
+              capacity: int, last_only: bool = False):
+    """One forward over a chunk on one device: the metadata step once, then every layer.
 
     token_ids [B, C] (row b's first n_new[b] tokens are real, the rest padding); start [B] tokens
     already cached. The ops run the implementations of the current ``ops.use`` setting (plain XLA unless
-    set). ``layers``: how the layer stack runs, with ``model.run_layers``'s signature (default: that loop
-    on one device; ``runtime.pipeline`` passes its stage loop).
-    Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
+    set). Returns (logits [B, C, V] or [B, V] at each row's last real token, new caches).
     """
     S = token_ids.shape[1]
     token_ids, meta, logits_at = prepare_chunk(model.config, token_ids, start, n_new, capacity, last_only)
-    logits, cache = forward_prepared(model, token_ids, meta, cache, logits_at, layers)
+    logits, cache = forward_prepared(model, token_ids, meta, cache, logits_at)
     return (logits if last_only else logits[:, :S]), cache
 
 
@@ -177,7 +175,9 @@ def forward_prepared(model: DeepseekV4ForCausalLM, token_ids: jax.Array, meta: F
                      logits_at: jax.Array | None, layers=None):
     """A prepared chunk (``prepare_chunk``'s outputs) through the embedding, the layers and the head ->
     (logits [B, C, V] or [B, V] at ``logits_at``, new caches). The sharded step (runtime/mesh.py) runs this
-    per device, on its shards, with the metadata prepared before it."""
+    per device, on its shards, with the metadata prepared before it. ``layers``: how the layer stack runs,
+    with ``model.run_layers``'s signature (default: that loop; a pipeline's stages pass
+    ``runtime.pipeline.PipelinePlan.run``)."""
     streams, cache = (layers or model.run_layers)(model.embed_streams(token_ids), token_ids, meta, cache, logits_at)
     return model.logits(streams), cache
 
