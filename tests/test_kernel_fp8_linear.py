@@ -19,6 +19,7 @@ import pytest
 
 from dsv4_jax.model.config import DeepseekV4Config
 from dsv4_jax.weights import quantization
+import released_format
 from kernels_pallas import fp8_linear as fl
 from kernels_pallas.testing import compile_for_h100, lower_for_h100
 from scripts import kernel_cases
@@ -113,11 +114,11 @@ def test_reference_is_dequantise_then_matmul(M, N, K, groups):
 
 
 def test_dequantize_is_the_released_format():
-    """A weight quantised as the release stores it (quantization.quantise_fp8_blocks: e4m3 + ue8m0 per 128 x 128
+    """A weight quantised as the release stores it (released_format.quantise_fp8_blocks: e4m3 + ue8m0 per 128 x 128
     block), its scales decoded to fp32: ``dequantize`` is quantization.dequantise_fp8 bit for bit, in fp32 and
     in bf16, and the kernel on it matches the reference."""
     w = np.random.default_rng(0).standard_normal((300, 400)).astype(np.float32) * np.float32(0.02)
-    w_q, ue8m0 = quantization.quantise_fp8_blocks(w)
+    w_q, ue8m0 = released_format.quantise_fp8_blocks(w)
     w_scale = jnp.asarray(ue8m0.astype(np.float32))
     want = quantization.dequantise_fp8(w_q, ue8m0)
     np.testing.assert_array_equal(np.asarray(fl.dequantize(jnp.asarray(w_q), w_scale, jnp.float32)), want)

@@ -31,6 +31,7 @@ from conftest import tiny
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.model.spec import storage_of
 from dsv4_jax.weights import quantization, random_init
+import released_format
 from dsv4_jax.weights.names import canonical_name
 from dsv4_jax.weights.params import abstract_model, param_table
 from dsv4_jax.weights.quant_array import QuantArray
@@ -92,9 +93,9 @@ def expected_values(cfg: DeepseekV4Config, seed: int) -> dict[str, np.ndarray]:
                                                                                             cfg.n_routed_experts)]
         draw = [np.asarray(d) for d in draw]
         if kind == random_init.FP8:
-            draw = [quantization.dequantise_fp8(*quantization.quantise_fp8_blocks(d)) for d in draw]
+            draw = [quantization.dequantise_fp8(*released_format.quantise_fp8_blocks(d)) for d in draw]
         elif kind == random_init.FP4:
-            draw = [quantization.dequantise_fp4(*quantization.quantise_fp4(d)) for d in draw]
+            draw = [quantization.dequantise_fp4(*released_format.quantise_fp4(d)) for d in draw]
         elif kind == random_init.BF16:
             draw = [d.astype(ml_dtypes.bfloat16).astype(np.float32) for d in draw]
         out[name] = np.stack(draw) if len(shape) == 3 else draw[0]
@@ -188,8 +189,8 @@ def test_device_quantisers_give_quantization_py_bits():
     w[:5, :40] = 0
     w[5, :32] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -5.0] + [0.0] * 22 + [6.0]
     w[6, 64:96] = -w[5, :32]
-    for host, device in ((quantization.quantise_fp8_blocks, random_init.quantise_fp8_on_device),
-                         (quantization.quantise_fp4, random_init.quantise_fp4_on_device)):
+    for host, device in ((released_format.quantise_fp8_blocks, quantization.quantise_fp8_blocks),
+                         (released_format.quantise_fp4, quantization.quantise_fp4)):
         for a, b in zip(host(w), jax.jit(device)(w), strict=True):
             assert np.asarray(b).dtype == a.dtype and b.shape == a.shape
             np.testing.assert_array_equal(bits(b), bits(a))

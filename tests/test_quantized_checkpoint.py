@@ -29,7 +29,8 @@ from dsv4_jax.weights.safetensors_io import INDEX_FILE, catalog
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING
 from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config, mtp_logits
 from dsv4_jax.weights.quantization import (
-    E2M1_MAX, E4M3_MAX, dequantise_fp4, dequantise_fp8, quantise_fp4, quantise_fp8_blocks)
+    E2M1_MAX, E4M3_MAX, dequantise_fp4, dequantise_fp8)
+from released_format import quantise_fp4, quantise_fp8_blocks
 from test_checkpoint import official_name, read_tensors
 
 E4M3 = ml_dtypes.float8_e4m3fn

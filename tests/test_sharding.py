@@ -43,8 +43,9 @@ from dsv4_jax.model.spec import Storage, axes_of, field_axes, param, storage_of 
 from dsv4_jax.runtime.demo import DEMO_WEIGHTS  # noqa: E402
 from dsv4_jax.weights.params import abstract_model, checkpoint_config, param_table  # noqa: E402
 from dsv4_jax.weights.quant_array import QuantArray  # noqa: E402
+from released_format import quantise_fp4, quantise_fp8_blocks  # noqa: E402
 from dsv4_jax.weights.quantization import (  # noqa: E402
-    dequantise_fp4, dequantise_fp8, quantise_fp4, quantise_fp8_blocks)
+    dequantise_fp4, dequantise_fp8)
 from dsv4_jax.weights.sharding import (  # noqa: E402
     LOGICAL_AXES, ShardingRules, cache_shardings, logical_sharding, logical_to_spec, target_shardings)
 

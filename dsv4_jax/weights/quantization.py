@@ -1,5 +1,6 @@
-"""DeepSeek's released weight formats (spec §11.1) and the project's own quantisers for them, in numpy;
-the dequantisers also run in jax.numpy (``xp=jnp``), for quant_array.QuantArray.
+"""DeepSeek's released weight formats (spec §11.1): dequantisers in numpy that also run in jax.numpy
+(``xp=jnp``, for quant_array.QuantArray), and quantisers in jax (any device: random released-format weights
+at device speed, weights/random_init.py; tests/released_format.py is their independent numpy reference).
 
 * FP8 linears: e4m3 weight [..., out, in] with one ue8m0 scale (a power of two, 2^(byte - 127)) per
   128 x 128 block, scale [..., ceil(out/128), ceil(in/128)]; W = Wq * scale (multiply, even where
@@ -13,7 +14,8 @@ exact: a 3- or 1-bit mantissa times a power of two is representable in fp32 and 
 
 from __future__ import annotations
 
-import ml_dtypes
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 FP8_BLOCK = 128
@@ -25,7 +27,6 @@ E2M1_MAX = 6.0
 # e2m1 magnitudes for codes 0-7; codes 8-15 are the same values negated (bit 3 is the sign).
 E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 E2M1_LUT = np.concatenate([E2M1_GRID, -E2M1_GRID])
-_UE8M0_MIN_EXP, _UE8M0_MAX_EXP = -127, 127
 
 
 def fp8_scale_shape(weight_shape) -> tuple[int, ...]:
@@ -40,7 +41,7 @@ def fp4_scale_shape(weight_shape) -> tuple[int, ...]:
     return (*lead, out, cols // FP4_BLOCK)
 
 
-def _block_scales(scale: np.ndarray, rows: int, cols: int, block_rows: int, block_cols: int, xp=np) -> np.ndarray:
+def block_scales(scale: np.ndarray, rows: int, cols: int, block_rows: int, block_cols: int, xp=np) -> np.ndarray:
     """One scale per block [..., R, C] -> one per element [..., rows, cols], fp32."""
     s = xp.asarray(scale).astype(xp.float32)
     return xp.repeat(xp.repeat(s, block_rows, axis=-2), block_cols, axis=-1)[..., :rows, :cols]
@@ -50,7 +51,7 @@ def scale_blocks(values: np.ndarray, scale: np.ndarray, block: tuple[int, int], 
     """values fp32 [..., out, in] times their block's scale, scale [..., ceil(out/br), ceil(in/bc)] for
     ``block`` (br, bc) -> fp32 [..., out, in]."""
     out, cols = values.shape[-2:]
-    return values * _block_scales(scale, out, cols, *block, xp=xp)
+    return values * block_scales(scale, out, cols, *block, xp=xp)
 
 
 def dequantise_fp8(weight: np.ndarray, scale: np.ndarray, xp=np) -> np.ndarray:
@@ -69,71 +70,59 @@ def e2m1_values(packed: np.ndarray, xp=np) -> np.ndarray:
     return xp.asarray(E2M1_LUT)[unpack_fp4(packed, xp)]
 
 
-def pack_fp4(codes: np.ndarray) -> np.ndarray:
-    """e2m1 codes [..., out, in] (in even) -> int8 [..., out, in/2]."""
-    c = codes.astype(np.uint8)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).view(np.int8)
-
-
 def dequantise_fp4(packed: np.ndarray, scale: np.ndarray, xp=np) -> np.ndarray:
     """packed int8 [..., out, in/2], scale ue8m0 [..., out, in/32] -> fp32 [..., out, in]."""
     return scale_blocks(e2m1_values(packed, xp), scale, FP4_BLOCK_SHAPE, xp)
 
 
-def power_of_two_exponents(amax: np.ndarray, max_code: float) -> np.ndarray:
-    """Smallest k (clipped to ue8m0's [-127, 127]) with amax <= max_code * 2^k, per block; 0 for empty blocks.
-
-    ``log2`` only guesses k; the two exact comparisons fix any off-by-one from its rounding.
-    """
-    amax = amax.astype(np.float64)
-    k = np.ceil(np.log2(np.where(amax > 0, amax, max_code) / max_code)).astype(np.int64)
-    k = np.where(amax > np.ldexp(max_code, k), k + 1, k)
-    k = np.where(amax <= np.ldexp(max_code, k - 1), k - 1, k)
-    return np.clip(np.where(amax > 0, k, 0), _UE8M0_MIN_EXP, _UE8M0_MAX_EXP)
+# ----- quantisers, in jax (any device; tests/released_format.py is an independent numpy reference) -----
+def _ue8m0(exponents: jax.Array) -> jax.Array:
+    """Power-of-two exponents in [-127, 127] -> ue8m0 scales (byte = exponent + 127)."""
+    return jax.lax.bitcast_convert_type((exponents + 127).astype(jnp.uint8), jnp.float8_e8m0fnu)
 
 
-def _ue8m0(exponents: np.ndarray) -> np.ndarray:
-    return np.ldexp(np.float32(1), exponents).astype(ml_dtypes.float8_e8m0fnu)
+def _exponents(amax: jax.Array, max_code: float) -> jax.Array:
+    """The smallest k in [-127, 127] with
+    amax <= max_code * 2^k per block (0 for an empty block); the fp32 ``log2`` only guesses k, two exact
+    comparisons fix it."""
+    top = jnp.float32(max_code)
+    k = jnp.ceil(jnp.log2(jnp.where(amax > 0, amax, top) / top)).astype(jnp.int32)
+    k = jnp.where(amax > jnp.ldexp(top, k), k + 1, k)
+    k = jnp.where(amax <= jnp.ldexp(top, k - 1), k - 1, k)
+    return jnp.clip(jnp.where(amax > 0, k, 0), -127, 127)
 
 
-def quantise_fp8_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w [out, in] -> (e4m3 [out, in], ue8m0 scales [ceil(out/128), ceil(in/128)]).
+def quantise_fp8_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w fp32 [out, in] -> (e4m3 [out, in], ue8m0 scales [ceil(out/128), ceil(in/128)]).
 
-    Each 128 x 128 block gets the smallest power-of-two scale whose range (448 * scale) holds the
-    block's largest magnitude; w / scale is then rounded to nearest (ties to even) onto e4m3.
-    """
-    w = np.asarray(w, np.float32)
+    Each 128 x 128 block gets the smallest power-of-two scale whose range (448 * scale) holds the block's
+    largest magnitude; w / scale is then rounded to nearest (ties to even) onto e4m3. Subnormal fp32 input may
+    flush to zero on the device (the numpy reference keeps it)."""
     out, cols = w.shape
     rb, cb = fp8_scale_shape(w.shape)
-    padded = np.zeros((rb * FP8_BLOCK, cb * FP8_BLOCK), np.float32)
-    padded[:out, :cols] = np.abs(w)
-    amax = padded.reshape(rb, FP8_BLOCK, cb, FP8_BLOCK).max(axis=(1, 3))
-    scale = _ue8m0(power_of_two_exponents(amax, E4M3_MAX))
-    q = w / _block_scales(scale, out, cols, FP8_BLOCK, FP8_BLOCK)  # exact: division by a power of two
-    return q.astype(ml_dtypes.float8_e4m3fn), scale
+    b = FP8_BLOCK
+    amax = jnp.pad(jnp.abs(w), ((0, rb * b - out), (0, cb * b - cols))).reshape(rb, b, cb, b).max(axis=(1, 3))
+    k = _exponents(amax, E4M3_MAX)
+    # w / 2^k as w * 2^-k: the same value, both exact
+    q = scale_blocks(w, jnp.ldexp(jnp.float32(1), -k), FP8_BLOCK_SHAPE, jnp)
+    return q.astype(jnp.float8_e4m3fn), _ue8m0(k)
 
 
-def _nearest_e2m1_codes(a: np.ndarray) -> np.ndarray:
-    """Magnitudes a in [0, 6] -> codes 0-7, round to nearest, ties to the even code (IEEE style)."""
-    lower = np.clip(np.searchsorted(E2M1_GRID, a, side="right") - 1, 0, 7)
-    upper = np.minimum(lower + 1, 7)
-    mid = (E2M1_GRID[lower] + E2M1_GRID[upper]) / 2  # exact: grid values are small dyadic numbers
-    take_upper = (a > mid) | ((a == mid) & (upper % 2 == 0))
-    return np.where(take_upper, upper, lower).astype(np.uint8)
-
-
-def quantise_fp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w [out, in] (in a multiple of 32) -> (packed int8 [out, in/2], ue8m0 scales [out, in/32]).
+def quantise_fp4(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w fp32 [out, in] (in a multiple of 32) -> (packed int8 [out, in/2], ue8m0 scales [out, in/32]).
 
     Each 1 x 32 block gets the smallest power-of-two scale whose range (6 * scale) holds its largest
-    magnitude; |w| / scale is rounded to the nearest e2m1 value and the sign kept (also for -0).
-    """
-    w = np.asarray(w, np.float32)
+    magnitude; |w| / scale is rounded to the nearest e2m1 value (ties to the even code) and the sign kept."""
     out, cols = w.shape
     if cols % FP4_BLOCK:
         raise ValueError(f"FP4 needs the input width to be a multiple of {FP4_BLOCK}, got shape {w.shape}")
-    amax = np.abs(w).reshape(out, cols // FP4_BLOCK, FP4_BLOCK).max(axis=-1)
-    scale = _ue8m0(power_of_two_exponents(amax, E2M1_MAX))
-    a = np.abs(w) / _block_scales(scale, out, cols, 1, FP4_BLOCK)
-    codes = _nearest_e2m1_codes(a) | (np.signbit(w).astype(np.uint8) << 3)
-    return pack_fp4(codes), scale
+    amax = jnp.abs(w).reshape(out, cols // FP4_BLOCK, FP4_BLOCK).max(axis=-1)
+    k = _exponents(amax, E2M1_MAX)
+    a = scale_blocks(jnp.abs(w), jnp.ldexp(jnp.float32(1), -k), FP4_BLOCK_SHAPE, jnp)
+    # Nearest e2m1 magnitude code: one step up per midpoint passed; a tie goes to the even code (IEEE style).
+    grid = E2M1_GRID
+    codes = sum(((a >= m) if (i + 1) % 2 == 0 else (a > m)).astype(jnp.uint8)
+                for i, m in enumerate((grid[:-1] + grid[1:]) / 2))
+    codes = codes | (jnp.signbit(w).astype(jnp.uint8) << 3)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return jax.lax.bitcast_convert_type(packed, jnp.int8), _ue8m0(k)

@@ -5,9 +5,8 @@ Flash-width model never needs an fp32 copy of its largest tensors.
 
 ``released_params``: every parameter as DeepSeek's release stores it (spec §11.1), drawn and quantised on the
 device, for models larger than a disk could hold as a checkpoint; ``scripts/make_checkpoint.py`` writes the same
-pieces (``released_piece``) as a released-format checkpoint. The device quantisers here give quantization.py's
-bits (tests/test_make_checkpoint.py) at device speed: quantization.quantise_fp4 in numpy takes seconds per
-expert matrix of Flash, which would make a benchmark checkpoint an hours-long job.
+pieces (``released_piece``) as a released-format checkpoint, quantised by quantization.py's jax quantisers at
+device speed.
 """
 
 from __future__ import annotations
@@ -84,58 +83,13 @@ def released_draw(key: jax.Array, name: str, shape: tuple[int, ...], n_experts: 
     return _draw(key, init_rule(name), tuple(shape), jnp.float32, n_experts)
 
 
-def _ue8m0(exponents: jax.Array) -> jax.Array:
-    """Power-of-two exponents in [-127, 127] -> ue8m0 scales (byte = exponent + 127)."""
-    return jax.lax.bitcast_convert_type((exponents + 127).astype(jnp.uint8), jnp.float8_e8m0fnu)
-
-
-def _exponents(amax: jax.Array, max_code: float) -> jax.Array:
-    """quantization.power_of_two_exponents in fp32 on the device: the smallest k in [-127, 127] with
-    amax <= max_code * 2^k per block (0 for an empty block); the fp32 ``log2`` only guesses k, two exact
-    comparisons fix it."""
-    top = jnp.float32(max_code)
-    k = jnp.ceil(jnp.log2(jnp.where(amax > 0, amax, top) / top)).astype(jnp.int32)
-    k = jnp.where(amax > jnp.ldexp(top, k), k + 1, k)
-    k = jnp.where(amax <= jnp.ldexp(top, k - 1), k - 1, k)
-    return jnp.clip(jnp.where(amax > 0, k, 0), -127, 127)
-
-
-def quantise_fp8_on_device(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """quantization.quantise_fp8_blocks in jax: w fp32 [out, in] -> (e4m3 [out, in], ue8m0 [ceil(out/128),
-    ceil(in/128)]), the same bits for normal (not subnormal) fp32 input."""
-    out, cols = w.shape
-    rb, cb = quantization.fp8_scale_shape(w.shape)
-    b = quantization.FP8_BLOCK
-    amax = jnp.pad(jnp.abs(w), ((0, rb * b - out), (0, cb * b - cols))).reshape(rb, b, cb, b).max(axis=(1, 3))
-    k = _exponents(amax, quantization.E4M3_MAX)
-    # w / 2^k as w * 2^-k: the same value, both exact
-    q = quantization.scale_blocks(w, jnp.ldexp(jnp.float32(1), -k), quantization.FP8_BLOCK_SHAPE, jnp)
-    return q.astype(jnp.float8_e4m3fn), _ue8m0(k)
-
-
-def quantise_fp4_on_device(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """quantization.quantise_fp4 in jax: w fp32 [out, in] -> (packed int8 [out, in/2], ue8m0 [out, in/32]),
-    the same bits for normal (not subnormal) fp32 input."""
-    out, cols = w.shape
-    amax = jnp.abs(w).reshape(out, cols // quantization.FP4_BLOCK, quantization.FP4_BLOCK).max(axis=-1)
-    k = _exponents(amax, quantization.E2M1_MAX)
-    a = quantization.scale_blocks(jnp.abs(w), jnp.ldexp(jnp.float32(1), -k), quantization.FP4_BLOCK_SHAPE, jnp)
-    # Nearest e2m1 magnitude code: one step up per midpoint passed; a tie goes to the even code (IEEE style).
-    grid = quantization.E2M1_GRID
-    codes = sum(((a >= m) if (i + 1) % 2 == 0 else (a > m)).astype(jnp.uint8)
-                for i, m in enumerate((grid[:-1] + grid[1:]) / 2))
-    codes = codes | (jnp.signbit(w).astype(jnp.uint8) << 3)
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return jax.lax.bitcast_convert_type(packed, jnp.int8), _ue8m0(k)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _stored_on_device(kind: str, values: jax.Array):
     """Drawn values -> the released form: (codes, scales) for FP8 / FP4, else the array in its dtype."""
     if kind == FP8:
-        return quantise_fp8_on_device(values)
+        return quantization.quantise_fp8_blocks(values)
     if kind == FP4:
-        return quantise_fp4_on_device(values)
+        return quantization.quantise_fp4(values)
     return values.astype({BF16: jnp.bfloat16, FP32: jnp.float32, INT: jnp.int32}[kind])
 
 
