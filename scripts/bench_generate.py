@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -43,6 +42,7 @@ from dsv4_jax.model.cache import init_cache
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
 from dsv4_jax.runtime.demo import demo_config
 from dsv4_jax.runtime.engine import DeviceSteps, default_prefill_chunk, split_weights
+from dsv4_jax.runtime.mesh import ShardedStep, make_mesh, place_weights, weight_specs
 from dsv4_jax.weights.random_init import random_model
 from dsv4_jax.runtime.sampling import SamplingParams, sampling_args
 from scripts import roofline
@@ -64,14 +64,27 @@ def make_config(name: str, layers: str, experts: int | None) -> DeepseekV4Config
     return cfg
 
 
-def prefill_case(model, context: int, chunk: int, kernels: str) -> dict:
-    cfg, dtype = model.config, model.dtype
-    graphdef, state_def, weights = split_weights(model)
-    chunk_step = DeviceSteps(graphdef, state_def, context).chunk
+def device_steps(model, capacity: int, path: str):
+    """(DeviceSteps, weights, new_cache(batch)) of the engine's ``path``: "plain" (one device, today's step) or
+    "mesh" (the sharded step on a 1-device mesh, runtime/mesh.py), so the two are timed side by side."""
+    if path == "plain":
+        graphdef, state_def, weights = split_weights(model)
+        return (DeviceSteps(graphdef, state_def, capacity), weights,
+                lambda batch: init_cache(model.config, batch, capacity, model.dtype))
+    graphdef, state_def, weights = place_weights(model, make_mesh())
+    sharded = ShardedStep(model.config, graphdef, state_def, weight_specs(weights), make_mesh(), capacity,
+                          model.dtype)
+    return DeviceSteps(graphdef, state_def, capacity, sharded=sharded), weights, sharded.new_cache
+
+
+def prefill_case(model, context: int, chunk: int, kernels: str, path: str = "plain") -> dict:
+    cfg = model.config
+    steps, weights, new_cache = device_steps(model, context, path)
+    chunk_step = steps.chunk
     prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, context)).astype(np.int32)
 
     def prefill():
-        cache = init_cache(cfg, 1, context, dtype)
+        cache = new_cache(1)
         for pos in range(0, context, chunk):
             n = min(chunk, context - pos)
             ids = np.zeros((1, chunk), np.int32)
@@ -119,22 +132,16 @@ def random_fill(cache, key):
                                      for k, x in zip(keys, leaves)])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def synthetic_cache(cfg, batch: int, capacity: int, dtype, key):
-    """Caches as if full: window rows, compressed entries, index keys and states all random."""
-    return random_fill(init_cache(cfg, batch, capacity, dtype), key)
-
-
 def decode_case(model, batch: int, context: int, steps: int, kernels: str, profile: bool = False,
-                xla_options: dict | None = None, hlo_path: str | None = None) -> dict:
+                xla_options: dict | None = None, hlo_path: str | None = None, path: str = "plain") -> dict:
     """xla_options: XLA debug options for this case's compile (``Compiled`` options, e.g.
     ``{"xla_gpu_enable_pdl": True}``), so variants are compared in one process. hlo_path: where to write the
-    step's optimized HLO."""
-    cfg, dtype = model.config, model.dtype
-    graphdef, state_def, weights = split_weights(model)
+    step's optimized HLO. path: "plain" or "mesh" (``device_steps``)."""
+    cfg = model.config
     capacity = context + 5 * steps + 8  # warm-up, 3 timed groups, a profiled group
-    jitted = DeviceSteps(graphdef, state_def, capacity).decode
-    cache = synthetic_cache(cfg, batch, capacity, jnp.dtype(dtype), jax.random.PRNGKey(1))
+    device, weights, new_cache = device_steps(model, capacity, path)
+    jitted = device.decode
+    cache = jax.jit(random_fill, donate_argnums=0)(new_cache(batch), jax.random.PRNGKey(1))
     greedy = SamplingParams()  # the engine's default: its step skips the top-k / top-p sort
     params = sampling_args(greedy)
     key = jax.random.PRNGKey(0)
@@ -208,6 +215,8 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--kernels", nargs="+", default=["xla"], choices=("xla", "pallas"))
+    p.add_argument("--paths", nargs="+", default=["plain"], choices=("plain", "mesh"),
+                   help="plain: the one-device step; mesh: the sharded step on a 1-device mesh (side by side)")
     p.add_argument("--profile", nargs="*", default=[], type=batch_context, help="decode cases B,CTX to profile")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the card's ceilings (CPU)")
     p.add_argument("--xla-options", type=json.loads, default=[{}],
@@ -253,7 +262,9 @@ def main(argv=None):
     for kernels in args.kernels:
         for ctx in args.prefill:
             for chunk in args.prefill_chunk or [default_prefill_chunk()]:
-                emit(prefill_case, model, ctx, min(chunk, ctx), kernels=kernels)
+                for path in args.paths:
+                    emit(prefill_case, model, ctx, min(chunk, ctx), kernels=kernels, path=path,
+                         variant={"path": path})
     for b, prompt, only in args.engine_cases:
         for kernels in [only] if only else args.kernels:
             emit(engine_case, model, b, prompt, 64, kernels=kernels)
@@ -265,9 +276,10 @@ def main(argv=None):
             for i, opts in enumerate(args.xla_options):
                 hlo = (os.path.join(args.hlo_dir, f"decode_B{b}_C{ctx}_{kernels}_options{i}.txt")
                        if args.hlo_dir and rnd == 0 else None)
-                emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels,
-                     profile=(b, ctx) in profiled and rnd == 0, xla_options=opts, hlo_path=hlo,
-                     **({"variant": {"round": rnd, "xla_options": opts}} if compared else {}))
+                for path in args.paths:
+                    emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels,
+                         profile=(b, ctx) in profiled and rnd == 0, xla_options=opts, hlo_path=hlo, path=path,
+                         variant={"path": path, **({"round": rnd, "xla_options": opts} if compared else {})})
     return 0
 
 

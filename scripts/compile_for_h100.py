@@ -45,6 +45,7 @@ from dsv4_jax.model.cache import init_cache  # noqa: E402
 from dsv4_jax.model.transformer import InputError  # noqa: E402
 from dsv4_jax.runtime.engine import DeviceSteps, split_weights  # noqa: E402
 from dsv4_jax.runtime.mesh import ModelMesh, ShardedStep, make_mesh, place_weights, weight_specs  # noqa: E402
+from dsv4_jax.runtime.pipeline import PipelinePlan, stage_starts  # noqa: E402
 from dsv4_jax.weights.params import abstract_model, param_table  # noqa: E402
 from dsv4_jax.weights.sharding import target_placements  # noqa: E402
 from kernels_pallas.testing import abstract_h100, h100_compile_only_devices, h100_compile_only_sharding  # noqa: E402
@@ -105,8 +106,6 @@ def parse_layout(text: str) -> dict:
             layout[name] = int(value)
         else:
             raise InputError(f"--mesh part {part!r} of {text!r}: expected tp=N, dp=N, pp=N or ep, comma-separated")
-    if layout["pp"] > 1:  # ShardedStep would run every layer on every stage: not a pipeline
-        raise InputError(f"--mesh {text!r}: pipeline stages (pp > 1) are not part of ModelMesh's sharded step yet")
     return layout
 
 
@@ -132,12 +131,22 @@ def compiled_sharded_hlo(cfg, dtype, mesh: ModelMesh, B: int, T: int, capacity: 
     step (T = 1, sampler included) or a prefill chunk of T tokens per row (last-token logits), B rows (padded to
     a multiple of dp, as the engine does) -> (optimized HLO text, compile seconds). Inputs replicated over the
     mesh, as ``Engine`` gives them."""
-    graphdef, state_def, weights = abstract_placed_weights(cfg, dtype, mesh)
-    sharded = ShardedStep(cfg, graphdef, state_def, weight_specs(weights), mesh, capacity, dtype)
+    plan = None
+    if mesh.pp == 1:
+        graphdef, state_def, weights = abstract_placed_weights(cfg, dtype, mesh)
+    else:  # the layers as pipeline stages, stacked from the abstract model
+        plan = PipelinePlan(abstract_model(cfg, dtype), stage_starts(cfg.num_hidden_layers, mesh.pp), mesh,
+                            capacity)
+        graphdef, state_def, weights = plan.graphdef, plan.state_def, plan.place_weights(abstract=True)
+    sharded = ShardedStep(cfg, graphdef, state_def, weight_specs(weights), mesh, capacity, dtype, plan=plan)
     steps = DeviceSteps(graphdef, state_def, capacity, sharded=sharded)
-    rows = mesh.rows(B)
-    cache = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                         jax.eval_shape(lambda: init_cache(cfg, rows, capacity, dtype)), sharded.cache_shardings(rows))
+    rows = sharded.rows(B)
+    if plan is None:
+        cache = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                             jax.eval_shape(lambda: init_cache(cfg, rows, capacity, dtype)),
+                             sharded.cache_shardings(rows))
+    else:
+        cache = plan.cache_shapes(rows)
     everywhere = NamedSharding(mesh.mesh, P())
     arg = lambda dt, *shape: jax.ShapeDtypeStruct(shape, dt, sharding=everywhere)
     # The mesh's abstract devices are H100s: the Pallas kernels lower for Triton (ops.choice.interpret)

@@ -62,20 +62,18 @@ def attention_kernels(stage: str) -> set[str]:
 
 # The 8-layer Flash-width slice (all 256 experts) the sharded steps compile for 8 H100s; 8 rows.
 FLASH_LAYERS = "SWA,CSA,HCA,SWA,CSA,HCA,CSA,HCA"
-PIPELINE_NOT_YET = pytest.mark.skip(reason="pp with tp/dp not yet in ModelMesh")
 
 
 @pytest.mark.parametrize("layout, T, kernels", [
     ("tp=8", 1, "pallas"),
     ("tp=8", 16, "pallas"),
     ("dp=8,ep", 1, "pallas"),
-    # 16 x 8 rows gathered over 32 experts a device take the Mosaic GPU grouped matmul, which needs a GPU to
-    # compile: that chunk's experts run XLA's ragged dot, the decode step's the Triton grouped_gemv
-    ("dp=8,ep", 16, "pallas-xla-experts"),
-    pytest.param("pp=8", 1, "pallas", marks=PIPELINE_NOT_YET),
-    pytest.param("pp=8", 16, "pallas", marks=PIPELINE_NOT_YET),
-    pytest.param("pp=4,tp=2,ep", 1, "pallas", marks=PIPELINE_NOT_YET),
-    pytest.param("pp=4,tp=2,ep", 16, "pallas", marks=PIPELINE_NOT_YET),
+    # 16 x 8 rows x 6 picks over 8 devices: 96 expected a device, 3 per expert, the Triton grouped_gemv
+    ("dp=8,ep", 16, "pallas"),
+    ("pp=8", 1, "pallas"),
+    ("pp=8", 16, "pallas"),
+    ("pp=4,tp=2,ep", 1, "pallas"),
+    ("pp=4,tp=2,ep", 16, "pallas"),
 ])
 def test_sharded_steps_compile_for_8_h100s(layout, T, kernels):
     """The sharded engine's decode step (T=1) and a 16-token prefill chunk of an 8-layer Flash-width slice
@@ -95,9 +93,17 @@ def test_sharded_steps_compile_for_8_h100s(layout, T, kernels):
         assert found.get("all-reduce", 0) > 0 and found.get("all-gather", 0) > 0, found
     if mesh.ep and mesh.dp > 1:
         assert found.get("reduce-scatter") == moe_layers and found.get("all-gather", 0) >= moe_layers, found
-    if mesh.tp == 1:
+    if mesh.tp == 1 and mesh.pp == 1:
         assert "all-reduce" not in found, found
-    experts = set() if kernels == "pallas-xla-experts" else {"dsv4_grouped_gemv"}
+    if mesh.pp > 1:  # streams hop stage to stage; the last stage's reach every stage (an all-reduce over pp)
+        assert found.get("collective-permute", 0) > 0 and found.get("all-reduce", 0) > 0, found
+    # A pipeline splits a device's 8 / dp rows into min(pp, rows) microbatches: a decode microbatch of one token
+    # takes the one-token experts kernel, unless the experts are spread (each device sees others' tokens too).
+    rows = 8 // mesh.dp
+    tokens_at_once = T * rows // (min(mesh.pp, rows) if mesh.pp > 1 else 1)
+    one_token = tokens_at_once == 1 and not (mesh.ep and mesh.dp * mesh.tp > 1)
+    experts = (set() if kernels == "pallas-xla-experts" else
+               {"dsv4_expert_rows"} if one_token else {"dsv4_grouped_gemv"})
     kernels_found = triton_kernels(hlo)
     assert kernels_found == attention_kernels("decode" if T == 1 else "prefill") | experts, sorted(kernels_found)
 
@@ -124,20 +130,21 @@ def test_compile_for_h100_cli(tmp_path, capsys):
 
 
 def test_compile_for_h100_mesh_cli(capsys):
-    """``--mesh``: a layout that is not tp=N, dp=N, pp=N and ep, one ModelMesh does not run yet (pipeline
-    stages) or that does not fit the model is a one-line error and exit code 2; a step with the Mosaic GPU
+    """``--mesh``: a layout that is not tp=N, dp=N, pp=N and ep, or that does not fit the model, is a one-line
+    error and exit code 2; a step with the Mosaic GPU
     grouped matmul, which lowers on a mesh of compile-only devices but crashes XLA's compile, is an error line
     and the process goes on."""
     from scripts import compile_for_h100
 
-    for layout, message in (("tp=8x", "expected tp=N"), ("pp=2,tp=2", "pipeline stages"),
+    for layout, message in (("tp=8x", "expected tp=N"), ("pp=16", "larger than the number of layers"),
                             ("tp=3", "does not divide the model's 64 query heads")):
         assert compile_for_h100.main(["--mesh", layout]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
 
-    assert compile_for_h100.main(["--layers", "SWA,CSA", "--batch", "8", "--tokens", "16", "--kernels", "pallas",
+    # 8 x 32 tokens x 6 picks over 8 devices: 192 rows expected a device, > 3 per expert (32): the grouped matmul
+    assert compile_for_h100.main(["--layers", "SWA,CSA", "--batch", "8", "--tokens", "32", "--kernels", "pallas",
                                   "--mesh", "dp=8,ep"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["step"] == "flash-slice_pallas_b8_t16_dp8_ep" and row["mesh"] == "dp=8,ep"
+    assert row["step"] == "flash-slice_pallas_b8_t32_dp8_ep" and row["mesh"] == "dp=8,ep"
     assert "Mosaic GPU" in row["error"]
