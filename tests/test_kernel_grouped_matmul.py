@@ -1,12 +1,14 @@
 """Grouped matmul kernel for the routed experts (kernels_pallas/grouped_matmul.py) against ragged_dot_general.
 
-CPU: the Mosaic GPU kernel in Pallas' GPU interpret mode (allocated outputs start as NaN there, so an
-unwritten row fails) on fresh random inputs per case, plus a CUDA cross-lowering check at the Flash expert
+CPU: the Mosaic GPU kernel in Pallas' GPU interpret mode, outputs poisoned (NaN) before the run, so an
+unwritten row fails, on fresh random inputs per case, plus a CUDA cross-lowering check at the Flash expert
 shapes. GPU (skipped elsewhere): the compiled kernel at real sizes. CPU also: the MoE layer's "pallas" path, with
 this kernel or the few-rows one (grouped_gemv), against its XLA path.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +59,8 @@ def assert_close(out, ref, tol=None):
 ])
 def test_interpret_matches_reference(M, sizes):
     x, w, gs = make_inputs(M + len(sizes), M, 128, 128, sizes)
-    assert_close(gm.grouped_matmul(x, w, gs, interpret=True, tuning=SMALL), gm.reference(x, w, gs), CPU_TOL)
+    out = gm.grouped_matmul(x, w, gs, interpret=True, poison_outputs=True, tuning=SMALL)
+    assert_close(out, gm.reference(x, w, gs), CPU_TOL)
 
 
 def test_bad_shapes_are_errors():
@@ -70,11 +73,12 @@ def test_bad_shapes_are_errors():
         gm.TuningConfig(max_concurrent_steps=0)
 
 
-@pytest.mark.parametrize("M,N,K", [(6, 4096, 4096), (768, 4096, 4096), (24576, 4096, 2048)])
-def test_lowers_for_h100(M, N, K):
+@pytest.mark.parametrize("M,N,K,poison", [(6, 4096, 4096, False), (768, 4096, 4096, False),
+                                           (24576, 4096, 2048, False), (768, 4096, 4096, True)])
+def test_lowers_for_h100(M, N, K, poison):
     args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((256, N, K), jnp.bfloat16),
             jax.ShapeDtypeStruct((256,), jnp.int32))
-    assert "mosaic_gpu" in lower_for_h100(gm.grouped_matmul, *args)
+    assert "mosaic_gpu" in lower_for_h100(functools.partial(gm.grouped_matmul, poison_outputs=poison), *args)
 
 
 @pytest.mark.parametrize("T,k,E,d,F,seed", [
@@ -100,4 +104,5 @@ def test_moe_kernel_paths_match_xla_in_interpret_mode(T, k, E, d, F, seed):
 @pytest.mark.parametrize("case", gm.bench_cases(), ids=lambda c: c["name"])
 def test_gpu_bench_cases_match_reference(case):
     x, w, gs = case["args"](jax.random.PRNGKey(0))
-    assert_close(jax.jit(gm.grouped_matmul)(x, w, gs), jax.jit(gm.reference)(x, w, gs))
+    out = jax.jit(functools.partial(gm.grouped_matmul, poison_outputs=True))(x, w, gs)
+    assert_close(out, jax.jit(gm.reference)(x, w, gs))
