@@ -36,13 +36,24 @@ def make_inputs(seed, M, K, N, sizes):
 # measured 0-7.76e-4 (M 40); 10x (grouped_gemv has its own, in its file). The model paths and the GPU keep
 # rtol 1e-2 (one bf16 rounding apart at most).
 CPU_TOL = 8e-3
+# The share of output elements that differ from the reference at all, CPU interpret mode. Kernel and reference
+# round fp32 sums of the same products, summed in another order, to bf16: an element moves to the neighbouring
+# bf16 value only where its sum lies at a rounding boundary. Measured 1 of 5120 elements (this kernel, M 40) and
+# 1 of 3840 (grouped_gemv, M 40), none in the other cases; 10x the larger share, at least one element. An fp16
+# accumulator or a bf16-rounded partial sum changes 5-42% of them while staying inside the max-error bounds.
+CPU_DIFFER = 2.6e-3
 
 
-def assert_close(out, ref, tol=None):
+def assert_close(out, ref, tol=None, differ=None):
+    """out, ref [M, N]: within ``tol`` (max abs err / max |ref|, printed) and, with ``differ``, at most that share
+    of the elements (at least one) not equal to the reference; without ``tol`` the model paths' / GPU's bound."""
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert np.isfinite(out).all(), "kernel left unwritten (NaN) rows"
     err = np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
-    print(f"max abs err / max |ref| {err:.3g}")
+    n_differ = int((out != ref).sum())
+    print(f"max abs err / max |ref| {err:.3g}; {n_differ} of {out.size} elements differ")
+    if differ is not None:
+        assert n_differ <= max(1.0, differ * out.size), f"{n_differ} of {out.size} elements differ"
     if tol is not None:
         assert err <= tol
     else:  # bf16 output of an fp32 accumulation: one bf16 rounding apart at most.
@@ -60,7 +71,7 @@ def assert_close(out, ref, tol=None):
 def test_interpret_matches_reference(M, sizes):
     x, w, gs = make_inputs(M + len(sizes), M, 128, 128, sizes)
     out = gm.grouped_matmul(x, w, gs, interpret=True, poison_outputs=True, tuning=SMALL)
-    assert_close(out, gm.reference(x, w, gs), CPU_TOL)
+    assert_close(out, gm.reference(x, w, gs), CPU_TOL, CPU_DIFFER)
 
 
 def test_bad_shapes_are_errors():
