@@ -18,7 +18,7 @@ import pytest
 from dsv4_jax import ops
 from kernels_pallas import expert_rows as er
 from kernels_pallas.testing import lower_for_h100
-from test_kernel_grouped_gemv import write_counts
+from test_kernel_grouped_matmul import write_counts
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 SMALL = er.TuningConfig(block_n=32, block_k=32)

@@ -9,7 +9,6 @@ kernel and grouped_matmul is tested in test_kernel_grouped_matmul.py.
 from __future__ import annotations
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import pytest
 
 from kernels_pallas import grouped_gemv as gg
 from kernels_pallas.testing import lower_for_h100
-from test_kernel_grouped_matmul import CPU_DIFFER, assert_close, make_inputs
+from test_kernel_grouped_matmul import CPU_DIFFER, assert_close, make_inputs, write_counts
 
 # CPU interpret mode: measured 0-4.82e-5 of max |ref| (M 40); 10x.
 CPU_TOL = 5e-4
@@ -40,22 +39,6 @@ def test_interpret_matches_reference(M, sizes):
     x, w, gs = make_inputs(M * 7 + len(sizes), M, 128, 96, sizes)
     got = gg.grouped_gemv(x, w, gs, interpret=True, poison_outputs=True, tuning=SMALL)
     assert_close(got, gg.reference(x, w, gs), CPU_TOL, CPU_DIFFER)
-
-
-def write_counts(monkeypatch, module, fn, *args, **kw) -> np.ndarray:
-    """How many times the Triton kernel behind ``fn`` (a jitted entry point of ``module``) writes each output
-    element, float32 in the output's shape: traced afresh in interpret mode with ``module.plt.store``
-    replaced by an increment of the elements it would store to. Interpret mode runs the programs one after
-    another, so a row that one program writes beyond its own and a later one rewrites looks right in the
-    output (on a GPU the two race); its count says 2."""
-    real = module.plt
-
-    def store(ref, val, *, mask=None, **_):
-        seen = real.load(ref, mask=mask, other=0)
-        real.store(ref, jnp.where(jnp.isnan(seen), 0, seen) + 1, mask=mask)  # fresh outputs start as NaN
-
-    monkeypatch.setattr(module, "plt", types.SimpleNamespace(load=real.load, store=store))
-    return np.asarray(jax.jit(functools.partial(fn.__wrapped__, interpret=True, **kw))(*args), np.float32)
 
 
 @pytest.mark.parametrize("M,sizes", [(40, [7, 0, 20, 3, 6, 4]), (30, [3, 9, 0, 0]), (6, [0, 1, 1, 0, 4])])

@@ -9,6 +9,7 @@ this kernel or the few-rows one (grouped_gemv), against its XLA path.
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,32 @@ def assert_close(out, ref, tol=None, differ=None):
         np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
 
 
+def write_counts(monkeypatch, module, fn, *args, **kw) -> np.ndarray:
+    """How many times the kernel behind ``fn`` (an entry point of ``module``) writes each output element, float32
+    in the output's shape: traced afresh in interpret mode with the kernel's stores replaced by an increment of
+    the elements they would write (``plt.store`` where the module has the Triton backend, else the Mosaic GPU
+    ``copy_smem_to_gmem``). Interpret mode runs the programs one after another, so a row that one program
+    writes beyond its own and a later one rewrites looks right in the output (on a GPU the two race); its
+    count says 2."""
+    def bump(seen):
+        return jnp.where(jnp.isnan(seen), 0, seen) + 1  # fresh outputs start as NaN
+
+    if hasattr(module, "plt"):
+        real = module.plt
+
+        def store(ref, val, *, mask=None, **_):
+            real.store(ref, bump(real.load(ref, mask=mask, other=0)), mask=mask)
+
+        monkeypatch.setattr(module, "plt", types.SimpleNamespace(load=real.load, store=store))
+    else:
+        def copy_smem_to_gmem(src, dst, *_, **__):
+            dst[...] = bump(dst[...])
+
+        monkeypatch.setattr(module.plgpu, "copy_smem_to_gmem", copy_smem_to_gmem)
+    run = functools.partial(getattr(fn, "__wrapped__", fn), interpret=True, **kw)
+    return np.asarray(jax.jit(run)(*args), np.float32)
+
+
 @pytest.mark.parametrize("M,sizes", [
     (40, [7, 0, 20, 3, 6, 4]),     # tiles straddle group boundaries, an empty group
     (48, [16, 16, 16]),            # boundaries on tile edges
@@ -72,6 +99,14 @@ def test_interpret_matches_reference(M, sizes):
     x, w, gs = make_inputs(M + len(sizes), M, 128, 128, sizes)
     out = gm.grouped_matmul(x, w, gs, interpret=True, poison_outputs=True, tuning=SMALL)
     assert_close(out, gm.reference(x, w, gs), CPU_TOL, CPU_DIFFER)
+
+
+@pytest.mark.parametrize("M,sizes", [(40, [7, 0, 20, 3, 6, 4]), (30, [3, 9, 0, 0])])
+def test_interpret_writes_every_row_once(monkeypatch, M, sizes):
+    """Each output element of the routed rows is written by exactly one tile (a tile straddling a group boundary
+    stores only its group's rows); the rows past sum(group_sizes) are zeroed after the kernel."""
+    x, w, gs = make_inputs(M + len(sizes), M, 128, 128, sizes)
+    assert (write_counts(monkeypatch, gm, gm.grouped_matmul, x, w, gs, tuning=SMALL)[: sum(sizes)] == 1).all()
 
 
 def test_bad_shapes_are_errors():
