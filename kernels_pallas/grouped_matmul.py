@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import NUM_SMS, check_tuning
+from .common import NUM_SMS, check_tuning, poison_like
 
 RAGGED_DN = lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -92,9 +92,10 @@ def choose_tuning() -> TuningConfig:
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tuning: TuningConfig | None = None,
-                   interpret: bool = False) -> jax.Array:
+                   interpret: bool = False, poison_outputs: bool = False) -> jax.Array:
     """x [M, K] (rows sorted by group), w [G, N, K], group_sizes [G] int32 -> [M, N] in x's dtype. tuning: None
-    for ``choose_tuning()``."""
+    for ``choose_tuning()``. poison_outputs: testing aid; the kernel writes into a NaN-filled buffer, so a row
+    it fails to write stays NaN (interpret mode's fresh outputs are NaN already; the GPU's are not)."""
     tuning = tuning or choose_tuning()
     block_m, block_n, block_k = tuning.block_m, tuning.block_n, tuning.block_k
     M, K = x.shape
@@ -149,10 +150,19 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, tuning
                         row += n_rows & rows
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((M, N), x.dtype), grid=(NUM_SMS,), grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out = kernel(*tile_table(group_sizes.astype(jnp.int32), M, block_m), x, w)
+    def kernel(out_type):
+        return plgpu.kernel(
+            body, out_type=out_type, grid=(NUM_SMS,), grid_names=("sm",),
+            compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+            interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+    args = (*tile_table(group_sizes.astype(jnp.int32), M, block_m), x, w)
+    if poison_outputs:
+        # Mosaic GPU kernels take no aliases: a Ref operand is the body's out_ref and is written in place.
+        out_ref = jax.new_ref(poison_like((M, N), x.dtype))
+        kernel(())(*args, out_ref)
+        out = out_ref[...]
+    else:
+        out = kernel(jax.ShapeDtypeStruct((M, N), x.dtype))(*args)
     # Rows past sum(group_sizes) belong to no tile; the reference defines them as 0.
     return jnp.where(jnp.arange(M)[:, None] < jnp.sum(group_sizes), out, 0).astype(x.dtype)

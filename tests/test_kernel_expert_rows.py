@@ -19,6 +19,7 @@ from dsv4_jax import ops
 from kernels_pallas import expert_rows as er
 from kernels_pallas.testing import lower_for_h100
 from scripts import kernel_cases
+from test_kernel_grouped_matmul import write_counts
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 SMALL = er.TuningConfig(block_n=32, block_k=32)
@@ -61,6 +62,15 @@ def test_one_matrix_one_row_at_the_smallest_blocks():
     smallest = er.TuningConfig(block_n=16, block_k=16)
     assert_close(er.expert_rows(x, w, idx, tuning=smallest, interpret=True, poison_outputs=True),
                  er.reference(x, w, idx), CPU_TOL)
+
+
+@pytest.mark.parametrize("shared_x", [False, True])
+def test_interpret_writes_every_output_once(monkeypatch, shared_x):
+    """Each output element is written by exactly one program (a row's own, through the one live row of its
+    16-row tile)."""
+    x, w, idx = inputs(3, [3, 0, 7, 1, 6, 2], 8, 64, 96)
+    x = x[:1] if shared_x else x
+    assert (write_counts(monkeypatch, er, er.expert_rows, x, w, idx, tuning=SMALL) == 1).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -85,6 +85,21 @@ def test_interpret_matches_reference(name):
           what=name)
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_interpret_applies_each_eps_in_its_place(norm):
+    """The other cases use one eps for all three, at 1e-6 of a mean square near 1, where no eps shows. Here the
+    streams are small (mean square ~1e-6) and rms_eps, hc_eps, norm_eps are 1e-6, 1e-4, 1e-5, so each is of the
+    size of what it is added to: one used in another's place moves x, post or comb by 13-67% (measured); the
+    correct kernel stays within CPU_TOL (measured 0-1.83e-7). Three tokens: the RMS factor (and the norm) in
+    the kernel."""
+    streams, fn, base, scale = inputs(23, (3,), 4, 64, jnp.float32)
+    streams = 1e-3 * streams
+    kw = dict(rms_eps=1e-6, hc_eps=1e-4, iters=20, **(dict(norm_weight=norm_weight(20, 64), norm_eps=1e-5) if norm
+                                                         else {}))
+    check(hp.hc_pre(streams, fn, base, scale, interpret=True, poison_outputs=True, **kw),
+          hp.reference(streams, fn, base, scale, **kw), tol=CPU_TOL, what=f"norm={norm}")
+
+
 def test_norm_reads_the_unrounded_sum():
     """With the norm fused, x is the norm of the fp32 sum rounded once to bf16, kernel and XLA path alike (as
     XLA's GPU fusion computes the XLA path anyway; rounding the sum first made the kernel path's Flash-width
