@@ -24,7 +24,7 @@ if str(HERE) not in sys.path:
 
 from conftest import tiny  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
 from test_pipeline import chunked_logits, flat_caches, rel_err  # noqa: E402
-from workers import finish, free_port, jaxpr_walk, spawn  # noqa: E402
+from workers import finish, free_port, jaxpr_walk, spawn, stop  # noqa: E402
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
 
 # Every layer type, 8 layers (one a stage at pp = 8); a vocabulary tp = 2 does not divide (padded to 252);
@@ -102,10 +102,7 @@ def workers(tmp_path_factory):
         procs[name] = spawn([*CLI_ARGS, *extra], devices, out_dir / f"{name}.log", stdout=out_dir / f"{name}.out")
     procs["experts"] = spawn([script, "experts", str(out_dir)], 4, out_dir / "experts.log")
     yield out_dir, procs
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stop(procs)
 
 
 @pytest.fixture(scope="module")

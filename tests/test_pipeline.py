@@ -25,7 +25,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from conftest import tiny  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
-from workers import finish, free_port, jaxpr_walk, spawn  # noqa: E402
+from workers import finish, free_port, jaxpr_walk, spawn, stop  # noqa: E402
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING  # noqa: E402
 
 # 8 layers: every stage split below starts some stage on a sliding, a CSA and an HCA layer, and the
@@ -157,10 +157,7 @@ def workers(tmp_path_factory):
     for name, devices, extra in CLI_RUNS:
         procs[name] = spawn([*CLI_ARGS, *extra], devices, out_dir / f"{name}.log", stdout=out_dir / f"{name}.out")
     yield out_dir, procs
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stop(procs)
 
 
 @pytest.fixture(scope="module")

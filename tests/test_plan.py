@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from workers import run  # noqa: E402
 import jax  # noqa: E402  (conftest.py, or the parent's environment for the subprocess, picks the CPU)
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -97,10 +97,7 @@ def placed(out: str):
 @pytest.fixture(scope="module")
 def placed_report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("placed")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
-    proc = subprocess.run([sys.executable, str(HERE / "test_plan.py"), "placed", str(out)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run([str(HERE / "test_plan.py"), "placed", str(out)], DEVICES)
     return json.loads((out / "report.json").read_text())
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +23,6 @@ import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
@@ -44,6 +41,7 @@ from dsv4_jax.runtime.demo import DEMO_WEIGHTS  # noqa: E402
 from dsv4_jax.weights.params import abstract_model, checkpoint_config, param_table  # noqa: E402
 from dsv4_jax.weights.quant_array import QuantArray  # noqa: E402
 from released_format import quantise_fp4, quantise_fp8_blocks  # noqa: E402
+from workers import run  # noqa: E402
 from dsv4_jax.weights.quantization import (  # noqa: E402
     dequantise_fp4, dequantise_fp8)
 from dsv4_jax.weights.sharding import (  # noqa: E402
@@ -232,10 +230,7 @@ def sharded_load(out: str):
 @pytest.fixture(scope="module")
 def sharded_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sharded")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
-    proc = subprocess.run([sys.executable, str(HERE / "test_sharding.py"), "sharded", str(out)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run([str(HERE / "test_sharding.py"), "sharded", str(out)], DEVICES)
     return out
 
 

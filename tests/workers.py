@@ -55,3 +55,19 @@ def jaxpr_walk(jaxpr, inherited=""):
                     v = v.jaxpr
                 if isinstance(v, jax.extend.core.Jaxpr):
                     yield from jaxpr_walk(v, stack)
+
+
+def run(args: list[str], devices: int, timeout: float = 600) -> None:
+    """``python args...`` with ``devices`` fake CPU devices, to the end; fails the test with its stderr's tail."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def stop(procs: dict) -> None:
+    """Kill the workers still running (a fixture's teardown)."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
