@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -81,7 +82,10 @@ def test_released_config_json_parses_to_the_preset(tmp_path, raw, preset):
 @pytest.mark.parametrize("raw, preset", [(FLASH_JSON, DeepseekV4Config.flash), (PRO_JSON, DeepseekV4Config.pro)],
                          ids=["flash", "pro"])
 def test_transformers_reading_of_the_legacy_config_agrees(raw, preset):
-    """transformers' own legacy conversion (compress_ratios -> layer_types, ...) parses back to the preset."""
+    """transformers' own legacy conversion (compress_ratios -> layer_types, ...) parses back to the preset.
+    transformers edits the nested rope_scaling it is given in place: it gets a copy, so FLASH_JSON stays as
+    shipped for the tests that read it after this one."""
+    raw = copy.deepcopy(raw)
     _assert_same(DeepseekV4Config.from_hf_dict(transformers.DeepseekV4Config(**raw).to_dict()), preset())
 
 
