@@ -93,7 +93,12 @@ def check_layout(cfg: DeepseekV4Config, tp: int = 1, dp: int = 1, pp: int = 1, e
     if pp > cfg.num_hidden_layers:
         raise InputError(f"{names['pp']} {pp} is larger than the number of layers ({cfg.num_hidden_layers}); every "
                          "stage needs a layer")
-    devices = jax.device_count() if devices is None else devices
+    _check_devices(tp, dp, pp, jax.device_count() if devices is None else devices, names)
+
+
+def _check_devices(tp: int, dp: int, pp: int, devices: int, names: dict[str, str]) -> None:
+    """Raise InputError unless ``devices`` holds pp x dp x tp (positive counts)."""
+    tp, dp, pp = (_count(v, names[k]) for k, v in (("tp", tp), ("dp", dp), ("pp", pp)))
     if pp * dp * tp > devices:
         layout = " x ".join(f"{names[k]} {v}" for k, v in (("pp", pp), ("dp", dp), ("tp", tp)) if v > 1)
         raise InputError(f"{layout} needs {pp * dp * tp} devices but {devices} {'is' if devices == 1 else 'are'} "
@@ -107,10 +112,8 @@ def make_mesh(tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False, devices=N
     devices = list(jax.devices() if devices is None else devices)
     if cfg is not None:
         check_layout(cfg, tp, dp, pp, ep, len(devices))
-    n = _count(pp, "pp") * _count(dp, "dp") * _count(tp, "tp")
-    if n > len(devices):
-        raise InputError(f"a mesh of pp {pp} x dp {dp} x tp {tp} needs {n} devices but {len(devices)} are available")
-    grid = np.asarray(devices[:n], dtype=object).reshape(pp, dp, tp)
+    _check_devices(tp, dp, pp, len(devices), FLAGS)
+    grid = np.asarray(devices[:pp * dp * tp], dtype=object).reshape(pp, dp, tp)
     return ModelMesh(Mesh(grid, (PP, DP, TP)), bool(ep))
 
 
