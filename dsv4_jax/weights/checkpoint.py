@@ -26,8 +26,8 @@ from .errors import CheckpointError
 from .names import IGNORED_SUFFIXES, MTP_PREFIXES, canonical_name
 from .params import abstract_model, checkpoint_config, checkpoint_dtype, model_dtype, param_table
 from .safetensors_io import checkpoint_files
-from .placing import Placement, ShardedBuffer, paired_axis, target_layout
-from .sharding import ShardingRules, to_placed
+from .placing import Placement, ShardedBuffer, target_layout
+from .sharding import ShardingRules, paired_axis, to_placed
 from ..model.mtp import DeepseekV4WithMTP
 from ..model.transformer import DeepseekV4ForCausalLM
 from ..runtime.mesh import ModelMesh

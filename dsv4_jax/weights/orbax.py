@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .errors import CheckpointError
 from .params import abstract_model, checkpoint_config, model_dtype, param_table
-from .placing import Placement, ShardedBuffer, paired_axis, target_layout
-from .sharding import ShardingRules
+from .placing import Placement, ShardedBuffer, target_layout
+from .sharding import ShardingRules, paired_axis
 from ..model.config import DeepseekV4Config
 from ..model.transformer import DeepseekV4ForCausalLM
 from ..runtime.mesh import ModelMesh

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, Sharding
 
-from .sharding import PAIRED_AXES, ShardingRules, target_placements, target_shardings
+from .sharding import ShardingRules, target_placements, target_shardings
 from ..model.config import DeepseekV4Config
-from ..model.spec import axes_of
 from ..runtime.mesh import ModelMesh, check_layout
 
 Placement = tuple[tuple[int, ...], Sharding]  # (placed shape, sharding)
@@ -44,14 +43,6 @@ def target_layout(cfg: DeepseekV4Config, table: Mapping[str, nnx.Variable], shar
     return {name: (tuple(var.get_value().shape), shardings[name]) for name, var in table.items()}
 
 
-def paired_axis(var: nnx.Variable, placed_shape: Sequence[int]) -> int | None:
-    """The dimension of ``var`` that its placement holds as [2, n / 2] (sharding.PAIRED_AXES), or None."""
-    axes = axes_of(var)
-    if len(placed_shape) == len(axes):
-        return None
-    return next(i for i, a in enumerate(axes) if a in PAIRED_AXES)
-
-
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_shard(shard, part, offset):
     return jax.lax.dynamic_update_slice(shard, part.astype(shard.dtype), offset)
@@ -60,7 +51,7 @@ def _write_shard(shard, part, offset):
 class ShardedBuffer:
     """An array of canonical shape ``shape`` held as ``placed`` = (placed shape, sharding), written one
     region at a time in canonical coordinates; ``pair``: the canonical dimension held as [2, n / 2]
-    (``paired_axis``). Rows a placement pads stay zero."""
+    (``sharding.paired_axis``). Rows a placement pads stay zero."""
 
     def __init__(self, shape: Sequence[int], placed: Placement, dtype, pair: int | None = None):
         self.shape, (self.placed_shape, self.sharding), self.pair = tuple(shape), placed, pair

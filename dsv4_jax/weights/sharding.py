@@ -190,11 +190,18 @@ def canonical_shape(var: nnx.Variable) -> tuple[int, ...]:
     pads a vocabulary axis (its declared size is unknown here, so a padded value keeps its padded size, which
     placing again leaves as it is) or splits a paired axis in two (merged back here)."""
     shape = tuple(var.get_value().shape)
-    axes = axes_of(var)
-    if len(shape) == len(axes) + 1:
-        i = next(i for i, a in enumerate(axes) if a in PAIRED_AXES)
+    i = paired_axis(var, shape)
+    if i is not None:
         shape = shape[:i] + (shape[i] * shape[i + 1],) + shape[i + 2:]
     return shape
+
+
+def paired_axis(var: nnx.Variable, placed_shape: Sequence[int]) -> int | None:
+    """The dimension of ``var`` that a placement of ``placed_shape`` holds as [2, n / 2] (PAIRED_AXES), or None."""
+    axes = axes_of(var)
+    if len(placed_shape) == len(axes):
+        return None
+    return next(i for i, a in enumerate(axes) if a in PAIRED_AXES)
 
 
 def cache_shardings(cache, mesh: Mesh, rules: ShardingRules | None = None):
