@@ -31,6 +31,16 @@ def test_unknown_xla_option_is_recorded_as_the_case_error(capsys):
     assert "No such compile option" in row["error"] and "xla_no_such_option" in row["error"]
 
 
+def test_paths_time_the_sharded_step_beside_the_plain_one(capsys):
+    """``--paths plain mesh``: each case timed on today's one-device step and on the sharded step of a 1-device
+    mesh (issue 25's no-slower check), rows labelled by path."""
+    assert bench_generate.main(["--model", "demo", "--no-ceilings", "--decode-cases", "1,64", "--decode-steps", "1",
+                                "--paths", "plain", "mesh"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
+    assert [r["path"] for r in rows] == ["plain", "mesh"]
+    assert all(r["decode_ms_per_step"] > 0 and "error" not in r for r in rows)
+
+
 def test_bad_option_lists_and_rounds_are_usage_errors():
     for args, said in ((["--xla-options", '{"a": 1}'], "expected a JSON list of objects"),
                        (["--xla-options", "[1]"], "expected a JSON list of objects"),
