@@ -2,7 +2,8 @@
 
     python scripts/convert_checkpoint.py SRC DST [--dtype bfloat16|float32] [--overwrite]
 
-Loads SRC with ``from_pretrained`` (every name spelling it accepts), saves it with
+Loads SRC with ``from_pretrained`` (every name spelling it accepts; released FP8 / FP4 weights dequantised to
+--dtype: an orbax checkpoint holds plain arrays), saves it with
 ``checkpoint_orbax.save`` and copies SRC's tokenizer.json, so ``python -m dsv4_jax.generate
 --checkpoint DST`` works as it does with SRC. Bad input is one line on stderr and exit code 2.
 """
@@ -40,7 +41,7 @@ def convert(src, dst, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
     src, dst = Path(src), Path(dst)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"destination {dst} is the source directory; choose another DST")
-    model = from_pretrained(src, dtype)
+    model = from_pretrained(src, dtype, dequantize=True)
     dst = checkpoint_orbax.save(model, dst, overwrite=overwrite)
     if (src / TOKENIZER_FILE).exists():
         shutil.copy(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)

@@ -104,12 +104,12 @@ def host_tensors_alive(monkeypatch):
     live = []
     real_iter = checkpoint.iter_tensors
 
-    def spy(files, *args):
-        for name, array, f in real_iter(files, *args):
+    def spy(files, *args, **kwargs):
+        for name, value, f in real_iter(files, *args, **kwargs):
             seen["most_alive"] = max(seen["most_alive"], sum(r() is not None for r in live))
-            live.append(weakref.ref(array))
+            live.append(weakref.ref(value))  # a QuantArray's codes and scales live and die with it
             seen["read"] += 1
-            yield name, array, f
+            yield name, value, f
 
     monkeypatch.setattr(checkpoint, "iter_tensors", spy)
     return seen

@@ -309,9 +309,12 @@ def test_torch_written_fp8_checkpoint_loads(saved, tmp_path):
     tensors["model.layers.1.attn.wq_a.scale"] = torch.full((1, 1), 0.25).to(torch.float8_e8m0fnu)
     path = write_checkpoint(tmp_path, saved, {})
     save_torch(tensors, str(path / SINGLE))
-    loaded = param_table(dsv4_jax.from_pretrained(path, "float32"))
-    np.testing.assert_array_equal(np.asarray(loaded["model.layers.1.self_attn.q_a_proj.weight"].get_value()),
-                                  fp8.float().numpy() * 0.25)
+    for dequantize in (False, True):  # kept as released (a QuantArray), or dequantised at load
+        value = param_table(dsv4_jax.from_pretrained(path, "float32", dequantize=dequantize))[
+            "model.layers.1.self_attn.q_a_proj.weight"].get_value()
+        assert hasattr(value, "dequantize") != dequantize
+        np.testing.assert_array_equal(np.asarray(value if dequantize else value.dequantize()),
+                                      fp8.float().numpy() * 0.25)
 
 
 # ----- file-level errors ----------------------------------------------------------------------

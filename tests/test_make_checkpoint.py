@@ -146,13 +146,51 @@ def test_the_safetensors_library_reads_every_tensor(written):
                 np.testing.assert_array_equal(raw, bits(read_tensor(written.stored[name])), name)
 
 
-def test_loads_as_the_dequantised_draws(written):
-    model = dsv4_jax.from_pretrained(written.path, "float32", mtp=True)
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_loads_as_the_dequantised_draws(written, dequantize):
+    """Kept as released (FP8 / FP4 as QuantArrays) or dequantised at load: the same values either way."""
+    model = dsv4_jax.from_pretrained(written.path, "float32", mtp=True, dequantize=dequantize)
     want = expected_values(CFG, SEED)
     table = param_table(model)
     assert sorted(table) == sorted(want)
     for name, var in table.items():
-        np.testing.assert_array_equal(np.asarray(var.get_value()), want[name], err_msg=name)
+        value = var.get_value()
+        kind = random_init.released_kind(name, storage_of(var))
+        assert isinstance(value, QuantArray) == (not dequantize and kind in (random_init.FP8, random_init.FP4)), name
+        got = value.dequantize() if isinstance(value, QuantArray) else value
+        np.testing.assert_array_equal(np.asarray(got), want[name], err_msg=name)
+
+
+def test_released_model_is_the_loaded_checkpoint(written):
+    """random_init.released_model (no file) holds the loaded checkpoint's arrays bit for bit."""
+    loaded = param_table(dsv4_jax.from_pretrained(written.path, "bfloat16", mtp=True))
+    built = param_table(random_init.released_model(CFG, jnp.bfloat16, SEED, mtp=True))
+    assert sorted(loaded) == sorted(built)
+    for name, var in loaded.items():
+        got, want = jax.tree.leaves(var.get_value()), jax.tree.leaves(built[name].get_value())
+        assert [a.dtype for a in got] == [a.dtype for a in want], name
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(bits(a), bits(b), err_msg=name)
+
+
+def test_device_memory_within_5_percent_of_the_files(written):
+    """Kept as released, the weights take about the checkpoint's bytes on the device (norms are held in fp32
+    where the files store bf16, the hash table in int32 where they store int64)."""
+    model = dsv4_jax.from_pretrained(written.path, "bfloat16", mtp=True)
+    held = sum(a.nbytes for var in param_table(model).values() for a in jax.tree.leaves(var.get_value()))
+    stored = sum(t.end - t.start for t in written.stored.values())
+    assert abs(held / stored - 1) < 0.05, (held, stored)
+
+
+@pytest.mark.parametrize("flag", [[], ["--dequantize"]])
+def test_cli_generates_the_same_tokens_released_or_dequantised(written, flag):
+    proc = subprocess.run([sys.executable, "-m", "dsv4_jax.generate", "--checkpoint", str(written.path),
+                           "--prompt-ids", "5,17,3,99,42,7,1,250,8", "--max-new-tokens", "4", "--dtype", "float32",
+                           "--json", *flag], capture_output=True, text=True, cwd=Path(mk.__file__).parents[1], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tokens = json.loads(proc.stdout.strip().splitlines()[-1])["tokens"]
+    engine = dsv4_jax.Engine(dsv4_jax.from_pretrained(written.path, "float32", dequantize=True), capacity=16)
+    assert tokens == engine.generate([[5, 17, 3, 99, 42, 7, 1, 250, 8]], 4)[0].tokens
 
 
 def test_one_piece_at_a_time(written):

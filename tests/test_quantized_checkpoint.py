@@ -6,8 +6,9 @@ bound. Checkpoints: a tiny reference model (transformers' DeepseekV4ForCausalLM)
 composed from transformers' own decoder layer are snapped to the released formats' values, written in
 DeepSeek's names and dtypes (FP8 linears with ue8m0 scales, FP4 packed experts, bf16 / fp32 / int64 for
 the rest, the ``mtp.0.*`` tensors), single-file and sharded with scales in other shards; the loaded
-parameters must equal the dequantised values exactly, and the main and MTP logits must match the
-PyTorch reference within 1e-5 (fp32, relative to the largest logit).
+parameters (kept as released by default, dequantised at load with ``dequantize=True``) must equal the
+dequantised values exactly, and the main and MTP logits must match the PyTorch reference within 1e-5 (fp32,
+relative to the largest logit).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import dsv4_jax
 from conftest import tiny
 from dsv4_jax.weights.errors import CheckpointError
 from dsv4_jax.weights.names import canonical_name
+from dsv4_jax.model.spec import Storage, storage_of
 from dsv4_jax.weights.params import abstract_model, param_table
+from dsv4_jax.weights.quant_array import QuantArray
 from dsv4_jax.weights.safetensors_io import INDEX_FILE, catalog
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING
 from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config, mtp_logits
@@ -363,11 +366,16 @@ def scales_in_other_shards(tensors: dict[str, np.ndarray], n: int = 3) -> list[d
     return shards
 
 
-def assert_values(model, expected: dict[str, np.ndarray]):
+def assert_values(model, expected: dict[str, np.ndarray], released: bool = True):
+    """Every parameter equals ``expected``; with ``released`` the FP8 / FP4 ones are held as QuantArrays
+    (compared dequantised), else as plain arrays."""
     table = param_table(model)
     assert sorted(table) == sorted(expected)
     for name, var in table.items():
-        got = np.asarray(var.get_value())
+        got = var.get_value()
+        quantised = storage_of(var) in (Storage.FP8, Storage.FP4)
+        assert isinstance(got, QuantArray) == (released and quantised), name
+        got = np.asarray(got.dequantize(model.dtype) if isinstance(got, QuantArray) else got)
         np.testing.assert_array_equal(got, expected[name].astype(got.dtype), err_msg=name)
 
 
@@ -467,13 +475,21 @@ def test_sharded_with_scales_in_other_shards(rel, tmp_path, host_tensors_alive):
 
 
 def test_bf16_model_holds_the_fp8_and_fp4_values_exactly(rel, tmp_path):
-    model = dsv4_jax.from_pretrained(write(tmp_path, rel.config, rel.tensors), "bfloat16", mtp=True)
+    path = write(tmp_path, rel.config, rel.tensors)
+    model = dsv4_jax.from_pretrained(path, "bfloat16", mtp=True, dequantize=True)
     table = param_table(model)
     assert table["model.layers.1.self_attn.q_a_proj.weight"].get_value().dtype == ml_dtypes.bfloat16
     assert table["model.mtp.0.mlp.experts.gate_up_proj"].get_value().dtype == ml_dtypes.bfloat16
-    for name, var in table.items():
-        np.testing.assert_array_equal(np.asarray(var.get_value()).astype(np.float32),
-                                      rel.expected[name].astype(np.float32), err_msg=name)
+    assert_values(model, rel.expected, released=False)
+    # As released: the stored codes and ue8m0 scales themselves, bit for bit.
+    table = param_table(dsv4_jax.from_pretrained(path, "bfloat16", mtp=True))
+    for stored, canonical, part in (("layers.1.attn.wq_a", "model.layers.1.self_attn.q_a_proj.weight", None),
+                                    ("mtp.0.ffn.experts.2.w3", "model.mtp.0.mlp.experts.gate_up_proj", 1)):
+        q = table[canonical].get_value()
+        values, scales = (q.values[2, CFG.moe_intermediate_size:], q.scales[2, CFG.moe_intermediate_size:]) \
+            if part else (q.values, q.scales)
+        np.testing.assert_array_equal(bits(np.asarray(values)), bits(rel.tensors[stored + ".weight"]))
+        np.testing.assert_array_equal(bits(np.asarray(scales)), bits(rel.tensors[stored + ".scale"]))
 
 
 def test_transformers_quantizer_spelling(rel, tmp_path):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import ops
-from ..ops.dense import unweighted_rms_norm
+from ..ops.dense import grouped_linear, unweighted_rms_norm
 from .layers import Linear, RMSNorm
 from .cache import LayerCache
 from .compression import overlaps
@@ -40,8 +40,7 @@ class GroupedLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., G, in_per_group] -> [..., G, r_o]."""
-        w = self.weight[...].reshape(-1, self.out_per_group, x.shape[-1])
-        return jnp.einsum("...gi,goi->...go", x, w.astype(x.dtype))
+        return grouped_linear(x, self.weight.get_value(), self.out_per_group)
 
 
 class Attention(nnx.Module):
@@ -104,6 +103,6 @@ class Attention(nnx.Module):
         o = ops.sparse_attention(q, win_keys, meta.window.key_mask, entries, entry_ids, self.sinks[...], D**-0.5,
                                  shared_entries=self.compressor is not None and self.compressor.indexer is None)
         o = apply_rope(o, cos_h, sin_h, inverse=True)
-        groups = self.o_a_proj.weight.shape[0] // c.o_lora_rank  # this device's output groups
+        groups = self.o_a_proj.weight.get_value().shape[0] // c.o_lora_rank  # this device's output groups
         grouped = self.o_a_proj(o.reshape(B, C, groups, -1)).reshape(B, C, -1)
         return self.o_b_proj(grouped), cache

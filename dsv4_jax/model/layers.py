@@ -33,7 +33,7 @@ class Linear(nnx.Module):
         self.row_parallel = row_parallel
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        return (row_parallel_linear if self.row_parallel else linear)(x, self.weight[...], out_dtype)
+        return (row_parallel_linear if self.row_parallel else linear)(x, self.weight.get_value(), out_dtype)
 
 
 class RMSNorm(nnx.Module):

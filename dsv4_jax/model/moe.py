@@ -96,9 +96,9 @@ class Experts(nnx.Module):
                                Storage.FP4, dtype)
 
     def __call__(self, x, idx, weights):
-        gate_up = self.gate_up_proj[...]  # [E, 2F, d], or placed for a split of F as [E, 2, F, d] (sharding.py)
-        gate_up = gate_up.reshape(gate_up.shape[0], -1, gate_up.shape[-1])
-        return ops.routed_experts(x, idx, weights, gate_up, self.down_proj[...], self.limit)
+        # [E, 2F, d], or placed for a split of F as [E, 2, F, d] (sharding.py); an array or a QuantArray
+        gate_up = jax.tree.map(lambda a: a.reshape(a.shape[0], -1, a.shape[-1]), self.gate_up_proj.get_value())
+        return ops.routed_experts(x, idx, weights, gate_up, self.down_proj.get_value(), self.limit)
 
 
 class SharedExpert(nnx.Module):

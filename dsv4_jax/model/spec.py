@@ -29,8 +29,10 @@ class Storage(enum.Enum):
     MODEL = "model"  # bf16 in the release; held in the model dtype (bf16 or fp32)
     FP32 = "fp32"  # held in fp32 whatever the model dtype (norms, mHC, sinks, position and routing biases)
     INT32 = "int32"  # integer tables (the hash router's token -> experts; int64 in the release)
-    FP8 = "fp8"  # e4m3 with one ue8m0 scale per 128 x 128 block in the release; held dequantised, model dtype
-    FP4 = "fp4"  # e2m1 packed two per byte, one ue8m0 scale per 1 x 32 block; held dequantised, model dtype
+    # The quantised two are held as released (a weights.quant_array.QuantArray of codes and scales), or
+    # dequantised in the model dtype (``dequantize=True``); ``dtype`` is then what they dequantise to.
+    FP8 = "fp8"  # e4m3 with one ue8m0 scale per 128 x 128 block in the release
+    FP4 = "fp4"  # e2m1 packed two per byte, one ue8m0 scale per 1 x 32 block
 
     def dtype(self, model_dtype=None) -> jnp.dtype:
         """The dtype a parameter of this storage is held in by a model of ``model_dtype``."""

@@ -40,10 +40,22 @@ def _fp8_linear(x: jax.Array, weight: QuantArray, out_dtype) -> jax.Array:
         y = fp8_linear(x.reshape(rows, x.shape[-1]), weight.values, weight.scales.astype(jnp.float32),
                        out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret())
         return y.reshape(*x.shape[:-1], -1)
-    return linear(x, weight.dequantize(x.dtype), out_dtype)
+    return linear(x, dense(weight, x.dtype), out_dtype)
 
 
-def row_parallel_linear(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Array:
+def grouped_linear(x: jax.Array, weight: jax.Array | QuantArray, out_per_group: int) -> jax.Array:
+    """Block-diagonal projection: x [..., G, in] with weight [G * out_per_group, in] (an array or an FP8
+    QuantArray, dequantised here) -> [..., G, out_per_group]: group g through its own rows."""
+    w = dense(weight, x.dtype).reshape(-1, out_per_group, x.shape[-1])
+    return jnp.einsum("...gi,goi->...go", x, w)
+
+
+def dense(weight: jax.Array | QuantArray, dtype) -> jax.Array:
+    """A weight as a plain array of ``dtype``: a QuantArray dequantised (exact, for a bf16 or fp32 dtype)."""
+    return weight.dequantize(dtype) if isinstance(weight, QuantArray) else weight.astype(dtype)
+
+
+def row_parallel_linear(x: jax.Array, weight: jax.Array | QuantArray, out_dtype=None) -> jax.Array:
     """``linear`` whose input dimension may be split over tensor-parallel devices (x [..., in_shard], weight
     [out, in_shard]): each shard's partial product, summed over the shards in fp32 before the cast."""
     if current_axes().tp is None:

@@ -1,7 +1,8 @@
 """The routed experts of a MoE layer: the clamped SwiGLU MLP of each token's picked experts.
 
 XLA: gathered matrices or ``ragged_dot_general``; Pallas: kernels_pallas/expert_rows.py, grouped_gemv.py and
-grouped_matmul.py.
+grouped_matmul.py. Expert stacks kept in the released FP4 (QuantArrays) are dequantised by the XLA path inside
+the step: only the picked experts' codes where it gathers, the whole stack where it runs the ragged dot.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from kernels_pallas.expert_rows import expert_rows
 from kernels_pallas.grouped_gemv import grouped_gemv
 from kernels_pallas.grouped_matmul import grouped_matmul
 
+from ..weights.quant_array import QuantArray
 from .choice import interpret, pallas
+from .dense import dense
 from .parallel import combine_experts, expert_shard_count, expert_shard_index, gather_tokens
 
 _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
@@ -26,9 +29,10 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
     return jax.nn.silu(jnp.minimum(gate, limit)) * jnp.clip(up, -limit, limit)
 
 
-def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
-                   limit: float) -> jax.Array:
+def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up: jax.Array | QuantArray,
+                   down: jax.Array | QuantArray, limit: float) -> jax.Array:
     """x [T, d]; idx, weights [T, k] (global expert ids); gate_up [E, 2F, d]; down [E, d, F] -> [T, d] fp32.
+    The stacks are arrays, or FP4 QuantArrays computed in x's dtype.
 
     Sharded (ops/parallel.py): with the width split over tensor-parallel devices (gate_up [E, 2F/tp, d], its
     shard's gate rows then up rows; down [E, d, F/tp]) each device computes its partial sums; with the experts
@@ -69,10 +73,13 @@ def _experts_on_device(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up
     """
     T, k = idx.shape
     E = gate_up.shape[0]
-    use_kernel = pallas("routed_experts") and gate_up.dtype != jnp.float32
+    dtype = x.dtype if isinstance(gate_up, QuantArray) else gate_up.dtype  # the experts' compute dtype
+    use_kernel = pallas("routed_experts") and dtype != jnp.float32
     local_rows = T * k // spread
     if local_rows < E and not use_kernel:  # another device's assignments: any matrix, weight 0
-        return _gathered_experts(x, idx if spread == 1 else jnp.minimum(idx, E - 1), weights, gate_up, down, limit)
+        return _gathered_experts(x.astype(dtype), idx if spread == 1 else jnp.minimum(idx, E - 1), weights, gate_up,
+                                 down, limit)
+    gate_up, down = dense(gate_up, dtype), dense(down, dtype)
     if use_kernel and T == 1 and spread == 1:  # one token's experts are distinct: no sorting, no scatter back
         rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret())
         # gate_up reads the token's one row for all k experts: [1, d] -> [k, 2F]
@@ -107,7 +114,12 @@ def _expert_mlp(xs, up, down, limit):
 
 
 def _gathered_experts(x, idx, weights, gate_up, down, limit):
-    y = _expert_mlp(x.astype(gate_up.dtype),
-                    lambda a: jnp.einsum("td,tkfd->tkf", a, gate_up[idx], preferred_element_type=jnp.float32),
-                    lambda h: jnp.einsum("tkf,tkdf->tkd", h, down[idx], preferred_element_type=jnp.float32), limit)
+    """x [T, d] in the compute dtype; each assignment's matrices gathered (a QuantArray's codes and scales,
+    then dequantised: only the picked experts are)."""
+    def picked(w):
+        return dense(jax.tree.map(lambda a: a[idx], w), x.dtype)
+
+    y = _expert_mlp(x,
+                    lambda a: jnp.einsum("td,tkfd->tkf", a, picked(gate_up), preferred_element_type=jnp.float32),
+                    lambda h: jnp.einsum("tkf,tkdf->tkd", h, picked(down), preferred_element_type=jnp.float32), limit)
     return jnp.einsum("tkd,tk->td", y, weights)

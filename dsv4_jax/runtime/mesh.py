@@ -29,7 +29,8 @@ from ..model.cache import init_cache
 from ..model.config import DeepseekV4Config
 from ..model.transformer import InputError, forward_prepared, prepare_chunk
 from ..ops.parallel import MeshAxes, use_axes
-from ..weights.sharding import DP, PP, TP, cache_shardings, canonical_shape, layout_rules, placement, to_placed
+from ..weights.sharding import (DP, PP, TP, Placement, cache_shardings, layout_rules, to_placed,
+                                value_placement)
 from ..model.spec import axes_of
 
 FLAGS = {"tp": "tp", "dp": "dp", "pp": "pp", "ep": "ep"}  # how messages name the settings (the CLI: --tp ...)
@@ -117,13 +118,17 @@ def make_mesh(tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False, devices=N
     return ModelMesh(Mesh(grid, (PP, DP, TP)), bool(ep))
 
 
-def place_variable(name: str, var: nnx.Variable, mesh: ModelMesh, abstract: bool = False) -> jax.Array:
-    """A variable's value placed on ``mesh`` as its rules say. A value already placed there
-    (``from_pretrained(..., mesh=)``) is kept; any other is read to the host and each device given its shard
-    (every process places its own). ``abstract``: a ShapeDtypeStruct of the placed array instead (no memory;
-    for compiling ahead of time)."""
-    shape, sharding = placement(f"parameter {name}", axes_of(var), canonical_shape(var), mesh.mesh, mesh.rules)
-    value = var.get_value()
+def place_variable(name: str, var: nnx.Variable, mesh: ModelMesh, abstract: bool = False):
+    """A variable's value placed on ``mesh`` as its rules say (a QuantArray's codes and scales each on its
+    shards). A value already placed there (``from_pretrained(..., mesh=)``) is kept; any other is read to the
+    host and each device given its shard (every process places its own). ``abstract``: ShapeDtypeStructs of
+    the placed arrays instead (no memory; for compiling ahead of time)."""
+    placed = value_placement(f"parameter {name}", axes_of(var), var.get_value(), mesh.mesh, mesh.rules)
+    return jax.tree.map(functools.partial(_place_leaf, abstract=abstract), var.get_value(), placed)
+
+
+def _place_leaf(value, placed: Placement, abstract: bool):
+    shape, sharding = placed
     if abstract:
         return jax.ShapeDtypeStruct(shape, value.dtype, sharding=sharding)
     if tuple(value.shape) == shape and getattr(value, "sharding", None) == sharding:
@@ -137,7 +142,8 @@ def place_weights(model: nnx.Module, mesh: ModelMesh) -> tuple:
     ``engine.split_weights`` gives for one device."""
     graphdef, state = nnx.split(model)
     variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    weights = [place_variable(jax.tree_util.keystr(path), var, mesh) for path, var in variables]
+    weights = [leaf for path, var in variables
+               for leaf in jax.tree.leaves(place_variable(jax.tree_util.keystr(path), var, mesh))]
     return graphdef, jax.tree.structure(state), weights
 
 

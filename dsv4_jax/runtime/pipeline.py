@@ -88,7 +88,7 @@ from jax.sharding import PartitionSpec as P
 from ..model.cache import init_cache
 from ..model.spec import axes_of
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, at_positions
-from ..weights.sharding import PP, cache_shardings, placement, to_placed
+from ..weights.sharding import PP, cache_shardings, placement, to_placed, value_placement
 from .mesh import ModelMesh, place_variable
 
 PP_AXIS = PP
@@ -162,10 +162,16 @@ def _flat(tree) -> list[tuple[str, object]]:
     return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _flat_variables(state) -> list[tuple[str, nnx.Variable]]:
-    """``_flat``'s keys (which end in ``.value``) with the variables themselves, in the same order."""
+def _variables(state) -> list[tuple[str, nnx.Variable]]:
+    """(key, variable) of every variable of ``state``, in order."""
     leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    return [(k, var) for (k, _), (_, var) in zip(_flat(state), leaves)]
+    return [(jax.tree_util.keystr(p), var) for p, var in leaves]
+
+
+def _leaf_variables(state) -> list[tuple[str, nnx.Variable]]:
+    """``_flat``'s keys (which end in ``.value``, then ``.values`` / ``.scales`` for a QuantArray) with the
+    variable each leaf belongs to, in the same order."""
+    return [(k + leaf_key, var) for k, var in _variables(state) for leaf_key, _ in _flat(var)]
 
 
 def _head_name(key: str) -> str:
@@ -206,7 +212,10 @@ class PipelinePlan:
         # Split every layer; sort its weight and cache leaves into trunk and per-type groups.
         splits = [nnx.split(layer) for layer in model.model.layers]
         self._layer_leaves = [dict(_flat(state)) for _, state in splits]
-        self._axes = {k: axes_of(var) for _, state in splits for k, var in _flat_variables(state)}
+        self._axes = {k: axes_of(var) for _, state in splits for k, var in _leaf_variables(state)}
+        for i, (_, state) in enumerate(splits):  # a released-precision weight's split must cut whole blocks
+            for k, var in _variables(state):
+                value_placement(f"layer {i} parameter {k}", axes_of(var), var.get_value(), self.mesh, mesh.rules)
         cache_shapes = jax.eval_shape(lambda: init_cache(cfg, 1, capacity, model.dtype))
         cache_leaves = [dict(_flat(c)) for c in cache_shapes]
 
@@ -330,7 +339,8 @@ class PipelinePlan:
         groups = {g: {k: stacked_layers(k, shape, dtype, self.group_size[g], lambda s, g=g: self.members[g][s])
                       for k, (shape, dtype) in spec.items()}
                   for g, spec in self.param_groups.items()}
-        rest = [place_variable(key, var, self.model_mesh, abstract) for key, var in _flat_variables(self._rest)]
+        rest = [leaf for key, var in _variables(self._rest)
+                for leaf in jax.tree.leaves(place_variable(key, var, self.model_mesh, abstract))]
         return rest + jax.tree.leaves({"trunk": trunk, "groups": groups})
 
     def cache_shapes(self, batch: int) -> dict:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ..weights.params import abstract_model
+from ..weights.params import abstract_model, is_released
 from ..model.config import MOE, DeepseekV4Config
 from ..model.transformer import DeepseekV4ForCausalLM, stateless_forward
 
@@ -71,6 +71,9 @@ def split_model(model: DeepseekV4ForCausalLM):
 
 def init_state(model: DeepseekV4ForCausalLM, optimizer: optax.GradientTransformation) -> TrainState:
     """The train state of a model built in fp32 (its parameters become the master weights)."""
+    if is_released(model):
+        raise ValueError("training needs plain weights, not released FP8 / FP4 ones: load with dequantize=True "
+                         "(or train weights.params.dequantized(model))")
     _, params, buffers = split_model(model)
     return TrainState(params, buffers, optimizer.init(params), jnp.zeros((), jnp.int32))
 

@@ -4,9 +4,9 @@
 Tensors are streamed one at a time (never the whole checkpoint in host memory), checked against the
 shapes the config implies, cast to each parameter's dtype (its declared storage, model/spec.py) and
 placed straight onto the shards of its target placement (placing.py), each device sent only its own.
-DeepSeek's released formats load as they are published: FP8 linears and FP4 experts are dequantised with
-their ue8m0 scales (dequantise.py), which may sit in another shard; the MTP block loads when asked for
-(``mtp=True``).
+DeepSeek's released formats load as they are published: FP8 linears and FP4 experts are kept so, codes and
+ue8m0 scales (a QuantArray each; the scales may sit in another shard), or dequantised with
+``dequantize=True`` (dequantise.py); the MTP block loads when asked for (``mtp=True``).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from . import orbax as checkpoint_orbax
-from .dequantise import iter_tensors
+from .dequantise import iter_tensors, released_names
 from .errors import CheckpointError
 from .names import IGNORED_SUFFIXES, MTP_PREFIXES, canonical_name
 from .params import abstract_model, checkpoint_config, checkpoint_dtype, model_dtype, param_table
+from .quant_array import QuantArray
 from .safetensors_io import checkpoint_files
-from .placing import Placement, ShardedBuffer, target_layout
-from .sharding import ShardingRules, paired_axis, to_placed
+from .placing import ShardedBuffer, target_layout
+from .sharding import Placement, ShardingRules, paired_axis, to_placed
 from ..model.mtp import DeepseekV4WithMTP
 from ..model.transformer import DeepseekV4ForCausalLM
 from ..runtime.mesh import ModelMesh
@@ -40,24 +41,44 @@ def _place_whole(host: np.ndarray, placed: Placement) -> jax.Array:
     return jax.make_array_from_callback(shape, sharding, lambda index: host[index])
 
 
-def load_weights(model: nnx.Module, files: list[Path], placements: Mapping[str, Placement]) -> None:
+def _skipper(with_mtp: bool):
+    """The stored names a model (with or without the MTP block) does not load."""
+    return lambda name: name.endswith(IGNORED_SUFFIXES) or (not with_mtp and name.startswith(MTP_PREFIXES))
+
+
+def keep_released(model: nnx.Module, files: list[Path]) -> None:
+    """Make every variable of abstract ``model`` that ``files`` store quantised an abstract QuantArray, so the
+    load keeps it as released."""
+    table = param_table(model)
+    for name, block in released_names(files, _skipper(isinstance(model, DeepseekV4WithMTP))).items():
+        if name in table:  # an unknown name is load_weights' error
+            table[name].set_value(QuantArray.abstract(table[name].get_value().shape, block))
+
+
+def _write_expert(buffers, value, start: tuple[int, int, int]) -> None:
+    """One expert's matrix (an array, or a QuantArray of codes and scales) into its stack's ShardedBuffer(s)."""
+    for buffer, a in zip(jax.tree.leaves(buffers), jax.tree.leaves(value), strict=True):
+        buffer.write(start, np.asarray(a).astype(buffer.dtype)[None])
+        buffer.ready()  # the host tensor must not outlive this step (streaming)
+
+
+def load_weights(model: nnx.Module, files: list[Path], placements: Mapping) -> None:
     """Fill every variable of ``model`` (abstract or real) from ``files``; strict about names and shapes.
     Tensors are read one at a time; each goes from host memory straight to the shards of its
     ``placements[canonical name]`` (placing.target_layout), in that placed shape. A per-expert matrix is
     written into its slice of the stack on the devices that hold that slice, so no device receives a
-    whole stack."""
+    whole stack. A variable holding a QuantArray is filled with the stored codes and scales (quantised
+    tensors are then read as released, see ``keep_released``); any other with dequantised values."""
     cfg = model.config
     table = param_table(model)
     has_mtp = isinstance(model, DeepseekV4WithMTP)
     loaded: set[str] = set()
     expert_parts: dict[str, set[tuple[int, int]]] = {}
-    stacked: dict[str, ShardedBuffer] = {}
+    stacked: dict = {}  # canonical name -> its ShardedBuffer (a QuantArray of them for codes and scales)
     F = cfg.moe_intermediate_size
+    released = any(isinstance(var.get_value(), QuantArray) for var in table.values())
 
-    def skip(name: str) -> bool:
-        return name.endswith(IGNORED_SUFFIXES) or (not has_mtp and name.startswith(MTP_PREFIXES))
-
-    for name, array, f in iter_tensors(files, skip):
+    for name, array, f in iter_tensors(files, _skipper(has_mtp), dequantize=not released):
         key, slot = canonical_name(name)
         var = table.get(key)
         if var is None:
@@ -69,7 +90,11 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping[str, 
         if tuple(array.shape) != want_shape:
             raise CheckpointError(
                 f"tensor {name} has shape {tuple(array.shape)} in {f.name} but the config expects {want_shape}")
-        if jnp.issubdtype(array.dtype, jnp.floating) and not np.isfinite(array.astype(np.float32)).all():
+        if isinstance(array, QuantArray) != isinstance(want, QuantArray):
+            raise CheckpointError(f"tensor {name} in {f.name} is {'' if isinstance(array, QuantArray) else 'not '}"
+                                  "quantised, unlike the parameter it fills")
+        if any(jnp.issubdtype(a.dtype, jnp.floating) and not np.isfinite(a.astype(np.float32)).all()
+               for a in jax.tree.leaves(array)):
             raise CheckpointError(f"tensor {name} in {f.name} holds NaN or infinite values")
         if key.endswith("tid2eid") and (array.min() < 0 or array.max() >= cfg.n_routed_experts):
             raise CheckpointError(f"tensor {name} in {f.name} routes to expert {int(array.max())} or "
@@ -77,7 +102,8 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping[str, 
         if slot is None:
             if key in loaded:
                 raise CheckpointError(f"tensor {name} appears twice (again in {f.name})")
-            var.set_value(_place_whole(np.asarray(array).astype(want.dtype), placements[key]))
+            var.set_value(jax.tree.map(lambda a, w, p: _place_whole(np.asarray(a).astype(w.dtype), p),
+                                       array, want, placements[key]))
             loaded.add(key)
             continue
         expert, part = slot
@@ -89,10 +115,9 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping[str, 
             raise CheckpointError(f"tensor {name} appears twice (again in {f.name})")
         parts.add(slot)
         if key not in stacked:
-            stacked[key] = ShardedBuffer(want.shape, placements[key], want.dtype,
-                                         paired_axis(var, placements[key][0]))
-        stacked[key].write((expert, F if part == 3 else 0, 0), np.asarray(array).astype(want.dtype)[None])
-        stacked[key].ready()  # the host tensor must not outlive this step (streaming)
+            stacked[key] = jax.tree.map(lambda w, p: ShardedBuffer(w.shape, p, w.dtype, paired_axis(var, p.shape)),
+                                        want, placements[key])
+        _write_expert(stacked[key], array, (expert, F if part == 3 else 0, 0))
     for key, parts in expert_parts.items():
         if key in loaded:
             raise CheckpointError(f"{key} is given both stacked and as per-expert matrices")
@@ -101,7 +126,7 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping[str, 
             e, p = min(need - parts)
             raise CheckpointError(f"checkpoint is missing tensor {key.rsplit('.', 1)[0]}.{e}.w{p}.weight "
                                   f"({len(need - parts)} expert matrices missing for {key})")
-        table[key].set_value(stacked[key].array())
+        table[key].set_value(jax.tree.map(ShardedBuffer.array, stacked[key]))
         loaded.add(key)
     missing = sorted(set(table) - loaded)
     if missing:
@@ -110,11 +135,14 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping[str, 
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}{more}")
 
 
-def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, sharding=None,
+def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, dequantize: bool = False, sharding=None,
                     mesh: ModelMesh | Mesh | None = None, rules: ShardingRules | None = None) -> DeepseekV4ForCausalLM:
     """Load a DeepSeek-V4 directory, Hugging Face format or orbax (orbax.py), and return the model (call it on
     input_ids). ``mtp=True`` also loads the multi-token-prediction block (``mtp.0.*``) and returns an
-    mtp.DeepseekV4WithMTP; otherwise those tensors are skipped. Where each parameter lives
+    mtp.DeepseekV4WithMTP; otherwise those tensors are skipped. Weights stored quantised (the released FP8
+    linears and FP4 experts) stay so on the device, as QuantArrays that the ops dequantise inside the step;
+    ``dequantize=True`` dequantises them at load to ``dtype``, which is otherwise the activation dtype and
+    that of the unquantised weights. Where each parameter lives
     (placing.target_layout): ``mesh`` a runtime.mesh.ModelMesh (``make_mesh``; the model's arrays are then
     those ``Engine(model, mesh=)`` runs on, in their placed shapes: padded vocabulary, paired gate | up
     rows), a jax Mesh + ``rules`` (a sharding.ShardingRules, default replicated), or ``sharding``; tensors
@@ -132,6 +160,9 @@ def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, shardin
         raise CheckpointError(f"{Path(path) / 'config.json'} has num_nextn_predict_layers "
                               f"{cfg.num_nextn_predict_layers}; mtp=True needs 1 (one MTP block, as released)")
     model = abstract_model(cfg, model_dtype(dtype), mtp)
+    files = checkpoint_files(Path(path))
+    if not dequantize:
+        keep_released(model, files)
     placements = target_layout(cfg, param_table(model), sharding, mesh, rules)
-    load_weights(model, checkpoint_files(Path(path)), placements)
+    load_weights(model, files, placements)
     return model

@@ -1,13 +1,17 @@
-"""Dequantisation at load: each quantised weight paired with its scale (checked from the headers before any
-data is read) and streamed back as fp32, one stored tensor at a time."""
+"""Quantised weights at load: each paired with its scale (checked from the headers before any data is read)
+and streamed one stored tensor at a time, kept as released (a QuantArray on the host) or dequantised to fp32."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
+
 from . import quantization
 from .errors import CheckpointError
-from .names import weight_of_scale
+from .names import canonical_name, weight_of_scale
+from .quant_array import QuantArray
 from .safetensors_io import StoredTensor, catalog, read_tensor
 
 FP8_DTYPE = "F8_E4M3"
@@ -65,12 +69,20 @@ def pair_scales(stored: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
     return scale_of
 
 
-def iter_tensors(files: list[Path], skip=lambda name: False):
-    """Yield (name, array, file) one stored tensor at a time, in file order, except names ``skip`` accepts.
+def released_names(files: list[Path], skip=lambda name: False) -> dict[str, tuple[int, int]]:
+    """Canonical parameter name -> its quantisation block (FP8_BLOCK_SHAPE / FP4_BLOCK_SHAPE), for every
+    parameter the checkpoint stores quantised (from the headers; a per-expert tensor names its stack)."""
+    stored = {name: t for name, t in catalog(files).items() if not skip(name)}
+    return {canonical_name(name)[0]: quantization.FP8_BLOCK_SHAPE if stored[name].dtype == FP8_DTYPE
+            else quantization.FP4_BLOCK_SHAPE for name in pair_scales(stored)}
 
-    A quantised weight comes back dequantised (fp32, same [out, in] as the parameter), read together
-    with its scale wherever that is stored; scales themselves are not yielded.
-    """
+
+def iter_tensors(files: list[Path], skip=lambda name: False, dequantize: bool = True):
+    """Yield (name, value, file) one stored tensor at a time, in file order, except names ``skip`` accepts.
+
+    A quantised weight is read together with its scale wherever that is stored (scales themselves are not
+    yielded) and comes back dequantised (fp32, same [out, in] as the parameter), or with ``dequantize=False``
+    as released: a QuantArray of host arrays (``_released``)."""
     stored = {name: t for name, t in catalog(files).items() if not skip(name)}
     scale_of = pair_scales(stored)
     for name, t in stored.items():
@@ -79,8 +91,26 @@ def iter_tensors(files: list[Path], skip=lambda name: False):
         array = read_tensor(t)
         if name in scale_of:
             scale = read_tensor(scale_of[name])
-            if t.dtype == FP8_DTYPE:
+            if not dequantize:
+                array = _released(name, t, array, scale)
+            elif t.dtype == FP8_DTYPE:
                 array = quantization.dequantise_fp8(array, scale)
             else:
                 array = quantization.dequantise_fp4(array, scale)
         yield name, array, t.file
+
+
+def _released(name: str, t: StoredTensor, codes: np.ndarray, scale: np.ndarray) -> QuantArray:
+    """A stored quantised weight as a host QuantArray with ue8m0 scales. Scales stored as fp32 / bf16
+    (transformers' ``weight_scale_inv``) must be powers of two that ue8m0 holds exactly; others are an error."""
+    if scale.dtype != ml_dtypes.float8_e8m0fnu:
+        s = scale.astype(np.float32)
+        e8 = s.astype(ml_dtypes.float8_e8m0fnu)
+        if not np.array_equal(e8.astype(np.float32), s):
+            bad = s[e8.astype(np.float32) != s].reshape(-1)[0]
+            raise CheckpointError(f"quantisation scale of {name} in {t.file.name} holds {bad}, not a power of two "
+                                  "(ue8m0); load it dequantised (dequantize=True)")
+        scale = e8
+    if t.dtype == FP8_DTYPE:
+        return QuantArray(codes, scale, quantization.FP8_BLOCK_SHAPE)
+    return QuantArray(codes.view(np.int8), scale, quantization.FP4_BLOCK_SHAPE)

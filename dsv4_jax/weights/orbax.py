@@ -27,7 +27,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .errors import CheckpointError
-from .params import abstract_model, checkpoint_config, model_dtype, param_table
+from .params import abstract_model, checkpoint_config, is_released, model_dtype, param_table
 from .placing import Placement, ShardedBuffer, target_layout
 from .sharding import ShardingRules, paired_axis
 from ..model.config import DeepseekV4Config
@@ -74,6 +74,9 @@ def save(model: DeepseekV4ForCausalLM, path, *, overwrite: bool = False) -> Path
     An existing non-empty ``path`` is an error unless ``overwrite``. The checkpoint is written to a
     temporary sibling and moved into place at the end, so a failed save leaves an old one intact.
     """
+    if is_released(model):
+        raise ValueError("an orbax checkpoint holds plain arrays, not released FP8 / FP4 weights: save "
+                         "weights.params.dequantized(model), or load with dequantize=True")
     path = Path(path).absolute()
     _check_destination(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +204,7 @@ def restore(path, dtype: str | None = None, *, config: DeepseekV4Config | None =
     want = {name: tuple(var.get_value().shape) for name, var in table.items()}
     placements = target_layout(cfg, table, sharding, mesh, rules)
     _check_shapes(path, _stored_shapes(path), want)
-    pairs = {name: paired_axis(var, placements[name][0]) for name, var in table.items()}
+    pairs = {name: paired_axis(var, placements[name].shape) for name, var in table.items()}
     target = {name: _read_as(want[name], placements[name], pairs[name], var.get_value().dtype)
               for name, var in table.items()}
     with _reading(path), _checkpointer() as ckptr:

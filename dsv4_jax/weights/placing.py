@@ -15,18 +15,17 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, Sharding
+from jax.sharding import Mesh
 
-from .sharding import ShardingRules, target_placements, target_shardings
+from .sharding import Placement, ShardingRules, target_placements, target_shardings
 from ..model.config import DeepseekV4Config
 from ..runtime.mesh import ModelMesh, check_layout
 
-Placement = tuple[tuple[int, ...], Sharding]  # (placed shape, sharding)
-
 
 def target_layout(cfg: DeepseekV4Config, table: Mapping[str, nnx.Variable], sharding=None,
-                  mesh: ModelMesh | Mesh | None = None, rules: ShardingRules | None = None) -> dict[str, Placement]:
-    """Canonical name -> (placed shape, sharding) of every variable of ``table`` (params.param_table).
+                  mesh: ModelMesh | Mesh | None = None, rules: ShardingRules | None = None) -> dict:
+    """Canonical name -> the sharding.Placement (placed shape, sharding) of every variable of ``table``
+    (params.param_table); for a quantised one (a QuantArray value) a QuantArray of its codes' and its scales'.
 
     ``mesh`` a ModelMesh: its mesh and rules, after ``check_layout`` (an InputError naming the setting that
     does not fit ``cfg``); a jax Mesh: with ``rules`` (sharding.target_placements); else ``sharding``
@@ -40,7 +39,8 @@ def target_layout(cfg: DeepseekV4Config, table: Mapping[str, nnx.Variable], shar
     if mesh is not None and sharding is None:
         return target_placements(table, mesh, rules)
     shardings = target_shardings(table, sharding, mesh, rules)  # errors for a mix of sharding and mesh
-    return {name: (tuple(var.get_value().shape), shardings[name]) for name, var in table.items()}
+    return {name: jax.tree.map(lambda leaf, s=shardings[name]: Placement(tuple(leaf.shape), s), var.get_value())
+            for name, var in table.items()}
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -55,6 +55,7 @@ class ShardedBuffer:
 
     def __init__(self, shape: Sequence[int], placed: Placement, dtype, pair: int | None = None):
         self.shape, (self.placed_shape, self.sharding), self.pair = tuple(shape), placed, pair
+        self.dtype = jnp.dtype(dtype)
         index = self.sharding.addressable_devices_indices_map(self.placed_shape)
         self.bounds = {d: [s.indices(n)[:2] for s, n in zip(idx, self.placed_shape)] for d, idx in index.items()}
         self.shards = {d: jnp.zeros([hi - lo for lo, hi in b], dtype, device=d) for d, b in self.bounds.items()}

@@ -46,6 +46,22 @@ class QuantArray:
         _check_scales(scales, quantization.fp4_scale_shape((*lead, out, 2 * half)), "FP4", packed.shape)
         return cls(jnp.asarray(packed), jnp.asarray(scales), quantization.FP4_BLOCK_SHAPE)
 
+    @classmethod
+    def abstract(cls, shape, block: tuple[int, int]) -> QuantArray:
+        """ShapeDtypeStructs of a weight of logical ``shape`` [..., out, in] quantised in ``block``
+        (quantization.FP8_BLOCK_SHAPE or FP4_BLOCK_SHAPE): no memory, for an abstract model."""
+        *lead, out, cols = shape
+        if tuple(block) == quantization.FP8_BLOCK_SHAPE:
+            values = jax.ShapeDtypeStruct(tuple(shape), jnp.float8_e4m3fn)
+            scales = quantization.fp8_scale_shape(shape)
+        elif tuple(block) == quantization.FP4_BLOCK_SHAPE:
+            values = jax.ShapeDtypeStruct((*lead, out, cols // 2), jnp.int8)
+            scales = quantization.fp4_scale_shape(shape)
+        else:
+            raise ValueError(f"block {block} is neither FP8's {quantization.FP8_BLOCK_SHAPE} nor FP4's "
+                             f"{quantization.FP4_BLOCK_SHAPE}")
+        return cls(values, jax.ShapeDtypeStruct(scales, jnp.float8_e8m0fnu), tuple(block))
+
     @property
     def packed(self) -> bool:
         """Whether ``values`` holds two e2m1 codes per int8 byte (FP4)."""

@@ -4,7 +4,8 @@
 Flash-width model never needs an fp32 copy of its largest tensors.
 
 ``released_params``: every parameter as DeepSeek's release stores it (spec §11.1), drawn and quantised on the
-device, for models larger than a disk could hold as a checkpoint; ``scripts/make_checkpoint.py`` writes the same
+device, for models larger than a disk could hold as a checkpoint; ``released_model``: the model holding them
+(FP8 / FP4 weights as QuantArrays); ``scripts/make_checkpoint.py`` writes the same
 pieces (``released_piece``) as a released-format checkpoint, quantised by quantization.py's jax quantisers at
 device speed.
 """
@@ -117,6 +118,17 @@ def _released_param(key: jax.Array, name: str, shape: tuple[int, ...], kind: str
             stack = jax.tree.map(lambda v: jnp.zeros((shape[0], *v.shape), v.dtype), value)
         stack = _put(stack, e, value)
     return stack
+
+
+def released_model(cfg: DeepseekV4Config, dtype=jnp.bfloat16, seed: int = 0, mtp: bool = False):
+    """The model in released precision (``params.abstract_model(released=True)``) holding ``released_params``:
+    what ``from_pretrained`` gives for the checkpoint ``scripts/make_checkpoint.py`` writes for ``seed``."""
+    model = abstract_model(cfg, dtype, mtp, released=True)
+    params = released_params(cfg, seed, mtp)
+    for name, var in param_table(model).items():
+        value = params.pop(name)
+        var.set_value(value if isinstance(value, QuantArray) else value.astype(var.get_value().dtype))
+    return model
 
 
 def released_params(cfg: DeepseekV4Config, seed: int = 0, mtp: bool = False) -> dict[str, QuantArray | jax.Array]:

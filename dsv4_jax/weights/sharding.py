@@ -6,7 +6,9 @@ nothing, and ``layout_rules`` is the sharded engine's (runtime/mesh.py).
 Placement may differ from a parameter's shape in two ways (``placement``): a vocabulary split into parts it
 does not divide is padded with rows no token reads, and the routed experts' stacked gate | up rows are held
 as [E, 2, F, d], so that a split of F gives each device its gate rows and their up rows. The model reads
-either form (model/moe.py ``Experts``, ops/parallel.py ``gather_vocab``).
+either form (model/moe.py ``Experts``, ops/parallel.py ``gather_vocab``). A weight kept in its released
+precision (a quant_array.QuantArray) places its codes and its block scales alike, by the same logical axes;
+a split must then cut whole quantisation blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from ..model.spec import axes_of, field_axes
+from .quant_array import QuantArray
 
 # One mesh axis, several (the dimension is split over their product, in order), or None (not split).
 MeshAxes = str | tuple[str, ...] | None
@@ -75,6 +78,18 @@ def layout_rules(ep: bool) -> ShardingRules:
     return ShardingRules(vocab=TP, heads=TP, o_lora=TP, index_heads=TP, mlp=TP, batch=DP, **experts)
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one array lives: its placed ``shape`` and its ``sharding``. Not a pytree node, so a QuantArray of
+    Placements (a quantised weight's codes and scales) maps leaf for leaf onto the weight."""
+
+    shape: tuple[int, ...]
+    sharding: Sharding
+
+    def __iter__(self):  # (shape, sharding) = placement
+        return iter((self.shape, self.sharding))
+
+
 def _mesh_axes(entry: MeshAxes) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
@@ -97,8 +112,8 @@ def logical_to_spec(axes: Sequence[str], rules: ShardingRules) -> PartitionSpec:
 
 
 def placement(what: str, axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
-              rules: ShardingRules) -> tuple[tuple[int, ...], NamedSharding]:
-    """(placed shape, NamedSharding) of an array of ``shape`` with logical ``axes`` (module docstring: padded
+              rules: ShardingRules) -> Placement:
+    """The Placement (placed shape, NamedSharding) of an array of ``shape`` with logical ``axes`` (module docstring: padded
     vocabulary, paired gate | up rows); ``what`` names it in errors (a mesh axis the mesh lacks, a dimension
     its mesh axes do not divide)."""
     spec = logical_to_spec(axes, rules)
@@ -121,7 +136,28 @@ def placement(what: str, axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
                              f"mesh axes {names} ({parts} parts)")
         placed_shape.append(size)
         placed_spec.append(entry)
-    return tuple(placed_shape), NamedSharding(mesh, PartitionSpec(*placed_spec))
+    return Placement(tuple(placed_shape), NamedSharding(mesh, PartitionSpec(*placed_spec)))
+
+
+def _parts(axis: str, mesh: Mesh, rules: ShardingRules) -> int:
+    return math.prod(mesh.shape[name] for name in _mesh_axes(getattr(rules, axis)))
+
+
+def value_placement(what: str, axes: Sequence[str], value, mesh: Mesh, rules: ShardingRules):
+    """The Placement of a parameter's value (an array, or ShapeDtypeStruct; held placed or not), or for a
+    QuantArray a QuantArray of its codes' and its scales' Placements. Errors as ``placement``, and a split
+    that would cut a quantisation block (a device must hold the scale of every code it holds)."""
+    if not isinstance(value, QuantArray):
+        return placement(what, axes, canonical_leaf_shape(axes, value.shape), mesh, rules)
+    shape = canonical_leaf_shape(axes, value.shape)
+    block = (1,) * (len(shape) - 2) + tuple(value.block)
+    for axis, size, b in zip(axes, shape, block):
+        parts = _parts(axis, mesh, rules)
+        if parts > 1 and (size % parts or (size // parts) % b):
+            raise ValueError(f"{what} {shape}: its {axis!r} dimension of {size} split into {parts} parts cuts its "
+                             f"{b}-wide quantisation blocks; load it dequantised (dequantize=True, --dequantize) for this layout")
+    return QuantArray(*(placement(f"{what} {part}", axes, canonical_leaf_shape(axes, leaf.shape), mesh, rules)
+                        for part, leaf in (("codes", value.values), ("scales", value.scales))), value.block)
 
 
 def logical_sharding(what: str, axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
@@ -148,7 +184,8 @@ def to_placed(value, placed_shape: Sequence[int]):
 
 def target_shardings(table: Mapping[str, nnx.Variable], sharding=None, mesh: Mesh | None = None,
                      rules: ShardingRules | None = None) -> dict[str, Sharding]:
-    """Canonical name -> sharding for every variable of a parameter table (params.param_table).
+    """Canonical name -> sharding for every variable of a parameter table (params.param_table); for a
+    quantised one placed by ``mesh``, a QuantArray of its codes' and its scales' shardings.
 
     ``mesh`` (+ ``rules``, default ShardingRules(): replicated): each variable split as the rules map its
     logical axes, in its placed shape (``target_placements``); or ``sharding``: one Sharding for all, or
@@ -157,7 +194,8 @@ def target_shardings(table: Mapping[str, nnx.Variable], sharding=None, mesh: Mes
     if mesh is not None or rules is not None:
         if mesh is None or sharding is not None:
             raise ValueError("give either sharding, or mesh with optional rules (a ShardingRules)")
-        return {name: placed[1] for name, placed in target_placements(table, mesh, rules).items()}
+        return {name: jax.tree.map(lambda p: p.sharding, placed)
+                for name, placed in target_placements(table, mesh, rules).items()}
     if sharding is None:
         sharding = SingleDeviceSharding(jax.devices()[0])
     if isinstance(sharding, Sharding):
@@ -174,31 +212,45 @@ def target_shardings(table: Mapping[str, nnx.Variable], sharding=None, mesh: Mes
     return dict(sharding)
 
 
-def target_placements(table: Mapping[str, nnx.Variable], mesh: Mesh,
-                      rules: ShardingRules | None = None) -> dict[str, tuple[tuple[int, ...], NamedSharding]]:
-    """Canonical name -> (placed shape, NamedSharding) of every variable of a parameter table on ``mesh`` under
-    ``rules`` (default ShardingRules(): replicated); see ``placement``."""
+def target_placements(table: Mapping[str, nnx.Variable], mesh: Mesh, rules: ShardingRules | None = None) -> dict:
+    """Canonical name -> the Placement of every variable of a parameter table on ``mesh`` under ``rules``
+    (default ShardingRules(): replicated), a QuantArray of Placements for a quantised one; see
+    ``value_placement``."""
     rules = ShardingRules() if rules is None else rules
     if not isinstance(rules, ShardingRules):
         raise ValueError(f"rules must be a ShardingRules, got {type(rules).__name__}")
-    return {name: placement(f"parameter {name}", axes_of(var), canonical_shape(var), mesh, rules)
+    return {name: value_placement(f"parameter {name}", axes_of(var), var.get_value(), mesh, rules)
             for name, var in table.items()}
 
 
-def canonical_shape(var: nnx.Variable) -> tuple[int, ...]:
-    """A variable's shape as the model declares it, whether its value is held placed or not: placement only
-    pads a vocabulary axis (its declared size is unknown here, so a padded value keeps its padded size, which
-    placing again leaves as it is) or splits a paired axis in two (merged back here)."""
-    shape = tuple(var.get_value().shape)
-    i = paired_axis(var, shape)
+def canonical_leaf_shape(axes: Sequence[str], shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of an array of a parameter with logical ``axes`` as the model declares it, whether it is held
+    placed or not: placement only pads a vocabulary axis (its declared size is unknown here, so a padded value
+    keeps its padded size, which placing again leaves as it is) or splits a paired axis in two (merged back
+    here)."""
+    shape = tuple(shape)
+    i = _paired_index(axes, shape)
     if i is not None:
         shape = shape[:i] + (shape[i] * shape[i + 1],) + shape[i + 2:]
     return shape
 
 
+def canonical_shape(var: nnx.Variable) -> tuple[int, ...]:
+    """A variable's logical shape as the model declares it (``canonical_leaf_shape``; a QuantArray's logical
+    [..., out, in])."""
+    value = var.get_value()
+    if isinstance(value, QuantArray):
+        *lead, cols = canonical_leaf_shape(axes_of(var), value.values.shape)
+        return (*lead, 2 * cols) if value.packed else (*lead, cols)
+    return canonical_leaf_shape(axes_of(var), value.shape)
+
+
 def paired_axis(var: nnx.Variable, placed_shape: Sequence[int]) -> int | None:
     """The dimension of ``var`` that a placement of ``placed_shape`` holds as [2, n / 2] (PAIRED_AXES), or None."""
-    axes = axes_of(var)
+    return _paired_index(axes_of(var), placed_shape)
+
+
+def _paired_index(axes: Sequence[str], placed_shape: Sequence[int]) -> int | None:
     if len(placed_shape) == len(axes):
         return None
     return next(i for i, a in enumerate(axes) if a in PAIRED_AXES)
