@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=int, required=True, help="cache capacity in tokens per sequence")
     p.add_argument("--batch", type=int, required=True, help="sequences (padded to a multiple of --dp)")
     p.add_argument("--gpu-memory", default="141GB", help="one device's memory (GB, GiB, ... or bytes)")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                   help="weights as the model holds them (bf16) or as the checkpoint stores them (FP8 / FP4)")
+    p.add_argument("--precision", choices=PRECISIONS, default="released",
+                   help="weights as the checkpoint stores them and from_pretrained keeps them (released: FP8 / "
+                   "FP4 with scales), or dequantised to bf16 (--dequantize)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill tokens per sequence and step, for "
                    "the activation estimate")
     p.add_argument("--mtp", action="store_true", help="with the multi-token-prediction block (on the last stage)")

@@ -2,7 +2,9 @@
 
 Its weight and cache bytes per device equal, key for key, what a real placement puts on each of 8 fake CPU
 devices: a bf16 model with every layer type and the MTP block, placed by ``runtime.mesh.place_weights``, and
-its caches made in place by ``init_cache`` under ``cache_shardings``. Fake devices must be configured before
+its caches made in place by ``init_cache`` under ``cache_shardings``; the same model in released precision
+(FP8 / FP4 codes and scales) where the layout splits no quantisation block (dp 8 with ep), and a layout that
+would is an error. Fake devices must be configured before
 JAX starts and conftest.py imports JAX first, so that part runs this file as a script in a subprocess
 (``python tests/test_plan.py placed OUT``), as tests/test_sharding.py does. The released-precision weights of
 the whole of Flash match the released checkpoint's size; the command line prints a table or one error line.
@@ -31,12 +33,13 @@ from flax import nnx  # noqa: E402
 from dsv4_jax.model.cache import init_cache  # noqa: E402
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config  # noqa: E402
 from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config  # noqa: E402
-from dsv4_jax.model.spec import Storage  # noqa: E402
 from dsv4_jax.plan import main  # noqa: E402
 from dsv4_jax.runtime.mesh import make_mesh, place_weights  # noqa: E402
-from dsv4_jax.runtime.plan import (  # noqa: E402
-    ACTIVATIONS, CACHES, WEIGHTS, blocks_touched, plan, shard_bytes, weight_kind)
+from dsv4_jax.model.transformer import InputError  # noqa: E402
+from dsv4_jax.runtime.plan import ACTIVATIONS, CACHES, RELEASED_LABELS, WEIGHTS, plan, weight_kind  # noqa: E402
 from dsv4_jax.weights.params import param_table  # noqa: E402
+from dsv4_jax.weights.quant_array import QuantArray  # noqa: E402
+from dsv4_jax.weights.random_init import released_model  # noqa: E402
 from dsv4_jax.weights.sharding import cache_shardings  # noqa: E402
 
 DEVICES = 8
@@ -91,6 +94,12 @@ def placed(out: str):
             CACHES: device_bytes((f"{dotted(path[1:])}|{a.dtype.name}", a)
                                  for path, a in jax.tree_util.tree_flatten_with_path(cache)[0]),
         }
+    # released precision: the experts whole over 8 devices, every quantised weight otherwise replicated
+    released = released_model(cfg, jnp.bfloat16, mtp=True)
+    leaf_keys = [f"{weight_kind(n)}|{RELEASED_LABELS[v.block] if isinstance(v, QuantArray) else v.dtype.name}"
+                 for n, var in param_table(released).items() for v in [var.get_value()] for _ in jax.tree.leaves(v)]
+    _, _, weights = place_weights(released, make_mesh(dp=8, ep=True, cfg=cfg))
+    report["released_dp8_ep"] = {WEIGHTS: device_bytes(zip(leaf_keys, weights, strict=True))}
     (Path(out) / "report.json").write_text(json.dumps(report))
 
 
@@ -104,12 +113,13 @@ def placed_report(tmp_path_factory) -> dict:
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "int32": "int32"}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [*LAYOUTS, "released_dp8_ep"])
 def test_plan_equals_the_bytes_placed_on_each_device(placed_report, layout):
-    tp, dp, ep = LAYOUTS[layout]
-    p = plan(every_layer_type(), tp, dp, ep=ep, capacity=CAPACITY, batch=BATCH, precision="bf16", mtp=True)
-    for section in (WEIGHTS, CACHES):
-        want = {f"{r.name}|{DTYPE_NAMES[r.held_as]}": r.nbytes for r in p.rows if r.section == section}
+    precision = "released" if layout.startswith("released") else "bf16"
+    tp, dp, ep = LAYOUTS[layout.removeprefix("released_")]
+    p = plan(every_layer_type(), tp, dp, ep=ep, capacity=CAPACITY, batch=BATCH, precision=precision, mtp=True)
+    for section in placed_report[layout]:
+        want = {f"{r.name}|{DTYPE_NAMES.get(r.held_as, r.held_as)}": r.nbytes for r in p.rows if r.section == section}
         got = placed_report[layout][section]
         assert sorted(got) == [str(d) for d in range(tp * dp)], section  # the first tp x dp devices, no others
         for device, held in got.items():
@@ -124,17 +134,11 @@ def test_released_flash_weights_match_the_released_checkpoint():
     assert held == {"bf16", "fp32", "int32", "fp8 e4m3 + scales", "fp4 e2m1 + scales"}
 
 
-def test_released_scales_count_the_blocks_a_shard_touches():
-    # 300 rows in 2 slices of 150: rows 0-149 touch 128-row blocks 0 and 1, rows 150-299 blocks 1 and 2
-    assert blocks_touched(300, 2, 128) == 2 and blocks_touched(300, 1, 128) == 3
-    assert blocks_touched(256, 2, 128) == 1 and blocks_touched(64, 2, 32) == 1 and blocks_touched(7, 7, 1) == 1
-    # an FP8 [300, 256] weight split in 2 by rows: 150 x 256 e4m3 bytes + 2 x 2 scale bytes
-    assert shard_bytes(Storage.FP8, (300, 256), (150, 256), "released") == ("fp8 e4m3 + scales", 150 * 256 + 4)
-    # FP4 experts [4, 64, 96] split in 2 by experts: 2 x 64 x 48 packed bytes + 2 x 64 x 3 scale bytes
-    assert shard_bytes(Storage.FP4, (4, 64, 96), (2, 64, 96), "released") == ("fp4 e2m1 + scales",
-                                                                             2 * 64 * 48 + 2 * 64 * 3)
-    assert shard_bytes(Storage.FP4, (4, 64, 96), (2, 64, 96), "bf16") == ("bf16", 2 * 64 * 96 * 2)
-    assert shard_bytes(Storage.FP32, (5,), (5,), "released") == ("fp32", 20)
+def test_released_split_through_a_quantisation_block_is_an_error():
+    # tp 2 splits a routed expert's 32 columns (one 32-wide FP4 block) in two
+    with pytest.raises(InputError, match=r"experts\.down_proj \(8, 64, 32\): its 'expert_mlp' dimension of 32 "
+                                         r"split into 2 parts cuts its 32-wide quantisation blocks"):
+        plan(every_layer_type(), 2, 1, capacity=CAPACITY, batch=BATCH, precision="released")
 
 
 def test_pipeline_stage_holds_its_layers():

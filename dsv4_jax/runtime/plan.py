@@ -1,7 +1,7 @@
 """The memory planner: the bytes one device holds for a model on a layout, worked out before any device exists.
 
     python -m dsv4_jax.plan --config flash|pro|PATH --tp 8 [--dp 1] [--ep] [--pp 1] --capacity 131072 \\
-        --batch 32 [--gpu-memory 141GB] [--precision bf16|released] [--chunk 16384] [--mtp]
+        --batch 32 [--gpu-memory 141GB] [--precision released|bf16] [--chunk 16384] [--mtp]
 
 prints a table for one device (of the most loaded pipeline stage when --pp > 1): the weights by kind and
 precision, the caches by field, an activation estimate, the total and whether it fits in --gpu-memory
@@ -9,17 +9,17 @@ precision, the caches by field, an activation estimate, the total and whether it
 directory. Bad input is one line on stderr and exit code 2.
 
 Weights and caches are counted, not estimated. Every parameter of the abstract model (weights/params.py:
-logical axes + Storage) is placed as ``weights.sharding.placement`` places it under the layout's
-``layout_rules``, on a ``jax.sharding.AbstractMesh`` of the layout's shape (so no device is needed), and its
-shard counted in the precision asked for; the caches are ``init_cache``'s abstract shapes for the batch padded to
+logical axes + Storage, in the precision asked for) is placed as ``weights.sharding.value_placement`` places it
+under the layout's ``layout_rules``, on a ``jax.sharding.AbstractMesh`` of the layout's shape (so no device is
+needed), and its shards' bytes counted; the caches are ``init_cache``'s abstract shapes for the batch padded to
 a multiple of dp, placed by ``cache_shardings``. tests/test_plan.py checks both, byte for byte, against the
 arrays a real placement puts on fake devices.
 
-Precision. "bf16": what the model holds today (MODEL, FP8 and FP4 parameters in bf16; FP32 and INT32 as they
-are). "released": the checkpoint's storage (model/spec.py ``Storage``): FP8 one e4m3 byte per value plus one
-ue8m0 byte per 128 x 128 block, FP4 half a byte per e2m1 value plus one ue8m0 byte per 1 x 32 block (a shard
-counts every block its rows and columns touch), MODEL bf16, FP32, INT32. Caches are bf16 in both (the
-compressors' state rings fp32, as model/compression.py holds them).
+Precision. "released" (what ``from_pretrained`` keeps of a released checkpoint): FP8 one e4m3 byte per value
+plus one ue8m0 byte per 128 x 128 block, FP4 half a byte per e2m1 value plus one ue8m0 byte per 1 x 32 block
+(a layout must split them at block boundaries: else an error, as at load), MODEL bf16, FP32, INT32. "bf16": the
+FP8 and FP4 parameters dequantised to bf16 (``dequantize=True``). Caches are bf16 in both (the compressors'
+state rings fp32, as model/compression.py holds them).
 
 Pipeline stages split the layers as ``pipeline.stage_starts`` does; each stage holds its layers' weights and
 caches plus the embedding, final norm, hc_head and LM head (every stage holds those), and with ``mtp`` the last
@@ -57,11 +57,12 @@ from jax.sharding import AbstractMesh
 from ..model.cache import init_cache
 from ..model.config import CSA, DeepseekV4Config
 from ..model.mtp import mtp_config
-from ..model.spec import Storage, axes_of, storage_of
+from ..model.spec import axes_of
 from ..model.transformer import InputError
 from ..weights import quantization
 from ..weights.params import abstract_model, param_table
-from ..weights.sharding import DP, PP, TP, cache_shardings, placement
+from ..weights.quant_array import QuantArray
+from ..weights.sharding import DP, PP, TP, cache_shardings, value_placement
 from .mesh import FLAGS, ModelMesh, check_layout
 from .pipeline import stage_of_layer, stage_starts
 
@@ -81,9 +82,8 @@ KINDS = (
     ("embedding + head", r"^(model\.embed_tokens|lm_head)\."),
     ("MTP block", r"^model\.mtp\."),
 )
-# released block-scaled formats: storage -> (label, value bits, block (rows, columns) of one one-byte scale)
-RELEASED = {Storage.FP8: ("fp8 e4m3 + scales", 8, quantization.FP8_BLOCK_SHAPE),
-            Storage.FP4: ("fp4 e2m1 + scales", 4, quantization.FP4_BLOCK_SHAPE)}
+# released block-scaled formats, by quantisation block
+RELEASED_LABELS = {quantization.FP8_BLOCK_SHAPE: "fp8 e4m3 + scales", quantization.FP4_BLOCK_SHAPE: "fp4 e2m1 + scales"}
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32", "int32": "int32"}
 
 
@@ -123,23 +123,6 @@ def weight_kind(name: str) -> str:
     raise ValueError(f"parameter {name} matches no weight kind of runtime.plan.KINDS")
 
 
-def blocks_touched(size: int, parts: int, block: int) -> int:
-    """The most blocks of ``block`` that one of ``parts`` equal slices of a dimension of ``size`` touches."""
-    s = size // parts
-    return max(-(-(i + 1) * s // block) - i * s // block for i in range(parts))
-
-
-def shard_bytes(storage: Storage, placed: tuple[int, ...], local: tuple[int, ...], precision: str) -> tuple[str, int]:
-    """A parameter placed as ``placed`` [..., out, in], this device's shard ``local`` -> (held as, bytes)."""
-    if precision == "released" and storage in RELEASED:
-        label, bits, (block_rows, block_cols) = RELEASED[storage]
-        blocks = [blocks_touched(n, n // k, b) for n, k, b in zip(placed, local, (1,) * (len(placed) - 2)
-                                                                   + (block_rows, block_cols))]
-        return label, math.prod(local) * bits // 8 + math.prod(blocks)
-    dtype = storage.dtype(MODEL_DTYPE)
-    return SHORT_DTYPE[dtype.name], math.prod(local) * dtype.itemsize
-
-
 def stage_of(name: str, stages: tuple[int, ...], pp: int) -> int | None:
     """The stage holding a parameter (``stages``: each layer's), None for every stage; the MTP block: the last."""
     m = re.match(r"model\.layers\.(\d+)\.", name)
@@ -148,13 +131,27 @@ def stage_of(name: str, stages: tuple[int, ...], pp: int) -> int | None:
     return pp - 1 if name.startswith("model.mtp.") else None
 
 
+def shard_bytes(value, placed) -> tuple[str, int]:
+    """A parameter's value (ShapeDtypeStructs) and its placement (``value_placement``) -> (held as, the bytes of
+    one device's shards)."""
+    nbytes = sum(math.prod(p.sharding.shard_shape(p.shape)) * leaf.dtype.itemsize
+                 for leaf, p in zip(jax.tree.leaves(value), jax.tree.leaves(placed), strict=True))
+    if isinstance(value, QuantArray):
+        return RELEASED_LABELS[value.block], nbytes
+    return SHORT_DTYPE[value.dtype.name], nbytes
+
+
 def weight_rows(cfg: DeepseekV4Config, mesh: ModelMesh, precision: str, mtp: bool = False) -> list[list[Row]]:
     """Per stage: the weight bytes one of its devices holds, one Row per (kind, held as), in KINDS' order."""
     stages = stage_of_layer(cfg.num_hidden_layers, mesh.pp)
     sums = [{} for _ in range(mesh.pp)]
-    for name, var in param_table(abstract_model(cfg, MODEL_DTYPE, mtp)).items():
-        placed, sharding = placement(f"parameter {name}", axes_of(var), var.get_value().shape, mesh.mesh, mesh.rules)
-        held_as, nbytes = shard_bytes(storage_of(var), placed, sharding.shard_shape(placed), precision)
+    for name, var in param_table(abstract_model(cfg, MODEL_DTYPE, mtp, released=precision == "released")).items():
+        value = var.get_value()
+        try:
+            placed = value_placement(f"parameter {name}", axes_of(var), value, mesh.mesh, mesh.rules)
+        except ValueError as e:  # a split through quantisation blocks
+            raise InputError(str(e)) from None
+        held_as, nbytes = shard_bytes(value, placed)
         stage = stage_of(name, stages, mesh.pp)
         for s in range(mesh.pp) if stage is None else (stage,):
             key = (weight_kind(name), held_as)
@@ -219,7 +216,7 @@ def check_plan_input(cfg: DeepseekV4Config, tp: int, dp: int, pp: int, ep: bool,
 
 
 def plan(cfg: DeepseekV4Config, tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False, *, capacity: int,
-         batch: int, precision: str = "bf16", chunk: int = DEFAULT_CHUNK, mtp: bool = False,
+         batch: int, precision: str = "released", chunk: int = DEFAULT_CHUNK, mtp: bool = False,
          names: dict[str, str] = FLAGS) -> Plan:
     """The bytes one device holds (of the most loaded stage; the first of equals) for ``batch`` sequences of
     ``capacity`` tokens on the layout tp x dp x pp (+ ``ep``); module docstring: what is counted and how.
