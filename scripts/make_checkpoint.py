@@ -42,6 +42,7 @@ from dsv4_jax.runtime.plan import format_bytes, parse_bytes
 from dsv4_jax.weights import quantization
 from dsv4_jax.weights.errors import CheckpointError
 from dsv4_jax.weights.params import abstract_model, param_table
+from dsv4_jax.weights.progress import ByteProgress
 from dsv4_jax.weights.random_init import BF16, FP4, FP8, FP32, INT, param_key, released_kind, released_piece
 from dsv4_jax.weights.safetensors_io import INDEX_FILE
 
@@ -273,22 +274,6 @@ def check_destination(out: Path, overwrite: bool, need: int) -> None:
                          f"({format_bytes(free)}) free; pick fewer --layers or --experts, or another OUT")
 
 
-class Progress:
-    """A progress line on stderr of the tensor bytes written, redrawn at most twice a second and at the end."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.start, self.shown = total, 0, time.perf_counter(), 0.0
-
-    def advance(self, nbytes: int, shard: str) -> None:
-        self.done += nbytes
-        now = time.perf_counter()
-        if now - self.shown >= 0.5 or self.done == self.total:
-            self.shown = now
-            rate = self.done / max(now - self.start, 1e-9)
-            print(f"\r{format_bytes(self.done)} / {format_bytes(self.total)} ({100 * self.done / self.total:.0f}%), "
-                  f"{format_bytes(int(rate))}/s, {shard}   ", end="", file=sys.stderr, flush=True)
-
-
 def write_checkpoint(out, cfg: DeepseekV4Config, shard_size: int, seed: int = 0, mtp: bool = False,
                      overwrite: bool = False) -> tuple[int, float]:
     """The random released-format checkpoint of ``cfg`` at ``out`` -> (bytes written, seconds)."""
@@ -308,7 +293,7 @@ def write_checkpoint(out, cfg: DeepseekV4Config, shard_size: int, seed: int = 0,
     for name, text in texts.items():
         (out / name).write_text(text)
 
-    progress = Progress(index["metadata"]["total_size"])
+    progress = ByteProgress(index["metadata"]["total_size"], "writing", min_bytes=0)
     queue = iter(t for s in shards for t in s.tensors)  # the planned tensors in file order
     files = iter(zip(shards, names))
     handle, left = None, 0
@@ -326,9 +311,9 @@ def write_checkpoint(out, cfg: DeepseekV4Config, shard_size: int, seed: int = 0,
                 handle.write(len(header).to_bytes(8, "little") + header)
             handle.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
             left -= 1
-            progress.advance(want.nbytes, name)
+            progress.update(want.nbytes, name)
     handle.close()
-    print(file=sys.stderr)
+    progress.close()
     return total, time.perf_counter() - start
 
 

@@ -362,3 +362,26 @@ def test_file_error(saved, tmp_path, case):
 def test_bad_dtype_string(saved):
     with pytest.raises(ValueError, match=r"dtype 'float16' is not supported; expected 'bfloat16' or 'float32'"):
         dsv4_jax.from_pretrained(saved.path, "float16")
+
+
+def test_load_progress_line():
+    """The report is one line rewritten in place, then the totals; nothing below its size threshold."""
+    import io
+
+    from dsv4_jax.weights.progress import ByteProgress
+
+    times = iter([0.0, 1.0, 1.2, 2.0, 4.0])
+    out = io.StringIO()
+    p = ByteProgress(4 * 10**9, "loading weights", stream=out, clock=lambda: next(times))
+    p.update(10**9)  # t 1.0: shown
+    p.update(10**9)  # t 1.2: within the interval, not shown
+    p.update(10**9)  # t 2.0: shown
+    p.close()  # t 4.0
+    assert out.getvalue() == ("\rloading weights: 1.0 / 4.0 GB, 1.00 GB/s (25%, 3 s left)"
+                              "\rloading weights: 3.0 / 4.0 GB, 1.50 GB/s (75%, 1 s left)"
+                              "\rloading weights: 3.0 / 4.0 GB, 0.75 GB/s, 4.0 s\n")
+    quiet = io.StringIO()
+    for p in (ByteProgress(10**6, "x", stream=quiet), ByteProgress(4 * 10**9, "x", enabled=False, stream=quiet)):
+        p.update(10**6)
+        p.close()
+    assert quiet.getvalue() == ""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -26,7 +27,8 @@ from .errors import CheckpointError
 from .names import IGNORED_SUFFIXES, MTP_PREFIXES, canonical_name
 from .params import abstract_model, checkpoint_config, checkpoint_dtype, model_dtype, param_table
 from .quant_array import QuantArray
-from .safetensors_io import checkpoint_files
+from .progress import ByteProgress
+from .safetensors_io import catalog, checkpoint_files
 from .placing import ShardedBuffer, target_layout
 from .sharding import Placement, ShardingRules, paired_axis, to_placed
 from ..model.mtp import DeepseekV4WithMTP
@@ -39,6 +41,27 @@ def _place_whole(host: np.ndarray, placed: Placement) -> jax.Array:
     shape, sharding = placed
     host = to_placed(host, shape)
     return jax.make_array_from_callback(shape, sharding, lambda index: host[index])
+
+
+# Each float dtype a checkpoint holds: (its unsigned view, the bits that are all ones in an infinity or NaN and in
+# no finite value). e4m3fn has no infinity and one NaN per sign (S.1111.111); ue8m0's NaN is 0xFF.
+_NONFINITE_BITS = {np.dtype(np.float64): (np.uint64, 0x7FF0000000000000), np.dtype(np.float32): (np.uint32, 0x7F800000),
+                   np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+                   np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, 0x7F),
+                   np.dtype(ml_dtypes.float8_e8m0fnu): (np.uint8, 0xFF)}
+
+
+_CHECK_CHUNK = 1 << 20  # bytes
+
+
+def _nonfinite(a: np.ndarray) -> bool:
+    """Whether a host tensor holds an infinity or NaN, read off its bits (no conversion to fp32)."""
+    if a.dtype not in _NONFINITE_BITS:  # integers
+        return False
+    view, bits = _NONFINITE_BITS[a.dtype]
+    flat = np.ascontiguousarray(a).reshape(-1).view(view)
+    step = _CHECK_CHUNK // flat.itemsize  # in cache-sized pieces: the temporaries stay small
+    return any(np.any((flat[i:i + step] & bits) == bits) for i in range(0, flat.size, step))
 
 
 def _skipper(with_mtp: bool):
@@ -62,13 +85,14 @@ def _write_expert(buffers, value, start: tuple[int, int, int]) -> None:
         buffer.ready()  # the host tensor must not outlive this step (streaming)
 
 
-def load_weights(model: nnx.Module, files: list[Path], placements: Mapping) -> None:
+def load_weights(model: nnx.Module, files: list[Path], placements: Mapping, progress: bool = False) -> None:
     """Fill every variable of ``model`` (abstract or real) from ``files``; strict about names and shapes.
     Tensors are read one at a time; each goes from host memory straight to the shards of its
     ``placements[canonical name]`` (placing.target_layout), in that placed shape. A per-expert matrix is
     written into its slice of the stack on the devices that hold that slice, so no device receives a
     whole stack. A variable holding a QuantArray is filled with the stored codes and scales (quantised
-    tensors are then read as released, see ``keep_released``); any other with dequantised values."""
+    tensors are then read as released, see ``keep_released``); any other with dequantised values.
+    ``progress``: report the bytes read on stderr (progress.ByteProgress; not for small checkpoints)."""
     cfg = model.config
     table = param_table(model)
     has_mtp = isinstance(model, DeepseekV4WithMTP)
@@ -77,8 +101,12 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping) -> N
     stacked: dict = {}  # canonical name -> its ShardedBuffer (a QuantArray of them for codes and scales)
     F = cfg.moe_intermediate_size
     released = any(isinstance(var.get_value(), QuantArray) for var in table.values())
+    skip = _skipper(has_mtp)
+    total = sum(t.end - t.start for name, t in catalog(files).items() if not skip(name))
+    report = ByteProgress(total, "loading weights", enabled=progress)
 
-    for name, array, f in iter_tensors(files, _skipper(has_mtp), dequantize=not released):
+    for name, array, f in iter_tensors(files, skip, dequantize=not released):
+        report.update(sum(a.nbytes for a in jax.tree.leaves(array)))
         key, slot = canonical_name(name)
         var = table.get(key)
         if var is None:
@@ -93,8 +121,7 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping) -> N
         if isinstance(array, QuantArray) != isinstance(want, QuantArray):
             raise CheckpointError(f"tensor {name} in {f.name} is {'' if isinstance(array, QuantArray) else 'not '}"
                                   "quantised, unlike the parameter it fills")
-        if any(jnp.issubdtype(a.dtype, jnp.floating) and not np.isfinite(a.astype(np.float32)).all()
-               for a in jax.tree.leaves(array)):
+        if any(map(_nonfinite, jax.tree.leaves(array))):
             raise CheckpointError(f"tensor {name} in {f.name} holds NaN or infinite values")
         if key.endswith("tid2eid") and (array.min() < 0 or array.max() >= cfg.n_routed_experts):
             raise CheckpointError(f"tensor {name} in {f.name} routes to expert {int(array.max())} or "
@@ -102,7 +129,7 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping) -> N
         if slot is None:
             if key in loaded:
                 raise CheckpointError(f"tensor {name} appears twice (again in {f.name})")
-            var.set_value(jax.tree.map(lambda a, w, p: _place_whole(np.asarray(a).astype(w.dtype), p),
+            var.set_value(jax.tree.map(lambda a, w, p: _place_whole(np.asarray(a).astype(w.dtype, copy=False), p),
                                        array, want, placements[key]))
             loaded.add(key)
             continue
@@ -128,6 +155,7 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping) -> N
                                   f"({len(need - parts)} expert matrices missing for {key})")
         table[key].set_value(jax.tree.map(ShardedBuffer.array, stacked[key]))
         loaded.add(key)
+    report.close()
     missing = sorted(set(table) - loaded)
     if missing:
         shown = ", ".join(f"{n} {tuple(table[n].get_value().shape)}" for n in missing[:5])
@@ -135,14 +163,16 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping) -> N
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}{more}")
 
 
-def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, dequantize: bool = False, sharding=None,
+def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, dequantize: bool = False,
+                    progress: bool = True, sharding=None,
                     mesh: ModelMesh | Mesh | None = None, rules: ShardingRules | None = None) -> DeepseekV4ForCausalLM:
     """Load a DeepSeek-V4 directory, Hugging Face format or orbax (orbax.py), and return the model (call it on
     input_ids). ``mtp=True`` also loads the multi-token-prediction block (``mtp.0.*``) and returns an
     mtp.DeepseekV4WithMTP; otherwise those tensors are skipped. Weights stored quantised (the released FP8
     linears and FP4 experts) stay so on the device, as QuantArrays that the ops dequantise inside the step;
     ``dequantize=True`` dequantises them at load to ``dtype``, which is otherwise the activation dtype and
-    that of the unquantised weights. Where each parameter lives
+    that of the unquantised weights. ``progress``: a one-line report of the bytes read on stderr (checkpoints
+    of 256 MiB or more). Where each parameter lives
     (placing.target_layout): ``mesh`` a runtime.mesh.ModelMesh (``make_mesh``; the model's arrays are then
     those ``Engine(model, mesh=)`` runs on, in their placed shapes: padded vocabulary, paired gate | up
     rows), a jax Mesh + ``rules`` (a sharding.ShardingRules, default replicated), or ``sharding``; tensors
@@ -164,5 +194,5 @@ def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, dequant
     if not dequantize:
         keep_released(model, files)
     placements = target_layout(cfg, param_table(model), sharding, mesh, rules)
-    load_weights(model, files, placements)
+    load_weights(model, files, placements, progress)
     return model
