@@ -38,14 +38,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import NUM_SMS, check_tuning, poison_like
+from .common import NUM_SMS, check_tuning, dequantize_fp4, poison_like
 
 RAGGED_DN = lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
-def reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [M, K], w [G, N, K], group_sizes [G] -> [M, N] in x's dtype (fp32 accumulation)."""
+def reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array, w_scales: jax.Array | None = None) -> jax.Array:
+    """x [M, K], w [G, N, K], group_sizes [G] -> [M, N] in x's dtype (fp32 accumulation); with ``w_scales``
+    [G, N, K/32] FP4 weights w int8 [G, N, K/2] (kernels_pallas/common.py) dequantised to x's dtype first."""
+    if w_scales is not None:
+        w = dequantize_fp4(w, w_scales, x.dtype)
     return lax.ragged_dot_general(x, w, group_sizes, RAGGED_DN, preferred_element_type=jnp.float32).astype(x.dtype)
 
 

@@ -3,7 +3,9 @@
 CPU: the Mosaic GPU kernel in Pallas' GPU interpret mode, outputs poisoned (NaN) before the run, so an
 unwritten row fails, on fresh random inputs per case, plus a CUDA cross-lowering check at the Flash expert
 shapes. GPU (skipped elsewhere): the compiled kernel at real sizes. CPU also: the MoE layer's "pallas" path, with
-this kernel or the few-rows one (grouped_gemv), against its XLA path.
+this kernel or the few-rows one (grouped_gemv), against its XLA path; and the FP4 expert format the three expert
+kernels share (kernels_pallas/common.py): the references' dequantisation against the released format's, the
+kernels' in-register decoding against the references' on every byte.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
+import released_format
 from dsv4_jax import ops
 from dsv4_jax.ops.moe import routed_experts
+from dsv4_jax.weights import quantization
+from kernels_pallas import common
 from kernels_pallas import grouped_matmul as gm
 from kernels_pallas.testing import lower_for_h100
 from scripts import kernel_cases
@@ -32,6 +38,14 @@ def make_inputs(seed, M, K, N, sizes):
     x = jax.random.normal(kx, (M, K), jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(kw, (len(sizes), N, K), jnp.float32).astype(jnp.bfloat16)
     return x, w, jnp.asarray(sizes, jnp.int32)
+
+
+def fp4_inputs(seed, M, K, N, sizes, scale_dtype):
+    """``make_inputs`` with FP4 experts (kernel_cases.fp4_experts): x bf16 [M, K], w int8 [G, N, K/2], w_scales
+    [G, N, K/32] in scale_dtype, group_sizes int32 [G]."""
+    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (M, K), jnp.float32).astype(jnp.bfloat16)
+    return x, *kernel_cases.fp4_experts(kw, len(sizes), N, K, scale_dtype), jnp.asarray(sizes, jnp.int32)
 
 
 # max |err| / max |ref| of the kernels in CPU interpret mode (bf16 outputs of fp32 sums summed in another order):
@@ -118,6 +132,42 @@ def test_bad_shapes_are_errors():
         gm.grouped_matmul(x.astype(jnp.float32), w, gs, interpret=True)
     with pytest.raises(ValueError, match="max_concurrent_steps=0: expected a positive int"):
         gm.TuningConfig(max_concurrent_steps=0)
+
+
+def test_fp4_dequantize_is_the_released_format():
+    """common.dequantize_fp4 (the FP4 references' weights) is the released format's dequantiser
+    (quantization.dequantise_fp4, numpy) bit for bit: on a weight quantised as the release stores it
+    (released_format.quantise_fp4, ue8m0 scales), and on every byte with scales over six powers of two in ue8m0
+    and fp32; in fp32 and rounded to bf16."""
+    w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32) * np.float32(0.02)
+    cases = [released_format.quantise_fp4(w)]
+    for dtype in (jnp.float8_e8m0fnu, jnp.float32):
+        packed, scales = kernel_cases.fp4_experts(jax.random.PRNGKey(1), 2, 64, 256, dtype)
+        assert len(np.unique(np.asarray(packed).view(np.uint8))) == 256
+        cases.append((np.asarray(packed), np.asarray(scales)))
+    for packed, scales in cases:
+        want = quantization.dequantise_fp4(packed, scales)
+        got = common.dequantize_fp4(jnp.asarray(packed), jnp.asarray(scales), jnp.float32)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        got = common.dequantize_fp4(jnp.asarray(packed), jnp.asarray(scales), jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want.astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_fp4_tile_decodes_every_byte():
+    """common.fp4_tile (the Triton kernels' in-register decoding: bit arithmetic) against dequantize_fp4 (a
+    table), bit for bit in bf16: every byte in every row, under ue8m0 exponent bytes 2 .. 240 (2^-125 .. 2^113,
+    the documented range; an fp16 subnormal times the smallest still a normal fp32) and under fp32 scales that
+    are not powers of two (products rounded alike)."""
+    rows = 240
+    packed = jnp.tile(jnp.arange(256, dtype=jnp.uint8).view(jnp.int8), (rows, 1))  # [240, 256]: every byte a row
+    blocks = 256 // 16
+    exponent_bytes = jnp.arange(rows * blocks, dtype=jnp.int32) % 239 + 2  # 2 .. 240, each block its own
+    ue8m0 = exponent_bytes.reshape(rows, blocks).astype(jnp.uint8)
+    fp32 = jax.random.uniform(jax.random.PRNGKey(0), (rows, blocks), jnp.float32, 1e-3, 1e3)
+    for operand, scales in ((ue8m0, lax.bitcast_convert_type(ue8m0, jnp.float8_e8m0fnu)), (fp32, fp32)):
+        got = common.fp4_tile(packed, operand)
+        want = common.dequantize_fp4(packed, scales, jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("M,N,K,poison", [(6, 4096, 4096, False), (768, 4096, 4096, False),
