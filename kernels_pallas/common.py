@@ -108,30 +108,39 @@ def fp4_scales_operand(w_scales: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(w_scales, jnp.uint8) if w_scales.dtype == jnp.float8_e8m0fnu else w_scales
 
 
-def fp4_tile(packed: jax.Array, scales: jax.Array) -> jax.Array:
-    """In a kernel: packed int8 [bn, bk/2], scales [bn, bk/32] (``fp4_scales_operand``'s uint8 exponent bytes
-    or fp32) -> the weight tile bf16 [bn, bk].
+def fp4_scale_values(scales: jax.Array) -> jax.Array:
+    """In a kernel: ``fp4_scales_operand``'s scales -> fp32: an exponent byte b is 2^(b - 127), fp32 as is."""
+    if scales.dtype == jnp.uint8:
+        return lax.bitcast_convert_type(scales.astype(jnp.int32) << 23, jnp.float32)
+    return scales
+
+
+def fp4_decode(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """In a kernel: packed int8 [..., n] -> (low, high) bf16 [..., n], each byte's even- and odd-column weight
+    times ``scales`` (fp32, broadcastable to [..., n]: each byte's block scale).
 
     Bit arithmetic, no table: a code's magnitude bits (e1 e0 m) become an fp16's two low exponent bits and top
     mantissa bit, its sign bit the sign, which is the e2m1 value times 2^-14, codes 1 and 9 (+-0.5) included as
     fp16 subnormals (exact in the conversion to fp32); the fp32 product with 2^14 * scale is exact, so its
-    rounding to bf16 is too. An exponent byte b is 2^(b - 127) for b in 1 .. 240 (the release's scales lie far
-    inside)."""
-    bn, half = packed.shape
-    if scales.dtype == jnp.uint8:
-        scales = lax.bitcast_convert_type(scales.astype(jnp.int32) << 23, jnp.float32)
-    # each scale over its block's 16 bytes
-    scales = jnp.broadcast_to((scales * 2.0 ** 14)[:, :, None], (bn, half // 16, 16)).reshape(bn, half)
+    rounding to bf16 is too. Exponent bytes 2 .. 240 (2^-125 .. 2^113; the release's scales lie far inside)."""
+    scales = scales * 2.0 ** 14
     b = packed.astype(jnp.int32)
 
-    def decode(fp16_bits):  # -> bf16 values times their scales
-        codes = lax.bitcast_convert_type(fp16_bits.astype(jnp.uint16), jnp.float16)
+    def decode(fp16_bits):
+        codes = lax.bitcast_convert_type(fp16_bits.astype(jnp.uint16), jnp.float16)  # < 2^16: in range
         return (codes.astype(jnp.float32) * scales).astype(jnp.bfloat16)
 
-    low = decode(((b << 9) & 0x0E00) | ((b << 12) & 0x8000))  # bits 0-2 to 9-11, bit 3 to 15
-    high = decode(((b << 5) & 0x0E00) | ((b << 8) & 0x8000))  # bits 4-6 to 9-11, bit 7 to 15
-    # the low nibble is the even column: interleave
-    return jnp.stack([low, high], axis=-1).reshape(bn, 2 * half)
+    return (decode(((b << 9) & 0x0E00) | ((b << 12) & 0x8000)),  # bits 0-2 to 9-11, bit 3 to 15
+            decode(((b << 5) & 0x0E00) | ((b << 8) & 0x8000)))   # bits 4-6 to 9-11, bit 7 to 15
+
+
+def fp4_tile(packed: jax.Array, scales: jax.Array) -> jax.Array:
+    """In a Triton kernel: packed int8 [bn, bk/2], scales [bn, bk/32] (``fp4_scales_operand``'s) -> the weight
+    tile bf16 [bn, bk] (``fp4_decode``, the two halves interleaved: the low nibble is the even column)."""
+    bn, half = packed.shape
+    # each scale over its block's 16 bytes
+    scales = jnp.broadcast_to(fp4_scale_values(scales)[:, :, None], (bn, half // 16, 16)).reshape(bn, half)
+    return jnp.stack(fp4_decode(packed, scales), axis=-1).reshape(bn, 2 * half)
 
 
 def expert_tile(w_ref, s_ref, g, i, block_k: int):

@@ -429,12 +429,13 @@ def with_scales(fn):  # w_scales as a fourth positional argument (the benchmark'
     return lambda x, w, rows, w_scales, **kw: fn(x, w, rows, w_scales=w_scales, **kw)
 
 
-def expert_matmul_cases(fp4: bool):
-    """Flash expert shapes: d = 4096, F = 2048, 256 experts, 6 routed per token (gate_up, then down); bf16
-    weights, or FP4 as released (case names "fp4 ...")."""
+def grouped_matmul_cases():
+    """Flash expert shapes: d = 4096, F = 2048, 256 experts, 6 routed per token (gate_up, then down), bf16
+    weights and FP4 as released (case names "fp4 ..."), against ``ragged_dot_general`` (FP4: the weights
+    dequantised first)."""
     E, d, F, k = 256, 4096, 2048, 6
 
-    def case(tokens, n, kk, name):
+    def case(tokens, n, kk, name, fp4):
         def args(key):
             kx, kw, ke = jax.random.split(key, 3)
             M = tokens * k
@@ -447,26 +448,20 @@ def expert_matmul_cases(fp4: bool):
         used = E * (1 - (1 - 1 / E) ** M)  # expected distinct experts under uniform picks
         return {"name": "fp4 " * fp4 + name, "tokens": tokens,
                 "shapes": f"M={M} (tokens={tokens} x k={k}) N={n} K={kk} G={E}{' fp4' * fp4}", "args": args,
-                "reference": gm.reference, "pallas": gm.grouped_matmul,
+                "reference": gm.reference, "pallas": with_scales(gm.grouped_matmul) if fp4 else gm.grouped_matmul,
                 "bytes": 2 * (M * kk + M * n) + int(used) * expert_bytes(n, kk, fp4), "flops": 2 * M * n * kk}
 
-    return [case(t, 2 * F, d, f"gate_up T={t}") for t in (1, 8, 32, 128, 4096)] + [
-        case(t, d, F, f"down T={t}") for t in (1, 8, 32, 128, 4096)]
-
-
-def grouped_matmul_cases():
-    """``expert_matmul_cases`` with bf16 weights."""
-    return expert_matmul_cases(fp4=False)
+    return [case(t, n, kk, f"{label} T={t}", fp4) for fp4 in (False, True)
+            for n, kk, label in ((2 * F, d, "gate_up"), (d, F, "down")) for t in (1, 8, 32, 128, 4096)]
 
 
 def grouped_gemv_cases():
     """Decode expert shapes (d = 4096, F = 2048, 256 experts, 6 routed per token) at batch 1, 8, 32, 128, bf16
     and FP4 weights, against ``ragged_dot_general`` (FP4: the weights dequantised first); ``grouped_matmul``'s
     cases at the same shapes give the Mosaic GPU kernel's time in the same run."""
-    bf16 = [{**c, "pallas": gg.grouped_gemv} for c in expert_matmul_cases(fp4=False) if c["tokens"] <= 128]
-    fp4 = [{**c, "pallas": with_scales(gg.grouped_gemv), "tuning": gg.choose_tuning(fp4=True)}
-           for c in expert_matmul_cases(fp4=True) if c["tokens"] <= 128]
-    return bf16 + fp4
+    fp4 = {"pallas": with_scales(gg.grouped_gemv), "tuning": gg.choose_tuning(fp4=True)}
+    return [{**c, **(fp4 if c["name"].startswith("fp4") else {"pallas": gg.grouped_gemv})}
+            for c in grouped_matmul_cases() if c["tokens"] <= 128]
 
 
 def expert_rows_cases():

@@ -137,8 +137,8 @@ def test_bad_shapes_are_errors():
 def test_fp4_bad_inputs_are_errors():
     x, w, w_scales, idx = fp4_inputs(0, [1, 2], 4, 64, 128, jnp.float8_e8m0fnu)
     expected = r"expected x \[M, K\] bfloat16 \(K a multiple of 32\), w \[G, N, K/2\] int8 and w_scales \[G, N, K/32\]"
-    with pytest.raises(ValueError, match=r"x \(2, 128\) bfloat16, w \(4, 64, 32\) int8, w_scales \(4, 64, 4\) float8_e8m0fnu: "
-                       + expected):
+    with pytest.raises(ValueError, match=r"x \(2, 128\) bfloat16, w \(4, 64, 32\) int8, w_scales \(4, 64, 4\) "
+                       r"float8_e8m0fnu: " + expected):
         er.expert_rows(x, w[:, :, :32], idx, w_scales=w_scales, interpret=True)  # K/2 = 32 for K = 128
     with pytest.raises(ValueError, match=r"w_scales \(4, 64, 8\) float8_e8m0fnu: " + expected):
         er.expert_rows(x, w, idx, w_scales=jnp.concatenate([w_scales, w_scales], axis=2), interpret=True)
