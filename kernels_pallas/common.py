@@ -1,16 +1,27 @@
-"""What every kernel module shares: the Triton-backend ``pallas_call`` with optional output poisoning, and the
-SM count the launch heuristics aim at."""
+"""What every kernel module shares: the Triton-backend ``pallas_call`` with optional output poisoning, the SM
+count the launch heuristics aim at, and the expert kernels' checks and FP4 weight format.
+
+FP4 experts (the released checkpoints' routed experts): w int8 [G, N, K/2], two e2m1 codes a byte (low nibble
+= even column k, high nibble = odd column), codes 0-7 the magnitudes ``E2M1``, 8-15 the same negated (bit 3 is
+the sign); w_scales [G, N, K/32], one scale per 1 x 32 block, ue8m0 (``jnp.float8_e8m0fnu``, 2^(byte - 127))
+or fp32. W = e2m1 value * scale, exact in bf16 for power-of-two scales.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
 NUM_SMS = 132  # H100 SXM and H200
+FP4_BLOCK = 32  # weight columns one FP4 scale covers
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitudes of e2m1 codes 0-7
+FP4_SCALE_DTYPES = (jnp.dtype(jnp.float8_e8m0fnu), jnp.dtype(jnp.float32))
 
 
 def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: list, num_warps: int, num_stages: int,
@@ -48,20 +59,98 @@ def triton_call(kernel, args, *, grid, in_specs, out_shape: list, out_specs: lis
     )(*args)
 
 
-def expert_blocks(kernel: str, x, w, block_n: int, block_k: int) -> tuple[int, int]:
-    """Checks of the expert matmul kernels: x [M, K] and w [G, N, K] of one dtype; block_n / block_k (powers of
-    two >= 16) clipped to N / K, then dividing them. Returns the clipped (block_n, block_k)."""
-    (_, K), (_, N, K2) = x.shape, w.shape
-    if K2 != K or x.dtype != w.dtype:
+def expert_blocks(kernel: str, x, w, block_n: int, block_k: int, w_scales=None) -> tuple[int, int]:
+    """Checks of the expert matmul kernels: x [M, K] and w [G, N, K] of one dtype, or with ``w_scales`` FP4
+    weights (module docstring; x bf16); block_n / block_k (powers of two >= 16, block_k >= 64 for FP4: whole
+    bytes and scale blocks) clipped to N / K, then dividing them. Returns the clipped (block_n, block_k)."""
+    if w_scales is not None:
+        check_fp4(kernel, x, w, w_scales)
+    elif w.shape[2] != x.shape[1] or x.dtype != w.dtype:
         raise ValueError(f"{kernel}: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}: expected x [M, K], w [G, N, K] "
                          f"of one dtype")
+    K, N = x.shape[1], w.shape[1]
+    smallest = 16 if w_scales is None else 2 * FP4_BLOCK
     block_n, block_k = min(block_n, N), min(block_k, K)
-    for name, v in (("block_n", block_n), ("block_k", block_k)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{kernel}: {name}={v} must be a power of two >= 16")
+    for name, v, lo in (("block_n", block_n, 16), ("block_k", block_k, smallest)):
+        if v < lo or v & (v - 1):
+            raise ValueError(f"{kernel}: {name}={v} must be a power of two >= {lo}")
     if K % block_k or N % block_n:
         raise ValueError(f"{kernel}: K={K} and N={N} must be multiples of block_k={block_k} and block_n={block_n}")
     return block_n, block_k
+
+
+def check_fp4(kernel: str, x, w, w_scales) -> None:
+    """One-line error unless x is bf16 [M, K], w int8 [G, N, K/2] and w_scales [G, N, K/32] ue8m0 or fp32."""
+    ok = x.ndim == 2 and w.ndim == 3 and x.dtype == jnp.bfloat16 and w.dtype == jnp.int8
+    if ok:
+        K = x.shape[1]
+        G, N, half = w.shape
+        ok = (K % FP4_BLOCK == 0 and 2 * half == K and w_scales.shape == (G, N, K // FP4_BLOCK)
+              and w_scales.dtype in FP4_SCALE_DTYPES)
+    if not ok:
+        raise ValueError(f"{kernel}: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, w_scales {w_scales.shape} "
+                         f"{w_scales.dtype}: expected x [M, K] bfloat16 (K a multiple of {FP4_BLOCK}), w [G, N, K/2] "
+                         f"int8 and w_scales [G, N, K/{FP4_BLOCK}] float8_e8m0fnu or float32")
+
+
+def dequantize_fp4(w: jax.Array, w_scales: jax.Array, dtype) -> jax.Array:
+    """The references' FP4 weights: w int8 [..., N, K/2], w_scales [..., N, K/32] -> [..., N, K] in ``dtype``,
+    each code's value from a table times its block's scale in fp32."""
+    b = lax.bitcast_convert_type(w, jnp.uint8)
+    codes = jnp.stack([b & 15, b >> 4], axis=-1).reshape(*w.shape[:-1], 2 * w.shape[-1])
+    values = jnp.asarray(E2M1 + tuple(-v for v in E2M1), jnp.float32)[codes]
+    return (values * jnp.repeat(w_scales.astype(jnp.float32), FP4_BLOCK, axis=-1)).astype(dtype)
+
+
+def fp4_scales_operand(w_scales: jax.Array) -> jax.Array:
+    """w_scales as a kernel reads them: ue8m0 as its exponent bytes (uint8, a bitcast: Triton has no e8m0 type),
+    fp32 as is."""
+    return lax.bitcast_convert_type(w_scales, jnp.uint8) if w_scales.dtype == jnp.float8_e8m0fnu else w_scales
+
+
+def fp4_scale_values(scales: jax.Array) -> jax.Array:
+    """In a kernel: ``fp4_scales_operand``'s scales -> fp32: an exponent byte b is 2^(b - 127), fp32 as is."""
+    if scales.dtype == jnp.uint8:
+        return lax.bitcast_convert_type(scales.astype(jnp.int32) << 23, jnp.float32)
+    return scales
+
+
+def fp4_decode(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """In a kernel: packed int8 [..., n] -> (low, high) bf16 [..., n], each byte's even- and odd-column weight
+    times ``scales`` (fp32, broadcastable to [..., n]: each byte's block scale).
+
+    Bit arithmetic, no table: a code's magnitude bits (e1 e0 m) become an fp16's two low exponent bits and top
+    mantissa bit, its sign bit the sign, which is the e2m1 value times 2^-14, codes 1 and 9 (+-0.5) included as
+    fp16 subnormals (exact in the conversion to fp32); the fp32 product with 2^14 * scale is exact, so its
+    rounding to bf16 is too. Exponent bytes 2 .. 240 (2^-125 .. 2^113; the release's scales lie far inside)."""
+    scales = scales * 2.0 ** 14
+    b = packed.astype(jnp.int32)
+
+    def decode(fp16_bits):
+        codes = lax.bitcast_convert_type(fp16_bits.astype(jnp.uint16), jnp.float16)  # < 2^16: in range
+        return (codes.astype(jnp.float32) * scales).astype(jnp.bfloat16)
+
+    return (decode(((b << 9) & 0x0E00) | ((b << 12) & 0x8000)),  # bits 0-2 to 9-11, bit 3 to 15
+            decode(((b << 5) & 0x0E00) | ((b << 8) & 0x8000)))   # bits 4-6 to 9-11, bit 7 to 15
+
+
+def fp4_tile(packed: jax.Array, scales: jax.Array) -> jax.Array:
+    """In a Triton kernel: packed int8 [bn, bk/2], scales [bn, bk/32] (``fp4_scales_operand``'s) -> the weight
+    tile bf16 [bn, bk] (``fp4_decode``, the two halves interleaved: the low nibble is the even column)."""
+    bn, half = packed.shape
+    # each scale over its block's 16 bytes
+    scales = jnp.broadcast_to(fp4_scale_values(scales)[:, :, None], (bn, half // 16, 16)).reshape(bn, half)
+    return jnp.stack(fp4_decode(packed, scales), axis=-1).reshape(bn, 2 * half)
+
+
+def expert_tile(w_ref, s_ref, g, i, block_k: int):
+    """In a Triton kernel: K step i's weight tile of matrix g, [bn, block_k] in x's dtype; w_ref [G, bn, K] as
+    is, or with s_ref FP4 w_ref [G, bn, K/2] and s_ref [G, bn, K/32] dequantised in registers (``fp4_tile``)."""
+    if s_ref is None:
+        return w_ref[g, :, pl.ds(pl.multiple_of(i * block_k, block_k), block_k)]
+    half, n_scales = block_k // 2, block_k // FP4_BLOCK
+    return fp4_tile(w_ref[g, :, pl.ds(pl.multiple_of(i * half, half), half)],
+                    s_ref[g, :, pl.ds(pl.multiple_of(i * n_scales, n_scales), n_scales)])
 
 
 def check_tuning(config, *, blocks: tuple[str, ...] = (), flags: tuple[str, ...] = ()) -> None:

@@ -405,56 +405,86 @@ def hc_pre_cases():
 # ----------------------------------------------------------------------------------------------------------
 
 
+def fp4_experts(key, G: int, N: int, K: int, scale_dtype=jnp.float8_e8m0fnu) -> tuple[jax.Array, jax.Array]:
+    """FP4 experts as the release stores them (kernels_pallas/common.py): w int8 [G, N, K/2], every byte (so
+    every code in both nibbles) equally likely; w_scales [G, N, K/32] in ``scale_dtype``, powers of two
+    2^-8 .. 2^-3 drawn per block (so a wrong block's scale shows)."""
+    kw, ks = jax.random.split(key)
+    w = lax.bitcast_convert_type(jax.random.bits(kw, (G, N, K // 2), jnp.uint8), jnp.int8)
+    exponents = jax.random.randint(ks, (G, N, K // 32), -8, -2)
+    return w, jnp.ldexp(jnp.ones((), jnp.float32), exponents).astype(scale_dtype)
+
+
+def expert_weights(key, G: int, N: int, K: int, fp4: bool) -> tuple[jax.Array, ...]:
+    """(w,): bf16 [G, N, K], normal with std 0.02; FP4: (w, w_scales) from ``fp4_experts``."""
+    return fp4_experts(key, G, N, K) if fp4 else ((0.02 * jax.random.normal(key, (G, N, K))).astype(jnp.bfloat16),)
+
+
+def expert_bytes(N: int, K: int, fp4: bool) -> int:
+    """HBM bytes of one [N, K] expert matrix: bf16, or FP4 half a byte a weight and a ue8m0 byte per 32."""
+    return N * K // 2 + N * K // 32 if fp4 else 2 * N * K
+
+
+def with_scales(fn):  # w_scales as a fourth positional argument (the benchmark's inputs are positional)
+    return lambda x, w, rows, w_scales, **kw: fn(x, w, rows, w_scales=w_scales, **kw)
+
+
 def grouped_matmul_cases():
-    """Flash expert shapes: d = 4096, F = 2048, 256 experts, 6 routed per token (gate_up, then down)."""
+    """Flash expert shapes: d = 4096, F = 2048, 256 experts, 6 routed per token (gate_up, then down), bf16
+    weights and FP4 as released (case names "fp4 ..."), against ``ragged_dot_general`` (FP4: the weights
+    dequantised first)."""
     E, d, F, k = 256, 4096, 2048, 6
 
-    def case(tokens, n, kk, name):
+    def case(tokens, n, kk, name, fp4):
         def args(key):
             kx, kw, ke = jax.random.split(key, 3)
             M = tokens * k
             x = jax.random.normal(kx, (M, kk), jnp.bfloat16)
-            w = (0.02 * jax.random.normal(kw, (E, n, kk))).astype(jnp.bfloat16)
+            w, *scales = expert_weights(kw, E, n, kk, fp4)
             picks = jax.random.randint(ke, (M,), 0, E)
-            return x, w, jnp.bincount(picks, length=E).astype(jnp.int32)
+            return x, w, jnp.bincount(picks, length=E).astype(jnp.int32), *scales
 
         M = tokens * k
         used = E * (1 - (1 - 1 / E) ** M)  # expected distinct experts under uniform picks
-        return {"name": name, "tokens": tokens, "shapes": f"M={M} (tokens={tokens} x k={k}) N={n} K={kk} G={E}",
-                "args": args, "reference": gm.reference, "pallas": gm.grouped_matmul,
-                "bytes": 2 * (M * kk + int(used) * n * kk + M * n), "flops": 2 * M * n * kk}
+        return {"name": "fp4 " * fp4 + name, "tokens": tokens,
+                "shapes": f"M={M} (tokens={tokens} x k={k}) N={n} K={kk} G={E}{' fp4' * fp4}", "args": args,
+                "reference": gm.reference, "pallas": with_scales(gm.grouped_matmul) if fp4 else gm.grouped_matmul,
+                "bytes": 2 * (M * kk + M * n) + int(used) * expert_bytes(n, kk, fp4), "flops": 2 * M * n * kk}
 
-    return [case(t, 2 * F, d, f"gate_up T={t}") for t in (1, 8, 32, 128, 4096)] + [
-        case(t, d, F, f"down T={t}") for t in (1, 8, 32, 128, 4096)]
-
+    return [case(t, n, kk, f"{label} T={t}", fp4) for fp4 in (False, True)
+            for n, kk, label in ((2 * F, d, "gate_up"), (d, F, "down")) for t in (1, 8, 32, 128, 4096)]
 
 
 def grouped_gemv_cases():
-    """Decode expert shapes (d = 4096, F = 2048, 256 experts, 6 routed per token) at batch 1, 8, 32, 128,
-    against ``ragged_dot_general``; ``grouped_matmul``'s cases at the same shapes give the Mosaic GPU kernel's
-    time in the same run."""
-    return [{**c, "pallas": gg.grouped_gemv} for c in grouped_matmul_cases() if c["tokens"] <= 128]
-
+    """Decode expert shapes (d = 4096, F = 2048, 256 experts, 6 routed per token) at batch 1, 8, 32, 128, bf16
+    and FP4 weights, against ``ragged_dot_general`` (FP4: the weights dequantised first); ``grouped_matmul``'s
+    cases at the same shapes give the Mosaic GPU kernel's time in the same run."""
+    fp4 = {"pallas": with_scales(gg.grouped_gemv), "tuning": gg.choose_tuning(fp4=True)}
+    return [{**c, **(fp4 if c["name"].startswith("fp4") else {"pallas": gg.grouped_gemv})}
+            for c in grouped_matmul_cases() if c["tokens"] <= 128]
 
 
 def expert_rows_cases():
     """A one-token decode step's 6 routed rows over 256 Flash-size experts as the MoE layer runs them (gate_up
-    from the token's one row, then down), against the gathered einsum; ``grouped_gemv``'s ``T=1`` cases time
-    the sorted alternative (without its sort)."""
+    from the token's one row, then down), bf16 and FP4 weights, against the gathered einsum (FP4: the picked
+    weights dequantised first); ``grouped_gemv``'s ``T=1`` cases time the sorted alternative (without its
+    sort)."""
     E, d, F, k = 256, 4096, 2048, 6
 
-    def case(n, kk, name, shared):
+    def case(n, kk, name, shared, fp4=False):
         x_rows = 1 if shared else k
 
         def args(key):
             kx, kw, ke = jax.random.split(key, 3)
             x = jax.random.normal(kx, (x_rows, kk), jnp.bfloat16)
-            w = (0.02 * jax.random.normal(kw, (E, n, kk))).astype(jnp.bfloat16)
-            return x, w, jax.random.permutation(ke, E)[:k].astype(jnp.int32)
+            w, *scales = expert_weights(kw, E, n, kk, fp4)
+            return x, w, jax.random.permutation(ke, E)[:k].astype(jnp.int32), *scales
 
-        return {"name": name, "shapes": f"M={k} N={n} K={kk} G={E} x_rows={x_rows}", "args": args,
-                "reference": er.reference, "pallas": er.expert_rows, "bytes": 2 * (x_rows * kk + k * n * kk + k * n),
-                "flops": 2 * k * n * kk}
+        return {"name": "fp4 " * fp4 + name, "shapes": f"M={k} N={n} K={kk} G={E} x_rows={x_rows}{' fp4' * fp4}",
+                "args": args, "reference": er.reference,
+                **({"pallas": with_scales(er.expert_rows), "tuning": er.choose_tuning(fp4=True)} if fp4 else
+                   {"pallas": er.expert_rows}),
+                "bytes": 2 * (x_rows * kk + k * n) + k * expert_bytes(n, kk, fp4), "flops": 2 * k * n * kk}
 
     def dense(n, kk, name):  # one matrix (G = 1) and one row: a dense layer's GEMV, against XLA's
         def args(key):
@@ -471,7 +501,8 @@ def expert_rows_cases():
     # shared expert's and q_a's ran at ~66-70% of copy rate in GPU run 22); sweep block_n down to 16 with
     # --configs, since one row of N = 2048 gives only N / block_n programs.
     return [case(2 * F, d, "gate_up T=1", True), case(d, F, "down T=1", False), dense(F, d, "dense shared gate T=1"),
-            dense(d, F, "dense shared down T=1"), dense(1024, d, "dense q_a T=1")]
+            dense(d, F, "dense shared down T=1"), dense(1024, d, "dense q_a T=1"),
+            case(2 * F, d, "gate_up T=1", True, fp4=True), case(d, F, "down T=1", False, fp4=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------

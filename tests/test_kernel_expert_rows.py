@@ -3,7 +3,9 @@ MoE layer's one-token path that uses it against the XLA path.
 
 CPU: Pallas interpret mode into poisoned outputs on fresh random inputs (6 distinct experts as in a decode
 step, repeated experts, a single row, rows past one 16-row tile; one x row for every output row), bad
-shapes, a CUDA lowering check at the Flash shapes. GPU (skipped elsewhere): the compiled kernel at the Flash sizes.
+shapes, a CUDA lowering check at the Flash shapes. FP4 weights (every code, scales over six powers of two, ue8m0
+and fp32) the same way, and their kernel compiled for sm_90. GPU (skipped elsewhere): the compiled kernel at the
+Flash sizes, bf16 and FP4.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import pytest
 
 from dsv4_jax import ops
 from kernels_pallas import expert_rows as er
-from kernels_pallas.testing import lower_for_h100
+from kernels_pallas.testing import compile_for_h100, lower_for_h100
 from scripts import kernel_cases
 from test_kernel_grouped_matmul import write_counts
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 SMALL = er.TuningConfig(block_n=32, block_k=32)
+FP4_SMALL = er.TuningConfig(block_n=32, block_k=64)  # two K steps at K = 128
+SCALE_DTYPES = pytest.mark.parametrize("scale_dtype", [jnp.float8_e8m0fnu, jnp.float32], ids=["ue8m0", "fp32"])
 
 
 def inputs(seed, ids, G, N, K, dtype=jnp.bfloat16):
@@ -30,6 +34,13 @@ def inputs(seed, ids, G, N, K, dtype=jnp.bfloat16):
     x = jax.random.normal(kx, (len(ids), K), jnp.float32).astype(dtype)
     w = (jax.random.normal(kw, (G, N, K), jnp.float32) / np.sqrt(K)).astype(dtype)
     return x, w, jnp.asarray(ids, jnp.int32)
+
+
+def fp4_inputs(seed, ids, G, N, K, scale_dtype):
+    """x bf16 [len(ids), K]; FP4 w [G, N, K/2], w_scales [G, N, K/32] (kernel_cases.fp4_experts); ids int32."""
+    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (len(ids), K), jnp.float32).astype(jnp.bfloat16)
+    return x, *kernel_cases.fp4_experts(kw, G, N, K, scale_dtype), jnp.asarray(ids, jnp.int32)
 
 
 # The kernel in CPU interpret mode against the reference: measured 0 on every case (bf16 outputs of the same fp32
@@ -64,6 +75,18 @@ def test_one_matrix_one_row_at_the_smallest_blocks():
                  er.reference(x, w, idx), CPU_TOL)
 
 
+@SCALE_DTYPES
+@pytest.mark.parametrize("ids,shared_x", [([3, 0, 7, 1, 6, 2], True), ([4, 4, 1, 4], False), ([5], False)])
+def test_fp4_interpret_matches_reference(ids, shared_x, scale_dtype):
+    """FP4 weights (every code, scales 2^-8 .. 2^-3 per 1 x 32 block) dequantised in the kernel against the
+    reference's whole dequantised matrices: the same bf16 weights, so the same fp32 sums (measured 0 apart)."""
+    x, w, w_scales, idx = fp4_inputs(len(ids) + 10 * shared_x, ids, 8, 64, 128, scale_dtype)
+    x = x[:1] if shared_x else x
+    got = er.expert_rows(x, w, idx, w_scales=w_scales, interpret=True, poison_outputs=True, tuning=FP4_SMALL)
+    assert got.dtype == jnp.bfloat16
+    assert_close(got, er.reference(x, w, idx, w_scales), CPU_TOL)
+
+
 @pytest.mark.parametrize("shared_x", [False, True])
 def test_interpret_writes_every_output_once(monkeypatch, shared_x):
     """Each output element is written by exactly one program (a row's own, through the one live row of its
@@ -71,6 +94,11 @@ def test_interpret_writes_every_output_once(monkeypatch, shared_x):
     x, w, idx = inputs(3, [3, 0, 7, 1, 6, 2], 8, 64, 96)
     x = x[:1] if shared_x else x
     assert (write_counts(monkeypatch, er, er.expert_rows, x, w, idx, tuning=SMALL) == 1).all()
+
+
+def test_fp4_interpret_writes_every_output_once(monkeypatch):
+    x, w, w_scales, idx = fp4_inputs(3, [3, 0, 7, 1, 6, 2], 8, 64, 128, jnp.float8_e8m0fnu)
+    assert (write_counts(monkeypatch, er, er.expert_rows, x, w, idx, w_scales=w_scales, tuning=FP4_SMALL) == 1).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -106,6 +134,24 @@ def test_bad_shapes_are_errors():
         er.expert_rows(x, w, idx[:1], interpret=True)
 
 
+def test_fp4_bad_inputs_are_errors():
+    x, w, w_scales, idx = fp4_inputs(0, [1, 2], 4, 64, 128, jnp.float8_e8m0fnu)
+    expected = r"expected x \[M, K\] bfloat16 \(K a multiple of 32\), w \[G, N, K/2\] int8 and w_scales \[G, N, K/32\]"
+    with pytest.raises(ValueError, match=r"x \(2, 128\) bfloat16, w \(4, 64, 32\) int8, w_scales \(4, 64, 4\) "
+                       r"float8_e8m0fnu: " + expected):
+        er.expert_rows(x, w[:, :, :32], idx, w_scales=w_scales, interpret=True)  # K/2 = 32 for K = 128
+    with pytest.raises(ValueError, match=r"w_scales \(4, 64, 8\) float8_e8m0fnu: " + expected):
+        er.expert_rows(x, w, idx, w_scales=jnp.concatenate([w_scales, w_scales], axis=2), interpret=True)
+    with pytest.raises(ValueError, match=r"w_scales \(4, 64, 4\) bfloat16: " + expected):
+        er.expert_rows(x, w, idx, w_scales=w_scales.astype(jnp.bfloat16), interpret=True)
+    with pytest.raises(ValueError, match=r"x \(2, 128\) float32, w \(4, 64, 64\) int8"):
+        er.expert_rows(x.astype(jnp.float32), w, idx, w_scales=w_scales, interpret=True)
+    with pytest.raises(ValueError, match=r"w \(4, 64, 64\) uint8"):
+        er.expert_rows(x, w.view(jnp.uint8), idx, w_scales=w_scales, interpret=True)
+    with pytest.raises(ValueError, match="block_k=32 must be a power of two >= 64"):
+        er.expert_rows(x, w, idx, w_scales=w_scales, tuning=SMALL, interpret=True)
+
+
 @pytest.mark.parametrize("N,K,x_rows", [(4096, 4096, 1), (4096, 2048, 6)])
 def test_lowers_for_h100(N, K, x_rows):
     S = jax.ShapeDtypeStruct
@@ -113,9 +159,23 @@ def test_lowers_for_h100(N, K, x_rows):
                                       S((6,), jnp.int32)).lower()
 
 
+@SCALE_DTYPES
+@pytest.mark.parametrize("case", ["fp4 gate_up T=1", "fp4 down T=1"])
+def test_fp4_compiles_for_sm90(case, scale_dtype):
+    """A cubin for sm_90 per static configuration of the FP4 kernel (one x row or k, ue8m0 or fp32 scales);
+    bound 120 s as tests/test_kernels_compile.py's."""
+    pytest.importorskip("triton")
+    [c] = [c for c in kernel_cases.bench_cases("expert_rows") if c["name"] == case]
+    x, w, ids, w_scales = jax.eval_shape(c["args"], jax.random.PRNGKey(0))
+    w_scales = jax.ShapeDtypeStruct(w_scales.shape, scale_dtype)
+    seconds = compile_for_h100(c["pallas"], x, w, ids, w_scales)
+    print(f"{case} {jnp.dtype(scale_dtype)}: Triton compile for sm_90 {seconds}")
+    assert seconds and max(seconds.values()) < 120
+
+
 @on_gpu
 @pytest.mark.parametrize("case", kernel_cases.bench_cases("expert_rows"), ids=lambda c: c["name"])
 def test_gpu_bench_cases_match_reference(case):
-    x, w, ids = case["args"](jax.random.PRNGKey(0))
-    out = jax.jit(functools.partial(er.expert_rows, poison_outputs=True))(x, w, ids)
-    assert_close(out, jax.jit(er.reference)(x, w, ids))
+    args = case["args"](jax.random.PRNGKey(0))
+    out = jax.jit(functools.partial(case["pallas"], poison_outputs=True))(*args)
+    assert_close(out, jax.jit(er.reference)(*args))

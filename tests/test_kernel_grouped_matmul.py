@@ -2,8 +2,11 @@
 
 CPU: the Mosaic GPU kernel in Pallas' GPU interpret mode, outputs poisoned (NaN) before the run, so an
 unwritten row fails, on fresh random inputs per case, plus a CUDA cross-lowering check at the Flash expert
-shapes. GPU (skipped elsewhere): the compiled kernel at real sizes. CPU also: the MoE layer's "pallas" path, with
-this kernel or the few-rows one (grouped_gemv), against its XLA path.
+shapes (which runs Mosaic GPU's layout inference); FP4 weights (every code, ue8m0 and fp32 scales) the same
+way. GPU (skipped elsewhere): the compiled kernel at real sizes, bf16 and FP4. CPU also: the MoE layer's
+"pallas" path, with this kernel or the few-rows one (grouped_gemv), against its XLA path; and the FP4 expert
+format the three expert kernels share (kernels_pallas/common.py): the references' dequantisation against the
+released format's, the kernels' in-register decoding against the references' on every byte.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
+import released_format
 from dsv4_jax import ops
 from dsv4_jax.ops.moe import routed_experts
+from dsv4_jax.weights import quantization
+from kernels_pallas import common
 from kernels_pallas import grouped_matmul as gm
 from kernels_pallas.testing import lower_for_h100
 from scripts import kernel_cases
@@ -32,6 +39,14 @@ def make_inputs(seed, M, K, N, sizes):
     x = jax.random.normal(kx, (M, K), jnp.float32).astype(jnp.bfloat16)
     w = jax.random.normal(kw, (len(sizes), N, K), jnp.float32).astype(jnp.bfloat16)
     return x, w, jnp.asarray(sizes, jnp.int32)
+
+
+def fp4_inputs(seed, M, K, N, sizes, scale_dtype):
+    """``make_inputs`` with FP4 experts (kernel_cases.fp4_experts): x bf16 [M, K], w int8 [G, N, K/2], w_scales
+    [G, N, K/32] in scale_dtype, group_sizes int32 [G]."""
+    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (M, K), jnp.float32).astype(jnp.bfloat16)
+    return x, *kernel_cases.fp4_experts(kw, len(sizes), N, K, scale_dtype), jnp.asarray(sizes, jnp.int32)
 
 
 # max |err| / max |ref| of the kernels in CPU interpret mode (bf16 outputs of fp32 sums summed in another order):
@@ -102,12 +117,43 @@ def test_interpret_matches_reference(M, sizes):
     assert_close(out, gm.reference(x, w, gs), CPU_TOL, CPU_DIFFER)
 
 
+@pytest.mark.parametrize("M,sizes,scale_dtype", [
+    (40, [7, 0, 20, 3, 6, 4], jnp.float8_e8m0fnu),  # tiles straddle group boundaries, an empty group
+    (30, [3, 9, 0, 0], jnp.float32),                 # rows past sum(group_sizes) are 0 (padding rows)
+    (1, [0, 1], jnp.float8_e8m0fnu),                 # a single row
+    (64, [0, 0, 0, 0], jnp.float32),                 # nothing routed: all zeros
+], ids=["ragged", "padding", "one_row", "empty"])
+def test_fp4_interpret_matches_reference(M, sizes, scale_dtype):
+    """FP4 weights (every code, scales 2^-8 .. 2^-3 per 1 x 32 block) dequantised into shared memory per K step
+    against the reference on the whole dequantised experts: the same bf16 weights and products, summed in
+    another order (x's columns interleaved per 32)."""
+    x, w, w_scales, gs = fp4_inputs(M + len(sizes), M, 128, 128, sizes, scale_dtype)
+    out = gm.grouped_matmul(x, w, gs, w_scales=w_scales, interpret=True, poison_outputs=True, tuning=SMALL)
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, gm.reference(x, w, gs, w_scales), CPU_TOL, CPU_DIFFER)
+
+
 @pytest.mark.parametrize("M,sizes", [(40, [7, 0, 20, 3, 6, 4]), (30, [3, 9, 0, 0])])
 def test_interpret_writes_every_row_once(monkeypatch, M, sizes):
     """Each output element of the routed rows is written by exactly one tile (a tile straddling a group boundary
     stores only its group's rows); the rows past sum(group_sizes) are zeroed after the kernel."""
     x, w, gs = make_inputs(M + len(sizes), M, 128, 128, sizes)
     assert (write_counts(monkeypatch, gm, gm.grouped_matmul, x, w, gs, tuning=SMALL)[: sum(sizes)] == 1).all()
+
+
+def test_fp4_interpret_writes_every_row_once(monkeypatch):
+    sizes = [7, 0, 20, 3, 6, 4]
+    x, w, w_scales, gs = fp4_inputs(1, 40, 128, 128, sizes, jnp.float8_e8m0fnu)
+    counts = write_counts(monkeypatch, gm, gm.grouped_matmul, x, w, gs, w_scales=w_scales, tuning=SMALL)
+    assert (counts[: sum(sizes)] == 1).all()
+
+
+def test_interleave_blocks_pairs_each_byte_16_apart():
+    """interleave_blocks (x's column order in the FP4 kernel): per 32-column block its even columns, then its
+    odd ones, so x's column 32b + 2i + h lands where the kernel puts byte 16b + i's nibble h."""
+    x = jnp.arange(2 * 64, dtype=jnp.float32).reshape(2, 64)
+    want = [32 * b + 2 * i + h for b in range(2) for h in range(2) for i in range(16)]
+    np.testing.assert_array_equal(np.asarray(gm.interleave_blocks(x))[1], 64 + np.asarray(want))
 
 
 def test_bad_shapes_are_errors():
@@ -120,12 +166,74 @@ def test_bad_shapes_are_errors():
         gm.TuningConfig(max_concurrent_steps=0)
 
 
+def test_fp4_bad_inputs_are_errors():
+    x, w, w_scales, gs = fp4_inputs(0, 16, 192, 128, [16], jnp.float8_e8m0fnu)
+    with pytest.raises(ValueError, match=r"grouped_matmul: x \(16, 192\) bfloat16, w \(1, 128, 64\) int8, w_scales "
+                       r"\(1, 128, 6\) float8_e8m0fnu: expected x \[M, K\] bfloat16"):
+        gm.grouped_matmul(x, w[:, :, :64], gs, w_scales=w_scales, interpret=True)
+    with pytest.raises(ValueError, match=r"w_scales \(1, 128, 6\) bfloat16: expected"):
+        gm.grouped_matmul(x, w, gs, w_scales=w_scales.astype(jnp.bfloat16), interpret=True)
+    with pytest.raises(ValueError, match=r"FP4 takes block_k=64 \(got 96\)"):
+        gm.grouped_matmul(x, w, gs, w_scales=w_scales, tuning=gm.TuningConfig(block_k=96), interpret=True)
+    with pytest.raises(ValueError, match=r"block_n a multiple of 64 \(got 32\)"):
+        gm.grouped_matmul(x, w, gs, w_scales=w_scales, tuning=gm.TuningConfig(block_n=32), interpret=True)
+
+
+def test_fp4_dequantize_is_the_released_format():
+    """common.dequantize_fp4 (the FP4 references' weights) is the released format's dequantiser
+    (quantization.dequantise_fp4, numpy) bit for bit: on a weight quantised as the release stores it
+    (released_format.quantise_fp4, ue8m0 scales), and on every byte with scales over six powers of two in ue8m0
+    and fp32; in fp32 and rounded to bf16."""
+    w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32) * np.float32(0.02)
+    cases = [released_format.quantise_fp4(w)]
+    for dtype in (jnp.float8_e8m0fnu, jnp.float32):
+        packed, scales = kernel_cases.fp4_experts(jax.random.PRNGKey(1), 2, 64, 256, dtype)
+        assert len(np.unique(np.asarray(packed).view(np.uint8))) == 256
+        cases.append((np.asarray(packed), np.asarray(scales)))
+    for packed, scales in cases:
+        want = quantization.dequantise_fp4(packed, scales)
+        got = common.dequantize_fp4(jnp.asarray(packed), jnp.asarray(scales), jnp.float32)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        got = common.dequantize_fp4(jnp.asarray(packed), jnp.asarray(scales), jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want.astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_fp4_tile_decodes_every_byte():
+    """common.fp4_tile (the Triton kernels' in-register decoding: bit arithmetic) against dequantize_fp4 (a
+    table), bit for bit in bf16: every byte in every row, under ue8m0 exponent bytes 2 .. 240 (2^-125 .. 2^113,
+    the documented range; an fp16 subnormal times the smallest still a normal fp32) and under fp32 scales that
+    are not powers of two (products rounded alike)."""
+    rows = 240
+    packed = jnp.tile(jnp.arange(256, dtype=jnp.uint8).view(jnp.int8), (rows, 1))  # [240, 256]: every byte a row
+    blocks = 256 // 16
+    exponent_bytes = jnp.arange(rows * blocks, dtype=jnp.int32) % 239 + 2  # 2 .. 240, each block its own
+    ue8m0 = exponent_bytes.reshape(rows, blocks).astype(jnp.uint8)
+    fp32 = jax.random.uniform(jax.random.PRNGKey(0), (rows, blocks), jnp.float32, 1e-3, 1e3)
+    for operand, scales in ((ue8m0, lax.bitcast_convert_type(ue8m0, jnp.float8_e8m0fnu)), (fp32, fp32)):
+        got = common.fp4_tile(packed, operand)
+        want = common.dequantize_fp4(packed, scales, jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("M,N,K,poison", [(6, 4096, 4096, False), (768, 4096, 4096, False),
                                            (24576, 4096, 2048, False), (768, 4096, 4096, True)])
 def test_lowers_for_h100(M, N, K, poison):
     args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((256, N, K), jnp.bfloat16),
             jax.ShapeDtypeStruct((256,), jnp.int32))
     assert "mosaic_gpu" in lower_for_h100(functools.partial(gm.grouped_matmul, poison_outputs=poison), *args)
+
+
+@pytest.mark.parametrize("M,N,K,scale_dtype,poison", [(768, 4096, 4096, jnp.float8_e8m0fnu, False),
+                                                       (24576, 4096, 2048, jnp.float32, False),
+                                                       (768, 4096, 4096, jnp.float8_e8m0fnu, True)])
+def test_fp4_lowers_for_h100(M, N, K, scale_dtype, poison):
+    """The FP4 kernel through Mosaic GPU's layout inference and lowering for an H100 (the decoding's register
+    layouts, the broadcast scales, the dequantised tile's shared-memory layout for wgmma)."""
+    S = jax.ShapeDtypeStruct
+    args = (S((M, K), jnp.bfloat16), S((256, N, K // 2), jnp.int8), S((256,), jnp.int32),
+            S((256, N, K // 32), scale_dtype))
+    run = lambda x, w, gs, s: gm.grouped_matmul(x, w, gs, w_scales=s, poison_outputs=poison)
+    assert "mosaic_gpu" in lower_for_h100(run, *args)
 
 
 @pytest.mark.parametrize("T,k,E,d,F,seed", [
@@ -150,6 +258,6 @@ def test_moe_kernel_paths_match_xla_in_interpret_mode(T, k, E, d, F, seed):
 @on_gpu
 @pytest.mark.parametrize("case", kernel_cases.bench_cases("grouped_matmul"), ids=lambda c: c["name"])
 def test_gpu_bench_cases_match_reference(case):
-    x, w, gs = case["args"](jax.random.PRNGKey(0))
-    out = jax.jit(functools.partial(gm.grouped_matmul, poison_outputs=True))(x, w, gs)
-    assert_close(out, jax.jit(gm.reference)(x, w, gs))
+    args = case["args"](jax.random.PRNGKey(0))
+    out = jax.jit(functools.partial(case["pallas"], poison_outputs=True))(*args)
+    assert_close(out, jax.jit(gm.reference)(*args))
