@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -43,7 +44,7 @@ from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Co
 from dsv4_jax.runtime.demo import demo_config
 from dsv4_jax.runtime.engine import DeviceSteps, default_prefill_chunk, split_weights
 from dsv4_jax.runtime.mesh import ShardedStep, make_mesh, place_weights, weight_specs
-from dsv4_jax.weights.random_init import random_model
+from dsv4_jax.weights.random_init import random_model, released_model
 from dsv4_jax.runtime.sampling import SamplingParams, sampling_args
 from scripts import roofline
 
@@ -214,6 +215,9 @@ def main(argv=None):
                    help="prefill chunk sizes to time (default: the engine's, engine.default_prefill_chunk)")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--precision", nargs="+", default=["bf16"], choices=("bf16", "released"),
+                   help="weights in --dtype, and/or FP8 / FP4 as released (random_init.released_model), each case "
+                   "run on each")
     p.add_argument("--kernels", nargs="+", default=["xla"], choices=("xla", "pallas"))
     p.add_argument("--paths", nargs="+", default=["plain"], choices=("plain", "mesh"),
                    help="plain: the one-device step; mesh: the sharded step on a 1-device mesh (side by side)")
@@ -234,7 +238,7 @@ def main(argv=None):
     cfg = make_config(args.model, args.layers, args.experts)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     ceil = None if args.no_ceilings else roofline.torch_ceilings()
-    model = random_model(cfg, dtype)
+    models = {p: random_model(cfg, dtype) if p == "bf16" else released_model(cfg, dtype) for p in args.precision}
     base = {"device": jax.devices()[0].device_kind, "model": args.model, "layers": ",".join(cfg.layer_types),
             "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size, "dtype": args.dtype}
     print(json.dumps({"ceilings": ceil, **base}), flush=True)
@@ -262,12 +266,13 @@ def main(argv=None):
     for kernels in args.kernels:
         for ctx in args.prefill:
             for chunk in args.prefill_chunk or [default_prefill_chunk()]:
-                for path in args.paths:
+                for (precision, model), path in itertools.product(models.items(), args.paths):
                     emit(prefill_case, model, ctx, min(chunk, ctx), kernels=kernels, path=path,
-                         variant={"path": path})
+                         variant={"path": path, "precision": precision})
     for b, prompt, only in args.engine_cases:
         for kernels in [only] if only else args.kernels:
-            emit(engine_case, model, b, prompt, 64, kernels=kernels)
+            for precision, model in models.items():
+                emit(engine_case, model, b, prompt, 64, kernels=kernels, variant={"precision": precision})
     compared = args.rounds > 1 or args.xla_options != [{}]
     if args.hlo_dir:
         os.makedirs(args.hlo_dir, exist_ok=True)
@@ -276,10 +281,11 @@ def main(argv=None):
             for i, opts in enumerate(args.xla_options):
                 hlo = (os.path.join(args.hlo_dir, f"decode_B{b}_C{ctx}_{kernels}_options{i}.txt")
                        if args.hlo_dir and rnd == 0 else None)
-                for path in args.paths:
+                for (precision, model), path in itertools.product(models.items(), args.paths):
                     emit(decode_case, model, b, ctx, args.decode_steps, kernels=kernels,
                          profile=(b, ctx) in profiled and rnd == 0, xla_options=opts, hlo_path=hlo, path=path,
-                         variant={"path": path, **({"round": rnd, "xla_options": opts} if compared else {})})
+                         variant={"path": path, "precision": precision,
+                                  **({"round": rnd, "xla_options": opts} if compared else {})})
     return 0
 
 

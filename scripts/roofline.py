@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import jax
 import numpy as np
 
 from dsv4_jax.model.config import CSA, HCA, SLIDING
@@ -81,7 +82,7 @@ def decode_step_bytes(model, batch: int, context: int) -> dict:
     wbytes = expert_bytes = 0
     for name, var in param_table(model).items():
         v = var.get_value()
-        nbytes = int(np.prod(v.shape)) * v.dtype.itemsize
+        nbytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(v))  # a QuantArray: codes + scales
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             expert_bytes += nbytes / v.shape[0] * distinct_experts(v.shape[0], cfg.num_experts_per_tok, batch)
         elif name.endswith("embed_tokens.weight"):

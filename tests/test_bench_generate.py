@@ -41,6 +41,17 @@ def test_paths_time_the_sharded_step_beside_the_plain_one(capsys):
     assert all(r["decode_ms_per_step"] > 0 and "error" not in r for r in rows)
 
 
+def test_precision_times_bf16_and_released_weights(capsys):
+    """``--precision bf16 released``: each case on the model in --dtype and on the same sizes in released FP8 / FP4,
+    whose roofline counts the codes' and scales' bytes."""
+    assert bench_generate.main(["--model", "demo", "--no-ceilings", "--decode-cases", "1,64", "--decode-steps", "1",
+                                "--precision", "bf16", "released"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
+    assert [r["precision"] for r in rows] == ["bf16", "released"]
+    assert all(r["decode_ms_per_step"] > 0 and "error" not in r for r in rows)
+    assert rows[1]["bytes_per_step_gb"] < rows[0]["bytes_per_step_gb"]
+
+
 def test_bad_option_lists_and_rounds_are_usage_errors():
     for args, said in ((["--xla-options", '{"a": 1}'], "expected a JSON list of objects"),
                        (["--xla-options", "[1]"], "expected a JSON list of objects"),

@@ -95,21 +95,25 @@ def test_engine_greedy_tokens_equal_the_dequantised_model():
     assert tokens[0] == tokens[1]
 
 
-def test_pallas_fp8_kernel_decode_within_the_bf16_bound(monkeypatch):
-    """bf16, kernels="pallas": the decode steps' FP8 linears go through kernels_pallas/fp8_linear.py, the
-    dequantised model's through XLA's dot; every other kernel is the same on both sides."""
-    from dsv4_jax.ops import dense
+def test_pallas_fp8_and_fp4_kernels_decode_within_the_bf16_bound(monkeypatch):
+    """bf16, kernels="pallas": the decode steps' FP8 linears go through kernels_pallas/fp8_linear.py and the
+    routed experts through the FP4 path of grouped_gemv, the dequantised model's through XLA's dot and the
+    bf16 path of the same kernel; every other kernel is the same on both sides."""
+    from dsv4_jax.ops import dense, moe
     from test_kernels_in_model import decode_logits
 
-    calls = []
-    real = dense.fp8_linear
+    calls, fp4_calls = [], []
+    real, real_gemv = dense.fp8_linear, moe.grouped_gemv
     monkeypatch.setattr(dense, "fp8_linear", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    monkeypatch.setattr(moe, "grouped_gemv", lambda *a, **k: (k.get("w_scales") is not None and fp4_calls.append(1))
+                        or real_gemv(*a, **k))
     released = released_model(MESH_CFG, jnp.bfloat16, seed=3)  # widths the expert kernels take
     rng = np.random.RandomState(4)
     prompt, steps = rng.randint(0, MESH_CFG.vocab_size, (2, 21)), rng.randint(0, MESH_CFG.vocab_size, (2, 3))
     got = decode_logits(released, prompt, steps, 32, "pallas")
     want = decode_logits(dequantized(released), prompt, steps, 32, "pallas")  # the same kernels but FP8's
     assert calls, "the FP8 kernel did not run"
+    assert fp4_calls, "the FP4 expert kernel did not run"
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= BF16_BOUND * np.abs(want).max()
 

@@ -1,8 +1,9 @@
 """The routed experts of a MoE layer: the clamped SwiGLU MLP of each token's picked experts.
 
 XLA: gathered matrices or ``ragged_dot_general``; Pallas: kernels_pallas/expert_rows.py, grouped_gemv.py and
-grouped_matmul.py. Expert stacks kept in the released FP4 (QuantArrays) are dequantised by the XLA path inside
-the step: only the picked experts' codes where it gathers, the whole stack where it runs the ragged dot.
+grouped_matmul.py. Expert stacks kept in the released FP4 (QuantArrays) are read packed by the Pallas kernels
+(weight-only: dequantised in registers or shared memory) and dequantised by the XLA path inside the step: only
+the picked experts' codes where it gathers, the whole stack where it runs the ragged dot.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from kernels_pallas.grouped_gemv import grouped_gemv
 from kernels_pallas.grouped_matmul import grouped_matmul
 
 from ..weights.quant_array import QuantArray
+from ..weights.quantization import FP4_BLOCK_SHAPE
 from .choice import interpret, pallas
 from .dense import dense
 from .parallel import combine_experts, expert_shard_count, expert_shard_index, gather_tokens
@@ -79,30 +81,47 @@ def _experts_on_device(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up
     if local_rows < E and not use_kernel:  # another device's assignments: any matrix, weight 0
         return _gathered_experts(x.astype(dtype), idx if spread == 1 else jnp.minimum(idx, E - 1), weights, gate_up,
                                  down, limit)
-    gate_up, down = dense(gate_up, dtype), dense(down, dtype)
+    (gate_up, up_scales), (down, down_scales) = (_kernel_weights(w, dtype, use_kernel) for w in (gate_up, down))
     if use_kernel and T == 1 and spread == 1:  # one token's experts are distinct: no sorting, no scatter back
         rows = functools.partial(expert_rows, ids=idx.reshape(-1), interpret=interpret())
         # gate_up reads the token's one row for all k experts: [1, d] -> [k, 2F]
-        y = _expert_mlp(x.astype(gate_up.dtype), functools.partial(rows, w=gate_up), functools.partial(rows, w=down),
-                        limit)
+        y = _expert_mlp(x.astype(dtype), functools.partial(rows, w=gate_up, w_scales=up_scales),
+                        functools.partial(rows, w=down, w_scales=down_scales), limit)
         return jnp.einsum("kd,k->d", y, weights.reshape(-1))[None]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # ids >= E count in no group
-    xs = x[token].astype(gate_up.dtype)
+    xs = x[token].astype(dtype)
     if use_kernel:
-        matmul = functools.partial(grouped_gemv if local_rows <= 3 * E else grouped_matmul, interpret=interpret())
+        kernel = functools.partial(grouped_gemv if local_rows <= 3 * E else grouped_matmul, interpret=interpret())
+        up = functools.partial(kernel, w=gate_up, group_sizes=group_sizes, w_scales=up_scales)
+        down_proj = functools.partial(kernel, w=down, group_sizes=group_sizes, w_scales=down_scales)
     else:
-        matmul = functools.partial(jax.lax.ragged_dot_general, ragged_dot_dimension_numbers=_RAGGED_DN,
-                                   preferred_element_type=jnp.float32)
-    y = _expert_mlp(xs, lambda a: matmul(a, gate_up, group_sizes), lambda a: matmul(a, down, group_sizes), limit)
+        ragged = functools.partial(jax.lax.ragged_dot_general, group_sizes=group_sizes,
+                                   ragged_dot_dimension_numbers=_RAGGED_DN, preferred_element_type=jnp.float32)
+        up, down_proj = functools.partial(ragged, rhs=gate_up), functools.partial(ragged, rhs=down)
+    y = _expert_mlp(xs, up, down_proj, limit)
     if spread > 1:  # the rows past the groups (other devices' assignments) were never written
         y = jnp.where((jnp.arange(T * k) < jnp.sum(group_sizes))[:, None], y, 0.0)
     # Back to assignment order by the inverse permutation (a gather), then each token's k rows summed in a
     # fixed order: a scatter-add back is not deterministic on a GPU (its adds land in any order).
     unsorted = y[jnp.argsort(order)].reshape(T, k, -1)
     return jnp.sum(unsorted * weights.astype(jnp.float32)[:, :, None], axis=1)
+
+
+# The FP4 expert kernels' K step (choose_tuning(fp4=True)): an FP4 stack whose input width it divides is read
+# packed by the kernels; any other quantised stack is dequantised for them.
+FP4_KERNEL_BLOCK_K = 256
+
+
+def _kernel_weights(w, dtype, use_kernel: bool):
+    """A stack as the expert matmuls take it: (FP4 codes int8 [E, N, K/2], their scales [E, N, K/32]) for the
+    Pallas kernels, else (the stack in ``dtype``, None)."""
+    if (use_kernel and isinstance(w, QuantArray) and w.block == FP4_BLOCK_SHAPE and dtype == jnp.bfloat16
+            and w.shape[-1] % FP4_KERNEL_BLOCK_K == 0):
+        return w.values, w.scales
+    return dense(w, dtype), None
 
 
 def _expert_mlp(xs, up, down, limit):
