@@ -168,14 +168,15 @@ def _valid_bounds(valid, pos, size: int):
 
 
 def _key_rows(refs, rows, valid, d: int, dtype):
-    """Rows ``rows`` [block_k] int32 of one key source (where ``valid``; the others 0) -> [block_k, d] in
-    ``dtype``: refs (keys [L, d],) as they are, or an FP8 record (nope [L, d - R], rope [L, R], scale [L, nb])
-    dequantised (module docstring)."""
+    """Rows ``rows`` [block_k] int32 of one key source (where ``valid``; the others 0) -> [block_k, d]: refs
+    (keys [L, d],) as they are, or an FP8 record (nope [L, d - R], rope [L, R], scale [L, nb]) dequantised to
+    ``dtype`` (module docstring). The row gather is a pure integer-array index (rows x columns): one tensor of
+    pointers in Triton, and interpret mode supports it (mixed array/slice indexing it does not)."""
     shape = (rows.shape[0], d)
     r = jnp.broadcast_to(jnp.where(valid, rows, 0)[:, None], shape)
     cols = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32)[None, :], shape)
     live = jnp.broadcast_to(valid[:, None], shape)
-    if len(refs) == 1:  # a pure integer-array index (rows x columns): one tensor of pointers in Triton
+    if len(refs) == 1:
         return plt.load(refs[0].at[r, cols], mask=live, other=0)
     nope_ref, rope_ref, scale_ref = refs
     dn = nope_ref.shape[1]
@@ -255,8 +256,6 @@ def _attention_kernel(q_ref, *refs, win_parts: int, ent_parts: int, block_k: int
         cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
         idx = plt.load(idx_ref.at[pl.ds(j * block_k, block_k)], mask=cols < K, other=-1)
         valid = (idx >= 0) & (idx < N)
-        # Row gather as a pure integer-array index (rows x columns): lowers to one tensor of pointers in
-        # Triton, and interpret mode supports it (mixed array/slice indexing it does not).
         return update(_key_rows(ent_refs, idx, valid, D, q.dtype), valid, carry)
 
     carry = lax.fori_loop(lo, jnp.minimum(hi, n_win), window_step, (m0, l0, acc0))
