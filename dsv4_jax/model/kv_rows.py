@@ -11,9 +11,10 @@ bytes: 584). Blocks of 64 with power-of-two scales are what DeepSeek's own infer
 channels (its fake quantisation of kv[:D-R], spec §5 and §6.3), so the model was trained to see this rounding.
 The indexer's keys are not rows of this kind and stay in the model dtype.
 
-``encode_rows`` is the one quantiser: every write of the window ring and of the compressed entries goes through
-``write_rows``. ``read_rows`` is the dequantiser of the XLA path; the Pallas sparse-attention kernel dequantises
-its key tiles itself (kernels_pallas/sparse_attention.py).
+``encode_rows`` is the one quantiser: the window ring's write (``sliding_window.window_keys``, which also keys the
+chunk with the encoded rows) and the compressed entries' (``write_rows``) store what it returns. ``read_rows`` is
+the dequantiser of the XLA path; the Pallas sparse-attention kernel dequantises its key tiles itself
+(kernels_pallas/sparse_attention.py).
 """
 
 from __future__ import annotations
