@@ -10,12 +10,14 @@ from pathlib import Path
 from .model.config import ConfigError, DeepseekV4Config
 from .model.transformer import InputError
 from .runtime.cli import EXIT_USAGE, _HelpFormatter, _Parser
-from .runtime.plan import DEFAULT_CHUNK, PRECISIONS, format_bytes, format_plan, parse_bytes, plan
+from .model.kv_rows import KV_CACHE_DTYPES
+from .runtime.plan import DEFAULT_CHUNK, PRECISIONS, cache_bytes_per_token, format_bytes, format_plan, parse_bytes, plan
 from .weights.errors import CheckpointError
 from .weights.params import checkpoint_config
 
 PRESETS = {"flash": DeepseekV4Config.flash, "pro": DeepseekV4Config.pro}  # model/config.py: the released sizes
-NAMES = {k: f"--{k}" for k in ("tp", "dp", "pp", "ep", "capacity", "batch", "precision", "chunk")}
+NAMES = {k: f"--{k.replace('_', '-')}" for k in ("tp", "dp", "pp", "ep", "capacity", "batch", "precision", "chunk",
+                                                  "kv_cache_dtype")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill tokens per sequence and step, for "
                    "the activation estimate")
     p.add_argument("--mtp", action="store_true", help="with the multi-token-prediction block (on the last stage)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="the caches' window and compressed K=V rows: bf16 (auto) or DeepSeek's FP8 record (e4m3 + "
+                   "bf16 RoPE + a scale per 64 channels: 583 bytes a row for 512 channels)")
     return p
 
 
@@ -58,14 +63,17 @@ def run(argv=None) -> int:
     cfg = load_config(args.config)
     gpu_memory = parse_bytes(args.gpu_memory, "--gpu-memory")
     p = plan(cfg, args.tp, args.dp, args.pp, args.ep, capacity=args.capacity, batch=args.batch,
-             precision=args.precision, chunk=args.chunk, mtp=args.mtp, names=NAMES)
+             precision=args.precision, chunk=args.chunk, mtp=args.mtp, names=NAMES, kv_cache_dtype=args.kv_cache_dtype)
     experts = f"whole over {args.dp * args.tp} devices" if args.ep else f"width over tp {args.tp}"
     print(f"config {args.config}: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed experts"
           f"{' + MTP block' if args.mtp else ''}; tp {args.tp} x dp {args.dp} x pp {args.pp} = "
           f"{args.tp * args.dp * args.pp} devices, routed experts {experts}")
-    print(f"batch {args.batch} x capacity {args.capacity} tokens, weights {args.precision}, caches bf16, "
+    rows = "bf16" if args.kv_cache_dtype == "auto" else "FP8 K=V rows"
+    print(f"batch {args.batch} x capacity {args.capacity} tokens, weights {args.precision}, caches {rows}, "
           f"prefill chunk {args.chunk}; sizes in powers of 1000 ({format_bytes(gpu_memory)} = {gpu_memory} bytes)")
     print(format_plan(p, gpu_memory))
+    per_token = cache_bytes_per_token(cfg, args.kv_cache_dtype, args.mtp)
+    print(f"caches per token of a sequence (all layers, before sharding): {per_token:,.1f} bytes")
     return 0
 
 

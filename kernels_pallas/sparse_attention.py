@@ -86,6 +86,15 @@ estimate, the measurements and the sweeps behind the defaults: docs/performance.
 
 Entries with ``entry_idx >= N`` are treated as invalid (never read) in both the kernel and the reference;
 callers should not pass them.
+
+FP8 keys. The window block and the entries may each be given as an array [..., D] or as DeepSeek's FP8 record
+(dsv4_jax/model/kv_rows.py), a tuple (nope e4m3 [..., D - R], rope bf16 [..., R], scale uint8
+[..., ceil((D - R) / 64)]: one ue8m0 byte, 2^(byte - 127), per 64 nope channels). The kernel then dequantises
+each key tile as it loads it, [block_k, D] as three masked loads on the same row gather (columns < D - R from
+nope and scale, the rest from rope; a scale byte becomes its fp32 power of two by a shift into the exponent
+bits) and a multiply, so HBM carries 583 bytes a key instead of 1,024 and no dequantised copy is written. The
+tile it builds is exactly the dequantised row in q's dtype (a 3-bit mantissa times a power of two), so the
+result equals the kernel's on the dequantised arrays bit for bit. The references take arrays: dequantise first.
 """
 
 from __future__ import annotations
@@ -104,6 +113,7 @@ from .common import NUM_SMS, check_tuning, triton_call
 
 LOG2E = math.log2(math.e)
 NEG = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) finite when nothing is valid yet
+FP8_BLOCK = 64  # nope channels per scale byte of the FP8 record (dsv4_jax/model/kv_rows.py FP8_BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,18 +167,43 @@ def _valid_bounds(valid, pos, size: int):
     return jnp.minimum(jnp.min(jnp.where(valid, pos, size)), end), end
 
 
-def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out_refs,
-                      block_k: int, num_splits: int, qk_scale: float):
+def _key_rows(refs, rows, valid, d: int, dtype):
+    """Rows ``rows`` [block_k] int32 of one key source (where ``valid``; the others 0) -> [block_k, d]: refs
+    (keys [L, d],) as they are, or an FP8 record (nope [L, d - R], rope [L, R], scale [L, nb]) dequantised to
+    ``dtype`` (module docstring). The row gather is a pure integer-array index (rows x columns): one tensor of
+    pointers in Triton, and interpret mode supports it (mixed array/slice indexing it does not)."""
+    shape = (rows.shape[0], d)
+    r = jnp.broadcast_to(jnp.where(valid, rows, 0)[:, None], shape)
+    cols = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32)[None, :], shape)
+    live = jnp.broadcast_to(valid[:, None], shape)
+    if len(refs) == 1:
+        return plt.load(refs[0].at[r, cols], mask=live, other=0)
+    nope_ref, rope_ref, scale_ref = refs
+    dn = nope_ref.shape[1]
+    is_nope = cols < dn  # masked lanes index past a part's columns and are never read
+    nope = plt.load(nope_ref.at[r, cols], mask=live & is_nope, other=jnp.zeros((), nope_ref.dtype))
+    byte = plt.load(scale_ref.at[r, cols // FP8_BLOCK], mask=live & is_nope, other=0)
+    rope = plt.load(rope_ref.at[r, cols - dn], mask=live & ~is_nope, other=0)
+    scale = lax.bitcast_convert_type(byte.astype(jnp.int32) << 23, jnp.float32)  # 2^(byte - 127)
+    return jnp.where(is_nope, nope.astype(jnp.float32) * scale, rope.astype(jnp.float32)).astype(dtype)
+
+
+def _attention_kernel(q_ref, *refs, win_parts: int, ent_parts: int, block_k: int, num_splits: int,
+                      qk_scale: float):
     """One program: ``block_h`` heads of one query token, one split of its key blocks.
 
-    q_ref [Bh,D]; wkv_ref [Wk,D] (the token's window block); wval_ref [Wk] int32 (the token's mask row);
-    ent_ref [N,D]; idx_ref [K] int32; sink_ref [Bh] f32. Outputs: o_ref [Bh,D] (+ m_ref, l_ref [Bh] f32 when
-    split). Logits are in the log2 domain (qk_scale = scale * log2 e).
+    q_ref [Bh,D]; then the token's window block (``win_parts`` refs: [Wk,D], or an FP8 record's three); wval_ref
+    [Wk] int32 (the token's mask row); the entries (``ent_parts`` refs: [N,D] or an FP8 record's); idx_ref [K]
+    int32; sink_ref [Bh] f32. Outputs: o_ref [Bh,D] (+ m_ref, l_ref [Bh] f32 when split). Logits are in the
+    log2 domain (qk_scale = scale * log2 e).
     """
+    win_refs, (wval_ref,) = refs[:win_parts], refs[win_parts:win_parts + 1]
+    ent_refs = refs[win_parts + 1:win_parts + 1 + ent_parts]
+    idx_ref, sink_ref, *out_refs = refs[win_parts + 1 + ent_parts:]
     o_ref = out_refs[0]
     split = lax.rem(pl.program_id(1), num_splits)  # grid axis 1 is (query token, split)
-    Wk, D = wkv_ref.shape
-    N = ent_ref.shape[0]
+    Wk, D = wval_ref.shape[0], q_ref.shape[1]
+    N = ent_refs[0].shape[0]
     K = idx_ref.shape[0]
     bh = q_ref.shape[0]
 
@@ -209,8 +244,11 @@ def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out
         start = win_lo + i * block_k
         rows = start + jnp.arange(block_k, dtype=jnp.int32)
         valid = plt.load(wval_ref.at[pl.ds(start, block_k)], mask=rows < Wk, other=0) != 0
-        k = plt.load(wkv_ref.at[pl.ds(start, block_k), :],
-                     mask=jnp.broadcast_to(valid[:, None], (block_k, D)), other=0)
+        if win_parts == 1:
+            k = plt.load(win_refs[0].at[pl.ds(start, block_k), :],
+                         mask=jnp.broadcast_to(valid[:, None], (block_k, D)), other=0)
+        else:
+            k = _key_rows(win_refs, rows, valid, D, q.dtype)
         return update(k, valid, carry)
 
     def entry_step(i, carry):
@@ -218,12 +256,7 @@ def _attention_kernel(q_ref, wkv_ref, wval_ref, ent_ref, idx_ref, sink_ref, *out
         cols = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
         idx = plt.load(idx_ref.at[pl.ds(j * block_k, block_k)], mask=cols < K, other=-1)
         valid = (idx >= 0) & (idx < N)
-        # Row gather as a pure integer-array index (rows x columns): lowers to one tensor of pointers in
-        # Triton, and interpret mode supports it (mixed array/slice indexing it does not).
-        rows = jnp.broadcast_to(jnp.where(valid, idx, 0)[:, None], (block_k, D))
-        cols = jnp.broadcast_to(jnp.arange(D, dtype=jnp.int32)[None, :], (block_k, D))
-        k = plt.load(ent_ref.at[rows, cols], mask=jnp.broadcast_to(valid[:, None], (block_k, D)), other=0)
-        return update(k, valid, carry)
+        return update(_key_rows(ent_refs, idx, valid, D, q.dtype), valid, carry)
 
     carry = lax.fori_loop(lo, jnp.minimum(hi, n_win), window_step, (m0, l0, acc0))
     m, l, acc = lax.fori_loop(jnp.maximum(lo, n_win), hi, entry_step, carry)
@@ -276,18 +309,19 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
     """The kernel call for a chunk of T query tokens (decode: T = 1); see ``sparse_attention_prefill``.
 
     q [B,T,H,D]; win_keys [B,nb,Wk,D] (token t uses block t // (T/nb)); win_valid [B,T,Wk]; entries [B,N,D];
-    entry_ids [B,T,K]; sinks [H]. Returns [B,T,H,D] in q's dtype.
+    entry_ids [B,T,K]; sinks [H]. Returns [B,T,H,D] in q's dtype. win_keys and entries: arrays or FP8 records.
     """
     B, T, H, D = q.shape
-    nb, Wk = win_keys.shape[1:3]
-    N = entries.shape[1]
+    win_parts, ent_parts = _key_parts(win_keys, D), _key_parts(entries, D)
+    nb, Wk = win_parts[0].shape[1:3]
+    N = ent_parts[0].shape[1]
     K = entry_ids.shape[2]
     if D & (D - 1) or D < 16:
         raise ValueError(f"head dim {D} must be a power of two >= 16")
     tuning = tuning or choose_tuning(B * T, H, Wk, K)
     block_k = tuning.block_k
-    assert T % nb == 0 and win_keys.shape == (B, nb, Wk, D) and win_valid.shape == (B, T, Wk)
-    assert entries.shape == (B, N, D) and entry_ids.shape == (B, T, K) and sinks.shape == (H,)
+    assert T % nb == 0 and all(a.shape[:3] == (B, nb, Wk) for a in win_parts) and win_valid.shape == (B, T, Wk)
+    assert all(a.shape[:2] == (B, N) for a in ent_parts) and entry_ids.shape == (B, T, K) and sinks.shape == (H,)
     bq = T // nb
 
     bh = _heads_per_program(tuning.block_h, H)
@@ -301,14 +335,16 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
     wval = win_valid.astype(jnp.int32)
 
     S = tuning.num_splits
-    kernel = functools.partial(_attention_kernel, block_k=block_k, num_splits=S, qk_scale=scale * LOG2E)
+    kernel = functools.partial(_attention_kernel, win_parts=len(win_parts), ent_parts=len(ent_parts),
+                               block_k=block_k, num_splits=S, qk_scale=scale * LOG2E)
 
     # grid (head block h, query token x split i, sequence b): token t = i // S, split s = i % S
     in_specs = [
         pl.BlockSpec((None, None, bh, D), lambda h, i, b: (b, i // S, h, 0)),  # q
-        pl.BlockSpec((None, None, Wk, D), lambda h, i, b: (b, i // S // bq, 0, 0)),  # window block
+        *(pl.BlockSpec((None, None, Wk, a.shape[-1]), lambda h, i, b: (b, i // S // bq, 0, 0))
+          for a in win_parts),  # window block
         pl.BlockSpec((None, None, Wk), lambda h, i, b: (b, i // S, 0)),  # window mask row
-        pl.BlockSpec((None, N, D), lambda h, i, b: (b, 0, 0)),  # entries
+        *(pl.BlockSpec((None, N, a.shape[-1]), lambda h, i, b: (b, 0, 0)) for a in ent_parts),  # entries
         pl.BlockSpec((None, None, K), lambda h, i, b: (b, i // S, 0)),  # entry ids
         pl.BlockSpec((bh,), lambda h, i, b: (h,)),  # sinks
     ]
@@ -322,7 +358,7 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
         out_specs = [pl.BlockSpec((None, None, None, bh, D), lambda h, i, b: (i % S, b, i // S, h, 0)),
                      pl.BlockSpec((None, None, None, bh), lambda h, i, b: (i % S, b, i // S, h)),
                      pl.BlockSpec((None, None, None, bh), lambda h, i, b: (i % S, b, i // S, h))]
-    args = [q, win_keys, wval, entries, entry_ids, sinks]
+    args = [q, *win_parts, wval, *ent_parts, entry_ids, sinks]
     outs = triton_call(kernel, args, grid=(n_hb, T * S, B), in_specs=in_specs, out_shape=out_shape,
                        out_specs=out_specs, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
                        interpret=interpret, name=f"dsv4_sparse_attn_h{bh}_k{block_k}_s{S}", poison=poison_outputs)
@@ -338,6 +374,21 @@ def _sparse_attention(q, win_keys, win_valid, entries, entry_ids, sinks, scale: 
     return out[:, :, :H]
 
 
+def _key_parts(keys, d: int) -> tuple:
+    """Keys as the kernel's refs: (array [..., D],), or an FP8 record's (nope, rope, scale) checked against D."""
+    if not isinstance(keys, tuple):
+        assert keys.shape[-1] == d
+        return (keys,)
+    nope, rope, scale = keys
+    dn = nope.shape[-1]
+    if (nope.dtype, rope.dtype, scale.dtype) != (jnp.float8_e4m3fn, jnp.bfloat16, jnp.uint8) or (
+            dn + rope.shape[-1] != d or scale.shape[-1] != -(-dn // FP8_BLOCK)):
+        raise ValueError(f"FP8 keys nope {nope.shape} {nope.dtype}, rope {rope.shape} {rope.dtype}, scale "
+                         f"{scale.shape} {scale.dtype}: expected e4m3 [..., Dn], bf16 [..., {d} - Dn] and uint8 "
+                         f"[..., ceil(Dn / {FP8_BLOCK})]")
+    return keys
+
+
 _STATIC = ("scale", "tuning", "interpret", "poison_outputs")
 
 
@@ -350,8 +401,9 @@ def sparse_attention_decode(q, window_kv, window_valid, entries, entry_idx, sink
     tuning: None for ``choose_tuning(B, H, Wk, K)``. poison_outputs: testing aid; the kernel writes into
     NaN-filled aliased buffers, so any element it fails to write stays NaN.
     """
-    out = _sparse_attention(q[:, None], window_kv[:, None], window_valid[:, None], entries, entry_idx[:, None],
-                            sinks, scale, tuning=tuning, interpret=interpret, poison_outputs=poison_outputs)
+    out = _sparse_attention(q[:, None], jax.tree.map(lambda a: a[:, None], window_kv), window_valid[:, None],
+                            entries, entry_idx[:, None], sinks, scale, tuning=tuning, interpret=interpret,
+                            poison_outputs=poison_outputs)
     return out[:, 0]
 
 

@@ -21,6 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from dsv4_jax import ops
+from dsv4_jax.model import kv_rows
 from dsv4_jax.model.config import DeepseekV4Config
 from dsv4_jax.model.metadata import build_metadata
 from dsv4_jax.model.spec import Storage, storage_of
@@ -64,6 +65,20 @@ def attention_decode_inputs(key, cfg: DeepseekV4Config, *, B: int, K: int, N: in
     ids = jax.vmap(lambda k: jax.random.permutation(k, N)[:K])(jax.random.split(ki, B)).astype(jnp.int32)
     sinks = jax.random.normal(ks, (H,), jnp.float32)
     return q, win_keys, meta.window.key_mask, entries, ids[:, None], sinks
+
+
+def fp8_keys(inputs: tuple, cfg: DeepseekV4Config) -> tuple:
+    """Attention inputs with the window block and the entries as FP8 records (the model's
+    ``kv_cache_dtype="fp8"`` cache, dsv4_jax/model/kv_rows.py)."""
+    q, win_keys, mask, entries, ids, sinks = inputs
+    R = cfg.qk_rope_head_dim
+    return q, kv_rows.quantise(win_keys, R), mask, kv_rows.quantise(entries, R), ids, sinks
+
+
+def reference_fp8(q, win_keys, win_mask, entries, entry_ids, sinks, scale):
+    """``reference_prefill`` on FP8 records, dequantised first."""
+    return sa.reference_prefill(q, kv_rows.dequantise(*win_keys, q.dtype), win_mask,
+                                kv_rows.dequantise(*entries, q.dtype), entry_ids, sinks, scale)
 
 
 def attention_prefill_inputs(key, cfg: DeepseekV4Config, *, prompt: int, chunk: int, ratio: int, dtype=jnp.bfloat16):
@@ -124,6 +139,18 @@ def sparse_attention_cases():
                 "pallas": sa.sparse_attention_prefill,
                 "reference": sa.reference_prefill,
             })
+    # The same steps on the FP8 cache: 583-byte key rows (448 e4m3 + 64 bf16 + 7 scale bytes), dequantised in
+    # the kernel.
+    fp8_row = (D - cfg.qk_rope_head_dim) + 2 * cfg.qk_rope_head_dim + -(-(D - cfg.qk_rope_head_dim) // 64)
+    for case in [c for c in cases if c["name"].startswith("decode_")]:
+        B, K = case["shapes"]["B"], case["shapes"]["K"]
+        cases.append({
+            **case,
+            "name": case["name"].replace("decode_", "decode_fp8_"),
+            "args": lambda key, case=case: fp8_keys(case["args"](key), cfg),
+            "bytes": case["bytes"] - B * (W + K) * (D * itemsize - fp8_row),
+            "reference": reference_fp8,
+        })
     C = 2048
     for kind, ratio in (("csa", cfg.csa_compress_rate), ("hca", cfg.hca_compress_rate)):
         for prompt in (8192, 32768):

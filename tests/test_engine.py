@@ -142,8 +142,10 @@ def _metadata_eqns(jaxpr, inherited="", into_kernels=True):
                 yield from _metadata_eqns(sub, stack, into_kernels)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 @pytest.mark.parametrize("n_layers", [3, 7])
-def test_metadata_is_built_once_before_the_first_layer(n_layers):
+def test_metadata_is_built_once_before_the_first_layer(n_layers, kv_cache_dtype):
+    """Also with the FP8 cache, whose writes quantise and whose reads dequantise inside the layers."""
     types = (SLIDING, CSA, HCA, CSA, HCA, CSA, HCA)[:n_layers]
     cfg = dataclasses.replace(CFG, num_hidden_layers=n_layers, layer_types=types,
                               mlp_layer_types=(CFG.mlp_layer_types * 2)[:n_layers])
@@ -154,8 +156,8 @@ def test_metadata_is_built_once_before_the_first_layer(n_layers):
     def step(state, cache, ids, start, n_new):
         return run_chunk(nnx.merge(graphdef, state), cache, ids, start, n_new, cap)
 
-    jaxpr = jax.make_jaxpr(step)(state, init_cache(cfg, B, cap, jnp.float32), jnp.zeros((B, C), jnp.int32),
-                                 jnp.zeros(B, jnp.int32), jnp.full(B, C, jnp.int32)).jaxpr
+    jaxpr = jax.make_jaxpr(step)(state, init_cache(cfg, B, cap, jnp.float32, kv_cache_dtype),
+                                 jnp.zeros((B, C), jnp.int32), jnp.zeros(B, jnp.int32), jnp.full(B, C, jnp.int32)).jaxpr
     order = [("meta" if METADATA_SCOPE in s else "layer" if "layer_" in s else "other")
              for s, _ in _metadata_eqns(jaxpr)]
     meta_idx = [i for i, o in enumerate(order) if o == "meta"]
@@ -164,8 +166,8 @@ def test_metadata_is_built_once_before_the_first_layer(n_layers):
     assert max(meta_idx) < min(layer_idx), "metadata must be complete before the first layer runs"
     # No layer scope contains metadata work, and the metadata work does not grow with the layer count.
     assert not any(METADATA_SCOPE in s and "layer_" in s for s, _ in _metadata_eqns(jaxpr))
-    test_metadata_is_built_once_before_the_first_layer.counts[n_layers] = len(meta_idx)
-    counts = test_metadata_is_built_once_before_the_first_layer.counts
+    counts = test_metadata_is_built_once_before_the_first_layer.counts.setdefault(kv_cache_dtype, {})
+    counts[n_layers] = len(meta_idx)
     if len(counts) == 2:
         assert len(set(counts.values())) == 1, counts
 
@@ -173,13 +175,15 @@ def test_metadata_is_built_once_before_the_first_layer(n_layers):
 test_metadata_is_built_once_before_the_first_layer.counts = {}
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 @pytest.mark.parametrize("kernels", ["xla", "pallas"])
 @pytest.mark.parametrize("C", [1, 12])
-def test_layers_build_no_index_the_metadata_holds(kernels, C):
+def test_layers_build_no_index_the_metadata_holds(kernels, C, kv_cache_dtype):
     """The metadata step builds every index a layer reads: no layer scope builds the HCA visible entry ids
     (an iota over the HCA entry axis) or assembles index or mask lists (a concatenate of integer or boolean
     arrays; the only ones left join one-wide index columns into gather / scatter index tuples), on either
-    kernel path, for a chunk and a decode step (CPU: the Pallas kernels are traced, not run)."""
+    kernel path, for a chunk and a decode step (CPU: the Pallas kernels are traced, not run), with either
+    cache."""
     types = (SLIDING, CSA, HCA)
     cfg = dataclasses.replace(CFG, num_hidden_layers=3, layer_types=types, mlp_layer_types=CFG.mlp_layer_types[:3])
     graphdef, state = nnx.split(DeepseekV4ForCausalLM(cfg, rngs=nnx.Rngs(0)))
@@ -191,14 +195,14 @@ def test_layers_build_no_index_the_metadata_holds(kernels, C):
         with ops.use(kernels):
             return run_chunk(nnx.merge(graphdef, state), cache, ids, start, n_new, cap)
 
-    jaxpr = jax.make_jaxpr(step)(state, init_cache(cfg, B, cap, jnp.float32), jnp.zeros((B, C), jnp.int32),
-                                 jnp.zeros(B, jnp.int32), jnp.full(B, C, jnp.int32)).jaxpr
+    jaxpr = jax.make_jaxpr(step)(state, init_cache(cfg, B, cap, jnp.float32, kv_cache_dtype),
+                                 jnp.zeros((B, C), jnp.int32), jnp.zeros(B, jnp.int32), jnp.full(B, C, jnp.int32)).jaxpr
     in_layers = [e for s, e in _metadata_eqns(jaxpr, into_kernels=False) if "layer_" in s]
     assert in_layers
     ids = [e for e in in_layers if e.primitive.name == "iota" and e.params["shape"][e.params["dimension"]] == n_hca]
     assert not ids, "a layer builds the HCA visible entry ids"
-    lists = [e for e in in_layers if e.primitive.name == "concatenate"
-             and not jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating)
+    lists = [e for e in in_layers if e.primitive.name == "concatenate"  # uint8: the FP8 cache's scale bytes (data)
+             and not jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating) and e.outvars[0].aval.dtype != jnp.uint8
              and any(v.aval.shape[e.params["dimension"]] > 1 for v in e.invars)]
     assert not lists, [str(e) for e in lists]
 

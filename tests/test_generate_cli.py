@@ -109,6 +109,18 @@ def test_text_prompt_through_tokenizer_json(reference_case, tmp_path, capsys):
     assert result["text"] == " ".join(f"w{t}" for t in result["tokens"])
 
 
+def test_kv_cache_dtype_fp8_flag(reference_case, capsys):
+    """--kv-cache-dtype fp8 runs the engine with the FP8 K=V cache: the tokens the API gives for it."""
+    import dsv4_jax
+
+    case = reference_case("mixed")
+    assert main(["--checkpoint", str(case.path), "--prompt-ids", "5,17,42,9,3,8", "--max-new-tokens", "4",
+                 "--greedy", "--dtype", "float32", "--kv-cache-dtype", "fp8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    engine = dsv4_jax.Engine(dsv4_jax.from_pretrained(case.path, "float32"), capacity=10, kv_cache_dtype="fp8")
+    assert result["tokens"] == engine.generate([[5, 17, 42, 9, 3, 8]], 4)[0].tokens
+
+
 def _corrupt(path):
     (path / "model.safetensors").write_bytes(b"\x00\x01garbage" * 10)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import tiny
 
+from dsv4_jax.model import kv_rows
 from dsv4_jax.ops.attention import gather_entries, sink_attention
 from dsv4_jax.model.metadata import build_metadata
 from kernels_pallas import sparse_attention as sa
@@ -394,6 +395,53 @@ def test_lowers_for_h100(B, H, K, Wk, splits):
     fn = functools.partial(sa.sparse_attention_decode, scale=D ** -0.5, tuning=with_splits(B, H, Wk, K, splits))
     text = lower_for_h100(fn, *_abstract(B, H, D, Wk, K, N))
     assert "triton" in text.lower()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FP8 keys (dsv4_jax/model/kv_rows.py): the kernel dequantises its key tiles
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_fp8_block_is_the_cache_layout_block():
+    assert sa.FP8_BLOCK == kv_rows.FP8_BLOCK
+
+
+# (kind, case): decode cases of CASES, prefill (and C = 1 decode-layout) cases of PREFILL_CASES; NaN in unused rows
+# quantises to NaN codes and scales, so a kernel that reads them fails. Head dims 64 (56 e4m3 channels: a
+# partial scale block) and 512 (448: the Flash record, 7 blocks).
+FP8_CASES = [("decode", "three_splits_garbage"), ("prefill", "csa_ragged_h5"), ("prefill", "hca_prefix_h8"),
+             ("prefill", "csa_decode_h5"), ("prefill", "hca_decode_w128_d512")]
+
+
+@pytest.mark.parametrize("kind,name", FP8_CASES)
+def test_fp8_keys_equal_the_kernel_on_their_dequantised_rows(kind, name):
+    """FP8 window and entries (the model's FP8 cache) through the kernel equal, bit for bit, the kernel on the
+    same rows dequantised to bf16 (the tile the kernel builds is exactly that row), and the reference on them."""
+    if kind == "decode":
+        seed, dims, opts, tuning = CASES[name]
+        q, wk, wm, ent, ids, sinks = make_inputs(jax.random.PRNGKey(seed), *dims, **opts)
+        D, call, ref_fn = dims[2], sa.sparse_attention_decode, sa.reference
+    else:
+        seed, dims, opts, tuning = PREFILL_CASES[name]
+        q, wk, wm, ent, ids, sinks = make_prefill_inputs(jax.random.PRNGKey(seed), *dims, **opts)
+        D, call, ref_fn = dims[3], sa.sparse_attention_prefill, sa.reference_prefill
+    rope = D // 8
+    wq, eq = kv_rows.quantise(wk, rope), kv_rows.quantise(ent, rope)
+    wd, ed = kv_rows.dequantise(*wq, q.dtype), kv_rows.dequantise(*eq, q.dtype)
+    kwargs = dict(tuning=tuning, interpret=True, poison_outputs=True)
+    out = call(q, wq, wm, eq, ids, sinks, D ** -0.5, **kwargs)
+    same = call(q, wd, wm, ed, ids, sinks, D ** -0.5, **kwargs)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(same, np.float32))
+    check_close(out, ref_fn(q, wd, wm, ed, ids, sinks, D ** -0.5), what=f"{name} fp8")
+
+
+def test_fp8_keys_of_the_wrong_layout_are_one_error():
+    q, wk, wm, ent, ids, sinks = make_inputs(jax.random.PRNGKey(0), 1, 16, 64, 8, 8, 8)
+    nope, rope, scale = kv_rows.quantise(ent, 8)
+    with pytest.raises(ValueError, match=r"FP8 keys nope \(1, 8, 56\) float8_e4m3fn, rope \(1, 8, 8\) bfloat16, "
+                                         r"scale \(1, 8, 1\) int32: expected"):
+        sa.sparse_attention_decode(q, wk, wm, (nope, rope, scale.astype(jnp.int32)), ids, sinks, 0.125,
+                                   interpret=True)
 
 
 # ------------------------------------------------------------------------------------------------------------

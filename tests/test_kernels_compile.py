@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU 
 
 # (module, bench case): one case per kernel and distinct static configuration; grouped_matmul is Mosaic GPU.
 CASES = [
-    ("sparse_attention", "decode_B128_K1024"), ("sparse_attention", "prefill_csa_S8192_C2048"),
+    ("sparse_attention", "decode_B128_K1024"), ("sparse_attention", "decode_fp8_B128_K1024"),
+    ("sparse_attention", "prefill_csa_S8192_C2048"),
     ("sparse_attention", "prefill_hca_S8192_C2048"), ("indexer", "decode_B32_N32768"),
     ("indexer", "prefill_S8192_N2048"), ("topk", "topk512_R32_N32768"), ("compressor", "prefill_csa_m4_d512_S8192"),
     ("compressor", "prefill_hca_m128_d512_S8192"), ("compressor", "prefill_hca_m128_d512_S32768"),

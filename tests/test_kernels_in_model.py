@@ -4,6 +4,7 @@ interpret mode on the CPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny
+from test_kv_cache_fp8 import assert_rows_match
 from dsv4_jax.model.cache import init_cache
 from dsv4_jax.weights.params import abstract_model, param_table
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config
@@ -58,7 +60,7 @@ def test_pallas_decode_matches_xla_on_cpu_interpret():
 
 
 def prefill_decode_run(model, prompts: list[np.ndarray], chunk: int, steps: np.ndarray, active: np.ndarray,
-                       capacity: int, kernels: str, last_only: bool = False):
+                       capacity: int, kernels: str, last_only: bool = False, kv_cache_dtype: str = "auto"):
     """Chunked ragged prefill of ``prompts`` the engine's way, then one decode step per column of ``steps``
     [B, T] for the rows ``active`` [B, T] marks (the others write nothing). Returns (list of (logits, n_new)
     per chunk or step, final caches); logits [B, C, V] at every position, or [B, V] at each row's last real
@@ -67,7 +69,7 @@ def prefill_decode_run(model, prompts: list[np.ndarray], chunk: int, steps: np.n
     chunk_step = device_steps(graphdef, state_def, capacity).chunk
     B = len(prompts)
     lens = np.array([len(p) for p in prompts], np.int32)
-    cache = init_cache(model.config, B, capacity, model.dtype)
+    cache = init_cache(model.config, B, capacity, model.dtype, kv_cache_dtype)
     done, out = np.zeros(B, np.int32), []
     while (done < lens).any():
         n_new = np.minimum(lens - done, chunk).astype(np.int32)
@@ -87,13 +89,15 @@ def prefill_decode_run(model, prompts: list[np.ndarray], chunk: int, steps: np.n
     return out, cache
 
 
-def test_pallas_prefill_and_decode_match_xla_on_cpu_interpret():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_pallas_prefill_and_decode_match_xla_on_cpu_interpret(kv_cache_dtype):
     """One SWA, one CSA and one HCA layer. Chunks of 10 tokens (padded to 16) over prompts of 29 / 11 / 17
     tokens: chunk starts 0, 10, 20 are not multiples of the CSA (4) or HCA (8) rate, the second chunk has a
     1-token row and the third two 0-token rows; the CSA indexer selects (entries > top-k 4). Then 5 decode
     steps, one row sitting out two of them, crossing CSA and HCA window boundaries. Every real position's
     logits and every cache (window, compressed entries, indexer keys, compressor and indexer state rings)
-    agree with the XLA path."""
+    agree with the XLA path; with the FP8 cache too (the attention kernel dequantising its key tiles, the
+    compressor's decode step on the prefill path), its records as tests/test_kv_cache_fp8.py compares them."""
     cfg = tiny(num_hidden_layers=3, layer_types=(SLIDING, CSA, HCA), mlp_layer_types=(HASH_MOE, MOE, MOE))
     model = DeepseekV4ForCausalLM(cfg, rngs=nnx.Rngs(5))
     rng = np.random.RandomState(6)
@@ -101,15 +105,22 @@ def test_pallas_prefill_and_decode_match_xla_on_cpu_interpret():
     steps = rng.randint(0, cfg.vocab_size, (3, 5))
     active = np.ones((3, 5), bool)
     active[1, 1:3] = False
-    ref, ref_cache = prefill_decode_run(model, prompts, 10, steps, active, 48, "xla")
-    got, got_cache = prefill_decode_run(model, prompts, 10, steps, active, 48, "pallas")
+    ref, ref_cache = prefill_decode_run(model, prompts, 10, steps, active, 48, "xla", kv_cache_dtype=kv_cache_dtype)
+    got, got_cache = prefill_decode_run(model, prompts, 10, steps, active, 48, "pallas", kv_cache_dtype=kv_cache_dtype)
     for (r, n_new), (g, _) in zip(ref, got):
         for b in np.flatnonzero(n_new):
             assert np.isfinite(g[b, : n_new[b]]).all()
             assert np.abs(g[b, : n_new[b]] - r[b, : n_new[b]]).max() <= 1e-4 * np.abs(r[b, : n_new[b]]).max()
+    if kv_cache_dtype == "fp8":  # the records as tests/test_kv_cache_fp8.py compares them, then the rest
+        for r, g in zip(ref_cache, got_cache):
+            for name in ("window_kv", "compressed_kv"):
+                if getattr(r, name) is not None:
+                    assert_rows_match(getattr(r, name), getattr(g, name))
+        ref_cache, got_cache = ([dataclasses.replace(c, window_kv=None, compressed_kv=None) for c in caches]
+                                for caches in (ref_cache, got_cache))
     flat_ref, flat_got = jax.tree.leaves(ref_cache), jax.tree.leaves(got_cache)
     # SWA: window; CSA: window, entries, state kv/gate, indexer keys + state kv/gate; HCA: window, entries, state
-    assert len(flat_ref) == len(flat_got) == 12
+    assert len(flat_ref) == len(flat_got) == (12 if kv_cache_dtype == "auto" else 7)
     for r, g in zip(flat_ref, flat_got):
         r, g = np.asarray(r, np.float32), np.asarray(g, np.float32)
         assert np.abs(g - r).max() <= 1e-4 * max(np.abs(r).max(), 1e-30)

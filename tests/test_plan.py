@@ -32,11 +32,13 @@ from flax import nnx  # noqa: E402
 
 from dsv4_jax.model.cache import init_cache  # noqa: E402
 from dsv4_jax.model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config  # noqa: E402
+from dsv4_jax.model.kv_rows import KV_CACHE_DTYPES  # noqa: E402
 from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config  # noqa: E402
 from dsv4_jax.plan import main  # noqa: E402
 from dsv4_jax.runtime.mesh import make_mesh, place_weights  # noqa: E402
 from dsv4_jax.model.transformer import InputError  # noqa: E402
-from dsv4_jax.runtime.plan import ACTIVATIONS, CACHES, RELEASED_LABELS, WEIGHTS, plan, weight_kind  # noqa: E402
+from dsv4_jax.runtime.plan import (  # noqa: E402
+    ACTIVATIONS, CACHES, RELEASED_LABELS, WEIGHTS, cache_bytes_per_token, plan, weight_kind)
 from dsv4_jax.weights.params import param_table  # noqa: E402
 from dsv4_jax.weights.quant_array import QuantArray  # noqa: E402
 from dsv4_jax.weights.random_init import released_model  # noqa: E402
@@ -86,14 +88,12 @@ def placed(out: str):
     for name, (tp, dp, ep) in LAYOUTS.items():
         mesh = make_mesh(tp=tp, dp=dp, ep=ep, cfg=cfg)
         _, _, weights = place_weights(model, mesh)
-        shapes = jax.eval_shape(lambda: init_cache(mtp_config(cfg), mesh.rows(BATCH), CAPACITY, jnp.bfloat16))
-        cache = jax.jit(functools.partial(init_cache, mtp_config(cfg), mesh.rows(BATCH), CAPACITY, jnp.bfloat16),
-                        out_shardings=cache_shardings(shapes, mesh.mesh, mesh.rules))()
-        report[name] = {
-            WEIGHTS: device_bytes((f"{weight_kind(n)}|{w.dtype.name}", w) for n, w in zip(names, weights)),
-            CACHES: device_bytes((f"{dotted(path[1:])}|{a.dtype.name}", a)
-                                 for path, a in jax.tree_util.tree_flatten_with_path(cache)[0]),
-        }
+        report[name] = {WEIGHTS: device_bytes((f"{weight_kind(n)}|{w.dtype.name}", w) for n, w in zip(names, weights))}
+        for kv in KV_CACHE_DTYPES:
+            init = functools.partial(init_cache, mtp_config(cfg), mesh.rows(BATCH), CAPACITY, jnp.bfloat16, kv)
+            cache = jax.jit(init, out_shardings=cache_shardings(jax.eval_shape(init), mesh.mesh, mesh.rules))()
+            report[name][f"{CACHES}|{kv}"] = device_bytes((f"{dotted(path[1:])}|{a.dtype.name}", a)
+                                                          for path, a in jax.tree_util.tree_flatten_with_path(cache)[0])
     # released precision: the experts whole over 8 devices, every quantised weight otherwise replicated
     released = released_model(cfg, jnp.bfloat16, mtp=True)
     leaf_keys = [f"{weight_kind(n)}|{RELEASED_LABELS[v.block] if isinstance(v, QuantArray) else v.dtype.name}"
@@ -110,17 +110,21 @@ def placed_report(tmp_path_factory) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "int32": "int32"}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "int32": "int32", "fp8 e4m3": "float8_e4m3fn", "ue8m0": "uint8"}
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, "released_dp8_ep"])
-def test_plan_equals_the_bytes_placed_on_each_device(placed_report, layout):
+@pytest.mark.parametrize("layout, kv_cache_dtype", [(layout, kv) for layout in LAYOUTS for kv in KV_CACHE_DTYPES]
+                         + [("released_dp8_ep", "auto")])
+def test_plan_equals_the_bytes_placed_on_each_device(placed_report, layout, kv_cache_dtype):
     precision = "released" if layout.startswith("released") else "bf16"
     tp, dp, ep = LAYOUTS[layout.removeprefix("released_")]
-    p = plan(every_layer_type(), tp, dp, ep=ep, capacity=CAPACITY, batch=BATCH, precision=precision, mtp=True)
-    for section in placed_report[layout]:
+    p = plan(every_layer_type(), tp, dp, ep=ep, capacity=CAPACITY, batch=BATCH, precision=precision, mtp=True,
+             kv_cache_dtype=kv_cache_dtype)
+    for section, placed_as in ((WEIGHTS, WEIGHTS), (CACHES, f"{CACHES}|{kv_cache_dtype}")):
+        if placed_as not in placed_report[layout]:  # the released model's placement: its weights only
+            continue
         want = {f"{r.name}|{DTYPE_NAMES.get(r.held_as, r.held_as)}": r.nbytes for r in p.rows if r.section == section}
-        got = placed_report[layout][section]
+        got = placed_report[layout][placed_as]
         assert sorted(got) == [str(d) for d in range(tp * dp)], section  # the first tp x dp devices, no others
         for device, held in got.items():
             assert held == want, (section, device)
@@ -156,11 +160,31 @@ def test_pipeline_stage_holds_its_layers():
     assert staged.total(ACTIVATIONS) == whole.total(ACTIVATIONS)
 
 
+def test_cache_bytes_per_token_of_flash():
+    """A Flash sequence's caches grow per token by the compressed entries of its 21 CSA layers (m 4, with 128
+    indexer channels) and 20 HCA layers (m 128), and the MTP block's none (sliding window only): 512 bf16
+    channels an entry, or the FP8 record's 448 e4m3 + 64 bf16 + 7 scale bytes."""
+    cfg = DeepseekV4Config.flash()
+    csa, hca = cfg.layer_types.count(CSA), cfg.layer_types.count(HCA)
+    assert (csa, hca) == (21, 20)
+    for entry in (512 * 2, 448 + 64 * 2 + 7):
+        want = csa * (entry + 128 * 2) / 4 + hca * entry / 128
+        kv = "auto" if entry == 1024 else "fp8"
+        assert cache_bytes_per_token(cfg, kv) == cache_bytes_per_token(cfg, kv, mtp=True) == want
+    assert cache_bytes_per_token(cfg, "fp8") == 4495.84375 and cache_bytes_per_token(cfg) == 6880
+
+
 def test_cli_prints_the_table(capsys):
     assert main(["--config", "flash", "--tp", "8", "--ep", "--capacity", "131072", "--batch", "32"]) == 0
     out = capsys.readouterr().out
     for line in ("weights", "  routed experts", "  shared expert", "  embedding + head", "caches", "  compressed_kv",
-                 "activations (estimate)", "total", "fits in 141.00 GB: "):
+                 "activations (estimate)", "total", "fits in 141.00 GB: ",
+                 "caches per token of a sequence (all layers, before sharding): 6,880.0 bytes"):
+        assert f"\n{line}" in out, line
+    assert main(["--config", "flash", "--capacity", "4096", "--batch", "1", "--kv-cache-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    for line in ("  window_kv.nope                fp8 e4m3", "  compressed_kv.scale           ue8m0",
+                 "caches per token of a sequence (all layers, before sharding): 4,495.8 bytes"):
         assert f"\n{line}" in out, line
 
 
@@ -172,6 +196,7 @@ def test_cli_prints_the_table(capsys):
     (["--capacity", "0"], r"--capacity 0 must be a positive integer"),
     (["--gpu-memory", "12XB"], r"--gpu-memory '12XB' must be a positive size such as 141GB, 139GiB or 80e9 \(bytes\)"),
     (["--precision", "fp8"], r"argument --precision: invalid choice: 'fp8'"),
+    (["--kv-cache-dtype", "fp16"], r"argument --kv-cache-dtype: invalid choice: 'fp16'"),
     (["--config", "nowhere"], r"--config 'nowhere' is not flash, pro, a config.json or a checkpoint directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, message):

@@ -135,7 +135,9 @@ def test_storage_dtype_and_declaration_errors():
         param(jnp.zeros((2, 3)), ("vocab",), FP32)
 
 
-def test_every_cache_field_declares_its_axes():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_every_cache_field_declares_its_axes(kv_cache_dtype):
+    """With the FP8 cache the ring and the entries are records whose own fields declare the axes."""
     assert field_axes(LayerCache) == {"window_kv": ("batch", "window", "kv"),
                                       "compressed_kv": ("batch", "cache_seq", "kv"),
                                       "index_keys": ("batch", "cache_seq", "kv")}
@@ -153,10 +155,12 @@ def test_every_cache_field_declares_its_axes():
                 assert len(axes) == value.ndim and set(axes) <= set(LOGICAL_AXES), f.name
                 held.add(f"{type(node).__name__}.{f.name}")
 
-    for layer in init_cache(every_feature(), batch=2, capacity=64, dtype=jnp.float32):
+    for layer in init_cache(every_feature(), batch=2, capacity=64, dtype=jnp.float32, kv_cache_dtype=kv_cache_dtype):
         walk(layer)
-    assert held == {"LayerCache.window_kv", "LayerCache.compressed_kv", "LayerCache.index_keys",
-                    "CompressorState.kv", "CompressorState.gate"}
+    rows = ({"LayerCache.window_kv", "LayerCache.compressed_kv"} if kv_cache_dtype == "auto" else
+            {f"{kind}.{f}" for kind in ("Fp8Window", "Fp8Entries") for f in ("nope", "rope", "scale")})
+    layer = "LayerCache" if kv_cache_dtype == "auto" else "Fp8LayerCache"
+    assert held == rows | {f"{layer}.index_keys", "CompressorState.kv", "CompressorState.gate"}
 
 
 # ----- rules -> specs ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import DeepseekV4Config
+from .kv_rows import encode_rows, scatter_rows
 
 
 @jax.tree_util.register_dataclass
@@ -38,11 +39,6 @@ class WindowMeta:
 def query_block(cfg: DeepseekV4Config, chunk_len: int) -> int:
     """Window queries are processed in blocks of Bq (see ``WindowMeta`` for their keys)."""
     return min(cfg.sliding_window, chunk_len)
-
-
-def init_ring(cfg: DeepseekV4Config, batch: int, dtype) -> jax.Array:
-    """An empty window ring [B, W, D]."""
-    return jnp.zeros((batch, cfg.sliding_window, cfg.head_dim), dtype)
 
 
 def window_meta(cfg: DeepseekV4Config, start: jax.Array, end: jax.Array, positions: jax.Array,
@@ -68,20 +64,25 @@ def window_meta(cfg: DeepseekV4Config, start: jax.Array, end: jax.Array, positio
                       ring_write_slot=write_slot)
 
 
-def window_keys(ring: jax.Array, chunk_kv: jax.Array, window: WindowMeta,
-                block: int) -> tuple[jax.Array, jax.Array]:
+def window_keys(ring, chunk_kv: jax.Array, window: WindowMeta, block: int):
     """ring [B, W, D] (slot order), chunk_kv [B, C, D] -> (keys [B, C/Bq, Kw, D], ring after the chunk's write).
 
     Kw and the key order are ``WindowMeta``'s: for C == 1 the written ring itself (Kw = W, slot order; no
     gather or concatenate on the decode step), else W + Bq rows of concat(ring in position order, chunk)
-    per query block, read from the ring before the write.
+    per query block, read from the ring before the write. The ring is stored as kv_rows.py says (an array, or
+    FP8 records); the keys come in the ring's layout, the chunk's own rows encoded as the ring stores them, so
+    a query sees a key the same whether it is read from this chunk or from the ring later.
     """
-    written = ring.at[jnp.arange(ring.shape[0])[:, None], window.ring_write_slot].set(chunk_kv, mode="drop")
+    chunk = encode_rows(ring, chunk_kv)
+    written = scatter_rows(ring, (jnp.arange(ring.shape[0])[:, None], window.ring_write_slot), chunk)
     if chunk_kv.shape[1] == 1:
-        return written[:, None], written
+        return jax.tree.map(lambda r: r[:, None], written), written
     W = ring.shape[1]
-    ordered = jnp.take_along_axis(ring, window.ring_order[..., None], axis=1)
-    rows = jnp.concatenate([ordered, chunk_kv], axis=1)
     n_blocks = chunk_kv.shape[1] // block
     gather = np.arange(n_blocks)[:, None] * block + np.arange(W + block)[None, :]
-    return rows[:, gather], written
+
+    def blocks(stored, new):  # one array of the layout: concat(ring in position order, chunk), per query block
+        ordered = jnp.take_along_axis(stored, window.ring_order[..., None], axis=1)
+        return jnp.concatenate([ordered, new], axis=1)[:, gather]
+
+    return jax.tree.map(blocks, ring, chunk), written

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from kernels_pallas.sparse_attention import sparse_attention_prefill
 
+from ..model.kv_rows import Fp8Rows, read_rows
 from .choice import interpret, pallas
 
 
@@ -18,20 +19,28 @@ def sparse_attention(q, win_keys, win_mask, entries, entry_ids, sinks, scale: fl
     win_mask [B, C, Kw] (``WindowMeta``); entries [B, N, D] with each query's entry ids [B, C, K] (-1 = none),
     or both None on a sliding-window-only layer; sinks [H]. ``shared_entries``: the ids are ``arange(N)``
     masked to the visible prefix (HCA), so XLA attends to every row under that mask instead of gathering
-    each query's picks (CSA). Returns [B, C, H, D] in q's dtype."""
+    each query's picks (CSA). Keys and entries are arrays or FP8 records (model/kv_rows.py): XLA dequantises
+    the rows it reads (a CSA query's picks, not the whole cache), the Pallas kernel its key tiles. Returns
+    [B, C, H, D] in q's dtype."""
     if pallas("sparse_attention"):
         B, C, H, D = q.shape
         if entries is None:  # the kernel always takes entries: one row that no query picks
             entries = jnp.zeros((B, 1, D), q.dtype)
             entry_ids = jnp.full((B, C, 1), -1, jnp.int32)
-        return sparse_attention_prefill(q, win_keys, win_mask, entries, entry_ids, sinks, scale,
-                                        interpret=interpret())
+        return sparse_attention_prefill(q, kernel_rows(win_keys), win_mask, kernel_rows(entries), entry_ids, sinks,
+                                        scale, interpret=interpret())
+    win_keys = read_rows(win_keys, q.dtype)
     if entries is None:
         return sink_attention(q, win_keys, win_mask, None, None, sinks, scale)
     if shared_entries:
-        return sink_attention(q, win_keys, win_mask, entries, entry_ids >= 0, sinks, scale)
+        return sink_attention(q, win_keys, win_mask, read_rows(entries, q.dtype), entry_ids >= 0, sinks, scale)
     picked, valid = gather_entries(entries, entry_ids)
-    return sink_attention(q, win_keys, win_mask, picked, valid, sinks, scale)
+    return sink_attention(q, win_keys, win_mask, read_rows(picked, q.dtype), valid, sinks, scale)
+
+
+def kernel_rows(stored):
+    """Rows as the sparse-attention kernel takes them: an array, or an FP8 record's (nope, rope, scale)."""
+    return (stored.nope, stored.rope, stored.scale) if isinstance(stored, Fp8Rows) else stored
 
 
 def sink_attention(q: jax.Array, win_keys: jax.Array, win_mask: jax.Array, comp_keys: jax.Array | None,
@@ -65,8 +74,10 @@ def sink_attention(q: jax.Array, win_keys: jax.Array, win_mask: jax.Array, comp_
     return out.astype(q.dtype)
 
 
-def gather_entries(compressed: jax.Array, picks: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """compressed [B, N, D], picks [B, C, k] (-1 = none) -> (entries [B, C, k, D], valid [B, C, k])."""
+def gather_entries(compressed, picks: jax.Array):
+    """compressed [B, N, D] (an array or FP8 records), picks [B, C, k] (-1 = none) -> (entries [B, C, k, D] in
+    the same layout, valid [B, C, k])."""
     B, C, k = picks.shape
-    rows = jnp.take_along_axis(compressed, jnp.maximum(picks, 0).reshape(B, C * k, 1), axis=1)
-    return rows.reshape(B, C, k, -1), picks >= 0
+    index = jnp.maximum(picks, 0).reshape(B, C * k, 1)
+    rows = jax.tree.map(lambda a: jnp.take_along_axis(a, index, axis=1).reshape(B, C, k, -1), compressed)
+    return rows, picks >= 0

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from kernels_pallas.compressor import compress_decode_step, compress_prefill
 
 from ..model.compression import CompressionMeta, CompressorState, window_spans
+from ..model.kv_rows import Fp8Rows, compute_dtype, write_rows
 from ..model.rope import apply_rope
 from .choice import interpret, pallas
 from .dense import rms_norm
@@ -20,11 +21,12 @@ def compress(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta
              eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
     """kv, gate [B, C, coff * D] fp32 raw projections of a chunk -> (the compressed cache [B, N, D] with the
     chunk's closing windows written, the new state): a step of one token into a non-empty cache is
-    ``compressor_decode_step``, anything else ``compressor_prefill`` and the writes."""
+    ``compressor_decode_step``, anything else ``compressor_prefill`` and the writes. The cache is an array or
+    FP8 records (model/kv_rows.py)."""
     if kv.shape[1] == 1 and cache_rows.shape[1]:
         return compressor_decode_step(kv, gate, state, cache_rows, meta, ape, norm_weight, eps=eps, overlap=overlap)
     entries, state = compressor_prefill(kv, gate, state, meta, ape, norm_weight, eps=eps, overlap=overlap,
-                                        out_dtype=cache_rows.dtype)
+                                        out_dtype=compute_dtype(cache_rows))
     return write_entries(cache_rows, entries, meta), state
 
 
@@ -41,11 +43,12 @@ def compressor_prefill(kv, gate, state: CompressorState, meta: CompressionMeta, 
 def compressor_decode_step(kv, gate, state: CompressorState, cache_rows, meta: CompressionMeta, ape, norm_weight, *,
                            eps: float, overlap: bool) -> tuple[jax.Array, CompressorState]:
     """One token per row (kv, gate [B, 1, coff * D]) -> (compressed cache [B, N, D] with the closing windows'
-    entries written, new state). Pallas: one kernel; XLA: ``compressor_prefill`` and the writes."""
-    if pallas("compressor_decode_step"):
+    entries written, new state). Pallas: one kernel, which writes a cache of the model dtype; otherwise (XLA, or
+    an FP8 cache, which only ``write_entries`` quantises) ``compressor_prefill`` and the writes."""
+    if pallas("compressor_decode_step") and not isinstance(cache_rows, Fp8Rows):
         return pallas_decode_step(kv, gate, state, cache_rows, meta, ape, norm_weight, eps, overlap)
     entries, state = compressor_prefill(kv, gate, state, meta, ape, norm_weight, eps=eps, overlap=overlap,
-                                        out_dtype=cache_rows.dtype)
+                                        out_dtype=compute_dtype(cache_rows))
     return write_entries(cache_rows, entries, meta), state
 
 
@@ -137,7 +140,8 @@ def pallas_decode_step(kv, gate, state: CompressorState, cache_rows, meta: Compr
     return cache_rows, CompressorState(kv=new_kv, gate=new_gate)
 
 
-def write_entries(cache_rows: jax.Array, entries: jax.Array, meta: CompressionMeta) -> jax.Array:
-    """Scatter closing windows' entries into the compressed cache [B, N, D] at row w."""
+def write_entries(cache_rows, entries: jax.Array, meta: CompressionMeta):
+    """Scatter closing windows' entries [B, nW, D] into the compressed cache [B, N, D] (an array or FP8
+    records) at row w."""
     rows = jnp.arange(cache_rows.shape[0])[:, None]
-    return cache_rows.at[rows, meta.entry_write_index].set(entries.astype(cache_rows.dtype), mode="drop")
+    return write_rows(cache_rows, (rows, meta.entry_write_index), entries)

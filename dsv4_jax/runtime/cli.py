@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dequantise the released FP8 / FP4 weights to --dtype at load (default: keep them so on the "
                    "device, about 3.6x less memory for the released Flash)")
     p.add_argument("--capacity", type=int, default=None, help="cache capacity in tokens (default: prompt + new)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="the caches' K=V rows: auto (the model dtype) or fp8 (448 e4m3 + 64 bf16 rope values + "
+                   "ue8m0 scales per row, 583 bytes against 1,024 in bf16)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--kernels", choices=("xla", "pallas"), default=None,
                    help="attention/indexer implementation (default: pallas on a GPU, xla elsewhere)")
@@ -191,7 +194,7 @@ def run(argv=None) -> int:
         model = from_pretrained(path, dtype=args.dtype, dequantize=args.dequantize,
                                 mesh=mesh if mesh is not None and mesh.pp == 1 else None)
     engine = Engine(model, capacity=capacity, tokenizer=tokenizer, kernels=args.kernels, mesh=mesh,
-                    pp_boundaries=boundaries if args.pp > 1 else None)
+                    pp_boundaries=boundaries if args.pp > 1 else None, kv_cache_dtype=args.kv_cache_dtype)
     t_gen = time.time()
 
     new: list[int] = []

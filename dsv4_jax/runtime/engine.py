@@ -20,6 +20,7 @@ from flax import nnx
 
 from .. import ops
 from ..model.cache import init_cache
+from ..model.kv_rows import check_kv_cache_dtype
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
 from .compile_cache import enable_compile_cache
 from .mesh import ModelMesh, ShardedStep, check_layout, make_mesh, place_weights, replicated, weight_specs
@@ -164,6 +165,10 @@ class Engine:
     >>> engine = Engine(dsv4_jax.from_pretrained(path), capacity=4096, tokenizer=tok)
     >>> engine.generate(["Once upon a time"], max_new_tokens=32)
 
+    ``kv_cache_dtype``: how the caches keep the attention's K=V rows (window ring and compressed entries): "auto",
+    in the model's dtype; "fp8", DeepSeek's FP8 record (e4m3 no-RoPE channels with a power-of-two scale per 64,
+    bf16 RoPE channels: 583 bytes a row against 1,024 in bf16; model/kv_rows.py, docs/performance.md).
+
     ``mesh``: a ``runtime.mesh.ModelMesh`` (``make_mesh(tp=, dp=, pp=, ep=)``) to shard the model over; the
     weights are placed as its rules say (weights already placed there stay where they are). With pp > 1 the
     layers run as pipeline stages (``runtime.pipeline``): ``pp_boundaries``, the first layer of stages
@@ -176,7 +181,7 @@ class Engine:
     def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int | None = None,
                  tokenizer=None, kernels: str | ops.Kernels | None = None, compile_cache: bool = True,
                  mesh: ModelMesh | None = None, pp_boundaries: Sequence[int] | None = None,
-                 microbatches: int | None = None):
+                 microbatches: int | None = None, kv_cache_dtype: str = "auto"):
         if compile_cache:  # (dsv4_jax.runtime.compile_cache): a second run loads its steps from disk
             enable_compile_cache()
         if prefill_chunk is None:
@@ -184,6 +189,10 @@ class Engine:
         if capacity <= 0 or prefill_chunk <= 0:
             raise InputError(f"capacity ({capacity}) and prefill_chunk ({prefill_chunk}) must be positive")
         self.kernels = parse_kernels(kernels)
+        try:
+            self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if mesh is not None:
             check_layout(model.config, mesh.tp, mesh.dp, mesh.pp, mesh.ep, mesh.mesh.size)
         if microbatches is not None and (isinstance(microbatches, bool) or microbatches < 1):
@@ -235,10 +244,10 @@ class Engine:
             graphdef, state_def, weights = place_weights(model, self.mesh)
         else:
             starts = stage_starts(self.config.num_hidden_layers, self.mesh.pp, self.pp_boundaries)
-            self.plan = PipelinePlan(model, starts, self.mesh, self.capacity, self.microbatches)
+            self.plan = PipelinePlan(model, starts, self.mesh, self.capacity, self.microbatches, self.kv_cache_dtype)
             graphdef, state_def, weights = self.plan.graphdef, self.plan.state_def, self.plan.place_weights()
         self.sharded = ShardedStep(self.config, graphdef, state_def, weight_specs(weights), self.mesh, self.capacity,
-                                   model.dtype, plan=self.plan)
+                                   model.dtype, plan=self.plan, kv_cache_dtype=self.kv_cache_dtype)
         return DeviceSteps(graphdef, state_def, self.capacity, sharded=self.sharded), weights
 
     def layout(self, batch: int) -> tuple[int, int]:
@@ -250,7 +259,7 @@ class Engine:
     def _new_cache(self, batch: int):
         if self.mesh is not None:
             return self.sharded.new_cache(batch)
-        return init_cache(self.config, batch, self.capacity, self.model.dtype)
+        return init_cache(self.config, batch, self.capacity, self.model.dtype, self.kv_cache_dtype)
 
     def _inputs(self, *xs) -> list:
         """Host or device inputs of a step: on a mesh, global arrays replicated over it (valid across processes;
@@ -383,9 +392,10 @@ class PipelineEngine(Engine):
 
     def __init__(self, model: DeepseekV4ForCausalLM, pp: int, boundaries: Sequence[int] | None = None,
                  microbatches: int | None = None, capacity: int = 2048, prefill_chunk: int | None = None,
-                 tokenizer=None, devices=None, kernels: str | ops.Kernels | None = None):
+                 tokenizer=None, devices=None, kernels: str | ops.Kernels | None = None, kv_cache_dtype: str = "auto"):
         _, devices = check_pipeline(model.config.num_hidden_layers, pp, boundaries, devices)
         super().__init__(model, capacity=capacity, prefill_chunk=prefill_chunk, tokenizer=tokenizer, kernels=kernels,
-                         mesh=make_mesh(pp=pp, devices=devices), pp_boundaries=boundaries, microbatches=microbatches)
+                         mesh=make_mesh(pp=pp, devices=devices), pp_boundaries=boundaries, microbatches=microbatches,
+                         kv_cache_dtype=kv_cache_dtype)
 
     pipelined = True  # even at pp = 1: the stage program, with its microbatches

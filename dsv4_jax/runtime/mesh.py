@@ -159,12 +159,13 @@ class ShardedStep:
 
     ``plan``: with pp > 1, a ``runtime.pipeline.PipelinePlan`` runs the layers as stages; the weights list is
     then the model's leaves outside the layers (``state_def``) followed by the plan's stacks, and the caches
-    are the plan's."""
+    are the plan's. ``kv_cache_dtype``: the caches' K=V rows ("auto" or "fp8", ``model.cache.init_cache``)."""
 
     def __init__(self, cfg: DeepseekV4Config, graphdef, state_def, specs: list, mesh: ModelMesh, capacity: int,
-                 dtype, plan=None):
+                 dtype, plan=None, kv_cache_dtype: str = "auto"):
         self.cfg, self.graphdef, self.state_def, self.specs = cfg, graphdef, state_def, specs
         self.mesh, self.capacity, self.dtype, self.plan = mesh, capacity, dtype, plan
+        self.kv_cache_dtype = kv_cache_dtype
 
     def rows(self, batch: int) -> int:
         """The batch a step of ``batch`` rows runs at (the extra rows are empty)."""
@@ -173,7 +174,7 @@ class ShardedStep:
     def cache_shardings(self, batch: int):
         if self.plan is not None:
             return jax.tree.map(lambda s: s.sharding, self.plan.cache_shapes(batch))
-        shapes = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype))
+        shapes = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype, self.kv_cache_dtype))
         return cache_shardings(shapes, self.mesh.mesh, self.mesh.rules)
 
     def new_cache(self, batch: int):
@@ -187,7 +188,7 @@ class ShardedStep:
             shapes = self.plan.cache_shapes(batch)
             return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                            out_shardings=jax.tree.map(lambda s: s.sharding, shapes))
-        init = functools.partial(init_cache, self.cfg, batch, self.capacity, self.dtype)
+        init = functools.partial(init_cache, self.cfg, batch, self.capacity, self.dtype, self.kv_cache_dtype)
         return jax.jit(init, out_shardings=self.cache_shardings(batch))
 
     def _bind(self, weights):

@@ -194,10 +194,11 @@ class PipelinePlan:
     """Static description of a split: stages, positions, variants, stacking groups, index tables."""
 
     def __init__(self, model: DeepseekV4ForCausalLM, starts: Sequence[int], mesh: ModelMesh, capacity: int,
-                 microbatches: int | None = None):
+                 microbatches: int | None = None, kv_cache_dtype: str = "auto"):
         cfg = model.config
         L = cfg.num_hidden_layers
         self.cfg, self.dtype, self.capacity, self.microbatches = cfg, model.dtype, capacity, microbatches
+        self.kv_cache_dtype = kv_cache_dtype  # the caches' K=V rows ("auto" or "fp8", model.cache.init_cache)
         self.pp = pp = len(starts)
         if mesh.pp != pp:
             raise ValueError(f"{pp} stages on a mesh of pp {mesh.pp}")
@@ -216,7 +217,7 @@ class PipelinePlan:
         for i, (_, state) in enumerate(splits):  # a released-precision weight's split must cut whole blocks
             for k, var in _variables(state):
                 value_placement(f"layer {i} parameter {k}", axes_of(var), var.get_value(), self.mesh, mesh.rules)
-        cache_shapes = jax.eval_shape(lambda: init_cache(cfg, 1, capacity, model.dtype))
+        cache_shapes = jax.eval_shape(lambda: init_cache(cfg, 1, capacity, model.dtype, kv_cache_dtype))
         cache_leaves = [dict(_flat(c)) for c in cache_shapes]
 
         def classify(leaves_per_layer, group_fn):
@@ -346,7 +347,8 @@ class PipelinePlan:
     def cache_shapes(self, batch: int) -> dict:
         """The stacked caches of ``batch`` rows (a multiple of dp) as ShapeDtypeStructs with their shardings:
         [pp, n, batch, ...], split over stages and, within a stage, as each field's logical axes say."""
-        layer_caches = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype))
+        layer_caches = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype,
+                                                         self.kv_cache_dtype))
         specs = {k: s.spec for c in cache_shardings(layer_caches, self.mesh, self.model_mesh.rules)
                  for k, s in _flat(c)}
 

@@ -1,7 +1,7 @@
 """The memory planner: the bytes one device holds for a model on a layout, worked out before any device exists.
 
     python -m dsv4_jax.plan --config flash|pro|PATH --tp 8 [--dp 1] [--ep] [--pp 1] --capacity 131072 \\
-        --batch 32 [--gpu-memory 141GB] [--precision released|bf16] [--chunk 16384] [--mtp]
+        --batch 32 [--gpu-memory 141GB] [--precision released|bf16] [--chunk 16384] [--mtp] [--kv-cache-dtype fp8]
 
 prints a table for one device (of the most loaded pipeline stage when --pp > 1): the weights by kind and
 precision, the caches by field, an activation estimate, the total and whether it fits in --gpu-memory
@@ -19,7 +19,9 @@ Precision. "released" (what ``from_pretrained`` keeps of a released checkpoint):
 plus one ue8m0 byte per 128 x 128 block, FP4 half a byte per e2m1 value plus one ue8m0 byte per 1 x 32 block
 (a layout must split them at block boundaries: else an error, as at load), MODEL bf16, FP32, INT32. "bf16": the
 FP8 and FP4 parameters dequantised to bf16 (``dequantize=True``). Caches are bf16 in both (the compressors'
-state rings fp32, as model/compression.py holds them).
+state rings fp32, as model/compression.py holds them), or with ``kv_cache_dtype="fp8"`` the window
+rings and compressed entries in the FP8 layout of model/kv_rows.py (fields ``window_kv.nope`` e4m3,
+``.rope`` bf16, ``.scale`` ue8m0 bytes). ``cache_bytes_per_token`` is how a sequence's caches grow per token.
 
 Pipeline stages split the layers as ``pipeline.stage_starts`` does; each stage holds its layers' weights and
 caches plus the embedding, final norm, hc_head and LM head (every stage holds those), and with ``mtp`` the last
@@ -56,6 +58,7 @@ from jax.sharding import AbstractMesh
 
 from ..model.cache import init_cache
 from ..model.config import CSA, DeepseekV4Config
+from ..model.kv_rows import check_kv_cache_dtype
 from ..model.mtp import mtp_config
 from ..model.spec import axes_of
 from ..model.transformer import InputError
@@ -84,7 +87,7 @@ KINDS = (
 )
 # released block-scaled formats, by quantisation block
 RELEASED_LABELS = {quantization.FP8_BLOCK_SHAPE: "fp8 e4m3 + scales", quantization.FP4_BLOCK_SHAPE: "fp4 e2m1 + scales"}
-SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32", "int32": "int32"}
+SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32", "int32": "int32", "float8_e4m3fn": "fp8 e4m3", "uint8": "ue8m0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,12 +164,12 @@ def weight_rows(cfg: DeepseekV4Config, mesh: ModelMesh, precision: str, mtp: boo
         stage.items(), key=lambda item: (order.index(item[0][0]), item[0][1]))] for stage in sums]
 
 
-def cache_rows(cfg: DeepseekV4Config, mesh: ModelMesh, batch: int, capacity: int,
-               mtp: bool = False) -> list[list[Row]]:
+def cache_rows(cfg: DeepseekV4Config, mesh: ModelMesh, batch: int, capacity: int, mtp: bool = False,
+               kv_cache_dtype: str = "auto") -> list[list[Row]]:
     """Per stage: the cache bytes one of its devices holds for ``batch`` sequences (padded to a multiple of dp)
     of ``capacity`` tokens, one Row per field (``compressor.kv``: the field's path in a LayerCache)."""
     full = mtp_config(cfg) if mtp else cfg
-    shapes = jax.eval_shape(lambda: init_cache(full, mesh.rows(batch), capacity, MODEL_DTYPE))
+    shapes = jax.eval_shape(lambda: init_cache(full, mesh.rows(batch), capacity, MODEL_DTYPE, kv_cache_dtype))
     shardings = cache_shardings(shapes, mesh.mesh, mesh.rules)
     stages = stage_of_layer(cfg.num_hidden_layers, mesh.pp) + (mesh.pp - 1,) * mtp
     sums = [{} for _ in range(mesh.pp)]
@@ -176,6 +179,20 @@ def cache_rows(cfg: DeepseekV4Config, mesh: ModelMesh, batch: int, capacity: int
         stage = sums[stages[path[0].idx]]
         stage[key] = stage.get(key, 0) + math.prod(sharding.shard_shape(shape.shape)) * shape.dtype.itemsize
     return [[Row(CACHES, field, held_as, n) for (field, held_as), n in stage.items()] for stage in sums]
+
+
+def cache_bytes_per_token(cfg: DeepseekV4Config, kv_cache_dtype: str = "auto", mtp: bool = False) -> float:
+    """The bytes one sequence's caches (all layers, the MTP block's with ``mtp``) grow by per token of capacity:
+    the compressed entries and indexer keys (the window rings and compressor states are a fixed size). Counted from
+    ``init_cache``'s shapes at two capacities a multiple of every compression ratio apart."""
+    full = mtp_config(cfg) if mtp else cfg
+    step = math.lcm(*cfg.compress_rates) if cfg.compress_rates else 1
+
+    def nbytes(capacity: int) -> int:
+        shapes = jax.eval_shape(lambda: init_cache(full, 1, capacity, MODEL_DTYPE, kv_cache_dtype))
+        return sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+
+    return (nbytes(2 * step) - nbytes(step)) / step
 
 
 def activation_rows(cfg: DeepseekV4Config, mesh: ModelMesh, batch: int, capacity: int, chunk: int) -> list[Row]:
@@ -203,9 +220,13 @@ def activation_rows(cfg: DeepseekV4Config, mesh: ModelMesh, batch: int, capacity
 
 
 def check_plan_input(cfg: DeepseekV4Config, tp: int, dp: int, pp: int, ep: bool, capacity: int, batch: int,
-                     precision: str, chunk: int, names: dict[str, str] = FLAGS) -> None:
+                     precision: str, chunk: int, names: dict[str, str] = FLAGS, kv_cache_dtype: str = "auto") -> None:
     """Raise InputError (one line naming the value) for input ``plan`` cannot work out; ``names``: how the caller
-    spells the settings (``--tp``; also ``capacity``, ``batch``, ``precision``, ``chunk``)."""
+    spells the settings (``--tp``; also ``capacity``, ``batch``, ``precision``, ``chunk``, ``kv_cache_dtype``)."""
+    try:
+        check_kv_cache_dtype(kv_cache_dtype, names.get("kv_cache_dtype", "kv_cache_dtype"))
+    except ValueError as e:
+        raise InputError(str(e)) from None
     check_layout(cfg, tp, dp, pp, ep, devices=pp * dp * tp, names=names)
     for key, value in (("capacity", capacity), ("batch", batch), ("chunk", chunk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -217,17 +238,18 @@ def check_plan_input(cfg: DeepseekV4Config, tp: int, dp: int, pp: int, ep: bool,
 
 def plan(cfg: DeepseekV4Config, tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False, *, capacity: int,
          batch: int, precision: str = "released", chunk: int = DEFAULT_CHUNK, mtp: bool = False,
-         names: dict[str, str] = FLAGS) -> Plan:
+         names: dict[str, str] = FLAGS, kv_cache_dtype: str = "auto") -> Plan:
     """The bytes one device holds (of the most loaded stage; the first of equals) for ``batch`` sequences of
-    ``capacity`` tokens on the layout tp x dp x pp (+ ``ep``); module docstring: what is counted and how.
-    Bad input: InputError (``check_plan_input``)."""
-    check_plan_input(cfg, tp, dp, pp, ep, capacity, batch, precision, chunk, names)
+    ``capacity`` tokens on the layout tp x dp x pp (+ ``ep``), the caches' K=V rows as ``kv_cache_dtype`` says;
+    module docstring: what is counted and how. Bad input: InputError (``check_plan_input``)."""
+    check_plan_input(cfg, tp, dp, pp, ep, capacity, batch, precision, chunk, names, kv_cache_dtype)
     mesh = layout(tp, dp, pp, ep)
     activations = activation_rows(cfg, mesh, batch, capacity, chunk)
     bounds = stage_starts(cfg.num_hidden_layers, pp) + (cfg.num_hidden_layers,)
     plans = [Plan(s, pp, range(bounds[s], bounds[s + 1]), tuple(weights + caches + activations))
              for s, (weights, caches) in enumerate(zip(weight_rows(cfg, mesh, precision, mtp),
-                                                      cache_rows(cfg, mesh, batch, capacity, mtp)))]
+                                                      cache_rows(cfg, mesh, batch, capacity, mtp,
+                                                                 kv_cache_dtype)))]
     return max(plans, key=lambda p: (p.total(), -p.stage))
 
 

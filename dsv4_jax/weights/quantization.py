@@ -81,7 +81,7 @@ def _ue8m0(exponents: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type((exponents + 127).astype(jnp.uint8), jnp.float8_e8m0fnu)
 
 
-def _exponents(amax: jax.Array, max_code: float) -> jax.Array:
+def scale_exponents(amax: jax.Array, max_code: float) -> jax.Array:
     """The smallest k in [-127, 127] with
     amax <= max_code * 2^k per block (0 for an empty block); the fp32 ``log2`` only guesses k, two exact
     comparisons fix it."""
@@ -102,7 +102,7 @@ def quantise_fp8_blocks(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     rb, cb = fp8_scale_shape(w.shape)
     b = FP8_BLOCK
     amax = jnp.pad(jnp.abs(w), ((0, rb * b - out), (0, cb * b - cols))).reshape(rb, b, cb, b).max(axis=(1, 3))
-    k = _exponents(amax, E4M3_MAX)
+    k = scale_exponents(amax, E4M3_MAX)
     # w / 2^k as w * 2^-k: the same value, both exact
     q = scale_blocks(w, jnp.ldexp(jnp.float32(1), -k), FP8_BLOCK_SHAPE, jnp)
     return q.astype(jnp.float8_e4m3fn), _ue8m0(k)
@@ -117,7 +117,7 @@ def quantise_fp4(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     if cols % FP4_BLOCK:
         raise ValueError(f"FP4 needs the input width to be a multiple of {FP4_BLOCK}, got shape {w.shape}")
     amax = jnp.abs(w).reshape(out, cols // FP4_BLOCK, FP4_BLOCK).max(axis=-1)
-    k = _exponents(amax, E2M1_MAX)
+    k = scale_exponents(amax, E2M1_MAX)
     a = scale_blocks(jnp.abs(w), jnp.ldexp(jnp.float32(1), -k), FP4_BLOCK_SHAPE, jnp)
     # Nearest e2m1 magnitude code: one step up per midpoint passed; a tie goes to the even code (IEEE style).
     grid = E2M1_GRID
