@@ -175,11 +175,12 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
         run(steps)
         times.append((time.perf_counter() - t0) / steps)
     step_s = statistics.median(times)
-    need = roofline.decode_step_bytes(model, batch, context)
+    experts = roofline.picked_experts(model, cache, tokens, pos, capacity)  # what the rows route to now, not an estimate
+    need = roofline.decode_step_bytes(model, batch, context, experts)
     dev = jax.devices()[0]
     row = {"phase": "decode", "batch": batch, "context": context, "decode_ms_per_step": step_s * 1e3,
            "decode_tokens_per_s": batch / step_s, "host_dispatch_ms": statistics.median(dispatch) * 1e3,
-           "bytes_per_step_gb": need["total"] / 1e9,
+           "bytes_per_step_gb": need["total"] / 1e9, "distinct_experts_per_layer": experts,
            "bytes_split_gb": {k: round(v / 1e9, 4) for k, v in need.items() if k != "total"},
            "peak_memory_gb": (dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9}
     if profile:

@@ -11,6 +11,7 @@ import json
 import statistics
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax.model.config import CSA, HCA, SLIDING
@@ -72,10 +73,34 @@ def distinct_experts(E: int, k: int, tokens: int) -> float:
     return E * (1 - (1 - k / E) ** tokens)
 
 
-def decode_step_bytes(model, batch: int, context: int) -> dict:
+def picked_experts(model, cache, tokens, pos, capacity: int) -> list[int]:
+    """The distinct routed experts each layer's router picks for one decode step of ``tokens`` [B] at ``pos`` [B]
+    on ``cache`` of ``capacity`` tokens (the step as the engine runs it, its routers' outputs captured; the
+    cache is not changed)."""
+    from flax import nnx
+
+    from dsv4_jax.model.transformer import run_chunk
+
+    graphdef, state = nnx.split(model)
+    E, L = model.config.n_routed_experts, model.config.num_hidden_layers
+
+    @jax.jit
+    def probe(state, cache, tokens, pos):
+        chunk = nnx.capture(run_chunk, nnx.Intermediate, method_outputs=nnx.Intermediate)
+        _, captured = chunk(nnx.merge(graphdef, state), cache, tokens[:, None], pos, jnp.ones_like(pos), capacity,
+                            True)
+        layers = captured["model"]["layers"]
+        return [jnp.sum(jnp.bincount(layers[i]["mlp"]["gate"]["__call__"].get_value()[0][1].reshape(-1), length=E) > 0)
+                for i in range(L)]
+
+    return [int(n) for n in probe(state, cache, tokens, pos)]
+
+
+def decode_step_bytes(model, batch: int, context: int, experts: list[int] | None = None) -> dict:
     """HBM bytes one decode step must read: every non-expert weight once (embedding: B rows), the
-    batch's distinct routed experts once, and per sequence the KV rows attention reads (window +
-    top-k on CSA, every visible entry on HCA) and the indexer keys scored (CSA)."""
+    batch's distinct routed experts once (``experts``: each layer's count, ``picked_experts``; else the
+    expectation under uniform routing), and per sequence the KV rows attention reads (window + top-k on CSA,
+    every visible entry on HCA) and the indexer keys scored (CSA)."""
     from dsv4_jax.weights.params import param_table
 
     cfg = model.config
@@ -84,7 +109,10 @@ def decode_step_bytes(model, batch: int, context: int) -> dict:
         v = var.get_value()
         nbytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(v))  # a QuantArray: codes + scales
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            expert_bytes += nbytes / v.shape[0] * distinct_experts(v.shape[0], cfg.num_experts_per_tok, batch)
+            layer = int(name.split(".")[2])
+            read = (experts[layer] if experts is not None
+                    else distinct_experts(v.shape[0], cfg.num_experts_per_tok, batch))
+            expert_bytes += nbytes / v.shape[0] * read
         elif name.endswith("embed_tokens.weight"):
             wbytes += batch * v.shape[1] * v.dtype.itemsize
         elif not name.endswith("tid2eid"):

@@ -50,6 +50,9 @@ def test_precision_times_bf16_and_released_weights(capsys):
     assert [r["precision"] for r in rows] == ["bf16", "released"]
     assert all(r["decode_ms_per_step"] > 0 and "error" not in r for r in rows)
     assert rows[1]["bytes_per_step_gb"] < rows[0]["bytes_per_step_gb"]
+    # the roofline counts the experts the step's routers picked: one token picks k distinct ones per layer
+    cfg = bench_generate.make_config("demo", None, None)
+    assert all(r["distinct_experts_per_layer"] == [cfg.num_experts_per_tok] * cfg.num_hidden_layers for r in rows)
 
 
 def test_bad_option_lists_and_rounds_are_usage_errors():
