@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from conftest import tiny
-from dsv4_jax.model.mtp import DeepseekV4WithMTP
+from dsv4_jax.model.cache import init_cache
+from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config
 from dsv4_jax.model.transformer import DeepseekV4ForCausalLM, InputError
 from dsv4_jax.runtime import speculative as spec
 from dsv4_jax.runtime.engine import Engine, first_token, split_weights
@@ -174,3 +175,51 @@ def test_bad_settings_are_one_line_errors(model):
     from dsv4_jax.runtime.mesh import make_mesh
     with pytest.raises(InputError, match=r"^speculative mtp does not run on a device mesh yet"):
         Engine(model, capacity=16, speculative="mtp", mesh=make_mesh())
+
+
+def _scopes(fn, *args):
+    """(name stack, eqn) of fn's jaxpr, sub-jaxprs included (not into Pallas kernels), in program order."""
+    from test_engine import _metadata_eqns
+
+    return list(_metadata_eqns(jax.make_jaxpr(fn)(*args).jaxpr, into_kernels=False))
+
+
+@pytest.mark.parametrize("step", ["round", "prefill"])
+def test_metadata_is_built_once_before_any_layer(model, step):
+    """The round's metadata (the MTP block's chunk, its N - 1 draft steps, the verify chunk) and the prefill's
+    (the main model's and the block's) are built in the metadata scope before any layer runs, the main model's or
+    the MTP block's; no layer builds an index or mask list (as test_engine checks for the plain steps); the roll
+    back runs after the layers."""
+    from dsv4_jax.model.transformer import METADATA_SCOPE
+
+    graphdef, state = nnx.split(model)
+    B = 2
+    cache = init_cache(mtp_config(CFG), B, CAPACITY, jnp.float32)
+    settings = sampling_args(SamplingParams(temperature=1.0, top_k=5))
+    if step == "round":
+        d = CFG.hidden_size
+        draft = spec.DraftState(pos=jnp.full(B, 9, jnp.int32), streams=jnp.zeros((B, N + 1, CFG.hc_mult, d)),
+                                next_ids=jnp.zeros((B, N + 1), jnp.int32), count=jnp.ones(B, jnp.int32))
+
+        def fn(state, cache, draft):
+            return spec.speculative_round(nnx.merge(graphdef, state), cache, draft, jnp.ones(B, bool),
+                                          jax.random.PRNGKey(0), *settings, capacity=CAPACITY, filters=True)
+
+        eqns = _scopes(fn, state, cache, draft)
+    else:
+        def fn(state, cache, ids):
+            return spec.prefill_chunk(nnx.merge(graphdef, state), cache, ids, ids, jnp.zeros(B, jnp.int32),
+                                      jnp.full(B, 12, jnp.int32), jnp.full(B, 11, jnp.int32), CAPACITY)
+
+        eqns = _scopes(fn, state, cache, jnp.zeros((B, 12), jnp.int32))
+    kind = ["meta" if METADATA_SCOPE in s else "layer" if ("layer_" in s or "mtp" in s) else
+            "rollback" if "rollback" in s else "other" for s, _ in eqns]
+    where = {k: [i for i, x in enumerate(kind) if x == k] for k in ("meta", "layer", "rollback")}
+    assert where["meta"] and where["layer"] and max(where["meta"]) < min(where["layer"])
+    assert not any(METADATA_SCOPE in s and ("layer_" in s or "mtp" in s) for s, _ in eqns)
+    if step == "round":
+        assert where["rollback"] and min(where["rollback"]) > max(where["layer"])
+    lists = [e for s, e in eqns if ("layer_" in s or "mtp" in s) and e.primitive.name == "concatenate"
+             and not jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating)
+             and any(v.aval.shape[e.params["dimension"]] > 1 for v in e.invars)]
+    assert not lists, [str(e) for e in lists]

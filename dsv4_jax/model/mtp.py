@@ -116,10 +116,11 @@ def mtp_logits(model: DeepseekV4WithMTP, input_ids, next_ids) -> tuple[jax.Array
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _stateless_mtp(graphdef, state, ids, next_ids, kernels: ops.Kernels):
     with ops.use(kernels):
-        return _mtp_forward(nnx.merge(graphdef, state), ids, next_ids)
+        return stateless_mtp_forward(nnx.merge(graphdef, state), ids, next_ids)
 
 
-def _mtp_forward(model, ids, next_ids):
+def stateless_mtp_forward(model: DeepseekV4WithMTP, ids: jax.Array, next_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``mtp_logits`` on checked ids [B, S] from empty caches sized to S (traceable: training takes its gradient)."""
     cfg = model.config
     B, S = ids.shape
     start, n_new = jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32)

@@ -69,8 +69,8 @@ def check_speculative(cfg: DeepseekV4Config, speculative: str | None, draft_toke
         raise InputError(f"{spec} mtp needs the model's MTP block: load it with from_pretrained(path, mtp=True) "
                          "(or demo_model(mtp=True))")
     if sharded:
-        raise InputError(f"{spec} mtp does not run on a device mesh yet (tp / dp / pp / ep); "
-                         f"{names.get('mesh', 'drop mesh=')} or speculative decoding")
+        raise InputError(f"{spec} mtp does not run on a device mesh yet (tp / dp / pp / ep): run it "
+                         f"{names.get('mesh', 'without mesh=')}")
 
 
 @jax.tree_util.register_dataclass
