@@ -3,7 +3,7 @@
     python -m scripts.prepare_demo_data                                   # writes data/austen.txt
     python -m scripts.train --steps 3000 --batch 64 --seq-len 512 --lr 3e-3 --export-demo
     JAX_PLATFORMS=cpu python -m scripts.train --steps 100 --batch 8 --seq-len 128   # a CPU smoke run
-    python -m scripts.train --mtp --steps 1500 --batch 16 --seq-len 256 --export-demo  # the demo's MTP block
+    python -m scripts.train --mtp --steps 1000 --batch 16 --seq-len 256 --export-demo  # the demo's MTP block
 
 Batches are random crops of ``--seq-len`` tokens, each BOS + bytes (as the CLI tokenises a prompt), from
 the first 1 - ``--eval-fraction`` of the file; the held-out loss is taken on fixed crops of the rest.
@@ -67,7 +67,8 @@ def parse_args(argv):
     p.add_argument("--mtp", action="store_true", help="train the MTP block alone, on a frozen trained trunk (--trunk)")
     p.add_argument("--trunk", type=Path, help="with --mtp: the trunk, a Hugging Face format directory of --config's "
                    "model (default with --config demo: the shipped demo weights)")
-    p.add_argument("--sample-tokens", type=int, default=300, help="length of the closing sample (0: none)")
+    p.add_argument("--sample-tokens", type=int, default=300, help="length of the closing sample (0: none); with "
+                   "--mtp, of each held-out prompt's greedy speculative decoding that measures the acceptance")
     return p.parse_args(argv)
 
 
@@ -193,8 +194,7 @@ def mtp_training(cfg, tc, trunk_dir: Path | None, seed: int):
             lambda state: training.mtp_state_model(cfg, state, trunk), demo.save_demo_weights)
 
 
-def speculative_acceptance(model, tokens: np.ndarray, tok, prompts: int = 8, prompt_len: int = 32,
-                           new: int = 64) -> dict:
+def speculative_acceptance(model, tokens: np.ndarray, tok, new: int, prompts: int = 8, prompt_len: int = 32) -> dict:
     """Greedy speculative decoding from ``prompts`` held-out crops of ``prompt_len`` bytes (BOS first), ``new``
     tokens each: {draft tokens N: (acceptance rate, tokens per step)} for N = 1 and 3."""
     from dsv4_jax.runtime.engine import Engine
@@ -307,7 +307,8 @@ def train(args) -> dict:
                    final_eval_bits_per_byte=rows[-1]["eval_loss"] / math.log(2), device=str(jax.devices()[0]))
     if args.mtp:
         summary["final_eval_acceptance"] = rows[-1]["eval_acceptance"]
-        summary["speculative"] = speculative_acceptance(final, eval_tokens, tok)
+        if args.sample_tokens:
+            summary["speculative"] = speculative_acceptance(final, eval_tokens, tok, new=args.sample_tokens)
     run_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out / "log.json").write_text(json.dumps(dict(args=run_args, train_config=dataclasses.asdict(tc),
                                                        summary=summary, rows=rows), indent=1) + "\n")
