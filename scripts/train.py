@@ -3,6 +3,7 @@
     python -m scripts.prepare_demo_data                                   # writes data/austen.txt
     python -m scripts.train --steps 3000 --batch 64 --seq-len 512 --lr 3e-3 --export-demo
     JAX_PLATFORMS=cpu python -m scripts.train --steps 100 --batch 8 --seq-len 128   # a CPU smoke run
+    python -m scripts.train --mtp --steps 1000 --batch 16 --seq-len 256 --export-demo  # the demo's MTP block
 
 Batches are random crops of ``--seq-len`` tokens, each BOS + bytes (as the CLI tokenises a prompt), from
 the first 1 - ``--eval-fraction`` of the file; the held-out loss is taken on fixed crops of the rest.
@@ -11,7 +12,11 @@ log.csv (one row per ``--log-every`` steps), log.json (arguments, rows, summary)
 orbax checkpoint of the fp32 model, every ``--ckpt-every`` steps and at the end; load it with
 ``python -m dsv4_jax.generate --checkpoint OUT/checkpoint``). The training curve goes to ``--plot``;
 ``--export-demo`` writes the trained weights into the package (dsv4_jax/runtime/demo_weights/) for the CLI's
-default demo model. Bad arguments: a one-line error and exit code 2.
+default demo model. ``--mtp`` trains the multi-token-prediction block alone on the shipped demo weights, which
+stay frozen (trainer.make_mtp_train_step; its loss predicts the token after next), reports its greedy
+acceptance on the held-out text (teacher-forced, and as speculative decoding measures it) and writes
+checkpoint/ as a Hugging Face format directory (load it with ``mtp=True``). Bad arguments: a one-line error
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 EXIT_USAGE = 2
-LOG_FIELDS = ("step", "tokens", "elapsed_s", "train_loss", "eval_loss", "grad_norm", "lr", "load_imbalance",
-              "tokens_per_s")
+LOG_FIELDS = ("step", "tokens", "elapsed_s", "train_loss", "eval_loss", "eval_acceptance", "grad_norm", "lr",
+              "load_imbalance", "tokens_per_s")
 
 
 class UsageError(ValueError):
@@ -59,7 +64,11 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--plot", type=Path, default=Path("docs/demo_training_curve.png"))
     p.add_argument("--export-demo", action="store_true", help="write the weights to dsv4_jax/runtime/demo_weights/")
-    p.add_argument("--sample-tokens", type=int, default=300, help="length of the closing sample (0: none)")
+    p.add_argument("--mtp", action="store_true", help="train the MTP block alone, on a frozen trained trunk (--trunk)")
+    p.add_argument("--trunk", type=Path, help="with --mtp: the trunk, a Hugging Face format directory of --config's "
+                   "model (default with --config demo: the shipped demo weights)")
+    p.add_argument("--sample-tokens", type=int, default=300, help="length of the closing sample (0: none); with "
+                   "--mtp, of each held-out prompt's greedy speculative decoding that measures the acceptance")
     return p.parse_args(argv)
 
 
@@ -88,6 +97,11 @@ def check_args(args) -> None:
                          "scripts.prepare_demo_data)")
     if args.export_demo and args.config != "demo":
         raise UsageError("--export-demo needs --config demo: the package's demo model has demo_config()'s sizes")
+    if args.trunk is not None and not args.mtp:
+        raise UsageError("--trunk is the frozen trunk of --mtp training; add --mtp")
+    if args.mtp and args.trunk is None and args.config != "demo":
+        raise UsageError("--mtp needs --trunk DIR (the trained model whose MTP block to train) with a --config other "
+                         "than demo")
 
 
 def model_config(name: str):
@@ -156,6 +170,45 @@ def sample_text(model, tokenizer, prompt: str, n: int, seed: int) -> str:
     return prompt + result.text
 
 
+def mtp_training(cfg, tc, trunk_dir: Path | None, seed: int):
+    """--mtp: (train state of the MTP block, step(state, ids, mask), eval(state, ids, mask), state -> model,
+    save(model, directory)) on the trunk in ``trunk_dir`` (default: the shipped demo weights), frozen."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv4_jax.model.mtp import DeepseekV4WithMTP
+    from dsv4_jax.runtime import demo
+    from dsv4_jax.train import trainer as training
+    from dsv4_jax.weights.checkpoint import from_pretrained
+
+    trunk_dir = trunk_dir or demo.DEMO_WEIGHTS
+    trained = from_pretrained(trunk_dir, dtype="float32")
+    if trained.config != cfg:
+        raise UsageError(f"--trunk {trunk_dir} holds another config than --config's")
+    model = DeepseekV4WithMTP(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    nnx.update(model, nnx.state(trained))  # every trunk parameter and buffer; the block stays as initialised
+    state, trunk = training.init_mtp_state(model, training.make_optimizer(tc))
+    step, evaluate = training.make_mtp_train_step(cfg, tc), training.make_mtp_eval(cfg, tc)
+    return (state, lambda state, ids, mask: step(state, trunk, ids, mask),
+            lambda state, ids, mask: evaluate(state, trunk, ids, mask),
+            lambda state: training.mtp_state_model(cfg, state, trunk), demo.save_demo_weights)
+
+
+def speculative_acceptance(model, tokens: np.ndarray, tok, new: int, prompts: int = 8, prompt_len: int = 32) -> dict:
+    """Greedy speculative decoding from ``prompts`` held-out crops of ``prompt_len`` bytes (BOS first), ``new``
+    tokens each: {draft tokens N: (acceptance rate, tokens per step)} for N = 1 and 3."""
+    from dsv4_jax.runtime.engine import Engine
+
+    starts = even_starts(len(tokens), prompts, prompt_len)
+    batch = [list(row) for row in crops(tokens, starts, prompt_len, tok.bos_id)]
+    out = {}
+    for n in (1, 3):
+        engine = Engine(model, capacity=prompt_len + new, speculative="mtp", draft_tokens=n)
+        engine.generate(batch, max_new_tokens=new, eos_token_ids=[])
+        out[n] = (round(engine.stats.acceptance_rate, 4), round(engine.stats.tokens_per_step, 3))
+    return out
+
+
 def train(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -181,22 +234,28 @@ def train(args) -> dict:
                               final_lr_fraction=args.final_lr_fraction, weight_decay=args.weight_decay,
                               clip_norm=args.clip_norm, router_bias_rate=args.router_bias_rate,
                               compute_dtype=args.compute_dtype)
-    model = DeepseekV4ForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
-    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    state = training.init_state(model, training.make_optimizer(tc))
-    step_fn, eval_fn = training.make_train_step(cfg, tc), training.make_eval_loss(cfg, tc)
+    if args.mtp:
+        state, step_fn, eval_fn, final_model, save = mtp_training(cfg, tc, args.trunk, args.seed)
+    else:
+        model = DeepseekV4ForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+        state = training.init_state(model, training.make_optimizer(tc))
+        step_fn, eval_fn = training.make_train_step(cfg, tc), training.make_eval_loss(cfg, tc)
+        final_model = lambda state: training.state_model(cfg, state)  # noqa: E731
+        save = lambda model, path: checkpoint_orbax.save(model, path, overwrite=True)  # noqa: E731
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state.params))  # the trained ones
     mask = jnp.ones((args.batch, args.seq_len), jnp.int32)
     print(f"{n_params:,} parameters; {len(train_tokens):,} training / {len(eval_tokens):,} held-out bytes; "
           f"{args.steps} steps x {args.batch} x {args.seq_len} tokens on {jax.devices()[0].platform}",
           file=sys.stderr)
 
-    def evaluate():
-        losses = [eval_fn(state, jnp.asarray(eval_ids[i:i + args.batch]), mask)
+    def evaluate() -> list[float]:
+        """[held-out loss], or with --mtp [the block's loss, its teacher-forced greedy acceptance]."""
+        values = [eval_fn(state, jnp.asarray(eval_ids[i:i + args.batch]), mask)
                   for i in range(0, len(eval_ids), args.batch)]
-        return float(np.mean(jax.device_get(losses)))
+        return np.atleast_2d(np.asarray(jax.device_get(values)).T).mean(axis=1).tolist()
 
     def save_checkpoint():
-        checkpoint_orbax.save(training.state_model(cfg, state), args.out / "checkpoint", overwrite=True)
+        save(final_model(state), args.out / "checkpoint")
 
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -219,12 +278,13 @@ def train(args) -> dict:
         now = time.perf_counter()
         load = np.stack([m["expert_load"] for m in got])  # [steps, L_moe, E]
         row = dict(step=step, tokens=step * tokens_per_step, elapsed_s=round(now - start, 2),
-                   train_loss=float(np.mean([m["loss"] for m in got])), eval_loss="",
+                   train_loss=float(np.mean([m["loss"] for m in got])), eval_loss="", eval_acceptance="",
                    grad_norm=float(np.mean([m["grad_norm"] for m in got])), lr=float(got[-1]["lr"]),
                    load_imbalance=float((load.max(-1) / load.mean(-1)).mean()) if load.size else "",
                    tokens_per_s=round((step - 1) * tokens_per_step / max(now - timed_from - paused, 1e-9)))
         if step % args.eval_every == 0 or step == args.steps:
-            row["eval_loss"] = evaluate()
+            row["eval_loss"], *acceptance = evaluate()
+            row["eval_acceptance"] = acceptance[0] if acceptance else ""
             paused += time.perf_counter() - now
         rows.append(row)
         write_csv(args.out / "log.csv", rows)
@@ -239,12 +299,16 @@ def train(args) -> dict:
     if interactive:
         print(file=sys.stderr)
     save_checkpoint()
-    final = training.state_model(cfg, state)
+    final = final_model(state)
     summary = dict(parameters=n_params, steps=args.steps, tokens=args.steps * tokens_per_step,
                    seconds=round(time.perf_counter() - start, 1), tokens_per_s=rows[-1]["tokens_per_s"],
                    seconds_per_step=round(tokens_per_step / max(rows[-1]["tokens_per_s"], 1), 4),
                    final_train_loss=rows[-1]["train_loss"], final_eval_loss=rows[-1]["eval_loss"],
                    final_eval_bits_per_byte=rows[-1]["eval_loss"] / math.log(2), device=str(jax.devices()[0]))
+    if args.mtp:
+        summary["final_eval_acceptance"] = rows[-1]["eval_acceptance"]
+        if args.sample_tokens:
+            summary["speculative"] = speculative_acceptance(final, eval_tokens, tok, new=args.sample_tokens)
     run_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out / "log.json").write_text(json.dumps(dict(args=run_args, train_config=dataclasses.asdict(tc),
                                                        summary=summary, rows=rows), indent=1) + "\n")
@@ -258,7 +322,7 @@ def train(args) -> dict:
     except ImportError:
         print(f"matplotlib is not installed: plot later with python -m scripts.plot_training_curve "
               f"{args.out / 'log.csv'} {args.plot}", file=sys.stderr)
-    if args.sample_tokens:
+    if args.sample_tokens and not args.mtp:  # the trunk of --mtp, and so its text, is as it was
         print(sample_text(final, tok, "Once upon a time", args.sample_tokens, args.seed))
     return summary
 

@@ -211,6 +211,15 @@ def test_help_describes_every_flag_with_its_default(capsys):
     (["hi", "--top-p", "0"], "error: --top-p 0.0 must be in (0, 1]"),
     (["hi", "--top-k", "-2"], "error: --top-k -2 must be >= 0 (0 = off)"),
     (["abc\udcff"], "error: the prompt is not valid UTF-8 text (at character 3); expected UTF-8, or --prompt-ids"),
+    (["hi", "--speculative", "eagle"], "error: argument --speculative: invalid choice: 'eagle' (choose from 'mtp')"),
+    (["hi", "--draft-tokens", "2"], "error: --draft-tokens is the draft length of --speculative mtp; add "
+                                    "--speculative mtp"),
+    (["hi", "--speculative", "mtp", "--draft-tokens", "0"], "error: --draft-tokens 0 must be a positive integer"),
+    (["hi", "--speculative", "mtp", "--draft-tokens", "8"],
+     "error: --draft-tokens 8 must be at most 7 for this model: a verify step of --draft-tokens + 1 tokens must fit "
+     "the sliding window (32) and each compressor's state ring, so that rejected tokens can be rolled back"),
+    (["hi", "--speculative", "mtp", "--tp", "2"], "error: --speculative mtp does not run on a device mesh yet "
+                                                  "(tp / dp / pp / ep): run it without --tp / --dp / --pp / --ep"),
 ])
 def test_usage_errors_are_one_line_naming_the_flag(capsys, args, message):
     capsys.readouterr()

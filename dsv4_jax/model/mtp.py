@@ -38,6 +38,12 @@ def mtp_config(cfg: DeepseekV4Config) -> DeepseekV4Config:
                                layer_types=cfg.layer_types + (SLIDING,), mlp_layer_types=cfg.mlp_layer_types + (MOE,))
 
 
+def mtp_layer_config(cfg: DeepseekV4Config) -> DeepseekV4Config:
+    """The MTP block's layer alone as a one-layer config: the metadata of a step of the block by itself (window
+    and RoPE; no compression bookkeeping, which it has none of)."""
+    return dataclasses.replace(cfg, num_hidden_layers=1, layer_types=(SLIDING,), mlp_layer_types=(MOE,))
+
+
 class MTPBlock(DecoderLayer):
     def __init__(self, cfg: DeepseekV4Config, *, dtype, rngs: nnx.Rngs):
         super().__init__(mtp_config(cfg), cfg.num_hidden_layers, dtype=dtype, rngs=rngs)
@@ -51,13 +57,17 @@ class MTPBlock(DecoderLayer):
         self.hc_head = HyperHead(cfg, rngs=rngs)
         self.vocab_size = cfg.vocab_size
 
-    def __call__(self, streams: jax.Array, next_embeds: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,
-                 cache: LayerCache, lm_head: Linear):
-        """streams [B, C, n, d] (main model, before hc_head); next_embeds [B, C, d] = Embed(next_ids);
-        next_ids [B, C]; lm_head the main model's -> (fp32 logits [B, C, V], layer cache)."""
+    def streams(self, streams: jax.Array, next_embeds: jax.Array, next_ids: jax.Array, meta: ForwardMetadata,
+                cache: LayerCache):
+        """streams [B, C, n, d] (main model, before hc_head, or the block's own output when drafting
+        recursively); next_embeds [B, C, d] = Embed(next_ids); next_ids [B, C] -> (the block's output streams
+        [B, C, n, d], layer cache)."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds))[:, :, None, :]
-        x, cache = super().__call__(x, next_ids, meta, cache)
-        return lm_logits(self.hc_head, self.norm, lm_head, x, self.vocab_size), cache
+        return super().__call__(x, next_ids, meta, cache)
+
+    def logits(self, x: jax.Array, lm_head: Linear) -> jax.Array:
+        """The block's head on its output streams [..., n, d] (lm_head the main model's) -> fp32 logits [..., V]."""
+        return lm_logits(self.hc_head, self.norm, lm_head, x, self.vocab_size)
 
 
 class DeepseekV4WithMTP(DeepseekV4ForCausalLM):
@@ -75,10 +85,20 @@ class DeepseekV4WithMTP(DeepseekV4ForCausalLM):
         then the MTP block's (``init_cache(mtp_config(cfg), ...)``)."""
         n = self.config.num_hidden_layers
         streams, main_cache = self.residual_streams(token_ids, meta, cache[:n])
+        x, mtp_cache = self.mtp_streams(streams, next_ids, meta, cache[n])
+        return self.logits(streams), self.mtp_head(x), main_cache + (mtp_cache,)
+
+    def mtp_streams(self, streams: jax.Array, next_ids: jax.Array, meta: ForwardMetadata, cache: LayerCache):
+        """The MTP block at a chunk's positions: streams [B, C, n, d] (the main model's after its last layer, or
+        the block's own output one position back when drafting), next_ids [B, C] -> (the block's output streams
+        [B, C, n, d], its layer cache)."""
         with jax.named_scope("mtp"):
-            next_logits, mtp_cache = self.model.mtp[0](streams, self.model.embed_tokens(next_ids), next_ids, meta,
-                                                       cache[n], self.lm_head)
-        return self.logits(streams), next_logits, main_cache + (mtp_cache,)
+            return self.model.mtp[0].streams(streams, self.model.embed_tokens(next_ids), next_ids, meta, cache)
+
+    def mtp_head(self, x: jax.Array) -> jax.Array:
+        """The MTP block's output streams [..., n, d] -> fp32 logits [..., V] of the token after next."""
+        with jax.named_scope("mtp"):
+            return self.model.mtp[0].logits(x, self.lm_head)
 
 
 def mtp_logits(model: DeepseekV4WithMTP, input_ids, next_ids) -> tuple[jax.Array, jax.Array]:
@@ -96,10 +116,11 @@ def mtp_logits(model: DeepseekV4WithMTP, input_ids, next_ids) -> tuple[jax.Array
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _stateless_mtp(graphdef, state, ids, next_ids, kernels: ops.Kernels):
     with ops.use(kernels):
-        return _mtp_forward(nnx.merge(graphdef, state), ids, next_ids)
+        return stateless_mtp_forward(nnx.merge(graphdef, state), ids, next_ids)
 
 
-def _mtp_forward(model, ids, next_ids):
+def stateless_mtp_forward(model: DeepseekV4WithMTP, ids: jax.Array, next_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``mtp_logits`` on checked ids [B, S] from empty caches sized to S (traceable: training takes its gradient)."""
     cfg = model.config
     B, S = ids.shape
     start, n_new = jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32)

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(each with --tp devices)")
     p.add_argument("--ep", action="store_true", help="expert parallel: the routed experts spread whole over the "
                    "dp x tp devices (else split along their width over tp)")
+    p.add_argument("--speculative", choices=("mtp",), default=None,
+                   help="speculative decoding: the model's MTP block drafts --draft-tokens tokens a step, the model "
+                   "verifies them in one step (greedy output unchanged; sampled output distributed as without)")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="tokens the MTP block drafts per step with --speculative (default: 3)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="compile every step again instead of using the compilation cache on disk "
                    "($XDG_CACHE_HOME/dsv4_jax or ~/.cache/dsv4_jax; also DSV4_JAX_COMPILE_CACHE=0)")
@@ -165,6 +170,15 @@ def run(argv=None) -> int:
         except ValueError:
             raise InputError(f"--pp-boundaries {args.pp_boundaries!r} must be comma-separated integers") from None
     sharded = args.pp != 1 or boundaries is not None or args.tp != 1 or args.dp != 1 or args.ep
+    if args.draft_tokens is not None and args.speculative is None:
+        raise InputError("--draft-tokens is the draft length of --speculative mtp; add --speculative mtp")
+    draft_tokens = 3 if args.draft_tokens is None else args.draft_tokens
+    if args.speculative is not None:
+        from .speculative import check_speculative
+        # (whether the weights hold the block: checked as they load)
+        check_speculative(cfg, args.speculative, draft_tokens, sharded=sharded, names={
+            "speculative": "--speculative", "draft_tokens": "--draft-tokens",
+            "mesh": "without --tp / --dp / --pp / --ep"})
     if sharded:
         from .mesh import check_layout
         from .pipeline import stage_starts
@@ -188,13 +202,15 @@ def run(argv=None) -> int:
         else:
             print("dsv4_jax: no --checkpoint given; running the built-in demo model with fixed-seed RANDOM "
                   "weights (no trained demo checkpoint exists yet), so its text is noise", file=sys.stderr)
-        model, _ = demo.demo_model("float32" if args.dtype == "auto" else args.dtype)
+        model, _ = demo.demo_model("float32" if args.dtype == "auto" else args.dtype, mtp=args.speculative is not None)
     else:
         # Without pipeline stages each tensor goes straight to its shards; the stages restack the layers.
         model = from_pretrained(path, dtype=args.dtype, dequantize=args.dequantize,
-                                mesh=mesh if mesh is not None and mesh.pp == 1 else None)
+                                mesh=mesh if mesh is not None and mesh.pp == 1 else None,
+                                mtp=args.speculative is not None)
     engine = Engine(model, capacity=capacity, tokenizer=tokenizer, kernels=args.kernels, mesh=mesh,
-                    pp_boundaries=boundaries if args.pp > 1 else None, kv_cache_dtype=args.kv_cache_dtype)
+                    pp_boundaries=boundaries if args.pp > 1 else None, kv_cache_dtype=args.kv_cache_dtype,
+                    speculative=args.speculative, draft_tokens=draft_tokens)
     t_gen = time.time()
 
     new: list[int] = []
@@ -217,7 +233,8 @@ def run(argv=None) -> int:
     t_end = time.time()
     print(stats_line(load=t_gen - t_load - compile_seconds(t_load, t_gen), compile=compile_seconds(t_start, t_end),
                      first_token=t_first - t_gen, prompt_tokens=len(ids), generated=len(new),
-                     decode=t_end - t_first - compile_seconds(t_first, t_end)), file=sys.stderr)
+                     decode=t_end - t_first - compile_seconds(t_first, t_end),
+                     speculative=engine.stats if args.speculative else None), file=sys.stderr)
     if args.json:
         out = {"tokens": new, "finish_reason": engine.finish_reasons[0]}
         if text is not None:
@@ -227,14 +244,19 @@ def run(argv=None) -> int:
 
 
 def stats_line(load: float, compile: float, first_token: float, prompt_tokens: int, generated: int,
-               decode: float) -> str:
+               decode: float, speculative=None) -> str:
     """The stderr summary. Seconds: ``load`` the weights (without compiling), ``compile`` (tracing, compiling
     or loading from the cache, anywhere in the run), ``first_token`` from the start of generation (prefill and
     its compilation included), ``decode`` from the first token to the last, without compilation: the tokens
-    after the first at that rate."""
+    after the first at that rate. ``speculative``: the engine's GenerationStats of a speculative run (its drafts'
+    acceptance rate and the tokens per step)."""
     rate = f"{(generated - 1) / decode:.1f} tok/s" if generated > 1 and decode > 0 else "n/a"
-    return (f"load: {load:.2f} s | compile: {compile:.2f} s | prefill: {prompt_tokens} tokens, first token after "
+    line = (f"load: {load:.2f} s | compile: {compile:.2f} s | prefill: {prompt_tokens} tokens, first token after "
             f"{first_token:.2f} s | decode: {generated} tokens, {rate}")
+    if speculative is not None:
+        line += (f" | speculative: {speculative.accepted_tokens}/{speculative.drafted_tokens} drafts accepted "
+                 f"({speculative.acceptance_rate:.1%}), {speculative.tokens_per_step:.2f} tokens/step")
+    return line
 
 
 class _PluginErrorInOneLine(logging.Filter):

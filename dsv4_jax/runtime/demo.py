@@ -3,8 +3,9 @@ with a byte-level tokenizer, so text in and text out work with nothing downloade
 
 Its trained weights ship inside the package as a Hugging Face format checkpoint (``demo_weights/``:
 config.json + one bf16 model.safetensors, written by ``save_demo_weights`` from scripts/train.py; trained
-on Jane Austen's novels, see scripts/prepare_demo_data.py). Without that folder the weights are
-fixed-seed random and the text is noise.
+on Jane Austen's novels, see scripts/prepare_demo_data.py), with an MTP block trained on the frozen trunk
+(``scripts/train.py --mtp``) for speculative decoding. Without that folder the weights are fixed-seed random
+and the text is noise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..weights.checkpoint import from_pretrained
 from ..weights.errors import CheckpointError
 from ..weights.params import abstract_model, checkpoint_config, param_table
 from ..model.config import CSA, HASH_MOE, HCA, MOE, SLIDING, DeepseekV4Config, YarnScaling
+from ..model.mtp import DeepseekV4WithMTP
 from ..model.transformer import DeepseekV4ForCausalLM
 from .tokenizer import ByteTokenizer
 
@@ -44,14 +46,29 @@ def has_trained_weights(directory: Path = DEMO_WEIGHTS) -> bool:
     return (directory / WEIGHTS_FILE).exists()
 
 
-def demo_model(dtype="float32") -> tuple[DeepseekV4ForCausalLM, ByteTokenizer]:
-    """(model, byte tokenizer): the shipped trained weights when present, else fixed-seed random weights."""
+def has_trained_mtp(directory: Path = DEMO_WEIGHTS) -> bool:
+    """Whether the shipped weights hold a trained MTP block (``scripts/train.py --mtp --export-demo``)."""
+    from safetensors import safe_open
+
+    if not has_trained_weights(directory):
+        return False
+    with safe_open(directory / WEIGHTS_FILE, "numpy") as f:
+        return any(name.startswith("model.mtp.") for name in f.keys())
+
+
+def demo_model(dtype="float32", mtp: bool = False) -> tuple[DeepseekV4ForCausalLM, ByteTokenizer]:
+    """(model, byte tokenizer): the shipped trained weights when present, else fixed-seed random weights.
+    ``mtp``: with the multi-token-prediction block (a ``DeepseekV4WithMTP``, for speculative decoding)."""
+    cls = DeepseekV4WithMTP if mtp else DeepseekV4ForCausalLM
     if not has_trained_weights():
-        return DeepseekV4ForCausalLM(demo_config(), dtype=dtype, rngs=nnx.Rngs(DEMO_SEED)), ByteTokenizer()
+        return cls(demo_config(), dtype=dtype, rngs=nnx.Rngs(DEMO_SEED)), ByteTokenizer()
     if checkpoint_config(DEMO_WEIGHTS) != demo_config():
         raise CheckpointError(f"the demo weights in {DEMO_WEIGHTS} were trained for another config than "
                               "demo_config(); retrain them with scripts/train.py --export-demo")
-    return from_pretrained(DEMO_WEIGHTS, dtype=jnp.dtype(dtype).name), ByteTokenizer()
+    if mtp and not has_trained_mtp():
+        raise CheckpointError(f"the demo weights in {DEMO_WEIGHTS} hold no MTP block; train one with "
+                              "scripts/train.py --mtp --export-demo")
+    return from_pretrained(DEMO_WEIGHTS, dtype=jnp.dtype(dtype).name, mtp=mtp), ByteTokenizer()
 
 
 def save_demo_weights(model: DeepseekV4ForCausalLM, directory: Path = DEMO_WEIGHTS, dtype="bfloat16") -> Path:
@@ -61,7 +78,9 @@ def save_demo_weights(model: DeepseekV4ForCausalLM, directory: Path = DEMO_WEIGH
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    want = {name: var.get_value().dtype for name, var in param_table(abstract_model(model.config, dtype)).items()}
+    with_mtp = isinstance(model, DeepseekV4WithMTP)
+    want = {name: var.get_value().dtype
+            for name, var in param_table(abstract_model(model.config, dtype, with_mtp)).items()}
     tensors = {name: np.asarray(var.get_value()).astype(want[name]) for name, var in param_table(model).items()}
     (directory / WEIGHTS_FILE).write_bytes(save(tensors))  # save_file would make it owner-only (0600)
     (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")

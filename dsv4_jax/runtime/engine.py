@@ -21,11 +21,13 @@ from flax import nnx
 from .. import ops
 from ..model.cache import init_cache
 from ..model.kv_rows import check_kv_cache_dtype
+from ..model.mtp import DeepseekV4WithMTP, mtp_config
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, check_capacity, check_vocab, run_chunk
 from .compile_cache import enable_compile_cache
 from .mesh import ModelMesh, ShardedStep, check_layout, make_mesh, place_weights, replicated, weight_specs
 from .pipeline import PipelinePlan, check_pipeline, stage_starts
 from .sampling import SamplingParams, sample, sampling_args
+from . import speculative as spec
 
 
 class DeviceSteps:
@@ -149,6 +151,11 @@ class GenerationStats:
     # (the rest is the Python loop and whatever the caller does between yielded tokens).
     decode_dispatch_seconds: float = 0.0
     decode_wait_seconds: float = 0.0
+    # Speculative decoding (runtime/speculative.py), over the rows active in each round: rounds, tokens drafted,
+    # drafts accepted.
+    speculative_rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -157,6 +164,17 @@ class GenerationStats:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Drafted tokens the main model accepted, as a fraction."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a row gains per speculative round: accepted drafts plus the main model's own."""
+        return (self.accepted_tokens + self.speculative_rounds) / self.speculative_rounds if self.speculative_rounds \
+            else 0.0
 
 
 class Engine:
@@ -174,6 +192,10 @@ class Engine:
     layers run as pipeline stages (``runtime.pipeline``): ``pp_boundaries``, the first layer of stages
     1..pp-1 (default: an even split); ``microbatches``, GPipe microbatches per dp shard of rows (default
     min(pp, rows)).
+
+    ``speculative="mtp"``: decode with the model's MTP block (a ``DeepseekV4WithMTP``) drafting ``draft_tokens``
+    tokens a step, verified in one chunk step of the main model (runtime/speculative.py); greedy tokens are those
+    of decoding without it, sampled ones distributed as they are.
     """
 
     pipelined = False  # layers as pipeline stages (runtime.pipeline) only when the mesh has pp > 1
@@ -181,7 +203,13 @@ class Engine:
     def __init__(self, model: DeepseekV4ForCausalLM, capacity: int = 2048, prefill_chunk: int | None = None,
                  tokenizer=None, kernels: str | ops.Kernels | None = None, compile_cache: bool = True,
                  mesh: ModelMesh | None = None, pp_boundaries: Sequence[int] | None = None,
-                 microbatches: int | None = None, kv_cache_dtype: str = "auto"):
+                 microbatches: int | None = None, kv_cache_dtype: str = "auto", speculative: str | None = None,
+                 draft_tokens: int = 3):
+        spec.check_speculative(model.config, speculative, draft_tokens, isinstance(model, DeepseekV4WithMTP),
+                               sharded=mesh is not None)
+        if speculative is not None and kv_cache_dtype != "auto":
+            raise InputError(f"speculative={speculative!r} with kv_cache_dtype={kv_cache_dtype!r} is not supported "
+                             "yet; use kv_cache_dtype='auto'")
         if compile_cache:  # (dsv4_jax.runtime.compile_cache): a second run loads its steps from disk
             enable_compile_cache()
         if prefill_chunk is None:
@@ -209,6 +237,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.steps, self.weights = self._place(model)
+        self.speculative = None  # the speculative steps (runtime.speculative.SpeculativeSteps), when on
+        if speculative is not None:
+            self.speculative = spec.SpeculativeSteps(*split_weights(model)[:2], capacity, draft_tokens)
         self.stats = GenerationStats()
 
     # ----- input checks --------------------------------------------------------------------
@@ -259,7 +290,8 @@ class Engine:
     def _new_cache(self, batch: int):
         if self.mesh is not None:
             return self.sharded.new_cache(batch)
-        return init_cache(self.config, batch, self.capacity, self.model.dtype, self.kv_cache_dtype)
+        cfg = self.config if self.speculative is None else mtp_config(self.config)  # + the MTP block's cache
+        return init_cache(cfg, batch, self.capacity, self.model.dtype, self.kv_cache_dtype)
 
     def _inputs(self, *xs) -> list:
         """Host or device inputs of a step: on a mesh, global arrays replicated over it (valid across processes;
@@ -287,25 +319,28 @@ class Engine:
                                  kernels=self.kernels, filters=filters)
 
     # ----- the two phases ------------------------------------------------------------------
-    def prefill(self, prompts: list[list[int]], chunk: int | None = None):
-        """Run all prompts through the caches in chunks; returns (last-token logits [B, V], caches, lengths)."""
+    def prefill(self, prompts: list[list[int]], chunk: int | None = None, step=None):
+        """Run all prompts through the caches in chunks; returns (last-token logits [B, V], caches, lengths).
+        ``step(cache, ids, start, n_new)`` -> (outputs [B, ...], caches) runs a chunk instead of the main model's
+        last-token logits; each output is then returned at each row's last prompt token, [B, ...]."""
         chunk = chunk or self.prefill_chunk
+        step = step or (lambda cache, ids, start, n_new: self._run_chunk(cache, ids, start, n_new, last_only=True))
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int32)
         cache = self._new_cache(B)
         done = np.zeros(B, np.int32)
-        last_logits = [None] * B
+        last = [None] * B
         while (done < lens).any():
             size = chunk_bucket(int((lens - done).max()), chunk)
             n_new = np.minimum(lens - done, size).astype(np.int32)
             ids = np.zeros((B, size), np.int32)
             for b in range(B):
                 ids[b, : n_new[b]] = prompts[b][done[b] : done[b] + n_new[b]]
-            logits, cache = self._run_chunk(cache, ids, done, n_new, last_only=True)
+            out, cache = step(cache, ids, done, n_new)
             done = done + n_new
             for b in np.flatnonzero((n_new > 0) & (done == lens)):
-                last_logits[b] = logits[b]
-        return jnp.stack(last_logits), cache, lens
+                last[b] = jax.tree.map(lambda x: x[b], out)
+        return jax.tree.map(lambda *rows: jnp.stack(rows), *last), cache, lens
 
     def stream(self, prompts, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
                seed: int = 0, eos_token_ids: Sequence[int] | None = None) -> Iterator[tuple[int, int]]:
@@ -320,6 +355,9 @@ class Engine:
         t0 = time.perf_counter()
         # Padding rows: one token each, inactive from the start, so they never yield a token.
         padded = prompts + [prompts[0][:1]] * (batch_bucket(len(prompts)) - len(prompts))
+        if self.speculative is not None:
+            yield from spec.stream(self, padded, len(prompts), max_new_tokens, sampling, seed, eos)
+            return
         logits, cache, lens = self.prefill(padded)
         # The settings as device scalars once per generation, not per step: host time a batch-1 step cannot spare.
         settings = sampling_args(sampling)

@@ -64,3 +64,60 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
         scaled = filter_logits(scaled, top_k, top_p)
     drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
+
+
+def probabilities(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                  filters: bool = True) -> jax.Array:
+    """logits [..., V] -> the distribution ``sample`` draws from at temperature > 0 [..., V] fp32 (after the
+    temperature and, with ``filters``, top-k / top-p)."""
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    if filters:
+        scaled = filter_logits(scaled.reshape(-1, scaled.shape[-1]), top_k, top_p).reshape(scaled.shape)
+    return jax.nn.softmax(scaled, axis=-1)
+
+
+def leading_true(mask: jax.Array) -> jax.Array:
+    """mask [B, N] bool -> [B] int32: how many of each row's first entries are all True."""
+    return jnp.sum(jnp.cumprod(mask.astype(jnp.int32), axis=-1), axis=-1)
+
+
+def verify_drafts(target_logits: jax.Array, draft_logits: jax.Array, drafts: jax.Array, key: jax.Array,
+                  temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                  filters: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Speculative verification: which drafted tokens to keep and the target model's next token.
+
+    target_logits [B, N + 1, V]: the target model's at the verified tokens (the last committed token, then the N
+    drafts); draft_logits [B, N, V]: those each draft was drawn from (with the same settings, by ``sample``);
+    drafts [B, N]. Returns (n [B] drafts accepted, tokens [B, N + 1]: the n accepted drafts, then the next token;
+    past it unspecified).
+
+    Greedy (temperature 0): a draft is kept while it equals the target's argmax, and the next token is the
+    argmax after the last kept one, so the tokens are those of greedy decoding without drafts. Sampling: draft i
+    is kept with probability min(1, p_i(d_i) / q_i(d_i)) (p the target's distribution, q the draft's, as
+    ``probabilities``); at the first rejection the next token is drawn from max(p_i - q_i, 0) normalised, and
+    after N acceptances from p_N. Each emitted token is then distributed exactly as the target alone would
+    sample it (Leviathan et al. 2023, Chen et al. 2023).
+    """
+    B, N = drafts.shape
+    greedy = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, N + 1]
+    n_greedy = leading_true(drafts == greedy[:, :N])
+
+    p = probabilities(target_logits, temperature, top_k, top_p, filters=filters)
+    q = probabilities(draft_logits, temperature, top_k, top_p, filters=filters)
+    p_d = jnp.take_along_axis(p[:, :N], drafts[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    key_u, key_r = jax.random.split(key)
+    n_sampled = leading_true(jax.random.uniform(key_u, (B, N)) * q_d < p_d)
+    p_n = jnp.take_along_axis(p, n_sampled[:, None, None], axis=1)[:, 0]
+    q_n = jnp.where((n_sampled < N)[:, None],
+                    jnp.take_along_axis(q, jnp.minimum(n_sampled, N - 1)[:, None, None], axis=1)[:, 0], 0.0)
+    residual = jnp.maximum(p_n - q_n, 0.0)
+    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_n)  # p == q: never rejected
+    drawn = jax.random.categorical(key_r, jnp.log(residual), axis=-1).astype(jnp.int32)
+
+    sampling = temperature > 0
+    n = jnp.where(sampling, n_sampled, n_greedy)
+    following = jnp.where(sampling, drawn, jnp.take_along_axis(greedy, n_greedy[:, None], axis=1)[:, 0])
+    padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
+    tokens = jnp.where(jnp.arange(N + 1)[None, :] < n[:, None], padded, following[:, None])
+    return n, tokens

@@ -6,6 +6,9 @@ The train state holds the fp32 parameters, the buffers (hash tables, routing bia
 state. A step casts the parameters to the dtypes the model has at the compute dtype (matrices bf16;
 norms, mHC, sinks and position biases stay fp32, as in a bf16 checkpoint), runs the unchanged forward,
 takes the loss in fp32, and differentiates with respect to the fp32 parameters.
+
+The MTP block (model/mtp.py) trains alone on a trained trunk (``make_mtp_train_step``): the trunk's parameters,
+the embedding and head it shares included, are an input of the step and never change.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from flax import nnx
 
 from ..weights.params import abstract_model, is_released
 from ..model.config import MOE, DeepseekV4Config
+from ..model.mtp import DeepseekV4WithMTP, stateless_mtp_forward
 from ..model.transformer import DeepseekV4ForCausalLM, stateless_forward
 
 
@@ -183,3 +187,97 @@ def make_eval_loss(cfg: DeepseekV4Config, tc: TrainConfig) -> Callable:
         return next_token_loss(stateless_forward(model, ids), ids, mask)
 
     return jax.jit(eval_loss)
+
+
+# ----- the MTP block, trained alone on a frozen trunk ----------------------------------------------------------
+MTP_PARAMS = nnx.All(nnx.Param, nnx.PathContains("mtp"))  # the block's own parameters (model.mtp.0.*)
+
+
+def split_mtp_model(model: DeepseekV4WithMTP):
+    """-> (graphdef, the MTP block's parameters, every other parameter (the trunk, with the embedding and head
+    the block shares), buffers)."""
+    return nnx.split(model, MTP_PARAMS, nnx.Param, ...)
+
+
+def mtp_view(cfg: DeepseekV4Config, dtype):
+    """(graphdef of the model with its MTP block at ``dtype``, the dtypes of its block's and its trunk's parameters
+    as trees like them)."""
+    graphdef, block, trunk, _ = split_mtp_model(abstract_model(cfg, dtype, mtp=True))
+    return graphdef, jax.tree.map(lambda p: p.dtype, block), jax.tree.map(lambda p: p.dtype, trunk)
+
+
+def init_mtp_state(model: DeepseekV4WithMTP, optimizer: optax.GradientTransformation) -> tuple[TrainState, nnx.State]:
+    """(the train state of ``model``'s MTP block, the frozen trunk's fp32 parameters) for a model built in fp32."""
+    _, block, trunk, buffers = split_mtp_model(model)
+    return TrainState(block, buffers, optimizer.init(block), jnp.zeros((), jnp.int32)), trunk
+
+
+def mtp_state_model(cfg: DeepseekV4Config, state: TrainState, trunk: nnx.State) -> DeepseekV4WithMTP:
+    """The fp32 model (trunk and trained block) an MTP train state and its trunk hold, for inference or export."""
+    graphdef, _, _ = mtp_view(cfg, jnp.float32)
+    return nnx.merge(graphdef, state.params, trunk, state.buffers)
+
+
+def mtp_forward_with_routing(model: DeepseekV4WithMTP, ids: jax.Array):
+    """ids [B, S] -> (the MTP block's logits [B, S, V] fp32, the picked experts of its router [B, S, k]): at
+    position t the block reads the main model's streams and token t + 1 (teacher forcing) and predicts token t + 2.
+    Captured as ``forward_with_routing`` does."""
+    B, S = ids.shape
+    next_ids = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))  # the last position's is never scored
+    (_, logits), captured = nnx.capture(stateless_mtp_forward, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+        model, ids, next_ids)
+    (_, idx), = captured["model"]["mtp"][0]["mlp"]["gate"]["__call__"].get_value()
+    return logits, idx.reshape(B, -1, idx.shape[-1])[:, :S]
+
+
+def mtp_loss(logits: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting ids[:, t+2] from position t (logits [B, S, V], ids and mask [B, S]), over
+    positions whose three tokens are real -> fp32 scalar."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-2].astype(jnp.float32), ids[:, 2:])
+    weight = (mask[:, :-2] * mask[:, 1:-1] * mask[:, 2:]).astype(jnp.float32)
+    return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def make_mtp_train_step(cfg: DeepseekV4Config, tc: TrainConfig) -> Callable:
+    """-> step(state, trunk, ids [B, S], mask [B, S]) -> (new state, metrics), as ``make_train_step`` but training
+    the MTP block alone (``init_mtp_state``): ``trunk`` (the main model's parameters, with the embedding and head)
+    is an input, never updated, so the main model's tokens stay as they are. Its router's selection bias follows
+    its experts' load; metrics' expert_load is [1, E]."""
+    graphdef, block_dtypes, trunk_dtypes = mtp_view(cfg, jnp.dtype(tc.compute_dtype))
+    optimizer, schedule = make_optimizer(tc), lr_schedule(tc)
+
+    def loss(block, trunk, buffers, ids, mask):
+        model = nnx.merge(graphdef, cast_params(block, block_dtypes), cast_params(trunk, trunk_dtypes), buffers)
+        logits, idx = mtp_forward_with_routing(model, ids)
+        return mtp_loss(logits, ids, mask), idx
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def step(state: TrainState, trunk, ids, mask):
+        (value, idx), grads = grad_fn(state.params, trunk, state.buffers, ids, mask)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        load = expert_load(idx, mask, cfg.n_routed_experts)
+        model = mtp_state_model(cfg, state, trunk)
+        bias = model.model.mtp[0].mlp.gate.e_score_correction_bias
+        bias.set_value(balance_router_bias(bias.get_value(), load, tc.router_bias_rate))
+        metrics = dict(loss=value, grad_norm=optax.tree.norm(grads), lr=schedule(state.step), expert_load=load[None])
+        return TrainState(optax.apply_updates(state.params, updates), split_mtp_model(model)[3], opt_state,
+                          state.step + 1), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_mtp_eval(cfg: DeepseekV4Config, tc: TrainConfig) -> Callable:
+    """-> eval(state, trunk, ids [B, S], mask [B, S]) -> (the block's loss, the fraction of positions where its
+    argmax equals the main model's argmax one position on: a greedy draft's teacher-forced acceptance), jitted."""
+    graphdef, block_dtypes, trunk_dtypes = mtp_view(cfg, jnp.dtype(tc.compute_dtype))
+
+    def evaluate(state: TrainState, trunk, ids, mask):
+        model = nnx.merge(graphdef, cast_params(state.params, block_dtypes), cast_params(trunk, trunk_dtypes),
+                          state.buffers)
+        logits, mtp = stateless_mtp_forward(model, ids, jnp.pad(ids[:, 1:], ((0, 0), (0, 1))))
+        weight = (mask[:, :-2] * mask[:, 1:-1] * mask[:, 2:]).astype(jnp.float32)
+        agree = (jnp.argmax(mtp[:, :-2], -1) == jnp.argmax(logits[:, 1:-1], -1)).astype(jnp.float32)
+        return mtp_loss(mtp, ids, mask), jnp.sum(agree * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+    return jax.jit(evaluate)

@@ -50,9 +50,9 @@ def _draw(key: jax.Array, rule: str, shape: tuple[int, ...], dtype, n_experts: i
     return (std * jax.random.normal(key, shape, dtype)).astype(dtype)
 
 
-def random_model(cfg: DeepseekV4Config, dtype=jnp.bfloat16, seed: int = 0) -> DeepseekV4ForCausalLM:
-    """Every parameter drawn by its ``init_rule`` in its own dtype."""
-    model = abstract_model(cfg, dtype)
+def random_model(cfg: DeepseekV4Config, dtype=jnp.bfloat16, seed: int = 0, mtp: bool = False) -> DeepseekV4ForCausalLM:
+    """Every parameter drawn by its ``init_rule`` in its own dtype; ``mtp``: with the MTP block."""
+    model = abstract_model(cfg, dtype, mtp)
     key = jax.random.PRNGKey(seed)
     for i, (name, var) in enumerate(sorted(param_table(model).items())):
         want = var.get_value()
