@@ -175,6 +175,8 @@ def test_bad_settings_are_one_line_errors(model):
     from dsv4_jax.runtime.mesh import make_mesh
     with pytest.raises(InputError, match=r"^speculative mtp does not run on a device mesh yet"):
         Engine(model, capacity=16, speculative="mtp", mesh=make_mesh())
+    with pytest.raises(InputError, match=r"^speculative='mtp' with kv_cache_dtype='fp8' is not supported yet"):
+        Engine(model, capacity=16, speculative="mtp", kv_cache_dtype="fp8")
 
 
 def _scopes(fn, *args):
