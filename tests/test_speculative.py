@@ -21,8 +21,8 @@ from dsv4_jax.model.cache import init_cache
 from dsv4_jax.model.mtp import DeepseekV4WithMTP, mtp_config
 from dsv4_jax.model.transformer import DeepseekV4ForCausalLM, InputError
 from dsv4_jax.runtime import speculative as spec
-from dsv4_jax.runtime.engine import Engine, first_token, split_weights
-from dsv4_jax.runtime.sampling import SamplingParams, sampling_args
+from dsv4_jax.runtime.engine import Engine, split_weights
+from dsv4_jax.runtime.sampling import SamplingParams, first_token, sampling_args
 
 CFG = tiny()  # window 8, CSA m = 4 (state ring 8), HCA m = 8 (state ring 8): draft_tokens <= 7
 N = 3

@@ -9,7 +9,6 @@ out of bounds, where they are dropped).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Iterator, Sequence
 
@@ -26,7 +25,7 @@ from ..model.transformer import DeepseekV4ForCausalLM, InputError, check_capacit
 from .compile_cache import enable_compile_cache
 from .mesh import ModelMesh, ShardedStep, check_layout, make_mesh, place_weights, replicated, weight_specs
 from .pipeline import PipelinePlan, check_pipeline, stage_starts
-from .sampling import SamplingParams, sample, sampling_args
+from .sampling import SamplingParams, first_token, sample, sampling_args
 from . import speculative as spec
 
 
@@ -123,15 +122,6 @@ def batch_bucket(batch: int) -> int:
     """The batch a generation of ``batch`` prompts runs at: the next power of two, so that a new batch size
     mostly reuses a step already compiled (the padding rows never emit a token)."""
     return 1 << (batch - 1).bit_length()
-
-
-@functools.partial(jax.jit, static_argnames="filters")
-def first_token(logits, lens, seed, temperature, top_k, top_p, *, filters: bool):
-    """The prefill's last logits [B, V] -> (first tokens [B], positions [B] = lens, the decode loop's key),
-    as one jitted step: the decode loop's inputs then sit where its outputs will (committed to the logits'
-    devices), so its step compiles once rather than again from the second call."""
-    key, sub = jax.random.split(jax.random.PRNGKey(seed))
-    return sample(logits, sub, temperature, top_k, top_p, filters=filters), lens, key
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -121,3 +122,12 @@ def verify_drafts(target_logits: jax.Array, draft_logits: jax.Array, drafts: jax
     padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
     tokens = jnp.where(jnp.arange(N + 1)[None, :] < n[:, None], padded, following[:, None])
     return n, tokens
+
+
+@functools.partial(jax.jit, static_argnames="filters")
+def first_token(logits, lens, seed, temperature, top_k, top_p, *, filters: bool):
+    """The prefill's last logits [B, V] -> (first tokens [B], positions [B] = lens, the decode loop's key),
+    as one jitted step: the decode loop's inputs then sit where its outputs will (committed to the logits'
+    devices), so its step compiles once rather than again from the second call."""
+    key, sub = jax.random.split(jax.random.PRNGKey(seed))
+    return sample(logits, sub, temperature, top_k, top_p, filters=filters), lens, key

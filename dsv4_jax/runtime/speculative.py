@@ -40,7 +40,7 @@ from ..model.metadata import ForwardMetadata, build_metadata
 from ..model.mtp import DeepseekV4WithMTP, mtp_layer_config
 from ..model.rollback import max_verify_tokens, roll_back, undo_rows
 from ..model.transformer import METADATA_SCOPE, InputError, at_positions, prepare_chunk
-from .sampling import SamplingParams, sample, sampling_args, verify_drafts
+from .sampling import SamplingParams, first_token, sample, sampling_args, verify_drafts
 
 SPECULATIVE_METHODS = ("mtp",)
 
@@ -247,8 +247,6 @@ def stream(engine, padded: list[list[int]], n_prompts: int, max_new_tokens: int,
     """``Engine.stream`` with speculative decoding: yields (sequence index, token) for the ``n_prompts`` first rows
     of ``padded`` (the rest pad the batch and never emit); fills ``engine.stats`` and ``engine.finish_reasons``.
     Rounds are issued one ahead of reading their tokens back, as ``Engine.stream`` issues its decode steps."""
-    from .engine import first_token
-
     steps, stats = engine.speculative, engine.stats
     t0 = time.perf_counter()
     (logits, last_streams), cache, lens = engine.prefill(padded, step=prefill_step(engine, padded))
