@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 import transformers
 
 from scripts.bench_generate import make_config
+from scripts.roofline import torch_time
 
 
 def build(cfg, device: str) -> transformers.DeepseekV4ForCausalLM:
@@ -32,25 +31,6 @@ def build(cfg, device: str) -> transformers.DeepseekV4ForCausalLM:
         model = transformers.DeepseekV4ForCausalLM(hf)
     torch.set_default_dtype(torch.float32)
     return model.eval()
-
-
-def device_time(fn, reps: int = 3) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up (CUDA events on the GPU)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:  # CPU smoke runs
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -67,7 +47,7 @@ def decode_case(model, batch: int, context: int, steps: int) -> dict:
             o = model(input_ids=token, past_key_values=past, use_cache=True)
             past, token = o.past_key_values, o.logits[:, -1:].argmax(-1)
 
-    step_s = device_time(run) / steps
+    step_s = torch_time(run, reps=3) / steps
     return {"phase": "decode", "batch": batch, "context": context, "decode_ms_per_step": step_s * 1e3,
             "decode_tokens_per_s": batch / step_s}
 
@@ -75,7 +55,7 @@ def decode_case(model, batch: int, context: int, steps: int) -> dict:
 @torch.no_grad()
 def prefill_case(model, context: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=model.device)
-    seconds = device_time(lambda: model(input_ids=ids, use_cache=True), reps=1)
+    seconds = torch_time(lambda: model(input_ids=ids, use_cache=True), reps=1)
     return {"phase": "prefill", "batch": 1, "context": context, "prefill_tokens_per_s": context / seconds}
 
 

@@ -128,6 +128,36 @@ def test_deepseek_official_names(saved, tmp_path):
     assert_matches_reference(write_checkpoint(tmp_path, saved, tensors), saved)
 
 
+@pytest.mark.parametrize("order", ["stored", "shuffled"])
+def test_expert_matrices_go_to_the_devices_in_blocks(saved, tmp_path, monkeypatch, order):
+    """Per-expert matrices are staged into blocks of consecutive experts and written a block at a time; in any
+    stored order (shuffled over three files here) the load is exact, and no stack keeps more than
+    _OPEN_BLOCKS blocks on the host."""
+    from dsv4_jax.weights import checkpoint, placing
+
+    tensors = {official_name(k): v for k, v in saved.tensors.items()}
+    names = list(tensors)
+    if order == "shuffled":
+        names = [names[i] for i in np.random.RandomState(3).permutation(len(names))]
+    shards = [{k: tensors[k] for k in part} for part in np.array_split(names, 3)]
+    writes, most_open, real_write, real_add = [0], [0], placing.ShardedBuffer.write, checkpoint.ExpertStack.add
+
+    def add(self, *args):
+        real_add(self, *args)
+        most_open[0] = max(most_open[0], len(self.blocks))
+
+    monkeypatch.setattr(placing.ShardedBuffer, "write", lambda self, *a: writes.__setitem__(0, writes[0] + 1)
+                        or real_write(self, *a))
+    monkeypatch.setattr(checkpoint.ExpertStack, "add", add)
+    assert_matches_reference(write_checkpoint(tmp_path, saved, *shards, index=True), saved)
+    moe_layers, matrices = 3, 3 * CFG.n_routed_experts  # hash-routed layers hold routed experts too
+    assert most_open[0] <= checkpoint._OPEN_BLOCKS
+    if order == "shuffled":  # blocks were written part-filled to stay within the bound
+        assert most_open[0] == checkpoint._OPEN_BLOCKS
+    if order == "stored":  # blocks of E / 4 experts: 4 writes per matrix kind and layer
+        assert writes[0] == moe_layers * 3 * 4 < moe_layers * matrices
+
+
 def test_bf16_checkpoint(saved, tmp_path):
     """bf16 tensors load bit-exactly: projections stay bf16, fp32 parameters (norms, mHC, sinks) widen."""
     bf16 = {k: v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v for k, v in saved.tensors.items()}

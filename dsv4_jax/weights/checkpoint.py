@@ -78,11 +78,65 @@ def keep_released(model: nnx.Module, files: list[Path]) -> None:
             table[name].set_value(QuantArray.abstract(table[name].get_value().shape, block))
 
 
-def _write_expert(buffers, value, start: tuple[int, int, int]) -> None:
-    """One expert's matrix (an array, or a QuantArray of codes and scales) into its stack's ShardedBuffer(s)."""
-    for buffer, a in zip(jax.tree.leaves(buffers), jax.tree.leaves(value), strict=True):
-        buffer.write(start, np.asarray(a).astype(buffer.dtype)[None])
-        buffer.ready()  # the host tensor must not outlive this step (streaming)
+_STAGE_BYTES = 64 << 20  # host bytes per staged block of experts: few device writes, bounded host memory
+_OPEN_BLOCKS = 4  # blocks a stack keeps open at once (a file's experts may come in any order)
+
+
+class ExpertStack:
+    """A stacked per-expert parameter (canonical [E, rows, cols]; an array or a QuantArray of codes and scales)
+    filled one stored expert matrix at a time. Matrices are cast into host blocks of ``group`` consecutive
+    experts (per row offset: gate and up fill rows [0, F) and [F, 2F) of one stack), and a full block goes to
+    the devices in one ShardedBuffer write: a device write per matrix costs a transfer and a wait each. When
+    experts come out of order, the oldest open block is written as it is (its runs of filled experts), so the
+    host holds at most ``_OPEN_BLOCKS`` blocks of at most a quarter of the stack each."""
+
+    def __init__(self, var: nnx.Variable, placements, matrix_bytes: int):
+        want = var.get_value()
+        self.buffers = jax.tree.leaves(jax.tree.map(
+            lambda w, p: ShardedBuffer(w.shape, p, w.dtype, paired_axis(var, p.shape)), want, placements))
+        self.structure = jax.tree.structure(want)
+        self.experts = jax.tree.leaves(want)[0].shape[0]
+        self.group = int(np.clip(_STAGE_BYTES // max(matrix_bytes, 1), 1, max(1, self.experts // 4)))
+        self.blocks: dict[tuple[int, int], tuple[list[np.ndarray], list[int]]] = {}  # (row, group) -> block
+        self.to_come: dict[tuple[int, int], int] = {}  # (row, group) -> its experts not yet added
+
+    def add(self, expert: int, row: int, value) -> None:
+        """Expert ``expert``'s matrix (rows [row, row + its rows) of its slice; each (expert, row) once) into
+        its group's block; a full block is written to the devices and dropped."""
+        leaves = [np.asarray(a) for a in jax.tree.leaves(value)]
+        key = (row, expert // self.group)
+        start = key[1] * self.group
+        size = min(self.group, self.experts - start)
+        if key not in self.blocks:
+            if len(self.blocks) == _OPEN_BLOCKS:
+                self._write(next(iter(self.blocks)))
+            self.blocks[key] = ([np.empty((size, *a.shape), b.dtype) for a, b in zip(leaves, self.buffers,
+                                                                                       strict=True)], [])
+        stage, filled = self.blocks[key]
+        for block, a in zip(stage, leaves):
+            block[expert - start] = a  # cast to the stored dtype on the way
+        filled.append(expert - start)
+        self.to_come[key] = self.to_come.get(key, size) - 1
+        if self.to_come[key] == 0:
+            self._write(key)
+
+    def _write(self, key: tuple[int, int]) -> None:
+        """Write an open block's filled experts (each run of consecutive ones at once) and drop it."""
+        (row, g), (stage, filled) = key, self.blocks.pop(key)
+        filled.sort()
+        runs = np.split(np.array(filled), np.flatnonzero(np.diff(filled) != 1) + 1)
+        for run in runs:
+            lo, hi = int(run[0]), int(run[-1]) + 1
+            for buffer, block in zip(self.buffers, stage):
+                buffer.write((g * self.group + lo, row, 0), block[lo:hi])
+        for buffer in self.buffers:
+            buffer.ready()  # the host block must not outlive this step (streaming)
+
+    def array(self):
+        """The placed stack, once load_weights has checked that no matrix is missing."""
+        for key in list(self.blocks):
+            self._write(key)
+        return jax.tree.unflatten(self.structure, [buffer.array() for buffer in self.buffers])
 
 
 def load_weights(model: nnx.Module, files: list[Path], placements: Mapping, progress: bool = False) -> None:
@@ -98,7 +152,7 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping, prog
     has_mtp = isinstance(model, DeepseekV4WithMTP)
     loaded: set[str] = set()
     expert_parts: dict[str, set[tuple[int, int]]] = {}
-    stacked: dict = {}  # canonical name -> its ShardedBuffer (a QuantArray of them for codes and scales)
+    stacked: dict[str, ExpertStack] = {}
     F = cfg.moe_intermediate_size
     released = any(isinstance(var.get_value(), QuantArray) for var in table.values())
     skip = _skipper(has_mtp)
@@ -142,9 +196,8 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping, prog
             raise CheckpointError(f"tensor {name} appears twice (again in {f.name})")
         parts.add(slot)
         if key not in stacked:
-            stacked[key] = jax.tree.map(lambda w, p: ShardedBuffer(w.shape, p, w.dtype, paired_axis(var, p.shape)),
-                                        want, placements[key])
-        _write_expert(stacked[key], array, (expert, F if part == 3 else 0, 0))
+            stacked[key] = ExpertStack(var, placements[key], sum(a.nbytes for a in jax.tree.leaves(array)))
+        stacked[key].add(expert, F if part == 3 else 0, array)
     for key, parts in expert_parts.items():
         if key in loaded:
             raise CheckpointError(f"{key} is given both stacked and as per-expert matrices")
@@ -153,7 +206,7 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping, prog
             e, p = min(need - parts)
             raise CheckpointError(f"checkpoint is missing tensor {key.rsplit('.', 1)[0]}.{e}.w{p}.weight "
                                   f"({len(need - parts)} expert matrices missing for {key})")
-        table[key].set_value(jax.tree.map(ShardedBuffer.array, stacked[key]))
+        table[key].set_value(stacked[key].array())
         loaded.add(key)
     report.close()
     missing = sorted(set(table) - loaded)
