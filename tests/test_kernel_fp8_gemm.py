@@ -1,6 +1,7 @@
 """The W8A8 linear (kernels_pallas/fp8_gemm.py): activation quantisation against an independent numpy
 ``act_quant``, bit for bit; the Pallas kernel against its plain-JAX simulation (``reference``); the simulation
-against a float64 numpy one and against the bf16 linear on the dequantised weight (fp8_linear.reference).
+against a float64 numpy one and against the bf16 linear on the dequantised weight (fp8_linear.reference); the
+ops layer's opt-in "fp8_gemm" choice, alone and in a released model's prefill.
 
 CPU: Pallas interpret mode into poisoned outputs on random e4m3 weights (every finite code, a random power of two
 per 128 x 128 block) and activations whose 1 x 128 blocks span powers of two (so a row's or a block's scale
@@ -20,8 +21,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
-from dsv4_jax.model.config import DeepseekV4Config
+from conftest import tiny
+from test_kernels_in_model import upcast
+from dsv4_jax import ops
+from dsv4_jax.model.config import CSA, HASH_MOE, DeepseekV4Config
+from dsv4_jax.model.transformer import stateless_forward
+from dsv4_jax.ops import Kernels, dense
+from dsv4_jax.weights.params import dequantized
+from dsv4_jax.weights.quant_array import QuantArray
+from dsv4_jax.weights.random_init import released_model
 from kernels_pallas import fp8_gemm as fg
 from kernels_pallas import fp8_linear as fl
 from kernels_pallas.testing import compile_for_h100, lower_for_h100
@@ -290,3 +300,86 @@ def test_compiles_for_sm90(shape, M, out_dtype):
     print(f"N={N} K={K} groups={groups} M={M}: Triton compile for sm_90 {seconds}; {mma}")
     assert seconds and max(seconds.values()) < 120
     assert mma == {"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In the model: the "fp8_gemm" choice of ops.dense
+# ----------------------------------------------------------------------------------------------------------
+
+
+W8A8 = Kernels("xla", overrides=(("linear", "fp8_gemm"),))
+# A released random model with one CSA layer (every FP8 linear of the trunk: q_a, q_b, kv, the grouped o_a, o_b,
+# the shared expert's, the indexer's q_b), K = 160 (a ragged FP8 block), routed by token id and the indexer
+# picking every entry, so that no discrete choice turns a rounding difference into a different computation.
+MODEL_CFG = tiny(hidden_size=160, num_hidden_layers=1, layer_types=(CSA,), mlp_layer_types=(HASH_MOE,), index_topk=16)
+
+
+def prefill_logits(model, ids, kernels) -> np.ndarray:
+    """The stateless prefill's logits [B, S, V] traced afresh under ``kernels`` (a new jit: no trace shared
+    with another path or with a monkeypatched op)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids):
+        with ops.use(kernels):
+            return stateless_forward(nnx.merge(graphdef, state), ids)
+
+    return np.asarray(forward(state, jnp.asarray(ids)), np.float32)
+
+
+def test_kernels_choice_takes_fp8_gemm_for_linear_only():
+    assert W8A8.of("linear") == "fp8_gemm" and W8A8.of("topk") == "xla"
+    with pytest.raises(ValueError, match=r"^kernels 'fp8_gemm' is not one of \('xla', 'pallas'\)$"):
+        Kernels("fp8_gemm")
+    with pytest.raises(ValueError, match=r"^kernels 'fp8_gemm' is not one of \('xla', 'pallas'\)$"):
+        Kernels("pallas", overrides=(("topk", "fp8_gemm"),))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ops_linear_under_fp8_gemm(groups):
+    """ops.dense under ``W8A8``: 66 rows [2, 33, ...] of an FP8 QuantArray weight (ue8m0 scales) go through
+    ``quantized_linear`` and equal the simulation; 64 rows take the "pallas" path; under "xla" no FP8 kernel
+    runs. groups = 2: ``grouped_linear``, x [2, 33, 2, K]."""
+    N, K = 96, 160
+    x, w_q, w_scale = inputs(jax.random.PRNGKey(groups), 66, N, K, groups)
+    weight = QuantArray.fp8(w_q, w_scale.astype(jnp.float8_e8m0fnu))
+    x = x.reshape(2, 33, groups, K) if groups > 1 else x.reshape(2, 33, K)
+
+    def run(x):
+        return dense.grouped_linear(x, weight, N // groups) if groups > 1 else dense.linear(x, weight)
+
+    def jaxpr(x) -> str:  # traced afresh (jax caches traces by function; the choice is read while tracing)
+        return str(jax.make_jaxpr(lambda x: run(x))(x))
+
+    with ops.use(W8A8):
+        got = run(x)
+        assert "dsv4_fp8_gemm" in jaxpr(x)
+        # the weight-only kernel at 64 rows (grouped_linear dequantises there, as under "pallas")
+        assert ("dsv4_fp8_linear" in jaxpr(x[:, :32])) == (groups == 1)
+    assert "dsv4_fp8" not in jaxpr(x)
+    want = fg.reference(*fg.quantize_activations(x.reshape(66, groups * K), groups), w_q, w_scale, groups=groups)
+    assert got.shape == (*x.shape[:-1], N // groups) if groups > 1 else (2, 33, N)
+    assert_close(got.reshape(66, N), want)
+
+
+def test_model_prefill_with_fp8_activations(monkeypatch):
+    """bf16 prefill of 2 x 33 tokens (66 rows: above the weight-only kernel's 64) under ``W8A8``: every FP8
+    linear, o_a with its 2 groups, goes through ``quantized_linear``. Against the dequantised model (the default
+    path): both compared with the fp32 logits of the same weights, the FP8 activations' error is at most 16x the
+    bf16 path's, the ratio of e4m3's unit roundoff (2^-4) to bf16's (2^-8). Measured 7.4-12.1x on three prompt
+    sets (this one: 12.1x); between the two paths, max |difference| 10-11% of the largest logit, while the
+    bf16 path is 0.8-1.5% from the fp32 logits: a direct bound between them would say little."""
+    model = released_model(MODEL_CFG, jnp.bfloat16, seed=3)
+    plain = dequantized(model)
+    ids = np.random.default_rng(0).integers(0, MODEL_CFG.vocab_size, (2, 33))
+    calls, real = [], dense.quantized_linear
+    monkeypatch.setattr(dense, "quantized_linear", lambda *a, **k: calls.append(k["groups"]) or real(*a, **k))
+    got = prefill_logits(model, ids, W8A8)
+    assert sorted(set(calls)) == [1, 2] and len(calls) == 9, calls
+    assert np.isfinite(got).all()
+    want, fp32 = prefill_logits(plain, ids, "xla"), prefill_logits(upcast(plain), ids, "xla")
+    err = {name: np.abs(v - fp32).max() / np.abs(fp32).max() for name, v in (("w8a8", got), ("bf16", want))}
+    print(f"vs fp32 logits: fp8 activations {err['w8a8']:.4f}, bf16 {err['bf16']:.4f} "
+          f"({err['w8a8'] / err['bf16']:.1f}x); fp8 activations vs dequantised "
+          f"{np.abs(got - want).max() / np.abs(want).max():.4f}")
+    assert err["w8a8"] <= 16 * err["bf16"]
