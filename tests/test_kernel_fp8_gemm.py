@@ -7,7 +7,8 @@ CPU: Pallas interpret mode into poisoned outputs on random e4m3 weights (every f
 per 128 x 128 block) and activations whose 1 x 128 blocks span powers of two (so a row's or a block's scale
 taken for another's shows); M, N and K ragged and whole, row and column tiles, groups; bad inputs; every Flash
 FP8 linear lowered for an H100 at prefill sizes, a cubin compiled for sm_90 per static configuration and its
-tensor-core instruction.
+tensor-core instruction; the benchmark's cases traced. GPU (skipped elsewhere): the compiled kernel at every
+Flash FP8 linear at 2048 rows.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from kernels_pallas import fp8_linear as fl
 from kernels_pallas.testing import compile_for_h100, lower_for_h100
 from scripts import kernel_cases
 
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 E4M3 = ml_dtypes.float8_e4m3fn
 
 # Kernel against reference, CPU interpret mode, max |err| / max |ref| of the fp32 sums (the same exact e4m3
@@ -46,6 +48,8 @@ E4M3 = ml_dtypes.float8_e4m3fn
 CPU_FP32_TOL = 2e-6
 # The reference (fp32 output) against numpy's float64 block-by-block sum: measured up to 8.6e-8; the 1e-6 floor.
 NUMPY_TOL = 1e-6
+# GPU, bf16 outputs: the bound of the other kernels' GPU twins until GPU data gives a measured one.
+GPU_TOL = 2 ** -7
 
 
 def activations(key, M: int, GK: int, dtype=jnp.bfloat16) -> jax.Array:
@@ -252,7 +256,7 @@ def test_bad_inputs_are_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flash shapes: lowering and sm_90 compilation
+# Flash shapes: lowering and sm_90 compilation; the GPU twin
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -300,6 +304,42 @@ def test_compiles_for_sm90(shape, M, out_dtype):
     print(f"N={N} K={K} groups={groups} M={M}: Triton compile for sm_90 {seconds}; {mma}")
     assert seconds and max(seconds.values()) < 120
     assert mma == {"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"}
+
+
+def test_bench_cases_trace():
+    """Every benchmark case's kernel, reference and baselines trace at its shapes (the GPU session's command
+    runs them; no GPU here)."""
+    for case in kernel_cases.bench_cases("fp8_gemm"):
+        args = jax.eval_shape(case["args"], jax.random.PRNGKey(0))
+        want = jax.ShapeDtypeStruct((case["shapes"]["M"], case["shapes"]["N"]), jnp.bfloat16)
+        for fn, kw, a in [(case["pallas"], case["kwargs"], args), (case["reference"], case["kwargs"], args),
+                          *((b["fn"], b["kwargs"], jax.eval_shape(b["args"], jax.random.PRNGKey(0)))
+                            for b in case["baselines"])]:
+            assert jax.eval_shape(functools.partial(fn, **kw), *a) == want, (case["name"], fn)
+
+
+def test_bench_rates_count_flops_against_their_own_roofline():
+    """A baseline with FLOPs is reported against the larger of its copy floor and its matmul floor."""
+    from scripts.bench_kernels import rates
+
+    assert rates("b_", 2e12, 2.0, 4e12) == {"b_TBps": 1.0, "b_pct_of_copy": 25.0}
+    got = rates("b_", 2e12, 2.0, 4e12, flops=1e15, mm=1e15)  # floors: copy 0.5 s, matmul 1 s
+    assert got == {"b_TBps": 1.0, "b_pct_of_copy": 25.0, "b_TFLOPs": 500.0, "b_pct_of_roofline": 50.0}
+
+
+@on_gpu
+@pytest.mark.parametrize("case", [c for c in kernel_cases.bench_cases("fp8_gemm") if c["shapes"]["M"] == 2048],
+                         ids=lambda c: c["name"])
+def test_gpu_bench_cases_match_reference(case):
+    x, w_q, w_scale = case["args"](jax.random.PRNGKey(0))
+    kw = case["kwargs"]
+    out = jax.jit(functools.partial(fg.quantized_linear, poison_outputs=True, **kw))(x, w_q, w_scale)
+    want = jax.jit(functools.partial(kernel_cases.fp8_gemm_reference, **kw))(x, w_q, w_scale)
+    g, w = np.asarray(out, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(g).all(), f"{np.sum(~np.isfinite(g))} unwritten or non-finite outputs"
+    err = np.abs(g - w).max() / np.abs(w).max()
+    print(f"{case['name']}: max abs err / max |ref| {err:.3g}")
+    assert err <= GPU_TOL
 
 
 # ----------------------------------------------------------------------------------------------------------
