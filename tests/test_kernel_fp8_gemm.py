@@ -151,14 +151,14 @@ def test_reference_is_the_blockwise_sum():
     assert err <= NUMPY_TOL
 
 
-@pytest.mark.parametrize("M,N,K,groups", [(16, 256, 1024, 1), (6, 256, 200, 4)])
-def test_reference_against_the_bf16_linear(M, N, K, groups):
+def test_reference_against_the_bf16_linear():
     """The simulation against x (bf16) @ the dequantised weight with fp32 accumulation (fp8_linear.reference,
     the model's path without activation quantisation): each output within the sum of its products' worst-case
     e4m3 rounding, sum_k |w_k| max(2^-4 |x_k|, 2^-10 s_k) (half an e4m3 spacing of x_k / s_k, times its block's
     scale s_k: relative 2^-4 for normals, 2^-10 absolute below e4m3's smallest normal 2^-6), plus 1e-6 of the
-    largest output for the two fp32 sums. Measured: up to 0.70 of that bound per element; max |err| / max |bf16
-    linear| 2.4-3.4%, the cost of e4m3 activations."""
+    largest output for the two fp32 sums. 4 groups, ragged K. Measured: up to 0.56 of that bound per element
+    (0.35-0.70 on other shapes); max |err| / max |bf16 linear| 2.4% (2.4-3.4%), the cost of e4m3 activations."""
+    M, N, K, groups = 6, 256, 200, 4
     x, w_q, w_scale = inputs(jax.random.PRNGKey(M + K), M, N, K, groups)
     x_q, x_scales = fg.quantize_activations(x, groups)
     got = np.asarray(fg.reference(x_q, x_scales, w_q, w_scale, out_dtype=jnp.float32, groups=groups), np.float64)
@@ -216,8 +216,7 @@ def run_kernel(M, N, K, groups=1, tuning=None, out_dtype=jnp.float32, seed=0):
     (64, 256, 384, 1, fg.TuningConfig(block_m=32, block_n=128)),   # whole blocks: no mask
     (33, 256, 640, 1, fg.TuningConfig(block_m=16, block_n=32)),    # 4 programs per weight scale row, 3 row tiles
     (5, 256, 200, 4, fg.TuningConfig(block_n=32)),                 # 4 groups of 64 outputs, ragged K
-    (20, 96, 256, 2, None),                                         # 2 groups of 48 outputs: block_n 16
-])
+])  # 2 groups of 48 outputs (block_n 16): test_ops_linear_under_fp8_gemm
 def test_interpret_matches_reference(M, N, K, groups, tuning):
     got, want = run_kernel(M, N, K, groups, tuning)
     assert_close(got, want)
