@@ -1,16 +1,18 @@
 """Benchmark the Pallas kernels against their plain-JAX references (a benchmark, not a test).
 
     python -m scripts.bench_kernels
-        [--only sparse_attention indexer topk compressor hc_pre grouped_matmul grouped_gemv expert_rows fp8_linear]
+        [--only sparse_attention indexer topk compressor hc_pre grouped_matmul grouped_gemv expert_rows fp8_linear
+                fp8_gemm]
         [--cases decode_B128] [--configs '[{}, {"block_h": 64, "num_warps": 8}]'] [--reps 50]
 
 Each kernel's cases (scripts/kernel_cases.py ``bench_cases``) give inputs, the minimal HBM bytes and the FLOPs. Both
 implementations are timed the same way: the median of ``--reps`` runs of one jitted loop of ``--inner``
 dependent calls, after a warm-up (device time: the host dispatches once per loop; see ``time_fn``), or with
 ``--busy`` the kernels' own execution time from a profiler trace of those loops (``busy_time_fn``). The roofline uses
-the copy bandwidth and bf16 matmul rate measured in the same run (scripts/roofline.py); the reference and a
-case's ``baselines`` (other implementations, e.g. bf16 weights for the FP8 linear) are reported as bytes/s and
-% of the copy rate on their own bytes. Prints one
+the copy bandwidth and the bf16 (or, for a case whose ``matmul`` is "fp8", the FP8) matmul rate measured in the
+same run (scripts/roofline.py); the reference and a case's ``baselines`` (other implementations, e.g. bf16
+weights for the FP8 linear) are reported as bytes/s and % of the copy rate on their own bytes, and a baseline
+with ``flops`` (a bf16 matmul) as TFLOP/s and % of its own roofline too. Prints one
 JSON object per case and kernel configuration: ``--configs`` (a JSON list of the kernel's ``TuningConfig``
 fields, unset fields at the case's choice, ``{}`` = the kernel's own per-shape choice) sweeps block
 sizes and warps in one run; ``--cases`` keeps the cases whose name contains one of the given strings.
@@ -31,7 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 
 MODULES = ("sparse_attention", "indexer", "topk", "compressor", "hc_pre", "grouped_matmul", "grouped_gemv",
-           "expert_rows", "fp8_linear")
+           "expert_rows", "fp8_linear", "fp8_gemm")
+MATMUL_CEILINGS = {"bf16": "bf16_matmul_8192_TFLOPs", "fp8": "fp8_matmul_8192_TFLOPs"}
 
 
 def dependent_loop(fn, args, kwargs, inner: int):
@@ -91,9 +94,15 @@ def busy_time_fn(fn, args, kwargs, reps: int, inner: int) -> float:
     return sum(per_op.values()) / 1e9 / (reps * inner)
 
 
-def rates(prefix: str, nbytes: int, seconds: float, bw: float) -> dict:
-    """``{prefix}TBps`` and ``{prefix}pct_of_copy``: ``nbytes`` in ``seconds`` against the copy rate ``bw`` (B/s)."""
-    return {f"{prefix}TBps": nbytes / seconds / 1e12, f"{prefix}pct_of_copy": 100 * nbytes / bw / seconds}
+def rates(prefix: str, nbytes: int, seconds: float, bw: float, flops: float = 0, mm: float = 0) -> dict:
+    """``{prefix}TBps`` and ``{prefix}pct_of_copy``: ``nbytes`` in ``seconds`` against the copy rate ``bw`` (B/s);
+    with ``flops`` also ``{prefix}TFLOPs`` and ``{prefix}pct_of_roofline``: the larger of the copy time and the
+    matmul time at ``mm`` FLOP/s, over ``seconds``."""
+    out = {f"{prefix}TBps": nbytes / seconds / 1e12, f"{prefix}pct_of_copy": 100 * nbytes / bw / seconds}
+    if flops:
+        out.update({f"{prefix}TFLOPs": flops / seconds / 1e12,
+                    f"{prefix}pct_of_roofline": 100 * max(nbytes / bw, flops / mm) / seconds})
+    return out
 
 
 def tuning_kwargs(kernel: str, case: dict, config: dict) -> dict:
@@ -121,13 +130,14 @@ def main(argv=None) -> int:
 
     ceil = torch_ceilings()
     timer = busy_time_fn if args.busy else time_fn
-    bw, mm = ceil["copy_2GB_TBps"] * 1e12, ceil["bf16_matmul_8192_TFLOPs"] * 1e12
+    bw, mm_bf16 = ceil["copy_2GB_TBps"] * 1e12, ceil[MATMUL_CEILINGS["bf16"]] * 1e12
     print(json.dumps({"roofline": ceil}), flush=True)
     for name in args.only:
         for case in bench_cases(name):
             if args.cases and not any(c in case["name"] for c in args.cases):
                 continue
             inputs = case["args"](jax.random.PRNGKey(0))
+            mm = ceil[MATMUL_CEILINGS[case.get("matmul", "bf16")]] * 1e12
             base = {"kernel": name, "case": case["name"], "shapes": case["shapes"], "device": ceil["device"],
                     "timing": "kernel_busy" if args.busy else "loop"}
             try:
@@ -137,8 +147,13 @@ def main(argv=None) -> int:
                 t_ref = None
                 base["reference_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             for b in case.get("baselines", []):
-                t_b = timer(b["fn"], b["args"](jax.random.PRNGKey(0)), b.get("kwargs", {}), args.reps, args.inner)
-                base.update({f"{b['name']}_us": t_b * 1e6, **rates(f"{b['name']}_", b["bytes"], t_b, bw)})
+                try:
+                    t_b = timer(b["fn"], b["args"](jax.random.PRNGKey(0)), b.get("kwargs", {}), args.reps, args.inner)
+                except Exception as e:  # e.g. a weight-only kernel's configuration at prefill rows
+                    base[f"{b['name']}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    continue
+                base.update({f"{b['name']}_us": t_b * 1e6,
+                             **rates(f"{b['name']}_", b["bytes"], t_b, bw, b.get("flops", 0), mm_bf16)})
             for config in args.configs:
                 row = {**base, "config": config}
                 try:

@@ -2,9 +2,10 @@
 
 ``bench_cases(kernel)``: a list of dicts, each with ``name``, ``shapes``, ``args`` (PRNG key -> the positional
 inputs), ``kwargs``, the kernel's ``tuning`` for the case where it depends on the shape, the minimal HBM
-``bytes``, the ``flops``, and the ``pallas`` and ``reference`` functions to time; optionally ``baselines``, other
+``bytes``, the ``flops``, and the ``pallas`` and ``reference`` functions to time; optionally ``matmul``, the
+precision of the kernel's matmul roofline ("bf16", the default, or "fp8"), and ``baselines``, other
 implementations timed beside them (each a dict of ``name``, ``fn``, its own ``args`` builder, ``kwargs`` and
-``bytes``). The inputs are built here,
+``bytes``, and optionally its bf16 matmul ``flops``). The inputs are built here,
 some from the model (its metadata, config and XLA path), so the kernel modules hold only kernels, tuning and
 references and import nothing from dsv4_jax.
 """
@@ -29,6 +30,7 @@ from dsv4_jax.ops.indexer import select_topk
 from dsv4_jax.weights.params import abstract_model, param_table
 from kernels_pallas import compressor as cp
 from kernels_pallas import expert_rows as er
+from kernels_pallas import fp8_gemm as fg
 from kernels_pallas import fp8_linear as fl
 from kernels_pallas import grouped_gemv as gg
 from kernels_pallas import grouped_matmul as gm
@@ -603,6 +605,49 @@ def fp8_linear_cases():
     return cases
 
 
+def fp8_gemm_reference(x, w_q, w_scale, *, groups: int = 1):
+    """fp8_gemm's plain-JAX simulation from bf16 x: ``quantize_activations``, then ``reference`` (XLA's e4m3
+    dot per K block)."""
+    return fg.reference(*fg.quantize_activations(x, groups), w_q, w_scale, groups=groups)
+
+
+def fp8_gemm_cases():
+    """Every FP8 linear of Flash (``fp8_linear_shapes``) at 2048 and 16384 rows (a prefill chunk, a long one):
+    ``quantized_linear`` (activation quantisation + the FP8 x FP8 kernel) against its plain-JAX simulation,
+    with the model's other paths for those rows as baselines: ``dequantised_bf16`` (fp8_linear.reference,
+    today's prefill: the weight dequantised inside the jit, then XLA's bf16 dot), ``weight_only`` (the
+    fp8_linear kernel at these rows) and ``bf16_weights`` (the bf16 model's XLA dot). Bytes: x and the
+    output in bf16, the e4m3 weight and its scales (bf16 weights: twice the weight bytes). The kernel's
+    roofline takes the FP8 matmul rate, the baselines' the bf16 rate."""
+    cases = []
+    for label, (N, K, groups) in fp8_linear_shapes(DeepseekV4Config.flash()).items():
+        for M in (2048, 16384):
+            io = 2 * M * (groups * K + N)
+            w_bytes = N * K + 4 * pl.cdiv(N, fl.BLOCK) * pl.cdiv(K, fl.BLOCK)
+            flops = 2 * M * N * K
+            args = functools.partial(fp8_linear_inputs, M=M, N=N, K=K, groups=groups)
+            cases.append({
+                "name": f"{label} M={M}",
+                "shapes": {"M": M, "N": N, "K": K, "groups": groups},
+                "args": args,
+                "kwargs": {"groups": groups},
+                "bytes": w_bytes + io,
+                "flops": flops,
+                "matmul": "fp8",
+                "pallas": fg.quantized_linear,
+                "reference": fp8_gemm_reference,
+                "baselines": [
+                    {"name": "dequantised_bf16", "fn": fl.reference, "kwargs": {"groups": groups}, "args": args,
+                     "bytes": w_bytes + io, "flops": flops},
+                    {"name": "weight_only", "fn": fl.fp8_linear, "kwargs": {"groups": groups}, "args": args,
+                     "bytes": w_bytes + io, "flops": flops},
+                    {"name": "bf16_weights", "fn": fl.grouped_linear, "kwargs": {"groups": groups},
+                     "args": functools.partial(bf16_linear_inputs, M=M, N=N, K=K, groups=groups),
+                     "bytes": 2 * N * K + io, "flops": flops}],
+            })
+    return cases
+
+
 CASES = {
     "sparse_attention": sparse_attention_cases,
     "indexer": indexer_cases,
@@ -613,4 +658,5 @@ CASES = {
     "grouped_gemv": grouped_gemv_cases,
     "expert_rows": expert_rows_cases,
     "fp8_linear": fp8_linear_cases,
+    "fp8_gemm": fp8_gemm_cases,
 }

@@ -1,8 +1,9 @@
-"""The card's two ceilings, and what one decode step / one prefill must at least move or compute.
+"""The card's ceilings, and what one decode step / one prefill must at least move or compute.
 
 Ceilings: device-to-device copy bandwidth (bytes read + written by a PyTorch ``copy_`` of 2 GB, and a
-JAX copy for comparison) and the bf16 matmul rate (an 8192^3 product); medians over repetitions timed
-with CUDA events. ``decode_step_bytes`` / ``prefill_flops`` are the model's side of the roofline.
+JAX copy for comparison), the bf16 matmul rate (an 8192^3 product) and the FP8 one (the same product in e4m3
+through ``torch._scaled_mm``, fast accumulation, bf16 output); medians over repetitions timed with CUDA events.
+``decode_step_bytes`` / ``prefill_flops`` are the model's side of the roofline.
 """
 
 from __future__ import annotations
@@ -53,8 +54,13 @@ def torch_ceilings(reps: int = 20) -> dict:
     a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     mm_s = torch_time(lambda: a @ b, reps)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    one = torch.ones((), dtype=torch.float32, device="cuda")
+    # _scaled_mm takes its second operand column-major: b8 [n, k] row-major, transposed
+    mm8_s = torch_time(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                                use_fast_accum=True), reps)
     return {"device": torch.cuda.get_device_name(), "copy_2GB_TBps": 2 * 2 * 1024**3 / copy_s / 1e12,
-            "bf16_matmul_8192_TFLOPs": 2 * m**3 / mm_s / 1e12}
+            "bf16_matmul_8192_TFLOPs": 2 * m**3 / mm_s / 1e12, "fp8_matmul_8192_TFLOPs": 2 * m**3 / mm8_s / 1e12}
 
 
 def jax_copy(reps: int = 20) -> dict:

@@ -17,12 +17,17 @@ import jax
 IMPLEMENTATIONS = ("xla", "pallas")
 OPS = ("sparse_attention", "indexer_scores", "topk", "compressor_prefill", "compressor_decode_step", "hc_pre",
        "routed_experts", "linear")
+# Implementations an op runs only when an override names them, never as a default: "fp8_gemm" for "linear" is
+# "pallas" plus FP8 activations above the weight-only kernel's rows (ops/dense.py), until a GPU measurement
+# decides whether it becomes the default.
+OPT_IN = {"linear": ("fp8_gemm",)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """``default`` for every op, except those named in ``overrides`` ((op, implementation) pairs), e.g.
-    ``Kernels("pallas", overrides=(("routed_experts", "xla"),))``. Hashable: a static jit argument."""
+    """``default`` for every op, except those named in ``overrides`` ((op, implementation) pairs, where the
+    implementation may also be one of the op's ``OPT_IN``), e.g. ``Kernels("pallas", overrides=(("routed_experts",
+    "xla"),))`` or ``Kernels("pallas", overrides=(("linear", "fp8_gemm"),))``. Hashable: a static jit argument."""
 
     default: str = "xla"
     overrides: tuple[tuple[str, str], ...] = ()
@@ -33,7 +38,7 @@ class Kernels:
         for op, impl in self.overrides:
             if op not in OPS:
                 raise ValueError(f"kernels override names op {op!r}; expected one of {OPS}")
-            check_implementation(impl)
+            check_implementation(impl, IMPLEMENTATIONS + OPT_IN.get(op, ()))
 
     def of(self, op: str) -> str:
         """The implementation ``op`` runs."""
@@ -45,9 +50,9 @@ class Kernels:
         return kernels if isinstance(kernels, Kernels) else cls(kernels)
 
 
-def check_implementation(impl) -> None:
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"kernels {impl!r} is not one of {IMPLEMENTATIONS}")
+def check_implementation(impl, allowed: tuple[str, ...] = IMPLEMENTATIONS) -> None:
+    if impl not in allowed:
+        raise ValueError(f"kernels {impl!r} is not one of {allowed}")
 
 
 _CURRENT: contextvars.ContextVar[Kernels] = contextvars.ContextVar("dsv4_jax_kernels", default=Kernels())
@@ -69,8 +74,8 @@ def current() -> Kernels:
 
 
 def pallas(op: str) -> bool:
-    """Whether ``op`` runs its Pallas kernel under the current choice."""
-    return _CURRENT.get().of(op) == "pallas"
+    """Whether ``op`` runs its Pallas kernel under the current choice (an opt-in implementation is one)."""
+    return _CURRENT.get().of(op) in ("pallas", *OPT_IN.get(op, ()))
 
 
 def interpret() -> bool:

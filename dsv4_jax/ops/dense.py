@@ -1,15 +1,17 @@
 """Dense linear layers and the RMS norms. A linear's weight may be an FP8 ``QuantArray`` (the released block-scaled
 format kept on the device): XLA dequantises it inside the step, Pallas streams the FP8 bytes through
-kernels_pallas/fp8_linear.py, which dequantises in registers."""
+kernels_pallas/fp8_linear.py, which dequantises in registers; the opt-in "fp8_gemm" implementation of "linear"
+quantises the activations of larger chunks to FP8 as DeepSeek's inference does (kernels_pallas/fp8_gemm.py)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from kernels_pallas.fp8_gemm import quantized_linear
 from kernels_pallas.fp8_linear import fp8_linear
 
 from ..weights.quant_array import QuantArray
-from .choice import interpret, pallas
+from .choice import current, interpret, pallas
 from .parallel import current_axes, tp_sum
 
 # For the fp32 products the reference computes in fp32 (router logits, mHC mixing): a GPU's default
@@ -17,7 +19,8 @@ from .parallel import current_axes, tp_sum
 FP32 = jax.lax.Precision.HIGHEST
 
 
-# The FP8 kernel is weight-only, for few rows (decode); more rows than this dequantise and use XLA's dot.
+# The FP8 kernel is weight-only, for few rows (decode); more rows than this dequantise and use XLA's dot, or
+# under "fp8_gemm" quantise the activations too.
 FP8_KERNEL_MAX_ROWS = 64
 
 
@@ -29,13 +32,34 @@ def linear(x: jax.Array, weight: jax.Array | QuantArray, out_dtype=None, precisi
                       precision=precision)
 
 
-def _fp8_linear(x: jax.Array, weight: QuantArray, out_dtype) -> jax.Array:
-    """An FP8 block-scaled weight [out, in]: the Pallas kernel for bf16 activations of at most
-    FP8_KERNEL_MAX_ROWS rows, else the weight dequantised to x's dtype (exact) and XLA's dot."""
+def _check_fp8(weight: QuantArray) -> None:
     if weight.packed or weight.values.ndim != 2:
         raise ValueError(f"a linear takes an FP8 QuantArray [out, in]; got values {weight.values.dtype} "
                          f"{tuple(weight.values.shape)}")
+
+
+def _w8a8(rows: int) -> bool:
+    """Whether an FP8 linear of ``rows`` rows runs FP8 x FP8: the "fp8_gemm" choice, and more rows than the
+    weight-only kernel takes."""
+    return current().of("linear") == "fp8_gemm" and rows > FP8_KERNEL_MAX_ROWS
+
+
+def _quantized_linear(x2: jax.Array, weight: QuantArray, out_dtype, groups: int = 1) -> jax.Array:
+    """x2 [rows, groups*in] -> [rows, out]: x2 quantised per 1 x 128 block, then the FP8 x FP8 kernel."""
+    _check_fp8(weight)
+    return quantized_linear(x2, weight.values, weight.scales.astype(jnp.float32), out_dtype=jnp.dtype(out_dtype),
+                            groups=groups, interpret=interpret())
+
+
+def _fp8_linear(x: jax.Array, weight: QuantArray, out_dtype) -> jax.Array:
+    """An FP8 block-scaled weight [out, in]: under "fp8_gemm" the FP8 x FP8 kernel above FP8_KERNEL_MAX_ROWS
+    rows; under "pallas" or "fp8_gemm" the weight-only kernel for bf16 activations of at most
+    FP8_KERNEL_MAX_ROWS rows; else the weight dequantised to x's dtype (exact) and XLA's dot."""
     rows = x.size // x.shape[-1]
+    if _w8a8(rows):
+        y = _quantized_linear(x.reshape(rows, x.shape[-1]), weight, out_dtype or x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
+    _check_fp8(weight)
     if pallas("linear") and x.dtype == jnp.bfloat16 and rows <= FP8_KERNEL_MAX_ROWS:
         y = fp8_linear(x.reshape(rows, x.shape[-1]), weight.values, weight.scales.astype(jnp.float32),
                        out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret())
@@ -45,8 +69,12 @@ def _fp8_linear(x: jax.Array, weight: QuantArray, out_dtype) -> jax.Array:
 
 def grouped_linear(x: jax.Array, weight: jax.Array | QuantArray, out_per_group: int) -> jax.Array:
     """Block-diagonal projection: x [..., G, in] with weight [G * out_per_group, in] (an array or an FP8
-    QuantArray, dequantised here) -> [..., G, out_per_group]: group g through its own rows."""
-    w = dense(weight, x.dtype).reshape(-1, out_per_group, x.shape[-1])
+    QuantArray) -> [..., G, out_per_group]: group g through its own rows. An FP8 weight is dequantised here, or
+    under "fp8_gemm" above FP8_KERNEL_MAX_ROWS rows meets x quantised per group (the kernel's ``groups``)."""
+    *lead, G, K = x.shape
+    if isinstance(weight, QuantArray) and _w8a8(x.size // (G * K)):
+        return _quantized_linear(x.reshape(-1, G * K), weight, x.dtype, G).reshape(*lead, G, out_per_group)
+    w = dense(weight, x.dtype).reshape(-1, out_per_group, K)
     return jnp.einsum("...gi,goi->...go", x, w)
 
 
