@@ -218,8 +218,6 @@ def test_help_describes_every_flag_with_its_default(capsys):
     (["hi", "--speculative", "mtp", "--draft-tokens", "8"],
      "error: --draft-tokens 8 must be at most 7 for this model: a verify step of --draft-tokens + 1 tokens must fit "
      "the sliding window (32) and each compressor's state ring, so that rejected tokens can be rolled back"),
-    (["hi", "--speculative", "mtp", "--tp", "2"], "error: --speculative mtp does not run on a device mesh yet "
-                                                  "(tp / dp / pp / ep): run it without --tp / --dp / --pp / --ep"),
 ])
 def test_usage_errors_are_one_line_naming_the_flag(capsys, args, message):
     capsys.readouterr()

@@ -9,8 +9,9 @@ the kept end, an entry whose window closes past it. The caches then hold exactly
 kept tokens leaves, provided every token of the chunk wrote (a chunk no longer than the window and each state
 ring: ``max_verify_tokens``), so no kept token's row is missing and no slot is written twice.
 
-Every leaf of a cache field has the field's row axis second ([B, rows, ...]; an FP8 record's leaves too), so
-the gathers and scatters run over whatever leaves a field holds.
+Every leaf of a cache field has the field's row axis right after its batch axis ([B, rows, ...]; an FP8 record's
+leaves too; a pipeline's stacked caches put their stage and layer axes before both), so the gathers and scatters
+run over whatever leaves a cache holds, each with its ``Site``.
 
 Shapes: B batch rows, C chunk length, nW windows that may close in the chunk.
 """
@@ -37,6 +38,34 @@ FIELD_SITES = {"window_kv": "ring", "compressor": "state", "indexer": "state", "
 DROP = jnp.iinfo(jnp.int32).max  # a row index past every cache: the scatter drops it
 
 
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """Which of a chunk's written rows (``write_sites``) a cache leaf holds: ``kind`` ("ring", "state" or
+    "entries"), ``ratio`` (the compression ratio; 0 for the ring), and ``lead``, the axes before the leaf's batch
+    axis (a pipeline's stacked caches: [stage, layer, B, rows, ...]). Not a pytree node: a tree of Sites mirrors a
+    cache leaf for leaf."""
+
+    kind: str
+    ratio: int
+    lead: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.kind, self.ratio
+
+
+def field_site(field: str, ratio: int, lead: int = 0) -> Site:
+    """The Site of a leaf of cache field ``field`` in a layer of compression ``ratio``."""
+    kind = FIELD_SITES[field]
+    return Site(kind, 0 if kind == "ring" else ratio, lead)
+
+
+def layer_sites(cfg: DeepseekV4Config, cache: tuple) -> tuple:
+    """Per-layer caches (``init_cache``'s tuple) -> the same tree with each leaf's Site."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: field_site(path[1].name, cfg.layer_compress_rate(path[0].idx)), cache)
+
+
 def write_sites(meta: ForwardMetadata) -> dict:
     """The rows a chunk writes, from its metadata, once for every layer: {(kind, ratio): (rows [B, K] (past the
     array where it writes none), position of the token whose write it is [B, K])}, kind "ring" (ratio 0: every
@@ -49,37 +78,25 @@ def write_sites(meta: ForwardMetadata) -> dict:
     return sites
 
 
-def _fields(cfg: DeepseekV4Config, cache: tuple):
-    """(layer, field name, its value, its site key) for every cache field the layers hold."""
-    for layer, layer_cache in enumerate(cache):
-        for name, kind in FIELD_SITES.items():
-            value = getattr(layer_cache, name)
-            if value is not None:
-                yield layer, name, value, (kind, 0 if kind == "ring" else cfg.layer_compress_rate(layer))
+def undo_rows(sites, cache, meta: ForwardMetadata):
+    """The rows a chunk of ``meta`` is about to overwrite, read before its layers run: ``cache``'s tree with each
+    leaf's values at the written rows [..., B, K, ...] (where it writes none, the last row: never restored).
+    ``sites``: the cache's Sites (``layer_sites``)."""
+    written = write_sites(meta)
+
+    def take(site, leaf):
+        rows = written[site.key][0]
+        index = rows.reshape(*(1,) * site.lead, *rows.shape, *(1,) * (leaf.ndim - site.lead - 2))
+        return jnp.take_along_axis(leaf, index, axis=site.lead + 1, mode="clip")
+    return jax.tree.map(take, sites, cache)
 
 
-def undo_rows(cfg: DeepseekV4Config, cache: tuple, meta: ForwardMetadata) -> tuple[dict, ...]:
-    """The rows a chunk of ``meta`` is about to overwrite, read before its layers run: per layer {field: that
-    field's leaves at the written rows [B, K, ...]} (where it writes none, the last row: never restored)."""
-    sites = write_sites(meta)
-    undo = tuple({} for _ in cache)
-    for layer, name, value, site in _fields(cfg, cache):
-        rows = sites[site][0]
-        undo[layer][name] = jax.tree.map(
-            lambda leaf: jnp.take_along_axis(leaf, rows.reshape(*rows.shape, *(1,) * (leaf.ndim - 2)), axis=1,
-                                             mode="clip"), value)
-    return undo
-
-
-def roll_back(cfg: DeepseekV4Config, cache: tuple, undo: tuple[dict, ...], meta: ForwardMetadata,
-              keep_end: jax.Array) -> tuple:
+def roll_back(sites, cache, undo, meta: ForwardMetadata, keep_end: jax.Array):
     """Caches after the chunk of ``meta`` -> caches holding only its tokens before ``keep_end`` [B] (absolute
     positions): every row written by a token at or past ``keep_end`` gets its ``undo_rows`` value back."""
     batch = jnp.arange(keep_end.shape[0])[:, None]
     restore = {site: jnp.where(writer >= keep_end[:, None], rows, DROP)
                for site, (rows, writer) in write_sites(meta).items()}
-    fields = [{} for _ in cache]
-    for layer, name, value, site in _fields(cfg, cache):
-        fields[layer][name] = jax.tree.map(lambda leaf, old: leaf.at[batch, restore[site]].set(old, mode="drop"),
-                                           value, undo[layer][name])
-    return tuple(dataclasses.replace(layer_cache, **f) for layer_cache, f in zip(cache, fields))
+    return jax.tree.map(
+        lambda site, leaf, old: leaf.at[(slice(None),) * site.lead + (batch, restore[site.key])].set(old, mode="drop"),
+        sites, cache, undo)

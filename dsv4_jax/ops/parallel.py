@@ -105,3 +105,17 @@ def combine_experts(y: jax.Array) -> jax.Array:
     if axes.dp is not None and axes.dp in axes.ep:
         y = jax.lax.psum_scatter(y, axes.dp, scatter_dimension=0, tiled=True)
     return tp_sum(y)
+
+
+def all_rows(x: jax.Array) -> jax.Array:
+    """x [B_shard, ...] of this data-parallel shard's batch rows -> [B_shard * dp, ...], every shard's in order
+    (identity unsplit)."""
+    dp = _CURRENT.get().dp
+    return x if dp is None else jax.lax.all_gather(x, dp, axis=0, tiled=True)
+
+
+def own_rows(x: jax.Array, n: int) -> jax.Array:
+    """x [n * dp, ...] over every data-parallel shard's rows (``all_rows``' order) -> [n, ...], this shard's
+    (identity unsplit)."""
+    dp = _CURRENT.get().dp
+    return x if dp is None else jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(dp) * n, n, axis=0)

@@ -176,9 +176,8 @@ def run(argv=None) -> int:
     if args.speculative is not None:
         from .speculative import check_speculative
         # (whether the weights hold the block: checked as they load)
-        check_speculative(cfg, args.speculative, draft_tokens, sharded=sharded, names={
-            "speculative": "--speculative", "draft_tokens": "--draft-tokens",
-            "mesh": "without --tp / --dp / --pp / --ep"})
+        check_speculative(cfg, args.speculative, draft_tokens, names={"speculative": "--speculative",
+                                                                      "draft_tokens": "--draft-tokens"})
     if sharded:
         from .mesh import check_layout
         from .pipeline import stage_starts

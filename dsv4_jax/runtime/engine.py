@@ -185,7 +185,8 @@ class Engine:
 
     ``speculative="mtp"``: decode with the model's MTP block (a ``DeepseekV4WithMTP``) drafting ``draft_tokens``
     tokens a step, verified in one chunk step of the main model (runtime/speculative.py); greedy tokens are those
-    of decoding without it, sampled ones distributed as they are.
+    of decoding without it, sampled ones distributed as they are. On a mesh too (its steps are the sharded step's),
+    and with either ``kv_cache_dtype``.
     """
 
     pipelined = False  # layers as pipeline stages (runtime.pipeline) only when the mesh has pp > 1
@@ -195,11 +196,7 @@ class Engine:
                  mesh: ModelMesh | None = None, pp_boundaries: Sequence[int] | None = None,
                  microbatches: int | None = None, kv_cache_dtype: str = "auto", speculative: str | None = None,
                  draft_tokens: int = 3):
-        spec.check_speculative(model.config, speculative, draft_tokens, isinstance(model, DeepseekV4WithMTP),
-                               sharded=mesh is not None)
-        if speculative is not None and kv_cache_dtype != "auto":
-            raise InputError(f"speculative={speculative!r} with kv_cache_dtype={kv_cache_dtype!r} is not supported "
-                             "yet; use kv_cache_dtype='auto'")
+        spec.check_speculative(model.config, speculative, draft_tokens, isinstance(model, DeepseekV4WithMTP))
         if compile_cache:  # (dsv4_jax.runtime.compile_cache): a second run loads its steps from disk
             enable_compile_cache()
         if prefill_chunk is None:
@@ -226,10 +223,11 @@ class Engine:
         self.capacity = capacity
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
+        self.sharded = None  # the sharded step (runtime.mesh.ShardedStep), on a mesh
         self.steps, self.weights = self._place(model)
         self.speculative = None  # the speculative steps (runtime.speculative.SpeculativeSteps), when on
         if speculative is not None:
-            self.speculative = spec.SpeculativeSteps(*split_weights(model)[:2], capacity, draft_tokens)
+            self.speculative = self.speculative_steps(draft_tokens)
         self.stats = GenerationStats()
 
     # ----- input checks --------------------------------------------------------------------
@@ -271,6 +269,13 @@ class Engine:
                                    model.dtype, plan=self.plan, kv_cache_dtype=self.kv_cache_dtype)
         return DeviceSteps(graphdef, state_def, self.capacity, sharded=self.sharded), weights
 
+    def speculative_steps(self, draft_tokens: int, propose=None) -> spec.SpeculativeSteps:
+        """Speculative decoding's steps for this engine's model and placement (on its mesh when it has one);
+        ``propose``: ``SpeculativeSteps``'."""
+        graph = split_weights(self.model)[:2] if self.sharded is None else (self.sharded.graphdef,
+                                                                             self.sharded.state_def)
+        return spec.SpeculativeSteps(*graph, self.capacity, draft_tokens, propose=propose, sharded=self.sharded)
+
     def layout(self, batch: int) -> tuple[int, int]:
         """(microbatches per dp shard, padded batch) a step of ``batch`` rows runs with."""
         if self.mesh is None:
@@ -278,8 +283,8 @@ class Engine:
         return (1, self.mesh.rows(batch)) if self.plan is None else self.plan.layout(batch)
 
     def _new_cache(self, batch: int):
-        if self.mesh is not None:
-            return self.sharded.new_cache(batch)
+        if self.mesh is not None:  # with speculative decoding: (the layers' caches, the MTP block's)
+            return self.sharded.new_cache(batch, mtp=self.speculative is not None)
         cfg = self.config if self.speculative is None else mtp_config(self.config)  # + the MTP block's cache
         return init_cache(cfg, batch, self.capacity, self.model.dtype, self.kv_cache_dtype)
 

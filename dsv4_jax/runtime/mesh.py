@@ -25,8 +25,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .. import ops
-from ..model.cache import init_cache
+from ..model.cache import init_cache, init_layer_cache
 from ..model.config import DeepseekV4Config
+from ..model.mtp import mtp_config
+from ..model.rollback import layer_sites
 from ..model.transformer import InputError, forward_prepared, prepare_chunk
 from ..ops.parallel import MeshAxes, use_axes
 from ..weights.sharding import (DP, PP, TP, Placement, cache_shardings, layout_rules, to_placed,
@@ -155,7 +157,8 @@ def weight_specs(weights: list) -> list:
 class ShardedStep:
     """``forward`` of ``engine.DeviceSteps`` on a mesh: (weights, cache, token_ids [B, S], start [B], n_new [B])
     -> (logits [B, S, V] or [B, V], caches), B = ``rows(B)``. The chunk is prepared once, then one shard_map
-    runs the embedding, the layers and the head on every device's shards.
+    runs the embedding, the layers and the head on every device's shards (``run``, which the speculative steps
+    share: runtime/speculative.py).
 
     ``plan``: with pp > 1, a ``runtime.pipeline.PipelinePlan`` runs the layers as stages; the weights list is
     then the model's leaves outside the layers (``state_def``) followed by the plan's stacks, and the caches
@@ -171,25 +174,46 @@ class ShardedStep:
         """The batch a step of ``batch`` rows runs at (the extra rows are empty)."""
         return self.mesh.rows(batch) if self.plan is None else self.plan.rows(batch)
 
-    def cache_shardings(self, batch: int):
+    def cache_shardings(self, batch: int, mtp: bool = False):
+        """The caches' shardings; ``mtp``: the pair (the layers', the MTP block's), as speculative decoding keeps
+        them on a mesh."""
         if self.plan is not None:
-            return jax.tree.map(lambda s: s.sharding, self.plan.cache_shapes(batch))
-        shapes = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype, self.kv_cache_dtype))
-        return cache_shardings(shapes, self.mesh.mesh, self.mesh.rules)
+            layers = jax.tree.map(lambda s: s.sharding, self.plan.cache_shapes(batch))
+        else:
+            shapes = jax.eval_shape(lambda: init_cache(self.cfg, batch, self.capacity, self.dtype, self.kv_cache_dtype))
+            layers = cache_shardings(shapes, self.mesh.mesh, self.mesh.rules)
+        if not mtp:
+            return layers
+        block = jax.eval_shape(lambda: self._mtp_cache(batch))
+        return layers, cache_shardings(block, self.mesh.mesh, self.mesh.rules)
 
-    def new_cache(self, batch: int):
-        """Zero caches for ``rows(batch)`` rows, made in place on their shards."""
-        return self._cache_initializer(self.rows(batch))()
+    def _mtp_cache(self, batch: int):
+        """The MTP block's zero cache (its one layer: layer ``num_hidden_layers`` of ``mtp_config``)."""
+        return init_layer_cache(mtp_config(self.cfg), self.cfg.num_hidden_layers, batch, self.capacity, self.dtype,
+                                self.kv_cache_dtype)
+
+    def new_cache(self, batch: int, mtp: bool = False):
+        """Zero caches for ``rows(batch)`` rows, made in place on their shards (``mtp``: ``cache_shardings``')."""
+        return self._cache_initializer(self.rows(batch), mtp)()
 
     @functools.cache
-    def _cache_initializer(self, batch: int):
+    def _cache_initializer(self, batch: int, mtp: bool):
         """The jitted allocation of ``batch`` rows' caches (compiled once per batch size, not per generation)."""
+        def init():
+            if self.plan is not None:
+                layers = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.plan.cache_shapes(batch))
+            else:
+                layers = init_cache(self.cfg, batch, self.capacity, self.dtype, self.kv_cache_dtype)
+            return (layers, self._mtp_cache(batch)) if mtp else layers
+        return jax.jit(init, out_shardings=self.cache_shardings(batch, mtp))
+
+    def cache_sites(self):
+        """The layers' caches' leaves as ``model.rollback`` reads them (a tree of ``rollback.Site``), for a tree
+        of the form ``cache_shardings`` gives; per layer, or the pipeline's stacks."""
         if self.plan is not None:
-            shapes = self.plan.cache_shapes(batch)
-            return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                           out_shardings=jax.tree.map(lambda s: s.sharding, shapes))
-        init = functools.partial(init_cache, self.cfg, batch, self.capacity, self.dtype, self.kv_cache_dtype)
-        return jax.jit(init, out_shardings=self.cache_shardings(batch))
+            return self.plan.cache_sites()
+        return layer_sites(self.cfg, jax.eval_shape(lambda: init_cache(self.cfg, 1, self.capacity, self.dtype,
+                                                                       self.kv_cache_dtype)))
 
     def _bind(self, weights):
         """This device's weights -> (the model, how its layer stack runs)."""
@@ -200,26 +224,42 @@ class ShardedStep:
         model = nnx.merge(self.graphdef, self.plan.abstract_state, jax.tree.unflatten(self.state_def, weights[:n]))
         return model, functools.partial(self.plan.run, weights[n:])
 
-    def __call__(self, weights, cache, token_ids, start, n_new, last_only: bool, kernels: ops.Kernels):
-        B, S = token_ids.shape
+    def run(self, body, weights, cache, rows: tuple, whole: tuple, out_specs, kernels: ops.Kernels,
+            mtp: bool = False):
+        """``body(model, layers, cache, *rows, *whole)`` -> (outputs, caches) in one shard_map, on every device's
+        shards of the weights and caches (``mtp``: ``cache_shardings``'), under ``kernels`` and the mesh's
+        collectives. ``layers``: how the layer stack runs (None: ``model.run_layers``; a pipeline's stages).
+        ``rows``: pytrees split by rows over dp like the batch (the metadata among them, prepared before);
+        ``whole``: replicated. ``out_specs``: the outputs' PartitionSpecs (a prefix of their tree)."""
+        B = jax.tree.leaves(rows)[0].shape[0]
         if B != self.rows(B):
             raise ValueError(f"batch {B} is not a multiple of dp (x microbatches): {self.rows(B)}")
-        token_ids, meta, logits_at = prepare_chunk(self.cfg, token_ids, start, n_new, self.capacity, last_only)
-        rows = P(DP)
-        cache_specs = jax.tree.map(lambda s: s.spec, self.cache_shardings(B))
+        cache_specs = jax.tree.map(lambda s: s.spec, self.cache_shardings(B, mtp))
 
-        def body(weights, cache, token_ids, meta, *logits_at):
+        def local(weights, cache, *args):
             with ops.use(kernels), use_axes(self.mesh.axes):
                 model, layers = self._bind(weights)
-                return forward_prepared(model, token_ids, meta, cache, *(logits_at or (None,)), layers=layers)
+                return body(model, layers, cache, *args)
 
+        in_specs = (self.specs, cache_specs, *(jax.tree.map(lambda _: P(DP), x) for x in rows),
+                    *(jax.tree.map(lambda _: P(), x) for x in whole))
+        return jax.shard_map(local, mesh=self.mesh.mesh, in_specs=in_specs, out_specs=(out_specs, cache_specs),
+                             check_vma=False)(weights, cache, *rows, *whole)
+
+    def whole(self, tree):
+        """Arrays held whole by every device (and process): the sampler's input and the host's read."""
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh.mesh, P())), tree)
+
+    def __call__(self, weights, cache, token_ids, start, n_new, last_only: bool, kernels: ops.Kernels):
+        S = token_ids.shape[1]
+        token_ids, meta, logits_at = prepare_chunk(self.cfg, token_ids, start, n_new, self.capacity, last_only)
         extra = () if logits_at is None else (logits_at,)
-        logits, cache = jax.shard_map(
-            body, mesh=self.mesh.mesh,
-            in_specs=(self.specs, cache_specs, rows, jax.tree.map(lambda _: rows, meta), *(rows for _ in extra)),
-            out_specs=(rows, cache_specs), check_vma=False)(weights, cache, token_ids, meta, *extra)
-        # Every device (and process) holds the logits whole: the sampler's input and the host's read.
-        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(self.mesh.mesh, P()))
+
+        def body(model, layers, cache, token_ids, meta, *logits_at):
+            return forward_prepared(model, token_ids, meta, cache, *(logits_at or (None,)), layers=layers)
+
+        logits, cache = self.run(body, weights, cache, (token_ids, meta, *extra), (), P(DP), kernels)
+        logits = self.whole(logits)
         return (logits if last_only else logits[:, :S]), cache
 
 

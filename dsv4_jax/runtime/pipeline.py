@@ -86,6 +86,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..model.cache import init_cache
+from ..model.rollback import FIELD_SITES, Site, field_site
 from ..model.spec import axes_of
 from ..model.transformer import DeepseekV4ForCausalLM, InputError, at_positions
 from ..weights.sharding import PP, cache_shardings, placement, to_placed, value_placement
@@ -358,6 +359,22 @@ class PipelinePlan:
         return {"trunk": {k: spec(k, s, d, self.P) for k, (s, d) in self._cache_trunk_spec.items()},
                 "groups": {g: {k: spec(k, s, d, self.group_size[g]) for k, (s, d) in sp.items()}
                            for g, sp in self.cache_groups.items()}}
+
+    def cache_sites(self) -> dict:
+        """The stacked caches' leaves as ``model.rollback`` reads them: ``cache_shapes``' tree of ``rollback.Site``s,
+        each with the stage and layer axes before its batch axis. A group's layers share one compression ratio
+        (their attention type's); so do all layers for a trunk field other than the window ring."""
+        rates = {self.cfg.layer_compress_rate(i) for i in range(self.cfg.num_hidden_layers)}
+
+        def site(group: str, key: str) -> Site:
+            field = key.split(".")[1]  # ".compressor.kv" -> "compressor"
+            if group != TRUNK:
+                return field_site(field, self.cfg.compress_rate(group.split(":")[1]), lead=2)
+            if FIELD_SITES[field] != "ring" and len(rates) > 1:
+                raise ValueError(f"trunk cache field {key} is held by layers of compression ratios {sorted(rates)}")
+            return field_site(field, min(rates), lead=2)
+        return {"trunk": {k: site(TRUNK, k) for k in self._cache_trunk_spec},
+                "groups": {g: {k: site(g, k) for k in spec} for g, spec in self.cache_groups.items()}}
 
     def unstack_cache(self, cache: dict) -> tuple:
         """Stacked caches -> the per-layer LayerCache tuple of ``init_cache`` (host copies; for tests)."""
