@@ -23,11 +23,10 @@ dequantise-then-dot path both multiply in bf16. The price is the activations' e4
 inference pays too.
 
 Backend: the Pallas **Triton** backend. ``quantize_activations`` is plain JAX (one fused XLA elementwise +
-reduction pass over x, inside the caller's jit). On sm_90 the kernel does not reach the FP8 tensor-core rate
-yet: Triton gives e4m3 operands to ``wgmma`` only for a dot allowed to accumulate imprecisely
-(``maxNumImpreciseAcc`` >= 32, which Triton's own frontend sets for FP8 dots), and Pallas' lowering (jax 0.11.2)
-emits ``tt.dot`` without it, so Triton converts the e4m3 tiles to f16 (exact) and multiplies with ``mma.sync``:
-FP8 bytes, f16 tensor-core math (tests/test_kernel_fp8_gemm.py pins the instruction).
+reduction pass over x, inside the caller's jit). On sm_90 the dot is FP8 ``wgmma`` on e4m3 tiles: Triton picks it
+only for a dot marked to accumulate imprecisely, which Triton's own frontend does for FP8 dots and Pallas'
+lowering does not, so this module marks them (``_marks_fp8_dots``; tests/test_kernel_fp8_gemm.py pins the
+instruction in the cubin).
 
 Design:
 * Grid ``(cdiv(N, block_n), cdiv(M, block_m))``. A program owns a ``[block_m, block_n]`` output tile
@@ -49,6 +48,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.pallas.triton import lowering as triton_lowering
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -58,6 +59,36 @@ from .fp8_linear import BLOCK, OUT_DTYPES
 __all__ = ["quantize_activations", "fp8_gemm", "quantized_linear", "reference", "TuningConfig", "BLOCK"]
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+# Triton's own frontend marks an FP8 x FP8 dot on sm_90 with maxNumImpreciseAcc = 2^30 (the tensor cores'
+# accumulator kept across the dot's K); Pallas' lowering (jax 0.11.2) leaves it at 0, and Triton then converts
+# the e4m3 tiles to f16 for mma.sync. Each of this kernel's dots spans one 128-wide K block whose partial sum is
+# scaled and added in fp32 outside the dot, DeepSeek's promotion, so the mark costs no accuracy beyond theirs.
+IMPRECISE_ACC = 2**30
+
+
+def _marks_fp8_dots(rule):
+    """Pallas' Triton lowering of dot_general, then every e4m3 x e4m3 ``tt.dot`` of the block marked as Triton's
+    frontend marks it."""
+    def lower(ctx, *args, **params):
+        out = rule(ctx, *args, **params)
+        e4m3 = ir.Float8E4M3FNType.get()
+        for op in ir.InsertionPoint.current.block.operations:
+            op = op.operation
+            if op.name == "tt.dot" and all(ir.RankedTensorType(v.type).element_type == e4m3
+                                           for v in list(op.operands)[:2]):
+                op.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32),
+                                                                         IMPRECISE_ACC)
+        return out
+
+    lower.marks_fp8_dots = True
+    return lower
+
+
+if not getattr(triton_lowering.triton_lowering_rules[lax.dot_general_p], "marks_fp8_dots", False):
+    triton_lowering.triton_lowering_rules[lax.dot_general_p] = _marks_fp8_dots(
+        triton_lowering.triton_lowering_rules[lax.dot_general_p])
 AMAX_FLOOR = 1e-4  # act_quant's clamp of a block's amax (an all-zero block gets a finite scale)
 
 
