@@ -158,6 +158,11 @@ def test_pipeline_stage_holds_its_layers():
     assert of(staged, WEIGHTS, "embedding + head") == of(whole, WEIGHTS, "embedding + head")
     assert of(staged, CACHES, "window_kv") * 43 == of(whole, CACHES, "window_kv") * 22
     assert staged.total(ACTIVATIONS) == whole.total(ACTIVATIONS)
+    # the MTP block and its cache (speculative decoding) sit whole on every stage, as the head does
+    whole_mtp, staged_mtp = (plan(cfg, pp=pp, capacity=4096, batch=2, mtp=True) for pp in (1, 2))
+    assert of(staged_mtp, WEIGHTS, "MTP block") == of(whole_mtp, WEIGHTS, "MTP block") > 0
+    assert (of(staged_mtp, CACHES, "window_kv") - of(staged, CACHES, "window_kv")
+            == of(whole_mtp, CACHES, "window_kv") - of(whole, CACHES, "window_kv") > 0)
 
 
 def test_cache_bytes_per_token_of_flash():

@@ -24,9 +24,9 @@ rings and compressed entries in the FP8 layout of model/kv_rows.py (fields ``win
 ``.rope`` bf16, ``.scale`` ue8m0 bytes). ``cache_bytes_per_token`` is how a sequence's caches grow per token.
 
 Pipeline stages split the layers as ``pipeline.stage_starts`` does; each stage holds its layers' weights and
-caches plus the embedding, final norm, hc_head and LM head (every stage holds those), and with ``mtp`` the last
-stage the MTP block and its cache. PipelinePlan's padding of a stage's stacks to the longest stage is not
-counted.
+caches plus the embedding, final norm, hc_head and LM head, and with ``mtp`` the MTP block and its cache (all of
+them on every stage: speculative decoding drafts on every stage). PipelinePlan's padding of a stage's stacks to
+the longest stage is not counted.
 
 Activations: an estimate of the largest live intermediates of one prefill step on the GPU kernels path, for
 T = ceil(batch / dp) x min(chunk, capacity) tokens per device (s = 2 bytes, n = hc_mult, H' = heads / tp,
@@ -126,12 +126,10 @@ def weight_kind(name: str) -> str:
     raise ValueError(f"parameter {name} matches no weight kind of runtime.plan.KINDS")
 
 
-def stage_of(name: str, stages: tuple[int, ...], pp: int) -> int | None:
-    """The stage holding a parameter (``stages``: each layer's), None for every stage; the MTP block: the last."""
+def stage_of(name: str, stages: tuple[int, ...]) -> int | None:
+    """The stage holding a parameter (``stages``: each layer's), None for every stage (the MTP block included)."""
     m = re.match(r"model\.layers\.(\d+)\.", name)
-    if m:
-        return stages[int(m.group(1))]
-    return pp - 1 if name.startswith("model.mtp.") else None
+    return stages[int(m.group(1))] if m else None
 
 
 def shard_bytes(value, placed) -> tuple[str, int]:
@@ -155,7 +153,7 @@ def weight_rows(cfg: DeepseekV4Config, mesh: ModelMesh, precision: str, mtp: boo
         except ValueError as e:  # a split through quantisation blocks
             raise InputError(str(e)) from None
         held_as, nbytes = shard_bytes(value, placed)
-        stage = stage_of(name, stages, mesh.pp)
+        stage = stage_of(name, stages)
         for s in range(mesh.pp) if stage is None else (stage,):
             key = (weight_kind(name), held_as)
             sums[s][key] = sums[s].get(key, 0) + nbytes
@@ -171,13 +169,14 @@ def cache_rows(cfg: DeepseekV4Config, mesh: ModelMesh, batch: int, capacity: int
     full = mtp_config(cfg) if mtp else cfg
     shapes = jax.eval_shape(lambda: init_cache(full, mesh.rows(batch), capacity, MODEL_DTYPE, kv_cache_dtype))
     shardings = cache_shardings(shapes, mesh.mesh, mesh.rules)
-    stages = stage_of_layer(cfg.num_hidden_layers, mesh.pp) + (mesh.pp - 1,) * mtp
+    stages = stage_of_layer(cfg.num_hidden_layers, mesh.pp)
     sums = [{} for _ in range(mesh.pp)]
     for (path, shape), sharding in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], jax.tree.leaves(shardings)):
         field = ".".join(p.name for p in path[1:])
         key = (field, SHORT_DTYPE[shape.dtype.name])
-        stage = sums[stages[path[0].idx]]
-        stage[key] = stage.get(key, 0) + math.prod(sharding.shard_shape(shape.shape)) * shape.dtype.itemsize
+        layer = path[0].idx  # the MTP block's layer (the last) is on every stage
+        for stage in [sums[stages[layer]]] if layer < cfg.num_hidden_layers else sums:
+            stage[key] = stage.get(key, 0) + math.prod(sharding.shard_shape(shape.shape)) * shape.dtype.itemsize
     return [[Row(CACHES, field, held_as, n) for (field, held_as), n in stage.items()] for stage in sums]
 
 
