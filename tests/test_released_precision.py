@@ -112,7 +112,9 @@ def test_pallas_fp8_and_fp4_kernels_decode_within_the_bf16_bound(monkeypatch):
     prompt, steps = rng.randint(0, MESH_CFG.vocab_size, (2, 21)), rng.randint(0, MESH_CFG.vocab_size, (2, 3))
     got = decode_logits(released, prompt, steps, 32, "pallas")
     want = decode_logits(dequantized(released), prompt, steps, 32, "pallas")  # the same kernels but FP8's
-    assert calls, "the FP8 kernel did not run"
+    o_a = (MESH_CFG.o_groups * MESH_CFG.o_lora_rank,
+           MESH_CFG.num_attention_heads * MESH_CFG.head_dim // MESH_CFG.o_groups)
+    assert calls and o_a in calls, f"the FP8 kernel did not run on every linear, the grouped o_a included: {calls}"
     assert fp4_calls, "the FP4 expert kernel did not run"
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() <= BF16_BOUND * np.abs(want).max()

@@ -27,53 +27,39 @@ FP8_KERNEL_MAX_ROWS = 64
 def linear(x: jax.Array, weight: jax.Array | QuantArray, out_dtype=None, precision=None) -> jax.Array:
     """``x [..., in] @ weight[out, in]^T -> [..., out]``; ``weight`` an array or an FP8 QuantArray."""
     if isinstance(weight, QuantArray):
-        return _fp8_linear(x, weight, out_dtype)
+        y = _fp8_kernel(x.reshape(-1, x.shape[-1]), weight, out_dtype or x.dtype)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], -1)
+        weight = dense(weight, x.dtype)
     return jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=out_dtype,
                       precision=precision)
 
 
-def _check_fp8(weight: QuantArray) -> None:
+def _fp8_kernel(x2: jax.Array, weight: QuantArray, out_dtype, groups: int = 1) -> jax.Array | None:
+    """x2 [rows, groups * in] with an FP8 block-scaled weight [out, in] -> [rows, out] through an FP8 kernel
+    where one applies: under "fp8_gemm" above FP8_KERNEL_MAX_ROWS rows, x2 quantised per 1 x 128 block and the
+    FP8 x FP8 kernel; under "pallas" or "fp8_gemm", the weight-only kernel for bf16 activations of at most
+    FP8_KERNEL_MAX_ROWS rows. Else None: the caller dequantises the weight (exact) for XLA's dot."""
     if weight.packed or weight.values.ndim != 2:
         raise ValueError(f"a linear takes an FP8 QuantArray [out, in]; got values {weight.values.dtype} "
                          f"{tuple(weight.values.shape)}")
-
-
-def _w8a8(rows: int) -> bool:
-    """Whether an FP8 linear of ``rows`` rows runs FP8 x FP8: the "fp8_gemm" choice, and more rows than the
-    weight-only kernel takes."""
-    return current().of("linear") == "fp8_gemm" and rows > FP8_KERNEL_MAX_ROWS
-
-
-def _quantized_linear(x2: jax.Array, weight: QuantArray, out_dtype, groups: int = 1) -> jax.Array:
-    """x2 [rows, groups*in] -> [rows, out]: x2 quantised per 1 x 128 block, then the FP8 x FP8 kernel."""
-    _check_fp8(weight)
-    return quantized_linear(x2, weight.values, weight.scales.astype(jnp.float32), out_dtype=jnp.dtype(out_dtype),
-                            groups=groups, interpret=interpret())
-
-
-def _fp8_linear(x: jax.Array, weight: QuantArray, out_dtype) -> jax.Array:
-    """An FP8 block-scaled weight [out, in]: under "fp8_gemm" the FP8 x FP8 kernel above FP8_KERNEL_MAX_ROWS
-    rows; under "pallas" or "fp8_gemm" the weight-only kernel for bf16 activations of at most
-    FP8_KERNEL_MAX_ROWS rows; else the weight dequantised to x's dtype (exact) and XLA's dot."""
-    rows = x.size // x.shape[-1]
-    if _w8a8(rows):
-        y = _quantized_linear(x.reshape(rows, x.shape[-1]), weight, out_dtype or x.dtype)
-        return y.reshape(*x.shape[:-1], -1)
-    _check_fp8(weight)
-    if pallas("linear") and x.dtype == jnp.bfloat16 and rows <= FP8_KERNEL_MAX_ROWS:
-        y = fp8_linear(x.reshape(rows, x.shape[-1]), weight.values, weight.scales.astype(jnp.float32),
-                       out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret())
-        return y.reshape(*x.shape[:-1], -1)
-    return linear(x, dense(weight, x.dtype), out_dtype)
+    rows, scales, out_dtype = x2.shape[0], weight.scales.astype(jnp.float32), jnp.dtype(out_dtype)
+    if current().of("linear") == "fp8_gemm" and rows > FP8_KERNEL_MAX_ROWS:
+        return quantized_linear(x2, weight.values, scales, out_dtype=out_dtype, groups=groups, interpret=interpret())
+    if pallas("linear") and x2.dtype == jnp.bfloat16 and rows <= FP8_KERNEL_MAX_ROWS:
+        return fp8_linear(x2, weight.values, scales, out_dtype=out_dtype, groups=groups, interpret=interpret())
+    return None
 
 
 def grouped_linear(x: jax.Array, weight: jax.Array | QuantArray, out_per_group: int) -> jax.Array:
     """Block-diagonal projection: x [..., G, in] with weight [G * out_per_group, in] (an array or an FP8
-    QuantArray) -> [..., G, out_per_group]: group g through its own rows. An FP8 weight is dequantised here, or
-    under "fp8_gemm" above FP8_KERNEL_MAX_ROWS rows meets x quantised per group (the kernel's ``groups``)."""
+    QuantArray) -> [..., G, out_per_group]: group g through its own rows. An FP8 weight goes through an FP8 kernel
+    in its ``groups`` form where one applies (``_fp8_kernel``), else is dequantised here."""
     *lead, G, K = x.shape
-    if isinstance(weight, QuantArray) and _w8a8(x.size // (G * K)):
-        return _quantized_linear(x.reshape(-1, G * K), weight, x.dtype, G).reshape(*lead, G, out_per_group)
+    if isinstance(weight, QuantArray):
+        y = _fp8_kernel(x.reshape(-1, G * K), weight, x.dtype, G)
+        if y is not None:
+            return y.reshape(*lead, G, out_per_group)
     w = dense(weight, x.dtype).reshape(-1, out_per_group, K)
     return jnp.einsum("...gi,goi->...go", x, w)
 
