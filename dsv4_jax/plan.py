@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "FP4 with scales), or dequantised to bf16 (--dequantize)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="prefill tokens per sequence and step, for "
                    "the activation estimate")
-    p.add_argument("--mtp", action="store_true", help="with the multi-token-prediction block (on the last stage)")
+    p.add_argument("--mtp", action="store_true", help="with the multi-token-prediction block and its cache (on every "
+                   "pipeline stage), as speculative decoding holds them")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="the caches' window and compressed K=V rows: bf16 (auto) or DeepSeek's FP8 record (e4m3 + "
                    "bf16 RoPE + a scale per 64 channels: 583 bytes a row for 512 channels)")

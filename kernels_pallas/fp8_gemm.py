@@ -59,6 +59,7 @@ from .fp8_linear import BLOCK, OUT_DTYPES
 __all__ = ["quantize_activations", "fp8_gemm", "quantized_linear", "reference", "TuningConfig", "BLOCK"]
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+AMAX_FLOOR = 1e-4  # act_quant's clamp of a block's amax (an all-zero block gets a finite scale)
 
 
 # Triton's own frontend marks an FP8 x FP8 dot on sm_90 with maxNumImpreciseAcc = 2^30 (the tensor cores'
@@ -89,7 +90,6 @@ def _marks_fp8_dots(rule):
 if not getattr(triton_lowering.triton_lowering_rules[lax.dot_general_p], "marks_fp8_dots", False):
     triton_lowering.triton_lowering_rules[lax.dot_general_p] = _marks_fp8_dots(
         triton_lowering.triton_lowering_rules[lax.dot_general_p])
-AMAX_FLOOR = 1e-4  # act_quant's clamp of a block's amax (an all-zero block gets a finite scale)
 
 
 def ceil_power_of_two(s: jax.Array) -> jax.Array:
