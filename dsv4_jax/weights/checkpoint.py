@@ -28,7 +28,7 @@ from .names import IGNORED_SUFFIXES, MTP_PREFIXES, canonical_name
 from .params import abstract_model, checkpoint_config, checkpoint_dtype, model_dtype, param_table
 from .quant_array import QuantArray
 from .progress import ByteProgress
-from .safetensors_io import catalog, checkpoint_files
+from .safetensors_io import StoredTensor, catalog, checkpoint_files
 from .placing import ShardedBuffer, target_layout
 from .sharding import Placement, ShardingRules, paired_axis, to_placed
 from ..model.mtp import DeepseekV4WithMTP
@@ -69,11 +69,18 @@ def _skipper(with_mtp: bool):
     return lambda name: name.endswith(IGNORED_SUFFIXES) or (not with_mtp and name.startswith(MTP_PREFIXES))
 
 
-def keep_released(model: nnx.Module, files: list[Path]) -> None:
-    """Make every variable of abstract ``model`` that ``files`` store quantised an abstract QuantArray, so the
-    load keeps it as released."""
+def stored_tensors(files: list[Path], model: nnx.Module) -> dict[str, StoredTensor]:
+    """The tensors of ``files`` that ``model`` (with or without the MTP block) loads, from the headers, which
+    are read once per load."""
+    skip = _skipper(isinstance(model, DeepseekV4WithMTP))
+    return {name: t for name, t in catalog(files).items() if not skip(name)}
+
+
+def keep_released(model: nnx.Module, stored: dict[str, StoredTensor]) -> None:
+    """Make every variable of abstract ``model`` that ``stored`` (stored_tensors) holds quantised an abstract
+    QuantArray, so the load keeps it as released."""
     table = param_table(model)
-    for name, block in released_names(files, _skipper(isinstance(model, DeepseekV4WithMTP))).items():
+    for name, block in released_names(stored).items():
         if name in table:  # an unknown name is load_weights' error
             table[name].set_value(QuantArray.abstract(table[name].get_value().shape, block))
 
@@ -139,8 +146,10 @@ class ExpertStack:
         return jax.tree.unflatten(self.structure, [buffer.array() for buffer in self.buffers])
 
 
-def load_weights(model: nnx.Module, files: list[Path], placements: Mapping, progress: bool = False) -> None:
-    """Fill every variable of ``model`` (abstract or real) from ``files``; strict about names and shapes.
+def load_weights(model: nnx.Module, stored: dict[str, StoredTensor], placements: Mapping,
+                 progress: bool = False) -> None:
+    """Fill every variable of ``model`` (abstract or real) from ``stored`` (stored_tensors); strict about names
+    and shapes.
     Tensors are read one at a time; each goes from host memory straight to the shards of its
     ``placements[canonical name]`` (placing.target_layout), in that placed shape. A per-expert matrix is
     written into its slice of the stack on the devices that hold that slice, so no device receives a
@@ -149,17 +158,15 @@ def load_weights(model: nnx.Module, files: list[Path], placements: Mapping, prog
     ``progress``: report the bytes read on stderr (progress.ByteProgress; not for small checkpoints)."""
     cfg = model.config
     table = param_table(model)
-    has_mtp = isinstance(model, DeepseekV4WithMTP)
     loaded: set[str] = set()
     expert_parts: dict[str, set[tuple[int, int]]] = {}
     stacked: dict[str, ExpertStack] = {}
     F = cfg.moe_intermediate_size
     released = any(isinstance(var.get_value(), QuantArray) for var in table.values())
-    skip = _skipper(has_mtp)
-    total = sum(t.end - t.start for name, t in catalog(files).items() if not skip(name))
+    total = sum(t.end - t.start for t in stored.values())
     report = ByteProgress(total, "loading weights", enabled=progress)
 
-    for name, array, f in iter_tensors(files, skip, dequantize=not released):
+    for name, array, f in iter_tensors(stored, dequantize=not released):
         report.update(sum(a.nbytes for a in jax.tree.leaves(array)))
         key, slot = canonical_name(name)
         var = table.get(key)
@@ -243,9 +250,9 @@ def from_pretrained(path, dtype: str = "bfloat16", mtp: bool = False, *, dequant
         raise CheckpointError(f"{Path(path) / 'config.json'} has num_nextn_predict_layers "
                               f"{cfg.num_nextn_predict_layers}; mtp=True needs 1 (one MTP block, as released)")
     model = abstract_model(cfg, model_dtype(dtype), mtp)
-    files = checkpoint_files(Path(path))
+    stored = stored_tensors(checkpoint_files(Path(path)), model)
     if not dequantize:
-        keep_released(model, files)
+        keep_released(model, stored)
     placements = target_layout(cfg, param_table(model), sharding, mesh, rules)
-    load_weights(model, files, placements, progress)
+    load_weights(model, stored, placements, progress)
     return model

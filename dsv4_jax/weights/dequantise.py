@@ -3,7 +3,6 @@ and streamed one stored tensor at a time, kept as released (a QuantArray on the 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -12,7 +11,7 @@ from . import quantization
 from .errors import CheckpointError
 from .names import canonical_name, weight_of_scale
 from .quant_array import QuantArray
-from .safetensors_io import StoredTensor, catalog, read_tensor
+from .safetensors_io import StoredTensor, read_tensor
 
 FP8_DTYPE = "F8_E4M3"
 FP4_DTYPES = ("I8", "F4")  # released FP4 experts are int8; F4 is the same bytes under torch's float4 dtype
@@ -69,21 +68,19 @@ def pair_scales(stored: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
     return scale_of
 
 
-def released_names(files: list[Path], skip=lambda name: False) -> dict[str, tuple[int, int]]:
+def released_names(stored: dict[str, StoredTensor]) -> dict[str, tuple[int, int]]:
     """Canonical parameter name -> its quantisation block (FP8_BLOCK_SHAPE / FP4_BLOCK_SHAPE), for every
-    parameter the checkpoint stores quantised (from the headers; a per-expert tensor names its stack)."""
-    stored = {name: t for name, t in catalog(files).items() if not skip(name)}
+    parameter ``stored`` (safetensors_io.catalog's entries) holds quantised; a per-expert tensor names its stack."""
     return {canonical_name(name)[0]: quantization.FP8_BLOCK_SHAPE if stored[name].dtype == FP8_DTYPE
             else quantization.FP4_BLOCK_SHAPE for name in pair_scales(stored)}
 
 
-def iter_tensors(files: list[Path], skip=lambda name: False, dequantize: bool = True):
-    """Yield (name, value, file) one stored tensor at a time, in file order, except names ``skip`` accepts.
+def iter_tensors(stored: dict[str, StoredTensor], dequantize: bool = True):
+    """Yield (name, value, file) for each of ``stored`` (safetensors_io.catalog's entries), one at a time.
 
     A quantised weight is read together with its scale wherever that is stored (scales themselves are not
     yielded) and comes back dequantised (fp32, same [out, in] as the parameter), or with ``dequantize=False``
     as released: a QuantArray of host arrays (``_released``)."""
-    stored = {name: t for name, t in catalog(files).items() if not skip(name)}
     scale_of = pair_scales(stored)
     for name, t in stored.items():
         if weight_of_scale(name) is not None:
