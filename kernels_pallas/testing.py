@@ -24,9 +24,10 @@ def lower_for_h100(fn, *args):
     return lowered.as_text()
 
 
-def compile_for_h100(fn, *args) -> dict[str, float]:
+def compile_for_h100(fn, *args, asm: dict | None = None) -> dict[str, float]:
     """Lower ``fn(*args)`` as ``lower_for_h100`` does, then compile each Pallas Triton kernel in it to a
-    cubin for sm_90 with the ``triton`` package's compiler, which needs no GPU. Returns seconds per kernel.
+    cubin for sm_90 with the ``triton`` package's compiler, which needs no GPU. Returns seconds per kernel;
+    ``asm``, if given, receives each kernel's compiled forms by name (Triton's ``asm``: "ttgir", "ptx", "sass"...).
 
     Catches kernels that lower but do not compile, and compiles that take minutes (an unrolled kernel once
     timed a GPU run out; docs/performance.md, Kernel design notes). The ``triton`` package (a torch
@@ -66,9 +67,11 @@ def compile_for_h100(fn, *args) -> dict[str, float]:
             path = Path(tmp) / f"{i}.ttir"
             path.write_text(module)
             t0 = time.perf_counter()
-            triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "num_stages": stages})
+            kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": warps, "num_stages": stages})
             seconds[name] = time.perf_counter() - t0
+            if asm is not None:
+                asm[name] = kernel.asm
     return seconds
 
 

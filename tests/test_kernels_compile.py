@@ -53,3 +53,14 @@ def test_cuda_plugin_check_without_any_jax_plugin(monkeypatch):
         importlib.util.find_spec("jax_plugins.xla_cuda13")
     assert not cuda_plugin_installed() and not cuda_plugin_installed((13,))
     assert h100_compile_only_sharding() is None
+
+
+def test_instruction_mix_counts_the_loops_tensor_core_ops():
+    """scripts/kernel_sass.py reads the FP4 expert kernel's inner loop from its sm_90 disassembly: one K step
+    of a [16, 256] x [256, 64] tile is (64 / 8) x (256 / 16) m16n8k16 HMMAs over the program's 4 warps."""
+    from scripts.kernel_sass import instruction_mix
+
+    [row] = instruction_mix("expert_rows", "fp4 gate_up T=1", {"block_n": 64, "block_k": 256, "num_warps": 4})
+    assert row["kernel"].endswith("_n64_k256")
+    assert row["by_opcode"]["HMMA"] == (64 // 8) * (256 // 16) // 4
+    assert row["per_weight"] == round(row["loop_instructions"] / (64 * 256 / 128), 2)
