@@ -79,6 +79,12 @@ def expert_blocks(kernel: str, x, w, block_n: int, block_k: int, w_scales=None) 
     return block_n, block_k
 
 
+def check_fp4_ptx(kernel: str, tuning, interpret: bool) -> None:
+    """One-line error for ``fp4_ptx`` in interpret mode, which cannot run PTX."""
+    if tuning.fp4_ptx and interpret:
+        raise ValueError(f"{kernel}: fp4_ptx=True (inline PTX) needs a GPU; interpret mode runs fp4_ptx=False")
+
+
 def check_fp4(kernel: str, x, w, w_scales) -> None:
     """One-line error unless x is bf16 [M, K], w int8 [G, N, K/2] and w_scales [G, N, K/32] ue8m0 or fp32."""
     ok = x.ndim == 2 and w.ndim == 3 and x.dtype == jnp.bfloat16 and w.dtype == jnp.int8
@@ -134,23 +140,54 @@ def fp4_decode(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Arr
             decode(((b << 5) & 0x0E00) | ((b << 8) & 0x8000)))   # bits 4-6 to 9-11, bit 7 to 15
 
 
-def fp4_tile(packed: jax.Array, scales: jax.Array) -> jax.Array:
+# fp4_decode's arithmetic on 4 bytes at once, two weights per 32-bit operation: bytes (0, 1) and (2, 3) spread to
+# the halves of a word (prmt), each half's nibble made fp16 bits by two shifts, a mask and a lop3
+# ((a & 0x0E000E00) | b), the fp16 pairs widened to fp32, times the bytes' scales, packed to bf16x2.
+# $0 $1: the 4 weights' bf16 (bytes 0-1, 2-3); $2: the 4 bytes; $3-$6: their scales. SHIFTS: the low nibble's
+# (bits 0-2 to 9-11, bit 3 to 15) or the high one's (bits 4-6 to 9-11, bit 7 to 15).
+_FP4_PTX = """{{
+.reg .b32 t0, t1, a, b, w0, w1;
+.reg .b16 h<4>;
+.reg .f32 f<4>;
+prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342;
+shl.b32 a, t0, {0}; shl.b32 b, t0, {1}; and.b32 b, b, 0x80008000; lop3.b32 w0, a, b, 0x0E000E00, 0xEC;
+shl.b32 a, t1, {0}; shl.b32 b, t1, {1}; and.b32 b, b, 0x80008000; lop3.b32 w1, a, b, 0x0E000E00, 0xEC;
+mov.b32 {{h0, h1}}, w0; mov.b32 {{h2, h3}}, w1;
+cvt.f32.f16 f0, h0; cvt.f32.f16 f1, h1; cvt.f32.f16 f2, h2; cvt.f32.f16 f3, h3;
+mul.f32 f0, f0, $3; mul.f32 f1, f1, $4; mul.f32 f2, f2, $5; mul.f32 f3, f3, $6;
+cvt.rn.bf16x2.f32 $0, f1, f0; cvt.rn.bf16x2.f32 $1, f3, f2;
+}}"""
+
+
+def fp4_decode_ptx(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``fp4_decode`` (the same values, bit for bit) in inline PTX, two weights per 32-bit operation; a GPU
+    only (interpret mode cannot run PTX). ``scales`` fp32 of ``packed``'s shape."""
+    scales = scales * 2.0 ** 14
+    out = jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)
+    return tuple(plt.elementwise_inline_asm(_FP4_PTX.format(*shifts), args=[packed, scales], pack=4,
+                                            constraints="=r,=r,r,f,f,f,f", result_shape_dtypes=[out])[0]
+                 for shifts in ((9, 12), (5, 8)))
+
+
+def fp4_tile(packed: jax.Array, scales: jax.Array, ptx: bool = False) -> jax.Array:
     """In a Triton kernel: packed int8 [bn, bk/2], scales [bn, bk/32] (``fp4_scales_operand``'s) -> the weight
-    tile bf16 [bn, bk] (``fp4_decode``, the two halves interleaved: the low nibble is the even column)."""
+    tile bf16 [bn, bk] (``fp4_decode``, or ``fp4_decode_ptx`` with ``ptx``; the two halves interleaved: the low
+    nibble is the even column)."""
     bn, half = packed.shape
     # each scale over its block's 16 bytes
     scales = jnp.broadcast_to(fp4_scale_values(scales)[:, :, None], (bn, half // 16, 16)).reshape(bn, half)
-    return jnp.stack(fp4_decode(packed, scales), axis=-1).reshape(bn, 2 * half)
+    return jnp.stack((fp4_decode_ptx if ptx else fp4_decode)(packed, scales), axis=-1).reshape(bn, 2 * half)
 
 
-def expert_tile(w_ref, s_ref, g, i, block_k: int):
+def expert_tile(w_ref, s_ref, g, i, block_k: int, ptx: bool = False):
     """In a Triton kernel: K step i's weight tile of matrix g, [bn, block_k] in x's dtype; w_ref [G, bn, K] as
-    is, or with s_ref FP4 w_ref [G, bn, K/2] and s_ref [G, bn, K/32] dequantised in registers (``fp4_tile``)."""
+    is, or with s_ref FP4 w_ref [G, bn, K/2] and s_ref [G, bn, K/32] dequantised in registers (``fp4_tile``;
+    ``ptx``: its inline-PTX decode)."""
     if s_ref is None:
         return w_ref[g, :, pl.ds(pl.multiple_of(i * block_k, block_k), block_k)]
     half, n_scales = block_k // 2, block_k // FP4_BLOCK
     return fp4_tile(w_ref[g, :, pl.ds(pl.multiple_of(i * half, half), half)],
-                    s_ref[g, :, pl.ds(pl.multiple_of(i * n_scales, n_scales), n_scales)])
+                    s_ref[g, :, pl.ds(pl.multiple_of(i * n_scales, n_scales), n_scales)], ptx)
 
 
 def check_tuning(config, *, blocks: tuple[str, ...] = (), flags: tuple[str, ...] = ()) -> None:

@@ -20,7 +20,8 @@ Backend: the Pallas **Triton** backend, like ``grouped_gemv``: grid ``(N / block
 streams ``w[ids[r], n-block, :]`` in ``block_k`` steps against row r (loaded into a 16-row tile, the
 tensor-core minimum, the other 15 rows masked to zero) and stores its ``[1, block_n]`` result. FP4: the
 step's ``[block_n, block_k / 2]`` bytes and ``[block_n, block_k / 32]`` scales become a bf16 tile by bit
-arithmetic (``common.fp4_tile``) before the same dot; a quarter of the bf16 weight bytes.
+arithmetic (``common.fp4_tile``) before the same dot; a quarter of the bf16 weight bytes. ``fp4_ptx``: the same
+values decoded by inline PTX, two weights per 32-bit operation (a GPU only; the default until timed there).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import check_tuning, dequantize_fp4, expert_blocks, expert_tile, fp4_scales_operand, triton_call
+from .common import (check_fp4_ptx, check_tuning, dequantize_fp4, expert_blocks, expert_tile, fp4_scales_operand,
+                     triton_call)
 
 __all__ = ["expert_rows", "reference", "TuningConfig", "choose_tuning"]
 
@@ -57,9 +59,10 @@ class TuningConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
+    fp4_ptx: bool = False  # FP4 weights decoded by inline PTX (common.fp4_decode_ptx); a GPU only
 
     def __post_init__(self):
-        check_tuning(self, blocks=("block_n", "block_k"))
+        check_tuning(self, flags=("fp4_ptx",), blocks=("block_n", "block_k"))
 
 
 def choose_tuning(fp4: bool = False) -> TuningConfig:
@@ -68,7 +71,7 @@ def choose_tuning(fp4: bool = False) -> TuningConfig:
     return TuningConfig(block_k=256) if fp4 else TuningConfig()
 
 
-def _kernel(ids_ref, x_ref, w_ref, *refs, block_k: int):
+def _kernel(ids_ref, x_ref, w_ref, *refs, block_k: int, ptx: bool):
     """ids_ref [M]; x_ref [M or 1, K]; w_ref [G, bn, K] or FP4 [G, bn, K/2] (this program's column block);
     then for FP4 s_ref [G, bn, K/32]; o_ref [M, bn]."""
     *s_ref, o_ref = refs
@@ -82,7 +85,7 @@ def _kernel(ids_ref, x_ref, w_ref, *refs, block_k: int):
     def step(i, acc):
         k0 = pl.multiple_of(i * block_k, block_k)
         xs = plt.load(x_ref.at[pl.ds(xr, TILE_ROWS), pl.ds(k0, block_k)], mask=own[:, None], other=0)
-        ws = expert_tile(w_ref, s_ref, e, i, block_k)
+        ws = expert_tile(w_ref, s_ref, e, i, block_k, ptx)
         return acc + lax.dot_general(xs, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, K // block_k, step, jnp.zeros((TILE_ROWS, o_ref.shape[1]), jnp.float32))
@@ -97,6 +100,7 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, w_scales: jax.Arr
     poison_outputs: testing aid (outputs start as NaN)."""
     fp4 = w_scales is not None
     tuning = tuning or choose_tuning(fp4)
+    check_fp4_ptx("expert_rows", tuning, interpret)
     G, N, Kw = w.shape
     M = ids.shape[0] if ids.ndim == 1 else 0
     if not M or x.ndim != 2 or x.shape[0] not in (1, M):
@@ -109,9 +113,10 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, w_scales: jax.Arr
         args.append(fp4_scales_operand(w_scales))
         in_specs.append(pl.BlockSpec((G, block_n, w_scales.shape[2]), lambda n, r: (0, n, 0)))
     return triton_call(
-        functools.partial(_kernel, block_k=block_k), args,
+        functools.partial(_kernel, block_k=block_k, ptx=fp4 and tuning.fp4_ptx), args,
         grid=(N // block_n, M), in_specs=in_specs,
         out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, r: (0, n))],
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
-        name=f"dsv4_expert_rows{'_fp4' * fp4}_n{block_n}_k{block_k}", poison=poison_outputs)[0]
+        name=f"dsv4_expert_rows{'_fp4' * fp4}{'_ptx' * (fp4 and tuning.fp4_ptx)}_n{block_n}_k{block_k}",
+        poison=poison_outputs)[0]

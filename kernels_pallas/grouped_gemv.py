@@ -35,6 +35,7 @@ Design:
   tile, then one masked store of its rows. A tile without rows reads ``group_sizes`` and exits.
 * FP4: a step reads ``[block_n, block_k / 2]`` bytes and ``[block_n, block_k / 32]`` scales and turns them into
   the bf16 tile in registers (``common.fp4_tile``) before the same dot: the weights stay packed in HBM.
+  ``fp4_ptx``: the same values decoded by inline PTX (a GPU only; not the default until timed there).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import check_tuning, expert_blocks, expert_tile, fp4_scales_operand, triton_call
+from .common import check_fp4_ptx, check_tuning, expert_blocks, expert_tile, fp4_scales_operand, triton_call
 from .grouped_matmul import reference
 
 __all__ = ["grouped_gemv", "tile_of", "reference", "TuningConfig", "choose_tuning"]
@@ -78,7 +79,7 @@ def tile_of(group_sizes: jax.Array, t, block_m: int):
     return group, first_row, jnp.clip(size - j * block_m, 0, block_m)
 
 
-def _kernel(sizes_ref, x_ref, w_ref, *refs, block_m: int, block_k: int):
+def _kernel(sizes_ref, x_ref, w_ref, *refs, block_m: int, block_k: int, ptx: bool):
     """sizes_ref [G] int32; x_ref [M, K]; w_ref [G, bn, K] or FP4 [G, bn, K/2] (this program's column block);
     then for FP4 s_ref [G, bn, K/32]; o_ref [M, bn].
 
@@ -102,7 +103,7 @@ def _kernel(sizes_ref, x_ref, w_ref, *refs, block_m: int, block_k: int):
         def step(i, acc):
             k0 = pl.multiple_of(i * block_k, block_k)
             xs = plt.load(x_ref.at[pl.ds(row0, block_m), pl.ds(k0, block_k)], mask=live[:, None], other=0)
-            ws = expert_tile(w_ref, s_ref, w_group, i, block_k)
+            ws = expert_tile(w_ref, s_ref, w_group, i, block_k, ptx)
             return acc + lax.dot_general(xs, ws, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
         acc = lax.fori_loop(0, K // block_k, step, jnp.zeros((block_m, bn), jnp.float32))
@@ -127,9 +128,10 @@ class TuningConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
+    fp4_ptx: bool = False  # FP4 weights decoded by inline PTX (common.fp4_decode_ptx); a GPU only
 
     def __post_init__(self):
-        check_tuning(self, blocks=("block_m", "block_n", "block_k"))
+        check_tuning(self, flags=("fp4_ptx",), blocks=("block_m", "block_n", "block_k"))
 
 
 def choose_tuning(fp4: bool = False) -> TuningConfig:
@@ -150,6 +152,7 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, w_scales
     """
     fp4 = w_scales is not None
     tuning = tuning or choose_tuning(fp4)
+    check_fp4_ptx("grouped_gemv", tuning, interpret)
     block_m = tuning.block_m
     M, K = x.shape
     G, N, Kw = w.shape
@@ -168,9 +171,10 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, w_scales
         args.append(fp4_scales_operand(w_scales))
         in_specs.append(pl.BlockSpec((G, block_n, w_scales.shape[2]), lambda n, t: (0, n, 0)))
     return triton_call(
-        functools.partial(_kernel, block_m=block_m, block_k=block_k), args,
+        functools.partial(_kernel, block_m=block_m, block_k=block_k, ptx=fp4 and tuning.fp4_ptx), args,
         grid=(N // block_n, n_tiles), in_specs=in_specs,
         out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, t: (0, n))],
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
-        name=f"dsv4_grouped_gemv{'_fp4' * fp4}_m{block_m}_n{block_n}_k{block_k}", poison=poison_outputs)[0]
+        name=f"dsv4_grouped_gemv{'_fp4' * fp4}{'_ptx' * (fp4 and tuning.fp4_ptx)}_m{block_m}_n{block_n}_k{block_k}",
+        poison=poison_outputs)[0]

@@ -10,6 +10,7 @@ Flash sizes, bf16 and FP4.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -171,6 +172,90 @@ def test_fp4_compiles_for_sm90(case, scale_dtype):
     seconds = compile_for_h100(c["pallas"], x, w, ids, w_scales)
     print(f"{case} {jnp.dtype(scale_dtype)}: Triton compile for sm_90 {seconds}")
     assert seconds and max(seconds.values()) < 120
+
+
+def run_fp4_ptx(word: int, scales: list[float], shifts: tuple[int, int]) -> list[int]:
+    """common._FP4_PTX read as PTX and run on one 32-bit word of 4 bytes and their 4 fp32 scales (each a
+    power of two times 2^14, as fp4_decode_ptx passes them): the 4 bf16 results' bits. A small interpreter of
+    the opcodes it uses, written from the PTX ISA: it checks the text's selectors, shifts, masks and lookup
+    table, not the GPU (the GPU twin below does)."""
+    import re
+    from kernels_pallas import common
+
+    regs: dict[str, int | float] = {"$2": word, **{f"${3 + i}": s for i, s in enumerate(scales)}}
+    val = lambda a: int(a, 0) if re.fullmatch(r"(0x[0-9A-Fa-f]+|\d+)", a) else regs[a]
+    f32 = lambda v: float(np.float32(v))
+    text = "\n".join(line for line in common._FP4_PTX.format(*shifts).splitlines() if not line.startswith(".reg"))
+    for op, operands in re.findall(r"([a-z][\w.]*) ([^;]*);", text):
+        args = [a.strip() for a in operands.split(",")]
+        if op == "prmt.b32":
+            a, b, sel = val(args[1]), val(args[2]), val(args[3])
+            pool = (a | b << 32).to_bytes(8, "little")
+            regs[args[0]] = int.from_bytes(bytes(pool[(sel >> 4 * i) & 7] for i in range(4)), "little")
+        elif op == "shl.b32":
+            regs[args[0]] = (val(args[1]) << val(args[2])) & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[args[0]] = val(args[1]) & val(args[2])
+        elif op == "lop3.b32":
+            a, b, c, lut = (val(x) for x in args[1:])
+            regs[args[0]] = sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i
+                                for i in range(32))
+        elif op == "mov.b32":  # {lo, hi}, w
+            lo, hi = (r.strip("{} ") for r in args[:2])
+            regs[lo], regs[hi] = val(args[2]) & 0xFFFF, val(args[2]) >> 16
+        elif op == "cvt.f32.f16":
+            regs[args[0]] = f32(np.uint16(val(args[1])).view(np.float16))
+        elif op == "mul.f32":
+            regs[args[0]] = f32(np.float32(regs[args[1]]) * np.float32(regs[args[2]]))
+        elif op == "cvt.rn.bf16x2.f32":
+            bits = lambda v: int(np.asarray(v, jnp.bfloat16).view(np.uint16))
+            regs[args[0]] = bits(regs[args[1]]) << 16 | bits(regs[args[2]])
+        else:
+            raise AssertionError(f"the interpreter has no {op}")
+    return [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
+
+
+def test_fp4_ptx_text_computes_fp4_decode():
+    """Every byte value, in each of the word's 4 places, with scales from 2^-12 to 2^3: the inline PTX's low
+    and high nibbles give fp4_decode's bf16 bits (fp4_decode in plain JAX is the CPU path and the reference)."""
+    from kernels_pallas.common import fp4_decode
+
+    rng = np.random.default_rng(0)
+    byte_values = np.arange(256, dtype=np.uint8)
+    for place in range(4):
+        for scale_exp in (-12, -7, 0, 3):
+            words = rng.integers(0, 256, (256, 4), dtype=np.uint8)
+            words[:, place] = byte_values
+            scales = np.full((256, 4), 2.0 ** scale_exp, np.float32)
+            scales[:, (place + 1) % 4] = 2.0 ** -3  # neighbours with another block's scale
+            packed = jnp.asarray(words.view(np.int8))
+            want = [np.asarray(h).view(np.uint16) for h in fp4_decode(packed, jnp.asarray(scales))]
+            for row in range(256):
+                word = int.from_bytes(words[row].tobytes(), "little")
+                for half, shifts in enumerate(((9, 12), (5, 8))):
+                    got = run_fp4_ptx(word, [float(s) * 2.0 ** 14 for s in scales[row]], shifts)
+                    assert got == want[half][row].tolist(), (row, place, scale_exp, half)
+
+
+def test_fp4_ptx_in_interpret_mode_is_an_error():
+    x, w, w_scales, ids = fp4_inputs(0, [1], 2, 32, 128, jnp.float8_e8m0fnu)
+    with pytest.raises(ValueError, match="fp4_ptx=True .*needs a GPU"):
+        er.expert_rows(x, w, ids, w_scales=w_scales, tuning=er.TuningConfig(block_k=64, fp4_ptx=True),
+                       interpret=True)
+
+
+@on_gpu
+@pytest.mark.parametrize("case", [c for c in kernel_cases.bench_cases("expert_rows") if c["name"].startswith("fp4")],
+                         ids=lambda c: c["name"])
+def test_gpu_fp4_ptx_equals_bit_arithmetic(case):
+    """The inline-PTX decode gives the bit-arithmetic kernel's outputs bit for bit (the same bf16 tiles into
+    the same dots), and the reference's within the GPU bound."""
+    args = case["args"](jax.random.PRNGKey(0))
+    ptx = jax.jit(functools.partial(case["pallas"], poison_outputs=True,
+                                    tuning=dataclasses.replace(case["tuning"], fp4_ptx=True)))(*args)
+    bits = jax.jit(functools.partial(case["pallas"], tuning=case["tuning"]))(*args)
+    np.testing.assert_array_equal(np.asarray(ptx, np.float32), np.asarray(bits, np.float32))
+    assert_close(ptx, jax.jit(er.reference)(*args))
 
 
 @on_gpu

@@ -9,6 +9,7 @@ kernel and grouped_matmul is tested in test_kernel_grouped_matmul.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -133,3 +134,17 @@ def test_gpu_bench_cases_match_reference(case):
     args = case["args"](jax.random.PRNGKey(0))
     out = jax.jit(functools.partial(case["pallas"], poison_outputs=True))(*args)
     assert_close(out, jax.jit(gg.reference)(*args))
+
+
+@on_gpu
+@pytest.mark.parametrize("case", [c for c in kernel_cases.bench_cases("grouped_gemv") if c["name"].startswith("fp4")],
+                         ids=lambda c: c["name"])
+def test_gpu_fp4_ptx_equals_bit_arithmetic(case):
+    """``fp4_ptx``: the bit-arithmetic kernel's outputs bit for bit, the reference's within the GPU bound
+    (the inline PTX's text is checked on the CPU in test_kernel_expert_rows.py)."""
+    args = case["args"](jax.random.PRNGKey(0))
+    ptx = jax.jit(functools.partial(case["pallas"], poison_outputs=True,
+                                    tuning=dataclasses.replace(case["tuning"], fp4_ptx=True)))(*args)
+    bits = jax.jit(functools.partial(case["pallas"], tuning=case["tuning"]))(*args)
+    np.testing.assert_array_equal(np.asarray(ptx, np.float32), np.asarray(bits, np.float32))
+    assert_close(ptx, jax.jit(gg.reference)(*args))
