@@ -79,9 +79,9 @@ def expert_blocks(kernel: str, x, w, block_n: int, block_k: int, w_scales=None) 
     return block_n, block_k
 
 
-def check_fp4_ptx(kernel: str, tuning, interpret: bool) -> None:
-    """One-line error for ``fp4_ptx`` in interpret mode, which cannot run PTX."""
-    if tuning.fp4_ptx and interpret:
+def check_fp4_ptx(kernel: str, ptx: bool, interpret: bool) -> None:
+    """One-line error for FP4 weights under ``fp4_ptx`` in interpret mode, which cannot run PTX."""
+    if ptx and interpret:
         raise ValueError(f"{kernel}: fp4_ptx=True (inline PTX) needs a GPU; interpret mode runs fp4_ptx=False")
 
 
@@ -121,6 +121,9 @@ def fp4_scale_values(scales: jax.Array) -> jax.Array:
     return scales
 
 
+FP16_CODE_SCALE = 2.0 ** 14  # fp4_decode's fp16 bits hold the e2m1 value times 2^-14; the scale makes up for it
+
+
 def fp4_decode(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
     """In a kernel: packed int8 [..., n] -> (low, high) bf16 [..., n], each byte's even- and odd-column weight
     times ``scales`` (fp32, broadcastable to [..., n]: each byte's block scale).
@@ -129,7 +132,7 @@ def fp4_decode(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Arr
     mantissa bit, its sign bit the sign, which is the e2m1 value times 2^-14, codes 1 and 9 (+-0.5) included as
     fp16 subnormals (exact in the conversion to fp32); the fp32 product with 2^14 * scale is exact, so its
     rounding to bf16 is too. Exponent bytes 2 .. 240 (2^-125 .. 2^113; the release's scales lie far inside)."""
-    scales = scales * 2.0 ** 14
+    scales = scales * FP16_CODE_SCALE
     b = packed.astype(jnp.int32)
 
     def decode(fp16_bits):
@@ -162,7 +165,7 @@ cvt.rn.bf16x2.f32 $0, f1, f0; cvt.rn.bf16x2.f32 $1, f3, f2;
 def fp4_decode_ptx(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``fp4_decode`` (the same values, bit for bit) in inline PTX, two weights per 32-bit operation; a GPU
     only (interpret mode cannot run PTX). ``scales`` fp32 of ``packed``'s shape."""
-    scales = scales * 2.0 ** 14
+    scales = scales * FP16_CODE_SCALE
     out = jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)
     return tuple(plt.elementwise_inline_asm(_FP4_PTX.format(*shifts), args=[packed, scales], pack=4,
                                             constraints="=r,=r,r,f,f,f,f", result_shape_dtypes=[out])[0]

@@ -100,7 +100,8 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, w_scales: jax.Arr
     poison_outputs: testing aid (outputs start as NaN)."""
     fp4 = w_scales is not None
     tuning = tuning or choose_tuning(fp4)
-    check_fp4_ptx("expert_rows", tuning, interpret)
+    ptx = fp4 and tuning.fp4_ptx
+    check_fp4_ptx("expert_rows", ptx, interpret)
     G, N, Kw = w.shape
     M = ids.shape[0] if ids.ndim == 1 else 0
     if not M or x.ndim != 2 or x.shape[0] not in (1, M):
@@ -113,10 +114,10 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, w_scales: jax.Arr
         args.append(fp4_scales_operand(w_scales))
         in_specs.append(pl.BlockSpec((G, block_n, w_scales.shape[2]), lambda n, r: (0, n, 0)))
     return triton_call(
-        functools.partial(_kernel, block_k=block_k, ptx=fp4 and tuning.fp4_ptx), args,
+        functools.partial(_kernel, block_k=block_k, ptx=ptx), args,
         grid=(N // block_n, M), in_specs=in_specs,
         out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, r: (0, n))],
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
-        name=f"dsv4_expert_rows{'_fp4' * fp4}{'_ptx' * (fp4 and tuning.fp4_ptx)}_n{block_n}_k{block_k}",
+        name=f"dsv4_expert_rows{'_fp4' * fp4}{'_ptx' * ptx}_n{block_n}_k{block_k}",
         poison=poison_outputs)[0]

@@ -152,7 +152,8 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, w_scales
     """
     fp4 = w_scales is not None
     tuning = tuning or choose_tuning(fp4)
-    check_fp4_ptx("grouped_gemv", tuning, interpret)
+    ptx = fp4 and tuning.fp4_ptx
+    check_fp4_ptx("grouped_gemv", ptx, interpret)
     block_m = tuning.block_m
     M, K = x.shape
     G, N, Kw = w.shape
@@ -171,10 +172,10 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, w_scales
         args.append(fp4_scales_operand(w_scales))
         in_specs.append(pl.BlockSpec((G, block_n, w_scales.shape[2]), lambda n, t: (0, n, 0)))
     return triton_call(
-        functools.partial(_kernel, block_m=block_m, block_k=block_k, ptx=fp4 and tuning.fp4_ptx), args,
+        functools.partial(_kernel, block_m=block_m, block_k=block_k, ptx=ptx), args,
         grid=(N // block_n, n_tiles), in_specs=in_specs,
         out_shape=[jax.ShapeDtypeStruct((M, N), x.dtype)],
         out_specs=[pl.BlockSpec((M, block_n), lambda n, t: (0, n))],
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret,
-        name=f"dsv4_grouped_gemv{'_fp4' * fp4}{'_ptx' * (fp4 and tuning.fp4_ptx)}_m{block_m}_n{block_n}_k{block_k}",
+        name=f"dsv4_grouped_gemv{'_fp4' * fp4}{'_ptx' * ptx}_m{block_m}_n{block_n}_k{block_k}",
         poison=poison_outputs)[0]

@@ -10,7 +10,6 @@ Flash sizes, bf16 and FP4.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -22,7 +21,7 @@ from dsv4_jax import ops
 from kernels_pallas import expert_rows as er
 from kernels_pallas.testing import compile_for_h100, lower_for_h100
 from scripts import kernel_cases
-from test_kernel_grouped_matmul import write_counts
+from test_kernel_grouped_matmul import assert_fp4_ptx_equals_bit_arithmetic, write_counts
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (runs the compiled kernel)")
 SMALL = er.TuningConfig(block_n=32, block_k=32)
@@ -176,7 +175,7 @@ def test_fp4_compiles_for_sm90(case, scale_dtype):
 
 def run_fp4_ptx(word: int, scales: list[float], shifts: tuple[int, int]) -> list[int]:
     """common._FP4_PTX read as PTX and run on one 32-bit word of 4 bytes and their 4 fp32 scales (each a
-    power of two times 2^14, as fp4_decode_ptx passes them): the 4 bf16 results' bits. A small interpreter of
+    power of two times FP16_CODE_SCALE, as fp4_decode_ptx passes them): the 4 bf16 results' bits. A small interpreter of
     the opcodes it uses, written from the PTX ISA: it checks the text's selectors, shifts, masks and lookup
     table, not the GPU (the GPU twin below does)."""
     import re
@@ -218,7 +217,7 @@ def run_fp4_ptx(word: int, scales: list[float], shifts: tuple[int, int]) -> list
 def test_fp4_ptx_text_computes_fp4_decode():
     """Every byte value, in each of the word's 4 places, with scales from 2^-12 to 2^3: the inline PTX's low
     and high nibbles give fp4_decode's bf16 bits (fp4_decode in plain JAX is the CPU path and the reference)."""
-    from kernels_pallas.common import fp4_decode
+    from kernels_pallas import common
 
     rng = np.random.default_rng(0)
     byte_values = np.arange(256, dtype=np.uint8)
@@ -229,11 +228,11 @@ def test_fp4_ptx_text_computes_fp4_decode():
             scales = np.full((256, 4), 2.0 ** scale_exp, np.float32)
             scales[:, (place + 1) % 4] = 2.0 ** -3  # neighbours with another block's scale
             packed = jnp.asarray(words.view(np.int8))
-            want = [np.asarray(h).view(np.uint16) for h in fp4_decode(packed, jnp.asarray(scales))]
+            want = [np.asarray(h).view(np.uint16) for h in common.fp4_decode(packed, jnp.asarray(scales))]
             for row in range(256):
                 word = int.from_bytes(words[row].tobytes(), "little")
                 for half, shifts in enumerate(((9, 12), (5, 8))):
-                    got = run_fp4_ptx(word, [float(s) * 2.0 ** 14 for s in scales[row]], shifts)
+                    got = run_fp4_ptx(word, [float(s) * common.FP16_CODE_SCALE for s in scales[row]], shifts)
                     assert got == want[half][row].tolist(), (row, place, scale_exp, half)
 
 
@@ -248,14 +247,7 @@ def test_fp4_ptx_in_interpret_mode_is_an_error():
 @pytest.mark.parametrize("case", [c for c in kernel_cases.bench_cases("expert_rows") if c["name"].startswith("fp4")],
                          ids=lambda c: c["name"])
 def test_gpu_fp4_ptx_equals_bit_arithmetic(case):
-    """The inline-PTX decode gives the bit-arithmetic kernel's outputs bit for bit (the same bf16 tiles into
-    the same dots), and the reference's within the GPU bound."""
-    args = case["args"](jax.random.PRNGKey(0))
-    ptx = jax.jit(functools.partial(case["pallas"], poison_outputs=True,
-                                    tuning=dataclasses.replace(case["tuning"], fp4_ptx=True)))(*args)
-    bits = jax.jit(functools.partial(case["pallas"], tuning=case["tuning"]))(*args)
-    np.testing.assert_array_equal(np.asarray(ptx, np.float32), np.asarray(bits, np.float32))
-    assert_close(ptx, jax.jit(er.reference)(*args))
+    assert_fp4_ptx_equals_bit_arithmetic(case, er.reference, assert_close)
 
 
 @on_gpu

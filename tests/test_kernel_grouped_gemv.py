@@ -9,7 +9,6 @@ kernel and grouped_matmul is tested in test_kernel_grouped_matmul.py.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -20,7 +19,8 @@ import pytest
 from kernels_pallas import grouped_gemv as gg
 from kernels_pallas.testing import compile_for_h100, lower_for_h100
 from scripts import kernel_cases
-from test_kernel_grouped_matmul import CPU_DIFFER, assert_close, fp4_inputs, make_inputs, write_counts
+from test_kernel_grouped_matmul import (CPU_DIFFER, assert_close, assert_fp4_ptx_equals_bit_arithmetic, fp4_inputs,
+                                       make_inputs, write_counts)
 
 # CPU interpret mode: measured 0-4.82e-5 of max |ref| (M 40); 10x.
 CPU_TOL = 5e-4
@@ -140,11 +140,4 @@ def test_gpu_bench_cases_match_reference(case):
 @pytest.mark.parametrize("case", [c for c in kernel_cases.bench_cases("grouped_gemv") if c["name"].startswith("fp4")],
                          ids=lambda c: c["name"])
 def test_gpu_fp4_ptx_equals_bit_arithmetic(case):
-    """``fp4_ptx``: the bit-arithmetic kernel's outputs bit for bit, the reference's within the GPU bound
-    (the inline PTX's text is checked on the CPU in test_kernel_expert_rows.py)."""
-    args = case["args"](jax.random.PRNGKey(0))
-    ptx = jax.jit(functools.partial(case["pallas"], poison_outputs=True,
-                                    tuning=dataclasses.replace(case["tuning"], fp4_ptx=True)))(*args)
-    bits = jax.jit(functools.partial(case["pallas"], tuning=case["tuning"]))(*args)
-    np.testing.assert_array_equal(np.asarray(ptx, np.float32), np.asarray(bits, np.float32))
-    assert_close(ptx, jax.jit(gg.reference)(*args))
+    assert_fp4_ptx_equals_bit_arithmetic(case, gg.reference, assert_close)

@@ -11,6 +11,7 @@ released format's, the kernels' in-register decoding against the references' on 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
@@ -75,6 +76,18 @@ def assert_close(out, ref, tol=None, differ=None):
         assert err <= tol
     else:  # bf16 output of an fp32 accumulation: one bf16 rounding apart at most.
         np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def assert_fp4_ptx_equals_bit_arithmetic(case: dict, reference, close) -> None:
+    """A GPU twin of an FP4 bench case under ``fp4_ptx``: the bit-arithmetic kernel's outputs bit for bit (the
+    same bf16 tiles into the same dots; the PTX text is checked on the CPU in test_kernel_expert_rows.py), and
+    ``reference``'s within ``close``."""
+    args = case["args"](jax.random.PRNGKey(0))
+    ptx = jax.jit(functools.partial(case["pallas"], poison_outputs=True,
+                                    tuning=dataclasses.replace(case["tuning"], fp4_ptx=True)))(*args)
+    bits = jax.jit(functools.partial(case["pallas"], tuning=case["tuning"]))(*args)
+    np.testing.assert_array_equal(np.asarray(ptx, np.float32), np.asarray(bits, np.float32))
+    close(ptx, jax.jit(reference)(*args))
 
 
 def write_counts(monkeypatch, module, fn, *args, **kw) -> np.ndarray:

@@ -22,7 +22,8 @@ def test_ci_runs_the_readme_blocks_as_written():
     assert 'for block in 1 2; do' in ci and 'bash -euo pipefail -c "$(scripts/readme_block.sh "$block")"' in ci
     assert readme_block(1) == ["scripts/setup.sh && . .venv/bin/activate",
                                'python -m dsv4_jax.generate "Once upon a time" --max-new-tokens 32']
-    assert readme_block(2) == ["scripts/setup.sh test,aot && . .venv/bin/activate", "python -m pytest -q -n 2 --dist loadfile tests"]
+    assert readme_block(2) == ["scripts/setup.sh test,aot && . .venv/bin/activate",
+                               "python -m pytest -q -n 2 --dist loadfile tests"]
 
 
 def _python_312_installed() -> bool:

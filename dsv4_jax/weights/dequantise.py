@@ -3,7 +3,6 @@ and streamed one stored tensor at a time, kept as released (a QuantArray on the 
 
 from __future__ import annotations
 
-
 import ml_dtypes
 import numpy as np
 
