@@ -19,12 +19,14 @@ from dsv4_jax.model.compression import CompressorState, span_of
 from dsv4_jax.model.config import CSA, HASH_MOE
 from dsv4_jax.model.metadata import build_metadata
 from dsv4_jax.model.transformer import DeepseekV4ForCausalLM, _stateless_logits
+from dsv4_jax.ops import moe as ops_moe
 from kernels_pallas import compressor as cp
 from kernels_pallas import expert_rows as er
 from kernels_pallas import hc_pre as hp
 from kernels_pallas import indexer as ix
 from kernels_pallas import sparse_attention as sa
 from kernels_pallas import topk as tk
+from kernels_pallas.testing import cuda_plugin_installed, h100_compile_only_sharding
 from test_kernel_sparse_attention import make_prefill_inputs
 
 CHOICES = ["xla", "pallas"]
@@ -254,6 +256,35 @@ def test_routed_experts(choice, T, dtype):
     assert (text != xla_text) == (choice == "pallas" and dtype == jnp.bfloat16)  # fp32 weights keep XLA
     assert_close(got, experts_reference(x, idx, weights, gate_up, down, 1.0), 2 ** -6 if dtype == jnp.bfloat16
                  else 1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 16])
+def test_ragged_dot_in_chunks(monkeypatch, chunk_rows):
+    """Rows in chunks of 1, 5 (cutting groups) and 16 (more than the rows: one call) equal each row times its
+    group's matrix (numpy, float64); empty groups, and rows past the groups (zeros) included."""
+    G, N, K = 4, 6, 8
+    sizes = np.array([3, 0, 5, 2], np.int32)  # 10 of 13 rows in groups
+    monkeypatch.setattr(ops_moe, "RAGGED_DOT_CHUNK_BYTES", chunk_rows * 4 * G * K)
+    x = np.random.RandomState(0).randn(13, K).astype(np.float32)
+    w = np.random.RandomState(1).randn(G, N, K).astype(np.float32)
+    got = np.asarray(ops_moe.ragged_dot_in_chunks(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes)))
+    group = np.repeat(np.arange(G), sizes)
+    want = np.zeros((13, N))
+    want[:10] = np.einsum("mk,mnk->mn", x[:10].astype(np.float64), w[group].astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="needs JAX's CUDA plugin (pip install -e '.[aot]')")
+def test_ragged_dot_in_chunks_bounds_gpu_temporaries():
+    """Compiled for an H100, the XLA path's ragged dot of the in-model GPU test's prefill (4 x 2300 tokens x 6
+    experts over 64 experts of width 4096, fp32) keeps its temporaries to a few GB: unchunked, XLA's dense
+    expansion takes 62 GB, and the test ran out of memory on an H200."""
+    M, G, N, K = 4 * 2300 * 6, 64, 4096, 4096
+    s = h100_compile_only_sharding()
+    args = (jax.ShapeDtypeStruct((M, K), jnp.float32, sharding=s), jax.ShapeDtypeStruct((G, N, K), jnp.float32,
+            sharding=s), jax.ShapeDtypeStruct((G,), jnp.int32, sharding=s))
+    temp = jax.jit(ops_moe.ragged_dot_in_chunks).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 12e9, temp  # 7.7 GiB at 2 GiB chunks; unchunked 62 GB
 
 
 @pytest.mark.parametrize("choice", CHOICES)

@@ -26,6 +26,34 @@ _RAGGED_DN = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
+# XLA's GPU ragged dot is dense: it expands its rows over every group (62 GB of temporaries for 55,200 rows
+# over 64 experts of width 4096, compiled for an H100), so the XLA path takes the rows in chunks whose
+# expansion, counted at 4 bytes a value, stays under this.
+RAGGED_DOT_CHUNK_BYTES = 2 ** 31
+
+
+def ragged_dot_in_chunks(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, K] rows sorted by group; w [G, N, K]; group_sizes [G] (summing to at most M; later rows get
+    zeros) -> [M, N] fp32, row i times its group's matrix: one ``ragged_dot_general`` per chunk of rows, the
+    chunk's share of each group clipped from the groups' row ranges."""
+    M, K = x.shape
+    G = w.shape[0]
+    rows = max(1, RAGGED_DOT_CHUNK_BYTES // (4 * G * K))
+
+    def ragged(xs, sizes):
+        return jax.lax.ragged_dot_general(xs, w, sizes, ragged_dot_dimension_numbers=_RAGGED_DN,
+                                          preferred_element_type=jnp.float32)
+
+    if M <= rows:
+        return ragged(x, group_sizes)
+    chunks = -(-M // rows)
+    ends = jnp.cumsum(group_sizes)
+    first = jnp.arange(chunks, dtype=ends.dtype)[:, None] * rows  # [chunks, 1]
+    sizes = jnp.clip(ends, first, first + rows) - jnp.clip(ends - group_sizes, first, first + rows)  # [chunks, G]
+    xs = jnp.pad(x, ((0, chunks * rows - M), (0, 0))).reshape(chunks, rows, K)
+    return jax.lax.map(lambda a: ragged(*a), (xs, sizes)).reshape(chunks * rows, -1)[:M]
+
+
 def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
     """silu(min(gate, L)) * clip(up, -L, L): the gate is clamped from above only."""
     return jax.nn.silu(jnp.minimum(gate, limit)) * jnp.clip(up, -limit, limit)
@@ -98,9 +126,8 @@ def _experts_on_device(x: jax.Array, idx: jax.Array, weights: jax.Array, gate_up
         up = functools.partial(kernel, w=gate_up, group_sizes=group_sizes, w_scales=up_scales)
         down_proj = functools.partial(kernel, w=down, group_sizes=group_sizes, w_scales=down_scales)
     else:
-        ragged = functools.partial(jax.lax.ragged_dot_general, group_sizes=group_sizes,
-                                   ragged_dot_dimension_numbers=_RAGGED_DN, preferred_element_type=jnp.float32)
-        up, down_proj = functools.partial(ragged, rhs=gate_up), functools.partial(ragged, rhs=down)
+        up = functools.partial(ragged_dot_in_chunks, w=gate_up, group_sizes=group_sizes)
+        down_proj = functools.partial(ragged_dot_in_chunks, w=down, group_sizes=group_sizes)
     y = _expert_mlp(xs, up, down_proj, limit)
     if spread > 1:  # the rows past the groups (other devices' assignments) were never written
         y = jnp.where((jnp.arange(T * k) < jnp.sum(group_sizes))[:, None], y, 0.0)
