@@ -14,7 +14,7 @@ Measured rows, per batch B, each step the engine's own code jitted and timed as 
     extend T    the MTP block over T committed positions and its head at the last (a round's step 1)
     draft       one of the block's one-token draft steps: the block, its head, sampling (a round's step 2)
     head T      the main model's head alone on T positions per row (hc_head, norm, LM head)
-    round N     speculative.SpeculativeSteps.round end to end, N = T - 1 drafts
+    round N     speculative.SpeculativeSteps.round end to end, N = T - 1 drafts (for the ``--rounds`` sizes)
 
 Each measured row also gives the routing's diversity: the distinct experts each learned-MoE layer picks for the
 B x T random tokens of the step against the most there could be (random weights can collapse rows onto the same
@@ -23,7 +23,7 @@ experts, which would make verifying look free; look at it before reading the tim
 Computed rows (``"computed": true``), for N = T - 1 and each ``--accept`` length a (tokens a round yields, the
 main model's own included): speed-up = a x decode / (verify T + extend T + (N - 1) x draft), for the measured
 slice and for whole Flash (``--scale-layers``: each main-model time's layers, its time less its head's, scaled by
---scale-layers / the slice's layers; the MTP block's steps are not scaled), and the same with the measured round;
+--scale-layers / the slice's layers; the MTP block's steps are not scaled), and the same with the measured round where timed;
 with the share of whole Flash's round spent drafting, and of a draft step spent in the head (head 1 / draft: the
 LM head's read, which the MTP block shares with the main model).
 Prints one JSON object per row.
@@ -164,12 +164,18 @@ class Bench:
         # Each round moves the positions on by what it accepted: the context grows by at most T a round.
         return timed(fn, args, steps, lambda a, out: (a[0], out[4], out[2], a[3], out[3], *a[5:]))
 
-    def routing(self, batch: int, T: int) -> dict:
-        """Distinct experts per learned-MoE layer for B x T random tokens, and the most there could be."""
-        _, picks = forward_with_routing(self.model, self.tokens((batch, T), 5))
+    def routing(self, batch: int, sizes: list[int]) -> dict:
+        """{T: distinct experts per learned-MoE layer for B x T random tokens, and the most there could be} for
+        each T of ``sizes``, from one forward of max(sizes) tokens a row: the model is causal, so the first T
+        tokens' picks are those of a forward of those T alone."""
+        _, picks = forward_with_routing(self.model, self.tokens((batch, max(sizes)), 5))
         k, E = self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
-        distinct = [len(np.unique(np.asarray(picks[layer]))) for layer in learned_moe_layers(self.cfg)]
-        return {"distinct_experts": round(float(np.mean(distinct)), 1), "most_experts": min(E, batch * T * k)}
+
+        def stats(T):
+            distinct = [len(np.unique(np.asarray(picks[layer][:, :T]))) for layer in learned_moe_layers(self.cfg)]
+            return {"distinct_experts": round(float(np.mean(distinct)), 1), "most_experts": min(E, batch * T * k)}
+
+        return {T: stats(T) for T in sizes}
 
 
 def speedups(times: dict, T: int, accept: float, layers: int, scale_layers: int) -> dict:
@@ -182,9 +188,11 @@ def speedups(times: dict, T: int, accept: float, layers: int, scale_layers: int)
     pieces = times[f"verify_{T}"] + times[f"extend_{T}"] + (N - 1) * times["draft"]
     flash_pieces = flash(times[f"verify_{T}"], times[f"head_{T}"]) + times[f"extend_{T}"] + (N - 1) * times["draft"]
     flash_decode = flash(times["decode"], times["head_1"])
+    measured_round = {}
+    if f"round_{T}" in times:  # timed for the --rounds sizes
+        measured_round["speedup_slice_round"] = accept * times["decode"] / times[f"round_{T}"]
     return {"draft_tokens": N, "accept_length": accept,
-            "speedup_slice": accept * times["decode"] / pieces,
-            "speedup_slice_round": accept * times["decode"] / times[f"round_{T}"],
+            "speedup_slice": accept * times["decode"] / pieces, **measured_round,
             "speedup_flash": accept * flash_decode / flash_pieces,
             "flash_draft_share": N * times["draft"] / flash_pieces,
             "draft_head_share": times["head_1"] / times["draft"]}
@@ -203,9 +211,14 @@ def main(argv=None) -> int:
     p.add_argument("--scale-layers", type=int, default=43, help="layers of the whole model the slice stands for")
     p.add_argument("--steps", type=int, default=16, help="calls per timed group")
     p.add_argument("--kernels", default="xla", choices=("xla", "pallas"))
+    p.add_argument("--rounds", type=int, nargs="*", default=None,
+                   help="the --verify sizes T whose whole jitted round is timed too (default: all; each is a compile)")
     args = p.parse_args(argv)
     if min(args.verify) < 2 or any(a < 1 for a in args.accept):
         p.error("--verify counts must be >= 2 (a token and a draft) and --accept lengths >= 1")
+    rounds = args.verify if args.rounds is None else args.rounds
+    if set(rounds) - set(args.verify):
+        p.error(f"--rounds {sorted(set(rounds) - set(args.verify))} not among --verify {args.verify}")
     cfg = make_config(args.model, args.layers, args.experts)
     for precision in args.precision:
         model = (random_model(cfg, jnp.bfloat16, mtp=True) if precision == "bf16" else
@@ -214,7 +227,7 @@ def main(argv=None) -> int:
         base = {"device": jax.devices()[0].device_kind, "model": args.model, "precision": precision,
                 "layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts, "context": args.context}
         for batch in args.batch:
-            routing = {T: bench.routing(batch, T) for T in [1, *args.verify]}
+            routing = bench.routing(batch, [1, *args.verify])
             row = lambda kind, T, s: {**base, "batch": batch, "step": kind, "tokens": T, "ms": s * 1e3,  # noqa: E731
                                       **routing[T]}
             times = {"decode": bench.time_decode(batch, args.context, args.steps),
@@ -226,6 +239,8 @@ def main(argv=None) -> int:
             for T in args.verify:
                 for kind, fn in (("verify", bench.time_verify), ("extend", bench.time_extend),
                                  ("round", bench.time_round)):
+                    if kind == "round" and T not in rounds:
+                        continue
                     times[f"{kind}_{T}"] = fn(batch, args.context, T, args.steps)
                     print(json.dumps(row(kind, T, times[f"{kind}_{T}"])), flush=True)
                 times[f"head_{T}"] = bench.time_head(batch, T, args.steps)
