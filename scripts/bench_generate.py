@@ -65,6 +65,14 @@ def make_config(name: str, layers: str, experts: int | None) -> DeepseekV4Config
     return cfg
 
 
+def mesh_weights(model) -> tuple:
+    """``place_weights`` of ``model`` on a 1-device mesh, sharing its buffers (the same layout on the same device):
+    the mesh path holds no second copy of the weights, which the full slice (~81 GB in bf16) could not hold
+    twice on one card. A copy would be a transfer, which the guard turns into an error."""
+    with jax.transfer_guard("disallow_explicit"):
+        return place_weights(model, make_mesh())
+
+
 def device_steps(model, capacity: int, path: str):
     """(DeviceSteps, weights, new_cache(batch)) of the engine's ``path``: "plain" (one device, today's step) or
     "mesh" (the sharded step on a 1-device mesh, runtime/mesh.py), so the two are timed side by side."""
@@ -72,7 +80,7 @@ def device_steps(model, capacity: int, path: str):
         graphdef, state_def, weights = split_weights(model)
         return (DeviceSteps(graphdef, state_def, capacity), weights,
                 lambda batch: init_cache(model.config, batch, capacity, model.dtype))
-    graphdef, state_def, weights = place_weights(model, make_mesh())
+    graphdef, state_def, weights = mesh_weights(model)
     sharded = ShardedStep(model.config, graphdef, state_def, weight_specs(weights), make_mesh(), capacity,
                           model.dtype)
     return DeviceSteps(graphdef, state_def, capacity, sharded=sharded), weights, sharded.new_cache
@@ -240,6 +248,13 @@ def main(argv=None):
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     ceil = None if args.no_ceilings else roofline.torch_ceilings()
     models = {p: random_model(cfg, dtype) if p == "bf16" else released_model(cfg, dtype) for p in args.precision}
+    if "mesh" in args.paths:  # up front, not as an out-of-memory error in every case
+        for precision, model in models.items():
+            try:
+                mesh_weights(model)
+            except jax.errors.JaxRuntimeError as e:
+                raise SystemExit(f"--paths mesh: placing the {precision} weights on a 1-device mesh would copy them "
+                                 f"({str(e).splitlines()[0][:200]}); expected it to share their buffers") from None
     base = {"device": jax.devices()[0].device_kind, "model": args.model, "layers": ",".join(cfg.layer_types),
             "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size, "dtype": args.dtype}
     print(json.dumps({"ceilings": ceil, **base}), flush=True)

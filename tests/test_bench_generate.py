@@ -41,6 +41,19 @@ def test_paths_time_the_sharded_step_beside_the_plain_one(capsys):
     assert all(r["decode_ms_per_step"] > 0 and "error" not in r for r in rows)
 
 
+def test_mesh_path_shares_the_plain_weights():
+    """The mesh path's weights are the plain path's buffers (``mesh_weights``: placing them would otherwise copy
+    them, and the full slice does not fit twice on one card)."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.weights.random_init import random_model
+
+    model = random_model(bench_generate.make_config("demo", None, None), jnp.bfloat16)
+    plain, mesh = (bench_generate.device_steps(model, 64, path)[1] for path in ("plain", "mesh"))
+    assert [w.unsafe_buffer_pointer() for w in plain] == [w.addressable_shards[0].data.unsafe_buffer_pointer()
+                                                           for w in mesh]
+
+
 def test_precision_times_bf16_and_released_weights(capsys):
     """``--precision bf16 released``: each case on the model in --dtype and on the same sizes in released FP8 / FP4,
     whose roofline counts the codes' and scales' bytes."""

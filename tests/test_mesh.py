@@ -247,6 +247,31 @@ def test_indexer_heads_must_split_too():
         check_layout(cfg, tp=4, devices=8)
 
 
+def test_one_device_mesh_shares_the_weights_buffers():
+    """Placing a one-device model on a 1-device mesh keeps every weight's buffer, in bf16 and in released FP8 /
+    FP4 (codes and scales), as ``Engine(model, mesh=)`` does: no second copy, so a model that fits the card
+    fits placed (issue 25's check on one H200). A copy would be a transfer, which the guard forbids (on CPU a
+    host round trip can land on the same address, so equal pointers alone would not tell)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from dsv4_jax.runtime.engine import Engine, split_weights
+    from dsv4_jax.runtime.mesh import make_mesh, place_weights
+    from dsv4_jax.weights.random_init import released_model
+
+    def pointers(weights):
+        return [w.addressable_shards[0].data.unsafe_buffer_pointer() for w in weights]
+
+    for model in (build_model(), released_model(CFG, jnp.bfloat16)):
+        plain = split_weights(model)[2]
+        with jax.transfer_guard("disallow_explicit"):
+            placed = place_weights(model, make_mesh())[2]
+            engine = Engine(model, capacity=CAPACITY, mesh=make_mesh(), compile_cache=False)
+        assert all(isinstance(w.sharding, NamedSharding) for w in placed)
+        assert pointers(placed) == pointers(engine.weights) == pointers(plain)
+
+
 def test_generate_cli_sharded(workers):
     """``--tp 2 --dp 2 --ep`` on the CLI (4 fake CPU devices): the same greedy tokens as on one device."""
     out_dir, procs = workers

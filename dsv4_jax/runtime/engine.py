@@ -178,10 +178,12 @@ class Engine:
     bf16 RoPE channels: 583 bytes a row against 1,024 in bf16; model/kv_rows.py, docs/performance.md).
 
     ``mesh``: a ``runtime.mesh.ModelMesh`` (``make_mesh(tp=, dp=, pp=, ep=)``) to shard the model over; the
-    weights are placed as its rules say (weights already placed there stay where they are). With pp > 1 the
-    layers run as pipeline stages (``runtime.pipeline``): ``pp_boundaries``, the first layer of stages
-    1..pp-1 (default: an even split); ``microbatches``, GPipe microbatches per dp shard of rows (default
-    min(pp, rows)).
+    weights are placed as its rules say. Weights already laid out so (``from_pretrained(..., mesh=)``, or a
+    one-device model on a 1-device mesh) keep their buffers; others are copied to their shards while the
+    engine keeps ``model`` (``self.model``), so a one-device model placed on a larger mesh is held twice: load
+    it with ``from_pretrained(..., mesh=)`` where that does not fit. With pp > 1 the layers run as pipeline
+    stages (``runtime.pipeline``): ``pp_boundaries``, the first layer of stages 1..pp-1 (default: an even
+    split); ``microbatches``, GPipe microbatches per dp shard of rows (default min(pp, rows)).
 
     ``speculative="mtp"``: decode with the model's MTP block (a ``DeepseekV4WithMTP``) drafting ``draft_tokens``
     tokens a step, verified in one chunk step of the main model (runtime/speculative.py); greedy tokens are those

@@ -122,9 +122,10 @@ def make_mesh(tp: int = 1, dp: int = 1, pp: int = 1, ep: bool = False, devices=N
 
 def place_variable(name: str, var: nnx.Variable, mesh: ModelMesh, abstract: bool = False):
     """A variable's value placed on ``mesh`` as its rules say (a QuantArray's codes and scales each on its
-    shards). A value already placed there (``from_pretrained(..., mesh=)``) is kept; any other is read to the
-    host and each device given its shard (every process places its own). ``abstract``: ShapeDtypeStructs of
-    the placed arrays instead (no memory; for compiling ahead of time)."""
+    shards). A value already laid out so (``from_pretrained(..., mesh=)``, or any array on one device placed
+    on a 1-device mesh) keeps its buffers: no copy; any other is read to the host and each device given its
+    shard (every process places its own). ``abstract``: ShapeDtypeStructs of the placed arrays instead (no
+    memory; for compiling ahead of time)."""
     placed = value_placement(f"parameter {name}", axes_of(var), var.get_value(), mesh.mesh, mesh.rules)
     return jax.tree.map(functools.partial(_place_leaf, abstract=abstract), var.get_value(), placed)
 
@@ -133,8 +134,11 @@ def _place_leaf(value, placed: Placement, abstract: bool):
     shape, sharding = placed
     if abstract:
         return jax.ShapeDtypeStruct(shape, value.dtype, sharding=sharding)
-    if tuple(value.shape) == shape and getattr(value, "sharding", None) == sharding:
-        return value
+    held = getattr(value, "sharding", None)  # an abstract model's ShapeDtypeStructs may hold one too
+    if tuple(value.shape) == shape and held is not None and held.is_equivalent_to(sharding, value.ndim):
+        # The same shards on the same devices (e.g. one device's array and a 1-device mesh's NamedSharding):
+        # the placed array shares the buffers, so a model that fits once fits placed.
+        return value if held == sharding else jax.device_put(value, sharding, may_alias=True)
     host = to_placed(np.asarray(value), shape)
     return jax.make_array_from_callback(shape, sharding, lambda index: host[index])
 
