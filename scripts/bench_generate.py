@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,10 @@ def random_fill(cache, key):
                                      for k, x in zip(keys, leaves)])
 
 
+# Each model's compiled decode steps, by (path, batch, capacity, kernels, XLA options); dropped with the model.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def decode_case(model, batch: int, context: int, steps: int, kernels: str, profile: bool = False,
                 xla_options: dict | None = None, hlo_path: str | None = None, path: str = "plain") -> dict:
     """xla_options: XLA debug options for this case's compile (``Compiled`` options, e.g.
@@ -157,11 +162,15 @@ def decode_case(model, batch: int, context: int, steps: int, kernels: str, profi
     active = jnp.ones((batch,), bool)
     pos = jnp.full((batch,), context, jnp.int32)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (batch,)), jnp.int32)
-    compiled = jitted.lower(weights, cache, tokens, pos, active, key, *params, kernels=kernels,
-                            filters=greedy.filters).compile(xla_options or {})
-    if hlo_path:
-        with open(hlo_path, "w") as f:
-            f.write(compiled.as_text())
+    programs = _COMPILED.setdefault(model, {})
+    program = (path, batch, capacity, kernels, json.dumps(xla_options or {}, sort_keys=True))
+    if program not in programs:  # a later round reuses it: the slice's step compiles for tens of seconds
+        programs[program] = jitted.lower(weights, cache, tokens, pos, active, key, *params, kernels=kernels,
+                                         filters=greedy.filters).compile(xla_options or {})
+        if hlo_path:
+            with open(hlo_path, "w") as f:
+                f.write(programs[program].as_text())
+    compiled = programs[program]
 
     dispatch = []
 

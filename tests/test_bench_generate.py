@@ -1,5 +1,5 @@
 """scripts/bench_generate.py's option sets on the demo model (CPU): each decode case compiled once per XLA
-option set and round, its rows labelled with them, the optimized HLO written per case; bad option lists and
+option set (later rounds reuse it), its rows labelled with them, the optimized HLO written per case; bad option lists and
 round counts are one-line usage errors."""
 
 from __future__ import annotations
@@ -22,6 +22,20 @@ def test_option_sets_and_rounds_label_rows_and_write_hlo(tmp_path, capsys):
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["decode_B1_C64_xla_options0.txt", "decode_B1_C64_xla_options1.txt"]
     assert "HloModule" in (tmp_path / written[0]).read_text()
+
+
+def test_rounds_reuse_the_compiled_step():
+    """A case's second round runs the program its first compiled (each compile of the Flash-width slice's step
+    takes tens of seconds on the GPU machine)."""
+    import jax.numpy as jnp
+
+    from dsv4_jax.weights.random_init import random_model
+
+    model = random_model(bench_generate.make_config("demo", None, None), jnp.bfloat16)
+    for _ in range(2):
+        assert bench_generate.decode_case(model, 1, 64, 1, "xla")["decode_ms_per_step"] > 0
+    (program,) = bench_generate._COMPILED[model].values()
+    assert program is not None
 
 
 def test_unknown_xla_option_is_recorded_as_the_case_error(capsys):
