@@ -145,20 +145,23 @@ def fp4_decode(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Arr
 
 # fp4_decode's arithmetic on 4 bytes at once, two weights per 32-bit operation: bytes (0, 1) and (2, 3) spread to
 # the halves of a word (prmt), each half's nibble made fp16 bits by two shifts, a mask and a lop3
-# ((a & 0x0E000E00) | b), the fp16 pairs widened to fp32, times the bytes' scales, packed to bf16x2.
-# $0 $1: the 4 weights' bf16 (bytes 0-1, 2-3); $2: the 4 bytes; $3-$6: their scales. SHIFTS: the low nibble's
-# (bits 0-2 to 9-11, bit 3 to 15) or the high one's (bits 4-6 to 9-11, bit 7 to 15).
+# ((a & 0x0E000E00) | b), the fp16 pairs widened to fp32, times the bytes' scales.
+# $0-$3: the 4 weights in fp32; $4: the 4 bytes; $5-$8: their scales. SHIFTS: the low nibble's (bits 0-2 to 9-11,
+# bit 3 to 15) or the high one's (bits 4-6 to 9-11, bit 7 to 15).
+# fp32 results, not bf16x2 words: the Triton in jaxlib lowers fp4_tile's stack (tt.join) of two bf16 inline-asm
+# results two elements at a time, so each bf16x2 register of one asm reached the dot as a (k, k + 2) pair, not
+# (k, k + 1) (tests/test_fp4_ptx_lowering.py). Converted to bf16 outside the asm, each pair is one fptrunc of
+# the low and the high nibble's weight, still one cvt.rn.bf16x2 a pair.
 _FP4_PTX = """{{
 .reg .b32 t0, t1, a, b, w0, w1;
 .reg .b16 h<4>;
 .reg .f32 f<4>;
-prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342;
+prmt.b32 t0, $4, 0, 0x4140; prmt.b32 t1, $4, 0, 0x4342;
 shl.b32 a, t0, {0}; shl.b32 b, t0, {1}; and.b32 b, b, 0x80008000; lop3.b32 w0, a, b, 0x0E000E00, 0xEC;
 shl.b32 a, t1, {0}; shl.b32 b, t1, {1}; and.b32 b, b, 0x80008000; lop3.b32 w1, a, b, 0x0E000E00, 0xEC;
 mov.b32 {{h0, h1}}, w0; mov.b32 {{h2, h3}}, w1;
 cvt.f32.f16 f0, h0; cvt.f32.f16 f1, h1; cvt.f32.f16 f2, h2; cvt.f32.f16 f3, h3;
-mul.f32 f0, f0, $3; mul.f32 f1, f1, $4; mul.f32 f2, f2, $5; mul.f32 f3, f3, $6;
-cvt.rn.bf16x2.f32 $0, f1, f0; cvt.rn.bf16x2.f32 $1, f3, f2;
+mul.f32 $0, f0, $5; mul.f32 $1, f1, $6; mul.f32 $2, f2, $7; mul.f32 $3, f3, $8;
 }}"""
 
 
@@ -166,9 +169,10 @@ def fp4_decode_ptx(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax
     """``fp4_decode`` (the same values, bit for bit) in inline PTX, two weights per 32-bit operation; a GPU
     only (interpret mode cannot run PTX). ``scales`` fp32 of ``packed``'s shape."""
     scales = scales * FP16_CODE_SCALE
-    out = jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)
+    out = jax.ShapeDtypeStruct(packed.shape, jnp.float32)
     return tuple(plt.elementwise_inline_asm(_FP4_PTX.format(*shifts), args=[packed, scales], pack=4,
-                                            constraints="=r,=r,r,f,f,f,f", result_shape_dtypes=[out])[0]
+                                            constraints="=f,=f,=f,=f,r,f,f,f,f",
+                                            result_shape_dtypes=[out])[0].astype(jnp.bfloat16)
                  for shifts in ((9, 12), (5, 8)))
 
 

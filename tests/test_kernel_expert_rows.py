@@ -175,13 +175,14 @@ def test_fp4_compiles_for_sm90(case, scale_dtype):
 
 def run_fp4_ptx(word: int, scales: list[float], shifts: tuple[int, int]) -> list[int]:
     """common._FP4_PTX read as PTX and run on one 32-bit word of 4 bytes and their 4 fp32 scales (each a
-    power of two times FP16_CODE_SCALE, as fp4_decode_ptx passes them): the 4 bf16 results' bits. A small interpreter of
-    the opcodes it uses, written from the PTX ISA: it checks the text's selectors, shifts, masks and lookup
-    table, not the GPU (the GPU twin below does)."""
+    power of two times FP16_CODE_SCALE, as fp4_decode_ptx passes them): the bits of the 4 fp32 results rounded to
+    bf16 (fp4_decode_ptx's astype). A small interpreter of the opcodes it uses, written from the PTX ISA: it
+    checks the text's selectors, shifts, masks and lookup table, not the GPU (the GPU twin below does) nor how
+    Triton packs the asm's operands (tests/test_fp4_ptx_lowering.py)."""
     import re
     from kernels_pallas import common
 
-    regs: dict[str, int | float] = {"$2": word, **{f"${3 + i}": s for i, s in enumerate(scales)}}
+    regs: dict[str, int | float] = {"$4": word, **{f"${5 + i}": s for i, s in enumerate(scales)}}
     val = lambda a: int(a, 0) if re.fullmatch(r"(0x[0-9A-Fa-f]+|\d+)", a) else regs[a]
     f32 = lambda v: float(np.float32(v))
     text = "\n".join(line for line in common._FP4_PTX.format(*shifts).splitlines() if not line.startswith(".reg"))
@@ -206,12 +207,9 @@ def run_fp4_ptx(word: int, scales: list[float], shifts: tuple[int, int]) -> list
             regs[args[0]] = f32(np.uint16(val(args[1])).view(np.float16))
         elif op == "mul.f32":
             regs[args[0]] = f32(np.float32(regs[args[1]]) * np.float32(regs[args[2]]))
-        elif op == "cvt.rn.bf16x2.f32":
-            bits = lambda v: int(np.asarray(v, jnp.bfloat16).view(np.uint16))
-            regs[args[0]] = bits(regs[args[1]]) << 16 | bits(regs[args[2]])
         else:
             raise AssertionError(f"the interpreter has no {op}")
-    return [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
+    return [int(np.asarray(regs[f"${i}"], jnp.bfloat16).view(np.uint16)) for i in range(4)]
 
 
 def test_fp4_ptx_text_computes_fp4_decode():
