@@ -69,8 +69,8 @@ def test_instruction_mix_counts_the_loops_tensor_core_ops():
 @pytest.mark.parametrize("module", ["expert_rows", "grouped_gemv"])
 def test_fp4_ptx_decode_takes_fewer_instructions_a_weight(module):
     """The inline-PTX FP4 decode (``fp4_ptx``, two weights per 32-bit operation) compiles for sm_90 and its
-    inner loop runs fewer instructions a weight than the bit arithmetic in Pallas ops (measured 2026-12-05,
-    triton 3.8.0: expert_rows 7.52 against 9.86, grouped_gemv 7.50 against 9.44; bound 0.85 of it)."""
+    inner loop runs at most 0.85 of the bit arithmetic's instructions a weight (the counts: docs/performance.md,
+    "FP4 routed experts")."""
     from scripts.kernel_sass import instruction_mix
 
     [plain] = instruction_mix(module, "fp4 gate_up T=1", {})
