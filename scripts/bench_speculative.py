@@ -23,8 +23,8 @@ experts, which would make verifying look free; look at it before reading the tim
 Computed rows (``"computed": true``), for N = T - 1 and each ``--accept`` length a (tokens a round yields, the
 main model's own included): speed-up = a x decode / (verify T + extend T + (N - 1) x draft), for the measured
 slice and for whole Flash (``--scale-layers``: each main-model time's layers, its time less its head's, scaled by
---scale-layers / the slice's layers; the MTP block's steps are not scaled), and the same with the measured round where timed;
-with the share of whole Flash's round spent drafting, and of a draft step spent in the head (head 1 / draft: the
+--scale-layers / the slice's layers; the MTP block's steps are not scaled), and the same with the measured round
+where timed; with the share of whole Flash's round spent drafting, and of a draft step spent in the head (head 1 / draft: the
 LM head's read, which the MTP block shares with the main model).
 Prints one JSON object per row.
 """

@@ -1,6 +1,6 @@
 """scripts/bench_generate.py's option sets on the demo model (CPU): each decode case compiled once per XLA
-option set (later rounds reuse it), its rows labelled with them, the optimized HLO written per case; bad option lists and
-round counts are one-line usage errors."""
+option set (later rounds reuse it), its rows labelled with them, the optimized HLO written per case; bad option
+lists and round counts are one-line usage errors."""
 
 from __future__ import annotations
 
