@@ -45,6 +45,13 @@ def dot_weight_pairs(llvm: str) -> list[list[tuple]]:
     consts = {v: int(m.group(1)) for v, (op, _, rest) in ops.items()
               if op == "llvm.mlir.constant" and (m := re.search(r"value = (-?\d+) :", rest))}
 
+    def index(op, args, at, rest) -> int:
+        """The element an insert / extract names: a vector's by its index operand args[at], a struct's by
+        position."""
+        if op.endswith("element"):
+            return consts[args[at]]
+        return int(re.search(r"position = array<i64: (\d+)>", rest).group(1))
+
     @functools.cache  # a struct's elements are read once each: cached, the walk is linear
     def value(v):
         """What ``v`` holds: a list of its elements (struct or vector), ("asm", op) (an asm's results),
@@ -58,13 +65,13 @@ def dot_weight_pairs(llvm: str) -> list[list[tuple]]:
         if op in ("llvm.bitcast", "llvm.fptrunc"):  # bf16x2 <-> i32, fp32 -> bf16: the same elements
             return value(args[0])
         if op in ("llvm.insertvalue", "llvm.insertelement"):
-            k = consts[args[2]] if op == "llvm.insertelement" else int(re.search(r"position = array<i64: (\d+)>", rest).group(1))
+            k = index(op, args, 2, rest)
             elements = list(value(args[0]))
             elements += [None] * (k + 1 - len(elements))
             elements[k] = value(args[1])
             return elements
         if op in ("llvm.extractvalue", "llvm.extractelement"):
-            k = consts[args[1]] if op == "llvm.extractelement" else int(re.search(r"position = array<i64: (\d+)>", rest).group(1))
+            k = index(op, args, 1, rest)
             src = value(args[0])
             if isinstance(src, list) and k < len(src) and src[k] is not None:
                 return src[k]
