@@ -21,7 +21,7 @@ streams ``w[ids[r], n-block, :]`` in ``block_k`` steps against row r (loaded int
 tensor-core minimum, the other 15 rows masked to zero) and stores its ``[1, block_n]`` result. FP4: the
 step's ``[block_n, block_k / 2]`` bytes and ``[block_n, block_k / 32]`` scales become a bf16 tile by bit
 arithmetic (``common.fp4_tile``) before the same dot; a quarter of the bf16 weight bytes. ``fp4_ptx``: the same
-values decoded by inline PTX, two weights per 32-bit operation (a GPU only; the default until timed there).
+values decoded by inline PTX, two weights per 32-bit operation (the default on a GPU; interpret mode cannot run PTX).
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ class TuningConfig:
         check_tuning(self, flags=("fp4_ptx",), blocks=("block_n", "block_k"))
 
 
-def choose_tuning(fp4: bool = False) -> TuningConfig:
+def choose_tuning(fp4: bool = False, interpret: bool = False) -> TuningConfig:
     """One choice for every shape (the blocks are clipped to the matrix in the kernel); FP4 weights a K step
-    twice as deep, 128 bytes a row."""
-    return TuningConfig(block_k=256) if fp4 else TuningConfig()
+    twice as deep, 128 bytes a row, decoded by inline PTX on a GPU (faster there, docs/performance.md;
+    interpret mode cannot run PTX)."""
+    return TuningConfig(block_k=256, fp4_ptx=not interpret) if fp4 else TuningConfig()
 
 
 def _kernel(ids_ref, x_ref, w_ref, *refs, block_k: int, ptx: bool):
@@ -99,7 +100,7 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, w_scales: jax.Arr
     (ue8m0 or fp32) FP4 weights w int8 [G, N, K/2] and bf16 x. tuning: None for ``choose_tuning``.
     poison_outputs: testing aid (outputs start as NaN)."""
     fp4 = w_scales is not None
-    tuning = tuning or choose_tuning(fp4)
+    tuning = tuning or choose_tuning(fp4, interpret)
     ptx = fp4 and tuning.fp4_ptx
     check_fp4_ptx("expert_rows", ptx, interpret)
     G, N, Kw = w.shape

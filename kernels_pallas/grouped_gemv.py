@@ -35,7 +35,7 @@ Design:
   tile, then one masked store of its rows. A tile without rows reads ``group_sizes`` and exits.
 * FP4: a step reads ``[block_n, block_k / 2]`` bytes and ``[block_n, block_k / 32]`` scales and turns them into
   the bf16 tile in registers (``common.fp4_tile``) before the same dot: the weights stay packed in HBM.
-  ``fp4_ptx``: the same values decoded by inline PTX (a GPU only; not the default until timed there).
+  ``fp4_ptx``: the same values decoded by inline PTX (the default on a GPU; interpret mode cannot run PTX).
 """
 
 from __future__ import annotations
@@ -134,10 +134,11 @@ class TuningConfig:
         check_tuning(self, flags=("fp4_ptx",), blocks=("block_m", "block_n", "block_k"))
 
 
-def choose_tuning(fp4: bool = False) -> TuningConfig:
+def choose_tuning(fp4: bool = False, interpret: bool = False) -> TuningConfig:
     """One choice for every shape (the blocks are clipped to the matrix in the kernel); FP4 weights a K step
-    twice as deep, 128 bytes a row."""
-    return TuningConfig(block_k=256) if fp4 else TuningConfig()
+    twice as deep, 128 bytes a row, decoded by inline PTX on a GPU (faster there, docs/performance.md;
+    interpret mode cannot run PTX)."""
+    return TuningConfig(block_k=256, fp4_ptx=not interpret) if fp4 else TuningConfig()
 
 
 @functools.partial(jax.jit, static_argnames=("tuning", "interpret", "poison_outputs"))
@@ -151,7 +152,7 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, w_scales
     row fails).
     """
     fp4 = w_scales is not None
-    tuning = tuning or choose_tuning(fp4)
+    tuning = tuning or choose_tuning(fp4, interpret)
     ptx = fp4 and tuning.fp4_ptx
     check_fp4_ptx("grouped_gemv", ptx, interpret)
     block_m = tuning.block_m

@@ -85,7 +85,7 @@ def assert_fp4_ptx_equals_bit_arithmetic(case: dict, reference, close) -> None:
     args = case["args"](jax.random.PRNGKey(0))
     ptx = jax.jit(functools.partial(case["pallas"], poison_outputs=True,
                                     tuning=dataclasses.replace(case["tuning"], fp4_ptx=True)))(*args)
-    bits = jax.jit(functools.partial(case["pallas"], tuning=case["tuning"]))(*args)
+    bits = jax.jit(functools.partial(case["pallas"], tuning=dataclasses.replace(case["tuning"], fp4_ptx=False)))(*args)
     np.testing.assert_array_equal(np.asarray(ptx, np.float32), np.asarray(bits, np.float32))
     close(ptx, jax.jit(reference)(*args))
 

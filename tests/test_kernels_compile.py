@@ -73,7 +73,7 @@ def test_fp4_ptx_decode_takes_fewer_instructions_a_weight(module):
     "FP4 routed experts")."""
     from scripts.kernel_sass import instruction_mix
 
-    [plain] = instruction_mix(module, "fp4 gate_up T=1", {})
+    [plain] = instruction_mix(module, "fp4 gate_up T=1", {"fp4_ptx": False})
     [ptx] = instruction_mix(module, "fp4 gate_up T=1", {"fp4_ptx": True})
     assert "_ptx_" in ptx["kernel"] and "_ptx_" not in plain["kernel"]
     print(module, plain["per_weight"], ptx["per_weight"])
