@@ -32,6 +32,7 @@ Prints one JSON object per row.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv4_jax import ops
 from dsv4_jax.model.cache import init_cache
 from dsv4_jax.model.metadata import build_metadata
 from dsv4_jax.model.mtp import mtp_config, mtp_layer_config
@@ -90,6 +92,15 @@ class Bench:
     def model_of(self, weights):
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, weights))
 
+    def jit(self, fn, **kw):
+        """``fn`` jitted and traced under ``--kernels`` (the engine's steps take it as a static argument; a piece
+        traced outside ``ops.use`` would run plain XLA)."""
+        def traced(*args):
+            with ops.use(self.kernels):
+                return fn(*args)
+
+        return jax.jit(traced, **kw)
+
     def cache(self, batch: int):
         """Random caches of the model's layers and then the MTP block's."""
         return jax.jit(random_fill, donate_argnums=0)(init_cache(mtp_config(self.cfg), batch, self.capacity,
@@ -113,7 +124,7 @@ class Bench:
         """speculative.verify of T tokens at ``context``, the round's metadata built inside as the round does."""
         V = self.cfg.vocab_size
 
-        @jax.jit(donate_argnums=1)
+        @functools.partial(self.jit, donate_argnums=1)
         def step(weights, cache, state, drafts, key):
             model, active = self.model_of(weights), jnp.ones((batch,), bool)
             meta = spec.round_metadata(self.cfg, state, active, self.capacity)
@@ -126,7 +137,7 @@ class Bench:
         return timed(step, args, steps, lambda a, out: (a[0], out, *a[2:]))
 
     def time_extend(self, batch: int, context: int, T: int, steps: int) -> float:
-        @jax.jit(donate_argnums=1)
+        @functools.partial(self.jit, donate_argnums=1)
         def step(weights, mtp_cache, state):
             model, on = self.model_of(weights), jnp.ones((batch,), jnp.int32)
             with jax.named_scope(METADATA_SCOPE):
@@ -139,7 +150,7 @@ class Bench:
         return timed(step, args, steps, lambda a, out: (a[0], out[1], a[2]))
 
     def time_draft(self, batch: int, context: int, steps: int) -> float:
-        @jax.jit(donate_argnums=1)
+        @functools.partial(self.jit, donate_argnums=1)
         def step(weights, mtp_cache, g, token, pos, key):
             model, on = self.model_of(weights), jnp.ones((batch,), jnp.int32)
             with jax.named_scope(METADATA_SCOPE):
@@ -153,7 +164,7 @@ class Bench:
         return timed(step, args, steps, lambda a, out: (a[0], out[1], a[2], out[0], *a[4:]))
 
     def time_head(self, batch: int, T: int, steps: int) -> float:
-        step = jax.jit(lambda weights, streams: self.model_of(weights).logits(streams))
+        step = self.jit(lambda weights, streams: self.model_of(weights).logits(streams))
         return timed(step, (self.weights, self.state(batch, 0, T).streams), steps)
 
     def time_round(self, batch: int, context: int, T: int, steps: int) -> float:
