@@ -108,14 +108,14 @@ def dequantize_fp4(w: jax.Array, w_scales: jax.Array, dtype) -> jax.Array:
     return (values * jnp.repeat(w_scales.astype(jnp.float32), FP4_BLOCK, axis=-1)).astype(dtype)
 
 
-def fp4_scales_operand(w_scales: jax.Array) -> jax.Array:
+def e8m0_operand(w_scales: jax.Array) -> jax.Array:
     """w_scales as a kernel reads them: ue8m0 as its exponent bytes (uint8, a bitcast: Triton has no e8m0 type),
     fp32 as is."""
     return lax.bitcast_convert_type(w_scales, jnp.uint8) if w_scales.dtype == jnp.float8_e8m0fnu else w_scales
 
 
-def fp4_scale_values(scales: jax.Array) -> jax.Array:
-    """In a kernel: ``fp4_scales_operand``'s scales -> fp32: an exponent byte b is 2^(b - 127), fp32 as is."""
+def e8m0_values(scales: jax.Array) -> jax.Array:
+    """In a kernel: ``e8m0_operand``'s scales -> fp32: an exponent byte b is 2^(b - 127), fp32 as is."""
     if scales.dtype == jnp.uint8:
         return lax.bitcast_convert_type(scales.astype(jnp.int32) << 23, jnp.float32)
     return scales
@@ -177,12 +177,12 @@ def fp4_decode_ptx(packed: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax
 
 
 def fp4_tile(packed: jax.Array, scales: jax.Array, ptx: bool = False) -> jax.Array:
-    """In a Triton kernel: packed int8 [bn, bk/2], scales [bn, bk/32] (``fp4_scales_operand``'s) -> the weight
+    """In a Triton kernel: packed int8 [bn, bk/2], scales [bn, bk/32] (``e8m0_operand``'s) -> the weight
     tile bf16 [bn, bk] (``fp4_decode``, or ``fp4_decode_ptx`` with ``ptx``; the two halves interleaved: the low
     nibble is the even column)."""
     bn, half = packed.shape
     # each scale over its block's 16 bytes
-    scales = jnp.broadcast_to(fp4_scale_values(scales)[:, :, None], (bn, half // 16, 16)).reshape(bn, half)
+    scales = jnp.broadcast_to(e8m0_values(scales)[:, :, None], (bn, half // 16, 16)).reshape(bn, half)
     return jnp.stack((fp4_decode_ptx if ptx else fp4_decode)(packed, scales), axis=-1).reshape(bn, 2 * half)
 
 

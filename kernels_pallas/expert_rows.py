@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import (check_fp4_ptx, check_tuning, dequantize_fp4, expert_blocks, expert_tile, fp4_scales_operand,
+from .common import (check_fp4_ptx, check_tuning, dequantize_fp4, expert_blocks, expert_tile, e8m0_operand,
                      triton_call)
 
 __all__ = ["expert_rows", "reference", "TuningConfig", "choose_tuning"]
@@ -112,7 +112,7 @@ def expert_rows(x: jax.Array, w: jax.Array, ids: jax.Array, *, w_scales: jax.Arr
     in_specs = [pl.BlockSpec((M,), lambda n, r: (0,)), pl.BlockSpec(x.shape, lambda n, r: (0, 0)),
                 pl.BlockSpec((G, block_n, Kw), lambda n, r: (0, n, 0))]
     if fp4:
-        args.append(fp4_scales_operand(w_scales))
+        args.append(e8m0_operand(w_scales))
         in_specs.append(pl.BlockSpec((G, block_n, w_scales.shape[2]), lambda n, r: (0, n, 0)))
     return triton_call(
         functools.partial(_kernel, block_k=block_k, ptx=ptx), args,

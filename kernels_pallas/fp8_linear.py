@@ -1,10 +1,11 @@
 """A linear layer on FP8 block-scaled weights, weight-only: bf16 activations, for decode and small batches.
 
-    fp8_linear(x [M, G*K] bf16, w_q [N, K] float8_e4m3fn, w_scale [ceil(N/128), ceil(K/128)] fp32,
+    fp8_linear(x [M, G*K] bf16, w_q [N, K] float8_e4m3fn, w_scale [ceil(N/128), ceil(K/128)] ue8m0 or fp32,
                out_dtype=bf16, groups=G) -> y [M, N] in out_dtype (fp32 accumulate)
 
 Meaning (``reference``): ``y = x @ (w_q * scale)^T``, one power-of-two scale per 128 x 128 block of ``w_q``
-(DeepSeek's released FP8 linears, ue8m0 scales decoded to fp32 by the caller). With ``groups`` G > 1 the
+(DeepSeek's released FP8 linears; ue8m0 scales are decoded in the kernel, so a step launches no conversion
+kernel per linear). With ``groups`` G > 1 the
 product is block-diagonal: output columns [g*N/G, (g+1)*N/G) read input columns [g*K, (g+1)*K), the
 attention output projection ``o_a`` (weight [G * r_o, in_per_group], x [..., G, in_per_group] flattened).
 ``reference`` is the plain-JAX path: the weight dequantised to x's dtype (exact: a 4-bit significand times a
@@ -45,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import NUM_SMS, check_tuning, triton_call
+from .common import NUM_SMS, check_tuning, e8m0_operand, e8m0_values, triton_call
 
 __all__ = ["fp8_linear", "reference", "dequantize", "grouped_linear", "TuningConfig", "choose_tuning", "BLOCK"]
 
@@ -111,7 +112,8 @@ def choose_tuning(rows: int, out: int, in_: int) -> TuningConfig:
 
 def _kernel(x_ref, w_ref, s_ref, o_ref, *, block_m: int, block_n: int, steps: int, n_per_group: int,
             mask_k: bool):
-    """x_ref [M, G*K] bf16; w_ref [N, K] e4m3; s_ref [cdiv(N,128), cdiv(K,128)] fp32; o_ref [S, M, N].
+    """x_ref [M, G*K] bf16; w_ref [N, K] e4m3; s_ref [cdiv(N,128), cdiv(K,128)] (``e8m0_operand``'s); o_ref
+    [S, M, N].
 
     Program (n, j, r): weight rows n*bn .. n*bn + bn - 1 (one group's, one scale row's) against x rows
     r*bm .. r*bm + bm - 1 over K blocks j*steps .. min((j+1)*steps, cdiv(K, 128)) - 1 (never empty);
@@ -130,7 +132,8 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, block_m: int, block_n: int, steps: in
 
     def step(kb, carry):
         acc, scale = carry
-        next_scale = s_ref[s_row, jnp.minimum(kb + 1, hi - 1)]  # one step ahead: its latency hides behind this step
+        # one step ahead: its latency hides behind this step
+        next_scale = e8m0_values(s_ref[s_row, jnp.minimum(kb + 1, hi - 1)])
         k0 = pl.multiple_of(kb * BLOCK, BLOCK)
         k_ok = k0 + k_lane < K if mask_k else True
         xs = plt.load(x_ref.at[pl.ds(m0, block_m), pl.ds(x0 + k0, BLOCK)], mask=rows_ok & k_ok, other=0)
@@ -139,7 +142,7 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, block_m: int, block_n: int, steps: in
         part = lax.dot_general(xs, ws.astype(xs.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return acc + part * scale, next_scale
 
-    acc, _ = lax.fori_loop(lo, hi, step, (jnp.zeros((block_m, block_n), jnp.float32), s_ref[s_row, lo]))
+    acc, _ = lax.fori_loop(lo, hi, step, (jnp.zeros((block_m, block_n), jnp.float32), e8m0_values(s_ref[s_row, lo])))
     plt.store(o_ref.at[j, pl.ds(m0, block_m), pl.ds(n0, block_n)], acc.astype(o_ref.dtype),
               mask=rows_ok & outs_ok[None, :])
 
@@ -149,9 +152,10 @@ def _check_inputs(x, w_q, w_scale, out_dtype, groups: int) -> None:
     if x.ndim != 2 or w_q.ndim != 2 or x.shape[1] != groups * w_q.shape[1] or 0 in (*x.shape, *w_q.shape):
         raise ValueError(f"fp8_linear: x {x.shape}, w_q {w_q.shape}, groups={groups}: expected x [M, groups*K] "
                          f"and w_q [N, K], none empty")
-    if x.dtype != jnp.bfloat16 or w_q.dtype != jnp.float8_e4m3fn or w_scale.dtype != jnp.float32:
+    if (x.dtype != jnp.bfloat16 or w_q.dtype != jnp.float8_e4m3fn
+            or w_scale.dtype not in (jnp.float8_e8m0fnu, jnp.float32)):
         raise ValueError(f"fp8_linear: x {x.dtype}, w_q {w_q.dtype}, w_scale {w_scale.dtype}: expected bfloat16, "
-                         f"float8_e4m3fn and float32")
+                         f"float8_e4m3fn and float8_e8m0fnu or float32")
     N, K = w_q.shape
     want = (pl.cdiv(N, BLOCK), pl.cdiv(K, BLOCK))
     if w_scale.shape != want:
@@ -167,7 +171,7 @@ def _check_inputs(x, w_q, w_scale, out_dtype, groups: int) -> None:
 def fp8_linear(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, out_dtype=jnp.bfloat16, groups: int = 1,
                tuning: TuningConfig | None = None, interpret: bool = False,
                poison_outputs: bool = False) -> jax.Array:
-    """x [M, groups*K] bf16, w_q [N, K] e4m3, w_scale [cdiv(N,128), cdiv(K,128)] fp32 -> [M, N] in out_dtype
+    """x [M, groups*K] bf16, w_q [N, K] e4m3, w_scale [cdiv(N,128), cdiv(K,128)] ue8m0 or fp32 -> [M, N] in out_dtype
     (bfloat16 or float32). tuning: None for ``choose_tuning(M, N, K)``. poison_outputs: testing aid (outputs
     start as NaN, so an unwritten element fails)."""
     _check_inputs(x, w_q, w_scale, out_dtype, groups)
@@ -185,7 +189,7 @@ def fp8_linear(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, out_dtype=jn
     parts = triton_call(
         functools.partial(_kernel, block_m=block_m, block_n=block_n, steps=steps, n_per_group=n_per_group,
                           mask_k=K % BLOCK != 0),
-        [x, w_q, w_scale],
+        [x, w_q, e8m0_operand(w_scale)],
         grid=(pl.cdiv(N, block_n), split, pl.cdiv(M, block_m)),
         in_specs=[pl.BlockSpec(a.shape, lambda n, j, r: (0, 0)) for a in (x, w_q, w_scale)],
         out_shape=[jax.ShapeDtypeStruct((split, M, N), part_dtype)],

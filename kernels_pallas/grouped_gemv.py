@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import check_fp4_ptx, check_tuning, expert_blocks, expert_tile, fp4_scales_operand, triton_call
+from .common import check_fp4_ptx, check_tuning, expert_blocks, expert_tile, e8m0_operand, triton_call
 from .grouped_matmul import reference
 
 __all__ = ["grouped_gemv", "tile_of", "reference", "TuningConfig", "choose_tuning"]
@@ -170,7 +170,7 @@ def grouped_gemv(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, w_scales
     in_specs = [pl.BlockSpec((sizes.shape[0],), lambda n, t: (0,)), pl.BlockSpec((M, K), lambda n, t: (0, 0)),
                 pl.BlockSpec((G, block_n, Kw), lambda n, t: (0, n, 0))]
     if fp4:
-        args.append(fp4_scales_operand(w_scales))
+        args.append(e8m0_operand(w_scales))
         in_specs.append(pl.BlockSpec((G, block_n, w_scales.shape[2]), lambda n, t: (0, n, 0)))
     return triton_call(
         functools.partial(_kernel, block_m=block_m, block_k=block_k, ptx=ptx), args,

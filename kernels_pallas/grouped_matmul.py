@@ -48,8 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import (FP4_BLOCK, NUM_SMS, check_fp4, check_tuning, dequantize_fp4, fp4_decode, fp4_scale_values,
-                     fp4_scales_operand, poison_like)
+from .common import (FP4_BLOCK, NUM_SMS, check_fp4, check_tuning, dequantize_fp4, fp4_decode, e8m0_values,
+                     e8m0_operand, poison_like)
 
 # FP4's K step: whole bytes and scale blocks; at 128 Mosaic GPU (jax 0.11.2) finds no bank-conflict-free store
 # of the dequantised tile ("Failed to synthesize a transfer pattern", H200, docs/performance.md).
@@ -128,7 +128,7 @@ def _dequantize_to_smem(packed_smem, s_ref, dst_smem, *, group, n0, k_block0):
     for j in range(half // 16):
         scales = plgpu.load(s_ref.at[group, pl.ds(n0, bn), k_block0 + j], layout=plgpu.Layout.WGMMA.reduce(1),
                             optimized=False)
-        scales = jnp.broadcast_to(fp4_scale_values(scales)[:, None], (bn, 16))  # no [bn, 1] arrays in Mosaic GPU
+        scales = jnp.broadcast_to(e8m0_values(scales)[:, None], (bn, 16))  # no [bn, 1] arrays in Mosaic GPU
         parts += fp4_decode(packed_smem[:, pl.ds(16 * j, 16)], scales)
     dst_smem[...] = jnp.concatenate(parts, axis=1)
 
@@ -231,7 +231,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, w_scal
             interpret=plgpu.InterpretGPUParams() if interpret else None)
 
     args = (*tile_table(group_sizes.astype(jnp.int32), M, block_m),
-            *((interleave_blocks(x), w, fp4_scales_operand(w_scales)) if fp4 else (x, w)))
+            *((interleave_blocks(x), w, e8m0_operand(w_scales)) if fp4 else (x, w)))
     if poison_outputs:
         # Mosaic GPU kernels take no aliases: a Ref operand is the body's out_ref and is written in place.
         out_ref = jax.new_ref(poison_like((M, N), x.dtype))

@@ -90,6 +90,21 @@ def test_interpret_matches_reference_tunings(M, N, K, groups, tuning, out_dtype)
     assert_close(got, fl.reference(x, w_q, w_scale, out_dtype=out_dtype, groups=groups))
 
 
+@pytest.mark.parametrize("M,N,K,groups,tuning", [
+    (3, 300, 640, 1, fl.TuningConfig(block_n=16, split_k=3)),  # ragged, split K: every scale read
+    (5, 256, 200, 4, fl.TuningConfig(block_n=32)),             # groups, masked K
+])
+def test_ue8m0_scales_give_the_fp32_scales_outputs(M, N, K, groups, tuning):
+    """The released ue8m0 scales, decoded in the kernel (the model passes them as stored), give the outputs of
+    the same scales in fp32 bit for bit."""
+    x, w_q, w_scale = inputs(jax.random.PRNGKey(7 + M), M, N, K, groups)
+    ue8m0 = w_scale.astype(jnp.float8_e8m0fnu)  # powers of two: exact
+    np.testing.assert_array_equal(np.asarray(ue8m0.astype(jnp.float32)), np.asarray(w_scale))
+    run = functools.partial(fl.fp8_linear, groups=groups, tuning=tuning, interpret=True, poison_outputs=True)
+    np.testing.assert_array_equal(np.asarray(run(x, w_q, ue8m0), np.float32),
+                                  np.asarray(run(x, w_q, w_scale), np.float32))
+
+
 def numpy_linear(x, w_q, w_scale, groups: int) -> np.ndarray:
     """float64: every 128 x 128 block of the weight times its scale, then x @ w^T per group."""
     x = np.asarray(x).astype(np.float64)
@@ -135,6 +150,8 @@ def test_bad_inputs_are_errors():
         fl.fp8_linear(x, w_q, w_scale, groups=2, interpret=True)
     with pytest.raises(ValueError, match="x float32, w_q float8_e4m3fn, w_scale float32: expected bfloat16"):
         fl.fp8_linear(x.astype(jnp.float32), w_q, w_scale, interpret=True)
+    with pytest.raises(ValueError, match="w_scale bfloat16: expected .* float8_e8m0fnu or float32"):
+        fl.fp8_linear(x, w_q, w_scale.astype(jnp.bfloat16), interpret=True)
     with pytest.raises(ValueError, match=r"w_scale \(2, 2\) for w_q \(256, 384\): expected \(2, 3\)"):
         fl.fp8_linear(x, w_q, w_scale[:, :2], interpret=True)
     with pytest.raises(ValueError, match="out_dtype float16: expected bfloat16 or float32"):
@@ -153,7 +170,7 @@ FLASH_SHAPES = kernel_cases.fp8_linear_shapes(DeepseekV4Config.flash())
 def flash_args(M, N, K, groups):
     S = jax.ShapeDtypeStruct
     return (S((M, groups * K), jnp.bfloat16), S((N, K), jnp.float8_e4m3fn),
-            S((-(-N // fl.BLOCK), -(-K // fl.BLOCK)), jnp.float32))
+            S((-(-N // fl.BLOCK), -(-K // fl.BLOCK)), jnp.float8_e8m0fnu))  # the scales as the model passes them
 
 
 def test_flash_shapes_are_every_fp8_linear():
