@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import (check_fp4_ptx, check_tuning, dequantize_fp4, expert_blocks, expert_tile, e8m0_operand,
+from .common import (check_fp4_ptx, check_tuning, dequantize_fp4, e8m0_operand, expert_blocks, expert_tile,
                      triton_call)
 
 __all__ = ["expert_rows", "reference", "TuningConfig", "choose_tuning"]

@@ -5,9 +5,9 @@
 
 Meaning (``reference``): ``y = x @ (w_q * scale)^T``, one power-of-two scale per 128 x 128 block of ``w_q``
 (DeepSeek's released FP8 linears; ue8m0 scales are decoded in the kernel, so a step launches no conversion
-kernel per linear). With ``groups`` G > 1 the
-product is block-diagonal: output columns [g*N/G, (g+1)*N/G) read input columns [g*K, (g+1)*K), the
-attention output projection ``o_a`` (weight [G * r_o, in_per_group], x [..., G, in_per_group] flattened).
+kernel per linear). With ``groups`` G > 1 the product is block-diagonal: output columns [g*N/G, (g+1)*N/G)
+read input columns [g*K, (g+1)*K), the attention output projection ``o_a`` (weight [G * r_o, in_per_group],
+x [..., G, in_per_group] flattened).
 ``reference`` is the plain-JAX path: the weight dequantised to x's dtype (exact: a 4-bit significand times a
 power of two, for every scale from 2^-124 to 2^119) and one dot with fp32 accumulation.
 

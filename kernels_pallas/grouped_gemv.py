@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .common import check_fp4_ptx, check_tuning, expert_blocks, expert_tile, e8m0_operand, triton_call
+from .common import check_fp4_ptx, check_tuning, e8m0_operand, expert_blocks, expert_tile, triton_call
 from .grouped_matmul import reference
 
 __all__ = ["grouped_gemv", "tile_of", "reference", "TuningConfig", "choose_tuning"]

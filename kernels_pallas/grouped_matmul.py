@@ -48,8 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import (FP4_BLOCK, NUM_SMS, check_fp4, check_tuning, dequantize_fp4, fp4_decode, e8m0_values,
-                     e8m0_operand, poison_like)
+from .common import (FP4_BLOCK, NUM_SMS, check_fp4, check_tuning, dequantize_fp4, e8m0_operand, e8m0_values,
+                     fp4_decode, poison_like)
 
 # FP4's K step: whole bytes and scale blocks; at 128 Mosaic GPU (jax 0.11.2) finds no bank-conflict-free store
 # of the dequantised tile ("Failed to synthesize a transfer pattern", H200, docs/performance.md).
