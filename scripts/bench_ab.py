@@ -11,12 +11,15 @@ model by parameter name. Separate processes on one machine differed by up to 7% 
 cases alternate, old then new, for ``--rounds`` rounds. Decode: ``--decode-steps`` jitted steps issued back to
 back, median of 3 groups; prefill: a batch-1 prompt in the engine's chunks, after a warm-up pass. The old tree
 is driven through its ``DeviceSteps`` with ``kernels=`` per call (trees before the ops layer) or at
-construction (this tree's form). Prints one JSON object per case and round.
+construction (this tree's form). ``--precision released``: the weights drawn as released (FP8 linears, FP4
+experts; ``released_model``) and both trees' models hold the same codes and scales, each in its own
+``QuantArray`` class. Prints one JSON object per case and round.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
@@ -65,20 +68,24 @@ def module(tree: str, *candidates: str):
 class Version:
     """One tree's model on the shared weights and its jitted steps."""
 
-    def __init__(self, tree: str, cfg_fields: dict, dtype, weights_by_name: dict):
+    def __init__(self, tree: str, cfg_fields: dict, dtype, weights_by_name: dict, released: bool = False):
         self.tree = tree
         config = module(tree, "model.config", "config")
         ckpt = module(tree, "weights.params", "weights.checkpoint", "checkpoint")
         self.engine = module(tree, "runtime.engine", "engine")
         self.cache_mod = module(tree, "model.cache", "cache")
         self.cfg = config.DeepseekV4Config(**cfg_fields)
-        self.model = ckpt.abstract_model(self.cfg, dtype)
+        if released and "released" not in inspect.signature(ckpt.abstract_model).parameters:
+            raise SystemExit(f"{tree}: no released precision (abstract_model has no released=)")
+        self.model = ckpt.abstract_model(self.cfg, dtype, released=True) if released else ckpt.abstract_model(
+            self.cfg, dtype)
         table = ckpt.param_table(self.model)
         if set(table) != set(weights_by_name):
             missing = sorted(set(weights_by_name) ^ set(table))[:5]
             raise SystemExit(f"{tree}: parameter names differ from this tree's, e.g. {missing}")
+        own = module(tree, "weights.quant_array").QuantArray if released else None
         for name, var in table.items():
-            var.set_value(weights_by_name[name])
+            var.set_value(as_tree_value(weights_by_name[name], own))
         self.graphdef, self.state_def, self.weights = self.engine.split_weights(self.model)
         self.per_call_kernels = "kernels" in inspect.signature(self.engine.DeviceSteps.__init__).parameters
 
@@ -94,6 +101,14 @@ class Version:
 
     def init_cache(self, batch: int, capacity: int, dtype):
         return self.cache_mod.init_cache(self.cfg, batch, capacity, dtype)
+
+
+def as_tree_value(value, quant_array_class):
+    """A weight as a tree's model holds it: arrays as they are; this tree's QuantArray rebuilt as the tree's own
+    class (its ops recognise a quantised weight by its class), sharing the codes and scales."""
+    if quant_array_class is None or not dataclasses.is_dataclass(value) or isinstance(value, quant_array_class):
+        return value
+    return quant_array_class(value.values, value.scales, value.block)
 
 
 def decode_round(v: Version, batch: int, context: int, steps: int, kernels: str, dtype) -> float:
@@ -151,32 +166,34 @@ def main(argv=None):
     p.add_argument("--prefill", type=int, nargs="*", default=[], help="batch-1 prompt lengths")
     p.add_argument("--prefill-chunk", type=int, default=16384)
     p.add_argument("--kernels", default="pallas", choices=("xla", "pallas"))
+    p.add_argument("--precision", default="bf16", choices=("bf16", "released"),
+                   help="bf16 weights, or FP8 linears and FP4 experts kept as released (both trees on the same codes)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the card's ceilings (CPU)")
     args = p.parse_args(argv)
     for pkg in PACKAGES:
         if not (args.old / pkg / "__init__.py").is_file():
             p.error(f"--old {args.old}: expected a source tree with {pkg}/__init__.py")
-    import dataclasses
-
-    from dsv4_jax.weights.random_init import random_model
+    from dsv4_jax.weights.random_init import random_model, released_model
 
     cfg = make_config(args.model, args.layers, None)
     dtype = jnp.dtype(jnp.bfloat16)
     ceil = None if args.no_ceilings else roofline.torch_ceilings()
     print(json.dumps({"ceilings": ceil, "device": jax.devices()[0].device_kind}), flush=True)
-    model = random_model(cfg, dtype)
+    released = args.precision == "released"
+    model = released_model(cfg, dtype) if released else random_model(cfg, dtype)
     new_ckpt = module("dsv4_jax", "weights.params", "weights.checkpoint")
     weights = {name: var.get_value() for name, var in new_ckpt.param_table(model).items()}
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     import_old_tree(args.old)
-    versions = {"old": Version("dsv4_jax_old", fields, dtype, weights), "new": Version("dsv4_jax", fields, dtype, weights)}
+    versions = {name: Version(tree, fields, dtype, weights, released)
+                for name, tree in (("old", "dsv4_jax_old"), ("new", "dsv4_jax"))}
     for rnd in range(args.rounds):
         for b, ctx, _ in args.decode_cases:
             for name, v in versions.items():
                 s = decode_round(v, b, ctx, args.decode_steps, args.kernels, dtype)
-                row = {"round": rnd, "tree": name, "phase": "decode", "batch": b, "context": ctx,
-                       "ms_per_step": s * 1e3}
+                row = {"round": rnd, "tree": name, "precision": args.precision, "phase": "decode", "batch": b,
+                       "context": ctx, "ms_per_step": s * 1e3}
                 if ceil:
                     floor = roofline.decode_step_bytes(model, b, ctx)["total"] / (ceil["copy_2GB_TBps"] * 1e12)
                     row["pct_of_roofline"] = 100 * floor / s
@@ -184,8 +201,8 @@ def main(argv=None):
         for ctx in args.prefill:
             for name, v in versions.items():
                 s = prefill_round(v, ctx, min(args.prefill_chunk, ctx), args.kernels, dtype)
-                print(json.dumps({"round": rnd, "tree": name, "phase": "prefill", "context": ctx,
-                                  "tokens_per_s": ctx / s}), flush=True)
+                print(json.dumps({"round": rnd, "tree": name, "precision": args.precision, "phase": "prefill",
+                                  "context": ctx, "tokens_per_s": ctx / s}), flush=True)
     return 0
 
 
