@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv4_jax.weights.quant_array import QuantArray
 from scripts import roofline
 from scripts.bench_generate import batch_context, make_config, random_fill
 
@@ -77,13 +78,12 @@ class Version:
         self.cfg = config.DeepseekV4Config(**cfg_fields)
         if released and "released" not in inspect.signature(ckpt.abstract_model).parameters:
             raise SystemExit(f"{tree}: no released precision (abstract_model has no released=)")
-        self.model = ckpt.abstract_model(self.cfg, dtype, released=True) if released else ckpt.abstract_model(
-            self.cfg, dtype)
+        self.model = ckpt.abstract_model(self.cfg, dtype, **({"released": True} if released else {}))
         table = ckpt.param_table(self.model)
         if set(table) != set(weights_by_name):
             missing = sorted(set(weights_by_name) ^ set(table))[:5]
             raise SystemExit(f"{tree}: parameter names differ from this tree's, e.g. {missing}")
-        own = module(tree, "weights.quant_array").QuantArray if released else None
+        own = module(tree, "weights.quant_array").QuantArray if released else QuantArray
         for name, var in table.items():
             var.set_value(as_tree_value(weights_by_name[name], own))
         self.graphdef, self.state_def, self.weights = self.engine.split_weights(self.model)
@@ -106,7 +106,7 @@ class Version:
 def as_tree_value(value, quant_array_class):
     """A weight as a tree's model holds it: arrays as they are; this tree's QuantArray rebuilt as the tree's own
     class (its ops recognise a quantised weight by its class), sharing the codes and scales."""
-    if quant_array_class is None or not dataclasses.is_dataclass(value) or isinstance(value, quant_array_class):
+    if not isinstance(value, QuantArray) or quant_array_class is QuantArray:
         return value
     return quant_array_class(value.values, value.scales, value.block)
 
